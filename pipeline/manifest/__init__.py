@@ -1,0 +1,1 @@
+"""capsule.toml and ato.delivery.toml readers that produce one typed model."""

@@ -1,0 +1,97 @@
+"""Every on-disk location the program uses, derived from ATO_HOME / HOME / XDG.
+
+No other module builds a path under the user's home; tests isolate themselves by
+pointing HOME and ATO_HOME at temp dirs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("HOME") or Path.home())
+
+
+def ato_home() -> Path:
+    env = os.environ.get("ATO_HOME")
+    return Path(env) if env else home() / ".ato"
+
+
+def cas_root() -> Path:
+    return ato_home() / "cas"
+
+
+def state_dir() -> Path:
+    return ato_home() / "state"
+
+
+def doit_db_path() -> Path:
+    return state_dir() / "doit.db"
+
+
+def build_cache_dir() -> Path:
+    """Per-project build records (payload manifests) kept between builds."""
+    return state_dir() / "builds"
+
+
+def fetches_dir() -> Path:
+    return ato_home() / "fetches"
+
+
+def apps_dir() -> Path:
+    return ato_home() / "apps"
+
+
+def projections_dir() -> Path:
+    return ato_home() / "native-delivery" / "projections"
+
+
+def store_dir() -> Path:
+    return ato_home() / "store"
+
+
+def local_registry_dir() -> Path:
+    return ato_home() / "local-registry"
+
+
+def run_dir() -> Path:
+    return ato_home() / "run"
+
+
+def logs_dir() -> Path:
+    return ato_home() / "logs"
+
+
+def keys_dir() -> Path:
+    return ato_home() / "keys"
+
+
+def config_path() -> Path:
+    return ato_home() / "config.toml"
+
+
+def credentials_path() -> Path:
+    return ato_home() / "credentials.json"
+
+
+def trust_store_path() -> Path:
+    return home() / ".capsule" / "trust_store.json"
+
+
+def xdg_data_home() -> Path:
+    env = os.environ.get("XDG_DATA_HOME")
+    return Path(env) if env else home() / ".local" / "share"
+
+
+def applications_dir() -> Path:
+    return xdg_data_home() / "applications"
+
+
+def user_bin_dir() -> Path:
+    return home() / ".local" / "bin"
+
+
+def macos_applications_dir() -> Path:
+    return home() / "Applications"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install the OS packages the tests use as independent, real tools.
+# Idempotent: does nothing when everything is already present.
+set -euo pipefail
+need=()
+command -v b3sum >/dev/null 2>&1 || need+=(b3sum)
+command -v zstd >/dev/null 2>&1 || need+=(zstd)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+command -v desktop-file-validate >/dev/null 2>&1 || need+=(desktop-file-utils)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = "0" ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
+  echo "system-deps: missing ${need[*]} and no root/sudo to install them" >&2; exit 1; fi
+echo "system-deps: installing ${need[*]}" >&2
+$SUDO apt-get update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
