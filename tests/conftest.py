@@ -1,0 +1,94 @@
+"""Shared test fixtures: isolated homes and the installed CLIs as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.envelope import validation_errors
+
+BIN_DIR = Path(sys.executable).parent
+
+
+def cli_path(name: str) -> str:
+    """The installed console script (``ato`` / ``cap``) next to this interpreter."""
+    candidate = BIN_DIR / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} is not installed; run `make install`")
+    return found
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+    def stderr_json_lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+
+def assert_schema(doc: Any, schema: str) -> None:
+    problems = validation_errors(doc, schema)
+    assert not problems, f"{schema} schema violations: {problems}"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own HOME and ATO_HOME; nothing touches the real home."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("ATO_HOME", str(home / ".ato"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local" / "share"))
+    monkeypatch.delenv("ATO_TOKEN", raising=False)
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    monkeypatch.delenv("ATO_STRICT_MANIFEST", raising=False)
+    return home
+
+
+def _run(name: str, args: list[str], cwd: Path | None, env: dict[str, str] | None,
+         input_text: str | None, timeout: float) -> Result:
+    full_env = dict(os.environ)
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [cli_path(name), *args], cwd=cwd, env=full_env, input=input_text,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def ato():
+    """Run the installed ``ato`` as a subprocess: ato(args, cwd=..., env=...)."""
+    def run(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+            input_text: str | None = None, timeout: float = 120) -> Result:
+        return _run("ato", args, cwd, env, input_text, timeout)
+    return run
+
+
+@pytest.fixture
+def cap():
+    """Run the installed ``cap`` as a subprocess: cap(args, cwd=..., env=...)."""
+    def run(args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+            input_text: str | None = None, timeout: float = 120) -> Result:
+        return _run("cap", args, cwd, env, input_text, timeout)
+    return run
