@@ -1,0 +1,160 @@
+"""CAS objects: zstd frames of raw chunks, keyed by BLAKE3 of the raw bytes.
+
+Layout ``<root>/objects/blake3/<hh>/<hh>/<hex>.zst``. Writes go temp -> fsync ->
+no-clobber link, so concurrent writers of the same chunk are safe and a reader
+never sees a partial object. Every read re-verifies the BLAKE3 of the raw bytes.
+Each object is one self-contained zstd frame with its content size, so the
+concatenation of a payload's objects is itself a valid ``payload.tar.zst``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from cas.atomic import write_bytes_atomic
+from cas.digest import parse
+
+COMPRESSION_LEVEL = 3
+_local = threading.local()
+
+
+class ObjectError(Exception):
+    """An object is missing or its bytes do not match its name."""
+
+    def __init__(self, kind: str, hex_digest: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # "missing" | "corrupt"
+        self.hex_digest = hex_digest
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    # One compressor per thread (they are not thread-safe). threads=0 compresses each
+    # frame on the calling thread, so bytes never depend on the machine's core count.
+    comp = getattr(_local, "compressor", None)
+    if comp is None:
+        comp = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_content_size=True,
+                                        write_checksum=False, threads=0)
+        _local.compressor = comp
+    return comp
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dec = getattr(_local, "decompressor", None)
+    if dec is None:
+        dec = zstandard.ZstdDecompressor()
+        _local.decompressor = dec
+    return dec
+
+
+def compress(raw: bytes | memoryview) -> bytes:
+    """The deterministic zstd frame for one chunk."""
+    return _compressor().compress(raw)
+
+
+class ObjectStore:
+    """A directory of content-addressed chunk objects."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects" / "blake3"
+
+    def path(self, hex_digest: str) -> Path:
+        h = parse(hex_digest)
+        return self.objects / h[:2] / h[2:4] / f"{h}.zst"
+
+    def has(self, hex_digest: str) -> bool:
+        return self.path(hex_digest).is_file()
+
+    def put_frame(self, hex_digest: str, frame: bytes) -> bool:
+        """Store a frame the caller has checked; True when newly inserted.
+
+        An existing object is kept (first writer wins); one that fails verification
+        is replaced, so a damaged store heals on the next write of that chunk.
+        """
+        target = self.path(hex_digest)
+        if target.exists():
+            try:
+                self.read_frame(hex_digest)
+                return False
+            except ObjectError:
+                write_bytes_atomic(target, frame)
+                return True
+        write_bytes_atomic(target, frame, no_clobber=True)
+        return True
+
+    def put(self, raw: bytes | memoryview) -> tuple[str, bytes, bool]:
+        """Hash, compress and store raw bytes: ``(hex, frame, inserted)``.
+
+        When the chunk is already stored (and verifies) its frame is reused, which
+        is cheaper than compressing again and keeps the bytes identical.
+        """
+        hex_digest = blake3.blake3(raw).hexdigest()
+        if self.path(hex_digest).exists():
+            with contextlib.suppress(ObjectError):
+                return hex_digest, self.read_frame(hex_digest, len(raw)), False
+        frame = compress(raw)
+        inserted = self.put_frame(hex_digest, frame)
+        return hex_digest, frame, inserted
+
+    def read_frame(self, hex_digest: str, expected_size: int | None = None) -> bytes:
+        """The stored frame, after checking that it decodes to the named bytes."""
+        frame = self._read(hex_digest)
+        self._check(hex_digest, frame, expected_size)
+        return frame
+
+    def get(self, hex_digest: str, expected_size: int | None = None) -> bytes:
+        """The raw chunk bytes, verified against their name."""
+        frame = self._read(hex_digest)
+        return self._check(hex_digest, frame, expected_size)
+
+    def _read(self, hex_digest: str) -> bytes:
+        try:
+            return self.path(hex_digest).read_bytes()
+        except FileNotFoundError:
+            raise ObjectError("missing", hex_digest, f"CAS object missing: blake3:{hex_digest}") from None
+
+    def _check(self, hex_digest: str, frame: bytes, expected_size: int | None) -> bytes:
+        try:
+            raw = _decompressor().decompress(frame)
+        except zstandard.ZstdError as exc:
+            raise ObjectError("corrupt", hex_digest, f"CAS object blake3:{hex_digest} does not decode: {exc}") from None
+        if expected_size is not None and len(raw) != expected_size:
+            raise ObjectError("corrupt", hex_digest,
+                              f"CAS object blake3:{hex_digest} has {len(raw)} bytes, expected {expected_size}")
+        if blake3.blake3(raw).hexdigest() != hex_digest:
+            raise ObjectError("corrupt", hex_digest, f"CAS object blake3:{hex_digest} content does not match its digest")
+        return raw
+
+    def iter_hexes(self) -> Iterator[str]:
+        if not self.objects.is_dir():
+            return
+        for a in sorted(self.objects.iterdir()):
+            if not a.is_dir():
+                continue
+            for b in sorted(a.iterdir()):
+                if not b.is_dir():
+                    continue
+                for f in sorted(b.iterdir()):
+                    if f.name.endswith(".zst") and not f.name.startswith("."):
+                        yield f.name[:-4]
+
+    def remove(self, hex_digest: str) -> int:
+        """Delete one object; returns the bytes freed (0 if it was not there)."""
+        p = self.path(hex_digest)
+        try:
+            size = p.stat().st_size
+            p.unlink()
+            return size
+        except FileNotFoundError:
+            return 0
+
+    def total_bytes(self) -> int:
+        return sum(self.path(h).stat().st_size for h in self.iter_hexes())
+
+

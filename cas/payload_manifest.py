@@ -1,0 +1,98 @@
+"""``payload.v3.manifest.json``: the ordered chunk list of a payload tar.
+
+``artifact_hash`` is BLAKE3 of the JCS of everything but itself and the size
+hints, so the identity of a payload depends only on its raw chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+import rfc8785
+
+from cas.chunker import DEFAULT_PARAMS, CdcParams
+from cas.digest import is_label, label, parse
+
+SCHEMA_VERSION = 3
+
+
+class PayloadManifestError(ValueError):
+    """A payload manifest that is malformed or whose artifact_hash does not match."""
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    raw_hash: str  # hex
+    raw_size: int
+    zstd_size_hint: int | None = None
+
+
+@dataclass
+class PayloadManifest:
+    chunks: list[ChunkRef] = field(default_factory=list)
+    params: CdcParams = DEFAULT_PARAMS
+
+    @property
+    def total_raw_size(self) -> int:
+        return sum(c.raw_size for c in self.chunks)
+
+    def _core(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "cdc_params": self.params.to_json(),
+            "total_raw_size": self.total_raw_size,
+            "chunks": [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in self.chunks],
+        }
+
+    @property
+    def artifact_hash(self) -> str:
+        """Hex identity of the payload."""
+        return blake3.blake3(rfc8785.dumps(self._core())).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        core = self._core()
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "artifact_hash": label(self.artifact_hash),
+            "cdc_params": core["cdc_params"],
+            "total_raw_size": core["total_raw_size"],
+            "chunks": [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size, "zstd_size_hint": c.zstd_size_hint}
+                       for c in self.chunks],
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical (JCS) bytes: what goes into the artifact and the CAS."""
+        return rfc8785.dumps(self.to_json())
+
+    @classmethod
+    def from_json(cls, doc: Any) -> PayloadManifest:
+        """Parse and check a manifest, including its artifact_hash."""
+        try:
+            if doc.get("schema_version") != SCHEMA_VERSION:
+                raise PayloadManifestError(f"schema_version must be {SCHEMA_VERSION}")
+            p = doc["cdc_params"]
+            params = CdcParams(str(p["algorithm"]), int(p["min_size"]), int(p["avg_size"]), int(p["max_size"]),
+                               int(p["seed"]))
+            if params.algorithm != "fastcdc" or not 0 < params.min_size <= params.avg_size <= params.max_size:
+                raise PayloadManifestError("cdc_params are invalid")
+            chunks = []
+            for c in doc["chunks"]:
+                if not is_label(c["raw_hash"]) or not isinstance(c["raw_size"], int) or c["raw_size"] <= 0:
+                    raise PayloadManifestError(f"invalid chunk entry {c!r}")
+                hint = c.get("zstd_size_hint")
+                chunks.append(ChunkRef(parse(c["raw_hash"]), c["raw_size"], hint if isinstance(hint, int) else None))
+            manifest = cls(chunks, params)
+            if manifest.total_raw_size != doc["total_raw_size"]:
+                raise PayloadManifestError("total_raw_size does not equal the sum of chunk sizes")
+            claimed = parse(str(doc["artifact_hash"]))
+        except PayloadManifestError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PayloadManifestError(f"malformed payload manifest: {exc}") from None
+        if claimed != manifest.artifact_hash:
+            raise PayloadManifestError(
+                f"payload manifest artifact_hash mismatch: claims blake3:{claimed}, "
+                f"content hashes to blake3:{manifest.artifact_hash}")
+        return manifest
