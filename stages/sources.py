@@ -1,0 +1,147 @@
+"""The source set: which project files go into a payload, and their digests.
+
+``[pack].include`` is a strict allowlist when given; the default excludes (VCS
+dirs, dependency trees, virtualenvs, caches, secrets, reserved artifact names,
+``.ato/``) always apply and ``include`` cannot re-admit them. Paths are relative,
+``/``-joined and never absolute or ``..``; a symlink must stay inside the project.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from wcmatch import glob
+
+from cas.digest import blake3_bytes, blake3_file
+from pipeline.errors import E_LOCKFILE, E_MANIFEST, AtoError
+
+_GLOB_FLAGS = glob.GLOBSTAR | glob.DOTGLOB
+
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    "**/.git/**", "**/.svn/**", "**/.hg/**", ".capsule/**", "target/**",
+    "**/node_modules/**", "**/bower_components/**", "**/.venv/**", "**/venv/**",
+    "**/__pycache__/**", "**/.pytest_cache/**", "**/.mypy_cache/**", "**/.ruff_cache/**",
+    "**/.next/cache/**", "**/.turbo/**", "**/.wrangler/**", "**/.DS_Store", "**/Thumbs.db",
+    "**/*.capsule", "**/*.sig", "**/.ato/**", "**/.tmp/**",
+    "ato.lock.json", "capsule.toml", "capsule.lock.json", "ato.delivery.toml",
+    "**/.env", "**/.env.*", "**/.envrc",
+    "**/*.pem", "**/*.key", "**/*.p12", "**/*.pfx", "**/id_rsa", "**/id_ed25519", "**/id_ecdsa",
+    "**/credentials.json", "**/service-account*.json", "**/.netrc", "**/.npmrc", "**/.pypirc",
+)
+# Env-file templates hold no secrets and are kept despite the ``.env.*`` rule.
+ENV_TEMPLATES = frozenset({".env.example", ".env.template", ".env.sample", ".env.dist", ".env.default",
+                           ".env.schema"})
+# Names that are members of the artifact itself and can never be payload files.
+RESERVED_NAMES = frozenset({"capsule.lock", "signature.json", "sbom.spdx.json", "payload.v3.manifest.json",
+                            "payload.tar", "payload.tar.zst"})
+# Directories never descended into, whatever the patterns say (cheap pruning).
+PRUNED_DIRS = frozenset({".git", ".svn", ".hg", "node_modules", "bower_components", ".venv", "venv",
+                         "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".turbo",
+                         ".wrangler", ".ato", ".tmp"})
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    """One payload member: a regular file or a symlink."""
+
+    relpath: str
+    abspath: Path
+    kind: str  # "file" | "symlink"
+    mode: int  # normalized: 0o755 / 0o644 for files, 0o777 for symlinks
+    size: int
+    link_target: str | None = None
+    blake3: str | None = None  # hex, files only
+    data: bytes | None = None  # generated content (e.g. a staged ato.delivery.toml) instead of abspath
+
+
+def generated_entry(relpath: str, data: bytes) -> SourceEntry:
+    """A payload file produced by the build rather than read from the project."""
+    return SourceEntry(relpath, Path(relpath), "file", 0o644, len(data), blake3=blake3_bytes(data), data=data)
+
+
+def safe_relpath(value: str, *, what: str, file: str) -> str:
+    """Normalize a manifest-supplied relative path; refuse absolute and ``..`` paths."""
+    text = value.replace("\\", "/")
+    pure = PurePosixPath(text)
+    if text.startswith("/") or pure.is_absolute() or ".." in pure.parts or (len(text) > 1 and text[1] == ":"):
+        raise AtoError(E_MANIFEST, f"{file}: {what}: {value!r} must be a relative path inside the project "
+                                   "(no absolute path, no '..')", details={"key": what, "value": value})
+    return "/".join(p for p in pure.parts if p not in (".", ""))
+
+
+def compile_patterns(patterns: tuple[str, ...]) -> glob.WcGlob | None:
+    cleaned = [p.strip().replace("\\", "/") for p in patterns if p.strip()]
+    return glob.compile(cleaned, flags=_GLOB_FLAGS) if cleaned else None
+
+
+class PackFilter:
+    """Decides membership of a relative path in the payload."""
+
+    def __init__(self, include: tuple[str, ...] | None, exclude: tuple[str, ...]) -> None:
+        self.include = compile_patterns(include) if include else None
+        self.exclude = compile_patterns(DEFAULT_EXCLUDES + tuple(exclude))
+
+    def admits(self, relpath: str) -> bool:
+        name = relpath.rsplit("/", 1)[-1]
+        if name in RESERVED_NAMES or name.endswith((".capsule", ".sig")):
+            return False
+        if self.include is not None and not self.include.match(relpath):
+            return False
+        if name.lower() in ENV_TEMPLATES:
+            return True
+        return not (self.exclude and self.exclude.match(relpath))
+
+
+def _is_virtualenv(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "pyvenv.cfg"))
+
+
+def _check_symlink(rel: str, target: str) -> None:
+    if os.path.isabs(target):
+        raise AtoError(E_LOCKFILE, f"symlink {rel} -> {target} points outside the project (absolute target)",
+                       details={"path": rel, "target": target})
+    resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
+    if resolved == ".." or resolved.startswith("../") or os.path.isabs(resolved):
+        raise AtoError(E_LOCKFILE, f"symlink {rel} -> {target} escapes the project directory",
+                       details={"path": rel, "target": target})
+
+
+def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True) -> list[SourceEntry]:
+    """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8)."""
+    entries: list[SourceEntry] = []
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+        kept = []
+        for d in dirnames:
+            full = os.path.join(dirpath, d)
+            if os.path.islink(full):
+                filenames.append(d)  # a symlink to a directory is packed as a symlink
+            elif d not in PRUNED_DIRS and not _is_virtualenv(full):
+                kept.append(d)
+        dirnames[:] = sorted(kept)
+        for name in filenames:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:
+                raise AtoError(E_LOCKFILE, f"non-UTF-8 path is not supported in payload: {rel!r}") from None
+            if not pack_filter.admits(rel):
+                continue
+            full = Path(dirpath, name)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(full)
+                _check_symlink(rel, target)
+                entries.append(SourceEntry(rel, full, "symlink", 0o777, 0, link_target=target))
+            elif stat.S_ISREG(st.st_mode):
+                mode = 0o755 if st.st_mode & 0o111 else 0o644
+                digest = blake3_file(full) if hash_files else None
+                entries.append(SourceEntry(rel, full, "file", mode, st.st_size, blake3=digest))
+            # sockets, fifos and devices are not project content: skipped
+    entries.sort(key=lambda e: e.relpath.encode("utf-8"))
+    return entries
