@@ -141,3 +141,45 @@ def pack_payload(entries: list[SourceEntry], store: CasStore, scratch_dir: Path,
         tar_path.unlink(missing_ok=True)
     compressed = sum(c.zstd_size_hint or 0 for c in manifest.chunks)
     return PayloadResult(manifest, files, inserted, bytes_inserted, compressed)
+
+
+def list_stored_payload(store: CasStore, manifest: PayloadManifest) -> tuple[list[SourceEntry], list[PackedFile]]:
+    """Read a payload tar back from the CAS (every chunk verified): its entries and file SHA-256s."""
+    import io
+
+    class _ChunkStream(io.RawIOBase):
+        def __init__(self) -> None:
+            self._chunks = store.iter_raw(manifest)
+            self._buf = b""
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+            while not self._buf:
+                try:
+                    self._buf = next(self._chunks)
+                except StopIteration:
+                    return 0
+            n = min(len(b), len(self._buf))
+            b[:n] = self._buf[:n]
+            self._buf = self._buf[n:]
+            return n
+
+    entries: list[SourceEntry] = []
+    files: list[PackedFile] = []
+    with tarfile.open(fileobj=io.BufferedReader(_ChunkStream(), COPY_SIZE), mode="r|") as tf:
+        for info in tf:
+            if info.issym():
+                entries.append(SourceEntry(info.name, Path(info.name), "symlink", 0o777, 0, link_target=info.linkname))
+            elif info.isfile():
+                fh = tf.extractfile(info)
+                assert fh is not None
+                sha, b3 = hashlib.sha256(), blake3.blake3()
+                while chunk := fh.read(COPY_SIZE):
+                    sha.update(chunk)
+                    b3.update(chunk)
+                entries.append(SourceEntry(info.name, Path(info.name), "file", info.mode & 0o777, info.size,
+                                           blake3=b3.hexdigest()))
+                files.append(PackedFile(info.name, sha.hexdigest()))
+    return entries, files

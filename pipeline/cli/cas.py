@@ -1,7 +1,57 @@
-"""`ato cas` (placeholder until implemented)."""
+"""``ato cas verify`` and ``ato cas gc``: fsck and garbage collection of the local CAS."""
+
+from __future__ import annotations
 
 import click
 
+from cas.gc import collect_garbage
+from cas.store import CasStore
+from cas.verify import verify_store
+from pipeline import paths
+from pipeline.cas_roots import live_payloads
+from pipeline.cli.common import emit, json_mode, json_option
+from pipeline.errors import E_INTEGRITY, AtoError
+
+SCHEMA_VERSION = "1"
+
+
+@click.group("cas")
+def cas_group() -> None:
+    """Inspect and maintain the local content-addressed store."""
+
+
+@cas_group.command("verify")
+@json_option
+def verify_cmd() -> None:
+    """Re-hash every object and check every stored payload manifest (fsck)."""
+    store = CasStore(paths.cas_root())
+    report = verify_store(store)
+    doc = {"schema_version": SCHEMA_VERSION, "root": str(store.root), **report.to_json()}
+    human = (f"{report.objects_ok}/{report.objects_checked} objects ok, "
+             f"{report.manifests_checked} payload manifests checked")
+    if report.ok:
+        emit(doc, "cas-verify", human)
+        return
+    if json_mode():
+        emit(doc, "cas-verify")
+    problems = report.corrupt[:3] + report.missing[:3] + [m["artifact_hash"] for m in report.manifests_broken[:3]]
+    raise AtoError(E_INTEGRITY, f"CAS verification failed: {len(report.corrupt)} corrupt object(s), "
+                   f"{len(report.missing)} missing, {len(report.manifests_broken)} broken manifest(s): "
+                   f"{', '.join(problems)}", hint="rebuild or reinstall the affected capsules; "
+                   "`ato cas gc` removes what nothing uses")
+
+
+@cas_group.command("gc")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed, remove nothing.")
+@json_option
+def gc_cmd(dry_run: bool) -> None:
+    """Remove payload manifests and chunks that no build, install or fetch uses."""
+    report = collect_garbage(CasStore(paths.cas_root()), live_payloads(), dry_run=dry_run)
+    doc = {"schema_version": SCHEMA_VERSION, **report.to_json()}
+    verb = "would remove" if dry_run else "removed"
+    emit(doc, "cas-gc", f"{verb} {report.objects_removed} objects ({report.bytes_freed} bytes) and "
+                        f"{report.manifests_removed} payload manifests; kept {report.objects_kept} objects")
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(cas_group)

@@ -1,0 +1,49 @@
+"""Which payloads are still in use: the roots ``ato cas gc`` keeps.
+
+Latest build of every project, every installed artifact, every fetched artifact.
+A root that cannot be read is reported and kept conservative: gc refuses to run
+rather than delete what a damaged record might still need.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from pipeline import paths
+from pipeline.errors import E_INTEGRITY, AtoError
+from stages.artifact import open_capsule
+
+
+def _from_build_records() -> list[str]:
+    out = []
+    for record in sorted(paths.build_cache_dir().glob("*/payload.json")):
+        try:
+            out.append(json.loads(record.read_bytes())["artifact_hash"])
+        except (ValueError, KeyError, OSError) as exc:
+            raise AtoError(E_INTEGRITY, f"cannot read build record {record}: {exc}; refusing to collect garbage",
+                           hint="delete that build record or rebuild the project") from None
+    return out
+
+
+def _from_capsules(root: Path) -> list[str]:
+    out = []
+    for capsule in sorted(root.rglob("*.capsule")) if root.is_dir() else []:
+        out.append(open_capsule(capsule).payload_manifest.artifact_hash)
+    return out
+
+
+def _from_fetches() -> list[str]:
+    out = []
+    root = paths.fetches_dir()
+    for manifest in sorted(root.glob("*/artifact/payload.v3.manifest.json")) if root.is_dir() else []:
+        try:
+            out.append(PayloadManifest.from_json(json.loads(manifest.read_bytes())).artifact_hash)
+        except (ValueError, PayloadManifestError) as exc:
+            raise AtoError(E_INTEGRITY, f"cannot read {manifest}: {exc}; refusing to collect garbage") from None
+    return out
+
+
+def live_payloads() -> list[str]:
+    return sorted(set(_from_build_records() + _from_capsules(paths.store_dir()) + _from_fetches()))

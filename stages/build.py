@@ -1,0 +1,340 @@
+"""The build stage chain: lock -> payload -> artifact, planned here and run by doit.
+
+:func:`plan_build` does everything that must happen on every build (read and
+validate the manifest, select and hash the source set) and derives each step's
+inputs digest; :func:`build_steps` turns the plan into graph steps whose actions
+do the expensive work only when those digests changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+from cas.atomic import write_bytes_atomic
+from cas.digest import blake3_file, label, parse
+from cas.objects import ObjectError
+from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from cas.store import CasStore
+from pipeline import paths
+from pipeline.envelope import validate
+from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
+from pipeline.manifest import Manifest, load_manifest
+from stages import artifact as capsule
+from stages.lock import build_lock, entries_listing, jcs_digest
+from stages.payload import PackedFile, list_stored_payload, pack_payload
+from stages.sbom import build_sbom
+from stages.sources import PackFilter, SourceEntry, collect, generated_entry
+
+BUILD_FORMAT = "ato-build/1"
+SCHEMA_VERSION = "0.1"
+MAX_PAYLOAD_BYTES = 200 * 1024 * 1024
+_TRUTHY = {"1", "true", "yes", "on"}
+_FALSY = {"0", "false", "no", "off", ""}
+
+
+@dataclass
+class BuildOptions:
+    out: Path | None = None
+    strict_v3: bool = False
+    force_large_payload: bool = False
+    epoch: int = 0
+
+
+@dataclass
+class BuildPlan:
+    manifest: Manifest
+    options: BuildOptions
+    entries: list[SourceEntry]
+    stored_files: list[PackedFile] | None  # set when the payload comes from the CAS (source_digest)
+    source_payload: PayloadManifest | None
+    out_path: Path
+    state_dir: Path
+    strategy: str
+    target: str
+    derived_from: str
+    readme: Path | None
+    lock_inputs: str
+    payload_inputs: str
+    artifact_inputs: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def store(self) -> CasStore:
+        return CasStore(paths.cas_root())
+
+
+def source_date_epoch() -> int:
+    raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise AtoError(E_USAGE, f"SOURCE_DATE_EPOCH must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def strict_from_env() -> bool:
+    raw = os.environ.get("ATO_STRICT_MANIFEST")
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in _TRUTHY:
+        return True
+    if value in _FALSY:
+        return False
+    raise AtoError(E_USAGE, f"invalid ATO_STRICT_MANIFEST value {raw!r}; expected one of 1,true,yes,on,0,false,no,off")
+
+
+def _strategy(manifest: Manifest) -> tuple[str, str, str]:
+    """(build_strategy, target, derived_from) for the envelope."""
+    project = str(manifest.project_dir)
+    if manifest.is_native() and manifest.delivery is not None:
+        return "native-delivery", manifest.delivery.target, str(manifest.project_dir / manifest.delivery.input)
+    target = manifest.primary_target()
+    runtime = target.runtime or "source"
+    if runtime == "web":
+        return "web", target.label, project
+    if runtime in ("oci", "wasm"):
+        return runtime, target.label, project
+    return "source", target.label, project
+
+
+def _check_entrypoint(manifest: Manifest, entries: list[SourceEntry]) -> None:
+    """A file-like entrypoint must be in the payload (commands like ``node x.js`` are not checked)."""
+    target = manifest.primary_target()
+    ep = (target.entrypoint or "").strip()
+    if not ep or any(c.isspace() for c in ep) or manifest.is_native():
+        return
+    looks_like_file = "/" in ep or "." in ep.rsplit("/", 1)[-1]
+    if not looks_like_file:
+        return
+    rel = ep[2:] if ep.startswith("./") else ep
+    names = {e.relpath for e in entries}
+    if rel not in names and not any(n.startswith(rel.rstrip("/") + "/") for n in names):
+        raise AtoError(E_ENTRYPOINT, f"{manifest.path.name}: entrypoint {ep!r} is not in the payload "
+                                     "(missing, or excluded by [pack])", details={"entrypoint": ep})
+
+
+def _resolve_source_digest(manifest: Manifest, strict: bool, store: CasStore,
+                           warnings: list[str]) -> PayloadManifest | None:
+    """The payload named by ``source_digest`` when the CAS can supply all of it."""
+    digest = manifest.primary_target().source_digest
+    if not digest:
+        if strict:
+            raise AtoError(E_STRICT_FALLBACK, "strict manifest fallback is not allowed: source_digest is missing; "
+                           "--strict-v3 forbids falling back to local source packaging",
+                           details={"field": "strict-v3"},
+                           hint="set source_digest to a payload artifact_hash stored in the CAS, or drop --strict-v3")
+        return None
+    try:
+        payload = store.get_manifest(parse(digest))
+        for c in payload.chunks:
+            store.objects.get(c.raw_hash, c.raw_size)
+        return payload
+    except (ObjectError, PayloadManifestError, ValueError) as exc:
+        if strict:
+            raise AtoError(E_STRICT_FALLBACK, f"strict manifest fallback is not allowed: CAS cannot supply "
+                           f"source_digest {digest}: {exc}", details={"field": "strict-v3", "source_digest": digest},
+                           hint="build once without --strict-v3 to store the payload, or fix source_digest") from None
+        warnings.append(f"source_digest {digest} is not available in the CAS ({exc}); "
+                        "falling back to local source packaging")
+        return None
+
+
+def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
+    manifest = load_manifest(project_dir)
+    warnings = list(getattr(manifest, "warnings", []) or [])
+    store = CasStore(paths.cas_root())
+    source_payload = _resolve_source_digest(manifest, options.strict_v3, store, warnings)
+    stored_files = None
+    if source_payload is not None:
+        entries, stored_files = list_stored_payload(store, source_payload)
+    else:
+        pack = manifest.pack
+        entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude))
+        if manifest.delivery is not None:
+            entries.append(generated_entry("ato.delivery.toml", capsule.toml_bytes(manifest.delivery.to_toml_dict())))
+            entries.sort(key=lambda e: e.relpath.encode("utf-8"))
+    _check_entrypoint(manifest, entries)
+    strategy, target, derived_from = _strategy(manifest)
+    out_path = (options.out or manifest.project_dir / f"{manifest.name}-{manifest.version}.capsule").absolute()
+    key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
+    readme = next((manifest.project_dir / n for n in capsule.README_NAMES
+                   if (manifest.project_dir / n).is_file()), None)
+    normalized = manifest.normalized()
+    lock_inputs = jcs_digest({"format": BUILD_FORMAT, "manifest": normalized, "epoch": options.epoch,
+                              "sources": entries_listing(entries)})
+    payload_inputs = jcs_digest({"lock": lock_inputs, "source_payload": source_payload.artifact_hash
+                                 if source_payload else None})
+    artifact_inputs = jcs_digest({"payload": payload_inputs, "out": str(out_path),
+                                  "readme": [readme.name, blake3_file(readme)] if readme else None,
+                                  "force_large": options.force_large_payload})
+    return BuildPlan(manifest, options, entries, stored_files, source_payload, out_path,
+                     paths.build_cache_dir() / key, strategy, target, derived_from, readme,
+                     lock_inputs, payload_inputs, artifact_inputs, warnings)
+
+
+def _targets_summary(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    targets = dict(manifest.targets)
+    if manifest.execution is not None:
+        targets.setdefault("execution", manifest.execution)
+    for name in sorted(targets):
+        t = targets[name]
+        out[name] = {k: v for k, v in {"runtime": t.runtime, "driver": t.driver, "entrypoint": t.entrypoint,
+                                        "runtime_version": t.runtime_version}.items() if v}
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    write_bytes_atomic(path, json.dumps(doc, sort_keys=True).encode())
+
+
+def lock_path(plan: BuildPlan) -> Path:
+    return plan.state_dir / "capsule.lock.json"
+
+
+def payload_record_path(plan: BuildPlan) -> Path:
+    return plan.state_dir / "payload.json"
+
+
+def write_lock(plan: BuildPlan) -> dict[str, Any]:
+    """Lock step: write capsule.lock.json for this source set."""
+    lock = build_lock(plan.manifest.normalized(), _targets_summary(plan.manifest), plan.entries, plan.options.epoch)
+    data = capsule.jcs(lock)
+    write_bytes_atomic(lock_path(plan), data)
+    return {"lock_digest": label(blake3.blake3(data).hexdigest())}
+
+
+def lock_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
+    path = lock_path(plan)
+    return path.is_file() and label(blake3_file(path)) == values.get("lock_digest")
+
+
+def pack(plan: BuildPlan) -> dict[str, Any]:
+    """Payload step: pack the source set into CAS chunks (or take the stored source_digest payload)."""
+    remove_stale_scratch(plan.state_dir)
+    with plan.store.shared():  # gc waits until the chunks and the record naming them are written
+        if plan.source_payload is not None:
+            payload, files = plan.source_payload, plan.stored_files or []
+            inserted = bytes_inserted = 0
+        else:
+            result = pack_payload(plan.entries, plan.store, plan.state_dir, plan.options.epoch)
+            payload, files = result.manifest, result.files
+            inserted, bytes_inserted = result.chunks_inserted, result.bytes_inserted
+        _write_json(payload_record_path(plan), {"artifact_hash": payload.artifact_hash,
+                                                "files": [[f.path, f.sha256] for f in files]})
+    return {"artifact_hash": payload.artifact_hash, "chunks_inserted": inserted, "bytes_inserted": bytes_inserted}
+
+
+def payload_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
+    recorded = _read_json(payload_record_path(plan))
+    if recorded.get("artifact_hash") != values.get("artifact_hash"):
+        return False
+    store = plan.store
+    return not store.missing_chunks(store.get_manifest(values["artifact_hash"]))
+
+
+def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
+    out = plan.out_path
+    return out.is_file() and out.stat().st_size == values.get("size") and \
+        blake3_file(out) == values.get("artifact_blake3")
+
+
+def _capsule_size(sizes: list[int]) -> int:
+    body = sum(512 + s + (-s) % 512 for s in sizes) + 1024
+    return body + (-body) % capsule.RECORD
+
+
+def assemble(plan: BuildPlan) -> dict[str, Any]:
+    """Artifact step: write the .capsule from the lock, the stored payload and the manifest."""
+    store = plan.store
+    recorded = _read_json(payload_record_path(plan))
+    payload = store.get_manifest(recorded["artifact_hash"])
+    files = [PackedFile(p, s) for p, s in recorded["files"]]
+    manifest = plan.manifest
+    dist = capsule.distribution_manifest(manifest.normalized(), payload)
+    lock_bytes = lock_path(plan).read_bytes()
+    sbom_bytes = (json.dumps(build_sbom(manifest.name, manifest.version, files, plan.options.epoch), indent=2)
+                  + "\n").encode()
+    scratch = plan.state_dir / f".payload.{os.getpid()}.tar.zst"
+    try:
+        payload_hash = capsule.materialize_payload(store, payload, scratch)
+        signature = {"signed": False, "version": 1, "manifest_hash": dist["distribution"]["manifest_hash"],
+                     "payload_hash": label(payload_hash),
+                     "sbom": {"path": "sbom.spdx.json", "sha256": hashlib.sha256(sbom_bytes).hexdigest()}}
+        members = [
+            capsule.Member("capsule.toml", capsule.toml_bytes(dist)),
+            capsule.Member("capsule.lock.json", lock_bytes),
+            capsule.Member("sbom.spdx.json", sbom_bytes),
+            capsule.Member("signature.json", capsule.jcs(signature)),
+            capsule.Member("payload.tar.zst", path=scratch),
+            capsule.Member("payload.v3.manifest.json", payload.to_bytes()),
+        ]
+        if plan.readme is not None:
+            members.append(capsule.Member(plan.readme.name, plan.readme.read_bytes()))
+        size = _capsule_size([m.size for m in members])
+        if size > MAX_PAYLOAD_BYTES and not plan.options.force_large_payload:
+            raise AtoError(E_PAYLOAD_TOO_LARGE,
+                           f"capsule payload is unusually large: {size} bytes ({size / 1e6:.1f} MB), threshold is "
+                           f"{MAX_PAYLOAD_BYTES / 1e6:.1f} MB", hint="use --force-large-payload to override intentionally",
+                           details={"size": size, "threshold": MAX_PAYLOAD_BYTES})
+        digest, written = capsule.write_capsule(plan.out_path, members, plan.options.epoch)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return {"artifact_blake3": digest, "size": written, "manifest_hash": dist["distribution"]["manifest_hash"],
+            "large": size > MAX_PAYLOAD_BYTES}
+
+
+def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The build envelope from the step reports ({name, status, inputs_digest, values})."""
+    by = {r["name"]: r for r in reports}
+    art, pay = by["artifact"]["values"], by["payload"]["values"]
+    fresh = by["payload"]["status"] == "ran"
+    payload = plan.store.get_manifest(pay["artifact_hash"])
+    doc = {
+        "ok": True,
+        "kind": "capsule",
+        "artifact": str(plan.out_path),
+        "build_strategy": plan.strategy,
+        "schema_version": SCHEMA_VERSION,
+        "target": plan.target,
+        "derived_from": plan.derived_from,
+        "name": plan.manifest.name,
+        "version": plan.manifest.version,
+        "artifact_blake3": label(art["artifact_blake3"]),
+        "size": art["size"],
+        "manifest_hash": art["manifest_hash"],
+        "signed": False,
+        "payload": {
+            "artifact_hash": label(payload.artifact_hash),
+            "chunks": len(payload.chunks),
+            "total_raw_size": payload.total_raw_size,
+            "files": len(plan.entries),
+            "chunks_inserted": pay.get("chunks_inserted", 0) if fresh else 0,
+            "bytes_inserted": pay.get("bytes_inserted", 0) if fresh else 0,
+        },
+        "up_to_date": all(r["status"] == "up-to-date" for r in reports),
+        "tasks": [{"name": r["name"], "status": r["status"], "inputs_digest": r["inputs_digest"]} for r in reports],
+        "warnings": plan.warnings,
+    }
+    return validate(doc, "build")
+
+
+def remove_stale_scratch(state_dir: Path) -> None:
+    """Temp files of a build that was killed are removed by the next build."""
+    if state_dir.is_dir():
+        for p in state_dir.glob(".payload.*"):
+            with contextlib.suppress(OSError):
+                p.unlink()

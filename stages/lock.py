@@ -1,0 +1,46 @@
+"""The lock stage: ``capsule.lock.json``, the record of what a build consumed.
+
+It pins the normalized manifest's hash, the digest of the source set and the
+language lockfiles found in it, so a later stage (or a person) can tell exactly
+which inputs an artifact came from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import blake3
+import rfc8785
+
+from cas.digest import label
+from stages.sbom import rfc3339
+from stages.sources import SourceEntry
+
+LOCK_VERSION = "1"
+LANGUAGE_LOCKFILES = ("uv.lock", "package-lock.json", "deno.lock", "pnpm-lock.yaml", "yarn.lock", "bun.lock",
+                      "Cargo.lock", "go.sum", "capsule.lock")
+
+
+def jcs_digest(doc: Any) -> str:
+    """``blake3:<hex>`` of the RFC 8785 canonical JSON of ``doc``."""
+    return label(blake3.blake3(rfc8785.dumps(doc)).hexdigest())
+
+
+def entries_listing(entries: list[SourceEntry]) -> list[list[Any]]:
+    """The source set as data: path, kind, mode, size and content digest (or link target)."""
+    return [[e.relpath, e.kind, e.mode, e.size, e.link_target if e.kind == "symlink" else e.blake3]
+            for e in entries]
+
+
+def build_lock(normalized_manifest: dict[str, Any], targets: dict[str, dict[str, Any]],
+               entries: list[SourceEntry], epoch: int) -> dict[str, Any]:
+    by_path = {e.relpath: e for e in entries}
+    lockfiles = {name: label(by_path[name].blake3 or "") for name in LANGUAGE_LOCKFILES
+                 if name in by_path and by_path[name].kind == "file"}
+    return {
+        "version": LOCK_VERSION,
+        "meta": {"created_at": rfc3339(epoch), "manifest_hash": jcs_digest(normalized_manifest)},
+        "inputs": {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries)),
+                   "lockfiles": lockfiles},
+        "targets": targets,
+    }
