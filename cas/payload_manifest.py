@@ -6,12 +6,13 @@ hints, so the identity of a payload depends only on its raw chunks.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
-import rfc8785
 
+from cas.canonical import canonical_json
 from cas.chunker import DEFAULT_PARAMS, CdcParams
 from cas.digest import is_label, label, parse
 
@@ -46,10 +47,10 @@ class PayloadManifest:
             "chunks": [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in self.chunks],
         }
 
-    @property
+    @functools.cached_property
     def artifact_hash(self) -> str:
-        """Hex identity of the payload."""
-        return blake3.blake3(rfc8785.dumps(self._core())).hexdigest()
+        """Hex identity of the payload (computed once: a manifest is not changed after construction)."""
+        return blake3.blake3(canonical_json(self._core())).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         core = self._core()
@@ -64,7 +65,7 @@ class PayloadManifest:
 
     def to_bytes(self) -> bytes:
         """Canonical (JCS) bytes: what goes into the artifact and the CAS."""
-        return rfc8785.dumps(self.to_json())
+        return canonical_json(self.to_json())
 
     @classmethod
     def from_json(cls, doc: Any) -> PayloadManifest:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import blake3
-import rfc8785
 import tomli_w
 import zstandard
 
 from cas.atomic import atomic_writer
+from cas.canonical import canonical_json, jcs_digest
 from cas.digest import label, parse
 from cas.merkle import merkle_root
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
@@ -60,7 +60,7 @@ def manifest_hash(doc: dict[str, Any]) -> str:
     dist.pop("manifest_hash", None)
     dist.pop("signatures", None)
     signable["distribution"] = dist
-    return label(blake3.blake3(rfc8785.dumps(signable)).hexdigest())
+    return jcs_digest(signable)
 
 
 def _member_header(name: str, size: int, epoch: int) -> bytes:
@@ -125,7 +125,7 @@ def toml_bytes(doc: dict[str, Any]) -> bytes:
 
 
 def jcs(doc: Any) -> bytes:
-    return rfc8785.dumps(doc)
+    return canonical_json(doc)
 
 
 def materialize_payload(store: CasStore, payload: PayloadManifest, out_path: Path) -> str:

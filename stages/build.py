@@ -19,6 +19,7 @@ from typing import Any
 import blake3
 
 from cas.atomic import write_bytes_atomic
+from cas.canonical import jcs_digest
 from cas.digest import blake3_file, label, parse
 from cas.objects import ObjectError
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
@@ -28,7 +29,7 @@ from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest
 from stages import artifact as capsule
-from stages.lock import build_lock, entries_listing, jcs_digest
+from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
 from stages.sbom import build_sbom
 from stages.sources import PackFilter, SourceEntry, collect, generated_entry
@@ -209,6 +210,11 @@ def payload_record_path(plan: BuildPlan) -> Path:
     return plan.state_dir / "payload.json"
 
 
+def payload_cache_path(plan: BuildPlan) -> Path:
+    """``payload.tar.zst`` of the last build, kept so re-assembling needs no CAS read."""
+    return plan.state_dir / "payload.tar.zst"
+
+
 def write_lock(plan: BuildPlan) -> dict[str, Any]:
     """Lock step: write capsule.lock.json for this source set."""
     lock = build_lock(plan.manifest.normalized(), _targets_summary(plan.manifest), plan.entries, plan.options.epoch)
@@ -229,11 +235,15 @@ def pack(plan: BuildPlan) -> dict[str, Any]:
         if plan.source_payload is not None:
             payload, files = plan.source_payload, plan.stored_files or []
             inserted = bytes_inserted = 0
+            payload_blake3 = None
         else:
-            result = pack_payload(plan.entries, plan.store, plan.state_dir, plan.options.epoch)
+            frames = plan.state_dir / f".payload.{os.getpid()}.frames"
+            result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames)
+            payload_blake3 = blake3_file(frames)
+            os.replace(frames, payload_cache_path(plan))
             payload, files = result.manifest, result.files
             inserted, bytes_inserted = result.chunks_inserted, result.bytes_inserted
-        _write_json(payload_record_path(plan), {"artifact_hash": payload.artifact_hash,
+        _write_json(payload_record_path(plan), {"artifact_hash": payload.artifact_hash, "payload_blake3": payload_blake3,
                                                 "files": [[f.path, f.sha256] for f in files]})
     return {"artifact_hash": payload.artifact_hash, "chunks_inserted": inserted, "bytes_inserted": bytes_inserted}
 
@@ -257,6 +267,16 @@ def _capsule_size(sizes: list[int]) -> int:
     return body + (-body) % capsule.RECORD
 
 
+def _payload_bytes_hash(store: CasStore, payload: PayloadManifest, cache: Path, recorded: str | None) -> str:
+    """BLAKE3 of payload.tar.zst, rebuilding the cached file from the CAS unless it is the recorded one."""
+    if recorded and cache.is_file() and blake3_file(cache) == recorded:
+        return recorded
+    tmp = cache.with_name(f".payload.{os.getpid()}.frames")
+    digest = capsule.materialize_payload(store, payload, tmp)
+    os.replace(tmp, cache)
+    return digest
+
+
 def assemble(plan: BuildPlan) -> dict[str, Any]:
     """Artifact step: write the .capsule from the lock, the stored payload and the manifest."""
     store = plan.store
@@ -268,9 +288,9 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     lock_bytes = lock_path(plan).read_bytes()
     sbom_bytes = (json.dumps(build_sbom(manifest.name, manifest.version, files, plan.options.epoch), indent=2)
                   + "\n").encode()
-    scratch = plan.state_dir / f".payload.{os.getpid()}.tar.zst"
+    scratch = payload_cache_path(plan)
     try:
-        payload_hash = capsule.materialize_payload(store, payload, scratch)
+        payload_hash = _payload_bytes_hash(store, payload, scratch, recorded.get("payload_blake3"))
         signature = {"signed": False, "version": 1, "manifest_hash": dist["distribution"]["manifest_hash"],
                      "payload_hash": label(payload_hash),
                      "sbom": {"path": "sbom.spdx.json", "sha256": hashlib.sha256(sbom_bytes).hexdigest()}}
@@ -291,8 +311,9 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
                            f"{MAX_PAYLOAD_BYTES / 1e6:.1f} MB", hint="use --force-large-payload to override intentionally",
                            details={"size": size, "threshold": MAX_PAYLOAD_BYTES})
         digest, written = capsule.write_capsule(plan.out_path, members, plan.options.epoch)
-    finally:
+    except BaseException:
         scratch.unlink(missing_ok=True)
+        raise
     return {"artifact_blake3": digest, "size": written, "manifest_hash": dist["distribution"]["manifest_hash"],
             "large": size > MAX_PAYLOAD_BYTES}
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import blake3
-import rfc8785
-
+from cas.canonical import jcs_digest
 from cas.digest import label
 from stages.sbom import rfc3339
 from stages.sources import SourceEntry
@@ -19,11 +17,6 @@ from stages.sources import SourceEntry
 LOCK_VERSION = "1"
 LANGUAGE_LOCKFILES = ("uv.lock", "package-lock.json", "deno.lock", "pnpm-lock.yaml", "yarn.lock", "bun.lock",
                       "Cargo.lock", "go.sum", "capsule.lock")
-
-
-def jcs_digest(doc: Any) -> str:
-    """``blake3:<hex>`` of the RFC 8785 canonical JSON of ``doc``."""
-    return label(blake3.blake3(rfc8785.dumps(doc)).hexdigest())
 
 
 def entries_listing(entries: list[SourceEntry]) -> list[list[Any]]:

@@ -9,18 +9,19 @@ the artifact and the CAS hold the very same bytes and a chunk is compressed once
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import tarfile
+from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import blake3
 
 from cas.chunker import chunk_spans
-from cas.objects import compress
+from cas.objects import ObjectError, compress
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from pipeline.errors import E_LOCKFILE, AtoError
@@ -98,49 +99,105 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFil
     return files
 
 
-def _store_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bool, int]:
+def _prepare_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bytes, Path | None]:
+    """Hash and compress one chunk; stage a temp object unless the CAS already has it intact."""
     hex_digest = blake3.blake3(view).hexdigest()
     objects = store.objects
     if objects.has(hex_digest):
         try:
             frame = objects.read_frame(hex_digest, len(view))
-            return ChunkRef(hex_digest, len(view), len(frame)), False, 0
-        except Exception:  # noqa: BLE001 - a damaged object is rewritten below
-            pass
+            return ChunkRef(hex_digest, len(view), len(frame)), frame, None
+        except ObjectError:
+            objects.remove(hex_digest)  # damaged: replaced by the fresh frame below
     frame = compress(view)
-    inserted = objects.put_frame(hex_digest, frame)
-    return ChunkRef(hex_digest, len(view), len(frame)), inserted, len(frame) if inserted else 0
+    return ChunkRef(hex_digest, len(view), len(frame)), frame, objects.write_temp(hex_digest, frame)
 
 
-def chunk_into_store(tar_path: Path, store: CasStore, workers: int | None = None) -> tuple[PayloadManifest, int, int]:
-    """Cut a tar file into chunks and store each; returns (manifest, inserted, bytes inserted)."""
-    size = tar_path.stat().st_size
-    with open(tar_path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
+class ChunkSink:
+    """A file-like sink for the payload tar that chunks, compresses and stores as it goes.
+
+    Writing the tar (main thread: file reads, SHA-256) overlaps with hashing and
+    compressing chunks (worker threads), and the tar never touches the disk. Only
+    the bytes after the last cut are held back: FastCDC decides a cut from the
+    bytes since the previous cut alone, so every cut but the last in the buffer is
+    final. Frames are written to ``frames_out`` in order, which makes that file
+    ``payload.tar.zst``.
+    """
+
+    FLUSH_AT = 8 << 20
+
+    def __init__(self, store: CasStore, frames_out: BinaryIO, pool: ThreadPoolExecutor, workers: int) -> None:
+        self.store = store
+        self.out = frames_out
+        self.pool = pool
+        self.max_pending = workers * 8
+        self.buf = bytearray()
+        self.pending: deque[Future[tuple[ChunkRef, bytes, Path | None]]] = deque()
+        self.refs: list[ChunkRef] = []
+        self.staged: list[tuple[str, Path]] = []
+        self.new_bytes = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buf += data
+        if len(self.buf) >= self.FLUSH_AT:
+            self._cut(final=False)
+
+    def _cut(self, final: bool) -> None:
+        spans = list(chunk_spans(memoryview(self.buf)))
+        if not final:
+            spans = spans[:-1]  # the tail may continue in the next write
+        consumed = 0
+        for offset, length in spans:
+            piece = bytes(self.buf[offset:offset + length])
+            self.pending.append(self.pool.submit(_prepare_chunk, self.store, piece))
+            consumed = offset + length
+        del self.buf[:consumed]
+        self._drain(0 if final else self.max_pending)
+
+    def _drain(self, limit: int) -> None:
+        while len(self.pending) > limit:
+            ref, frame, tmp = self.pending.popleft().result()
+            self.out.write(frame)
+            self.refs.append(ref)
+            if tmp is not None:
+                self.staged.append((ref.raw_hash, tmp))
+                self.new_bytes += len(frame)
+
+    def close(self) -> None:
+        self._cut(final=True)
+
+    def abandon(self) -> None:
+        """On failure: wait for in-flight chunks and delete every staged temp object."""
+        for fut in self.pending:
+            try:
+                _ref, _frame, tmp = fut.result()
+                if tmp is not None:
+                    self.staged.append((_ref.raw_hash, tmp))
+            except Exception:  # noqa: BLE001 - cleaning up after the first error
+                pass
+        self.pending.clear()
+        for _hex, tmp in self.staged:
+            tmp.unlink(missing_ok=True)
+        self.staged.clear()
+
+
+def pack_payload(entries: list[SourceEntry], store: CasStore, epoch: int, frames_out: Path) -> PayloadResult:
+    """Pack ``entries`` into the CAS and write ``payload.tar.zst`` to ``frames_out``."""
+    frames_out.parent.mkdir(parents=True, exist_ok=True)
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, open(frames_out, "wb") as out:
+        sink = ChunkSink(store, out, pool, workers)
         try:
-            spans = list(chunk_spans(view))
-            workers = workers or max(1, os.cpu_count() or 1)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(lambda s: _store_chunk(store, view[s[0]:s[0] + s[1]]), spans))
-        finally:
-            view.release()
-    manifest = PayloadManifest([r[0] for r in results])
+            files = write_tar(entries, sink, epoch)
+            sink.close()
+        except BaseException:
+            sink.abandon()
+            raise
+    inserted = store.objects.publish_temps(sink.staged)
+    manifest = PayloadManifest(sink.refs)
     store.put_manifest(manifest)
-    return manifest, sum(1 for r in results if r[1]), sum(r[2] for r in results)
-
-
-def pack_payload(entries: list[SourceEntry], store: CasStore, scratch_dir: Path, epoch: int) -> PayloadResult:
-    """Pack ``entries`` into the CAS; the temp tar in ``scratch_dir`` is always removed."""
-    scratch_dir.mkdir(parents=True, exist_ok=True)
-    tar_path = scratch_dir / f".payload.{os.getpid()}.tar"
-    try:
-        with open(tar_path, "wb") as out:
-            files = write_tar(entries, out, epoch)
-        manifest, inserted, bytes_inserted = chunk_into_store(tar_path, store)
-    finally:
-        tar_path.unlink(missing_ok=True)
     compressed = sum(c.zstd_size_hint or 0 for c in manifest.chunks)
-    return PayloadResult(manifest, files, inserted, bytes_inserted, compressed)
+    return PayloadResult(manifest, files, inserted, sink.new_bytes if inserted else 0, compressed)
 
 
 def list_stored_payload(store: CasStore, manifest: PayloadManifest) -> tuple[list[SourceEntry], list[PackedFile]]:

@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from pipeline.cli.common import State, run_cli
+from pipeline.cli.common import run_cli
 
 
 @click.group()
