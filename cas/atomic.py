@@ -24,40 +24,55 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, *, mode: int = 0o644, no_clobber: bool = False) -> Iterator[BinaryIO]:
-    """Yield a binary file; on clean exit it becomes ``target`` atomically.
-
-    On any exception the temp file is removed and ``target`` is untouched.
-    With ``no_clobber`` an existing target is kept (the new bytes are dropped),
-    which is the right thing for content-addressed objects.
-    """
-    target = Path(target)
+def _synced_temp(target: Path, mode: int) -> Iterator[tuple[BinaryIO, Path]]:
+    """A temp file beside ``target``, fsynced and chmodded on clean exit, removed on error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     tmp_path = Path(tmp)
     try:
         with os.fdopen(fd, "wb") as fh:
-            yield fh
+            yield fh, tmp_path
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_path, mode)
-        if no_clobber:
-            try:
-                os.link(tmp_path, target)
-            except FileExistsError:
-                pass
-            tmp_path.unlink()
-        else:
-            os.replace(tmp_path, target)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
         raise
 
 
-def write_bytes_atomic(target: Path, data: bytes, *, mode: int = 0o644, no_clobber: bool = False) -> None:
-    with atomic_writer(target, mode=mode, no_clobber=no_clobber) as fh:
+@contextlib.contextmanager
+def atomic_writer(target: Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Yield a binary file; on clean exit it replaces ``target`` atomically.
+
+    On any exception the temp file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    with _synced_temp(target, mode) as (fh, tmp_path):
+        yield fh
+    try:
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_bytes_atomic(target: Path, data: bytes, *, mode: int = 0o644, no_clobber: bool = False) -> bool:
+    """Write ``data`` to ``target`` atomically; returns False when ``no_clobber`` kept an existing file."""
+    target = Path(target)
+    if not no_clobber:
+        with atomic_writer(target, mode=mode) as fh:
+            fh.write(data)
+        return True
+    with _synced_temp(target, mode) as (fh, tmp_path):
         fh.write(data)
+    try:
+        os.link(tmp_path, target)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def write_text_atomic(target: Path, text: str, *, mode: int = 0o644) -> None:

@@ -86,8 +86,7 @@ class ObjectStore:
             except ObjectError:
                 write_bytes_atomic(target, frame)
                 return True
-        write_bytes_atomic(target, frame, no_clobber=True)
-        return True
+        return write_bytes_atomic(target, frame, no_clobber=True)
 
     def write_temp(self, hex_digest: str, frame: bytes) -> Path:
         """First half of a batched put: the frame in a temp file beside its final name, not yet synced."""
