@@ -15,6 +15,10 @@ COMMAND_MODULES = [
     "pipeline.cli.build",
     "pipeline.cli.inspect",
     "pipeline.cli.cas",
+    "pipeline.cli.registry",
+    "pipeline.cli.publish",
+    "pipeline.cli.install",
+    "pipeline.cli.search",
 ]
 
 
