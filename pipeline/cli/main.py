@@ -19,6 +19,10 @@ COMMAND_MODULES = [
     "pipeline.cli.publish",
     "pipeline.cli.install",
     "pipeline.cli.search",
+    "pipeline.cli.key",
+    "pipeline.cli.trust",
+    "pipeline.cli.sign",
+    "pipeline.cli.verify",
 ]
 
 
