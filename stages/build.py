@@ -286,8 +286,8 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     manifest = plan.manifest
     dist = capsule.distribution_manifest(manifest.normalized(), payload)
     lock_bytes = lock_path(plan).read_bytes()
-    sbom_bytes = (json.dumps(build_sbom(manifest.name, manifest.version, files, plan.options.epoch), indent=2)
-                  + "\n").encode()
+    # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
+    sbom_bytes = capsule.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))
     scratch = payload_cache_path(plan)
     try:
         payload_hash = _payload_bytes_hash(store, payload, scratch, recorded.get("payload_blake3"))

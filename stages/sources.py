@@ -8,6 +8,7 @@ dirs, dependency trees, virtualenvs, caches, secrets, reserved artifact names,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -175,8 +176,9 @@ def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True) -> 
                 entries.append(SourceEntry(rel, full, "symlink", 0o777, 0, link_target=target))
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                digest = blake3_file(full) if hash_files else None
-                entries.append(SourceEntry(rel, full, "file", mode, st.st_size, blake3=digest))
+                entries.append(SourceEntry(rel, full, "file", mode, st.st_size))
             # sockets, fifos and devices are not project content: skipped
     entries.sort(key=lambda e: e.relpath.encode("utf-8"))
+    if hash_files:
+        entries = [e if e.kind != "file" else dataclasses.replace(e, blake3=blake3_file(e.abspath)) for e in entries]
     return entries
