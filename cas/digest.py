@@ -42,7 +42,7 @@ def blake3_bytes(data: bytes | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def blake3_file(path: Path) -> str:
+def blake3_file(path: str | Path) -> str:
     """Hex BLAKE3 of a file's bytes, streamed (multi-threaded for large files)."""
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size

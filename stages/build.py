@@ -32,7 +32,7 @@ from stages import artifact as capsule
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
 from stages.sbom import build_sbom
-from stages.sources import PackFilter, SourceEntry, collect, generated_entry
+from stages.sources import DigestCache, PackFilter, SourceEntry, collect, generated_entry
 
 BUILD_FORMAT = "ato-build/1"
 SCHEMA_VERSION = "0.1"
@@ -153,20 +153,22 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     manifest = load_manifest(project_dir)
     warnings = list(getattr(manifest, "warnings", []) or [])
     store = CasStore(paths.cas_root())
+    key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
+    state_dir = paths.build_cache_dir() / key
     source_payload = _resolve_source_digest(manifest, options.strict_v3, store, warnings)
     stored_files = None
     if source_payload is not None:
         entries, stored_files = list_stored_payload(store, source_payload)
     else:
         pack = manifest.pack
-        entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude))
+        entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),
+                          cache=DigestCache(state_dir / "digests.json"))
         if manifest.delivery is not None:
             entries.append(generated_entry("ato.delivery.toml", capsule.toml_bytes(manifest.delivery.to_toml_dict())))
             entries.sort(key=lambda e: e.relpath.encode("utf-8"))
     _check_entrypoint(manifest, entries)
     strategy, target, derived_from = _strategy(manifest)
     out_path = (options.out or manifest.project_dir / f"{manifest.name}-{manifest.version}.capsule").absolute()
-    key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
     readme = next((manifest.project_dir / n for n in capsule.README_NAMES
                    if (manifest.project_dir / n).is_file()), None)
     normalized = manifest.normalized()
@@ -178,7 +180,7 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
                                   "readme": [readme.name, blake3_file(readme)] if readme else None,
                                   "force_large": options.force_large_payload})
     return BuildPlan(manifest, options, entries, stored_files, source_payload, out_path,
-                     paths.build_cache_dir() / key, strategy, target, derived_from, readme,
+                     state_dir, strategy, target, derived_from, readme,
                      lock_inputs, payload_inputs, artifact_inputs, warnings)
 
 

@@ -8,13 +8,15 @@ dirs, dependency trees, virtualenvs, caches, secrets, reserved artifact names,
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cas.atomic import write_bytes_atomic
 from cas.digest import blake3_bytes, blake3_file
 from pipeline.errors import E_LOCKFILE, E_MANIFEST, AtoError
 
@@ -46,7 +48,7 @@ class SourceEntry:
     """One payload member: a regular file or a symlink."""
 
     relpath: str
-    abspath: Path
+    abspath: str | Path
     kind: str  # "file" | "symlink"
     mode: int  # normalized: 0o755 / 0o644 for files, 0o777 for symlinks
     size: int
@@ -145,8 +147,49 @@ def _check_symlink(rel: str, target: str) -> None:
                        details={"path": rel, "target": target})
 
 
-def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True) -> list[SourceEntry]:
+class DigestCache:
+    """BLAKE3 of files keyed by (path, size, mtime_ns, ctime_ns, inode, mode), like git's index.
+
+    A file whose stat key is unchanged since it was hashed is not read again, which is
+    what makes a no-op rebuild of ten thousand files cheap. Files modified within the
+    last few seconds are never cached (timestamps are coarser than writes), and the
+    cache is only an accelerator: a missing or unreadable cache file means hashing.
+    """
+
+    RACY_SECONDS = 3
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, list[int | str]] = {}
+        if path is not None:
+            try:
+                loaded = json.loads(path.read_bytes())
+                if isinstance(loaded, dict):
+                    self.entries = loaded
+            except (OSError, ValueError):
+                self.entries = {}
+        self.fresh: dict[str, list[int | str]] = {}
+
+    def digest(self, rel: str, path: str | Path, st: os.stat_result) -> str:
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
+        cached = self.entries.get(rel)
+        if cached is not None and cached[:5] == key:
+            self.fresh[rel] = cached
+            return str(cached[5])
+        digest = blake3_file(path)
+        if max(st.st_mtime_ns, st.st_ctime_ns) < (time.time() - self.RACY_SECONDS) * 1e9:
+            self.fresh[rel] = [*key, digest]
+        return digest
+
+    def save(self) -> None:
+        if self.path is not None and self.fresh != self.entries:
+            write_bytes_atomic(self.path, json.dumps(self.fresh, separators=(",", ":")).encode())
+
+
+def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True,
+            cache: DigestCache | None = None) -> list[SourceEntry]:
     """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8)."""
+    cache = cache or DigestCache(None)
     entries: list[SourceEntry] = []
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
@@ -168,7 +211,7 @@ def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True) -> 
                 raise AtoError(E_LOCKFILE, f"non-UTF-8 path is not supported in payload: {rel!r}") from None
             if not pack_filter.admits(rel):
                 continue
-            full = Path(dirpath, name)
+            full = os.path.join(dirpath, name)
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
                 target = os.readlink(full)
@@ -176,9 +219,9 @@ def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True) -> 
                 entries.append(SourceEntry(rel, full, "symlink", 0o777, 0, link_target=target))
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                entries.append(SourceEntry(rel, full, "file", mode, st.st_size))
+                digest = cache.digest(rel, full, st) if hash_files else None
+                entries.append(SourceEntry(rel, full, "file", mode, st.st_size, blake3=digest))
             # sockets, fifos and devices are not project content: skipped
     entries.sort(key=lambda e: e.relpath.encode("utf-8"))
-    if hash_files:
-        entries = [e if e.kind != "file" else dataclasses.replace(e, blake3=blake3_file(e.abspath)) for e in entries]
+    cache.save()
     return entries
