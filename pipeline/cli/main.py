@@ -23,6 +23,11 @@ COMMAND_MODULES = [
     "pipeline.cli.trust",
     "pipeline.cli.sign",
     "pipeline.cli.verify",
+    "pipeline.cli.run",
+    "pipeline.cli.ps",
+    "pipeline.cli.logs",
+    "pipeline.cli.close",
+    "pipeline.cli.engine",
 ]
 
 
