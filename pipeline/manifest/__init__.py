@@ -1,1 +1,10 @@
-"""capsule.toml and ato.delivery.toml readers that produce one typed model."""
+"""capsule.toml (0.2 and 1.1 forms) and ato.delivery.toml -> one typed, validated model."""
+
+from pipeline.manifest.delivery import SIDECAR_NAME, DeliveryMeta
+from pipeline.manifest.model import Manifest, PackRules, Service, Target, Task
+from pipeline.manifest.reader import MANIFEST_NAME, load_manifest, parse_manifest
+
+__all__ = [
+    "MANIFEST_NAME", "SIDECAR_NAME", "DeliveryMeta", "Manifest", "PackRules", "Service", "Target", "Task",
+    "load_manifest", "parse_manifest",
+]
