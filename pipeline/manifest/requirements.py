@@ -1,0 +1,154 @@
+"""Requirements: what a capsule needs from the host before it can run, derived from capsule.toml.
+
+This is the contract ``ato inspect requirements`` prints (seed 000): capsule.toml
+is the only source. Env keys come from every target's ``required_env`` (and the
+legacy ``ATO_ORCH_REQUIRED_ENVS``) plus ``isolation.allow_env``; secret-looking keys
+go to ``secrets``; ``[state]``, ``[network]`` and ``[services]`` map one to one; consent
+lists what the user will be asked to approve.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import E_NOT_FOUND, AtoError
+from pipeline.manifest.model import Manifest
+from pipeline.manifest.reader import MANIFEST_NAME, load_manifest
+
+SCHEMA_VERSION = "1"
+TARGET_NOT_FOUND = "TARGET_NOT_FOUND"
+_SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY")
+_REMOTE_REF = re.compile(r"^@?[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^/\s]+)?$")
+_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def is_secret(key: str) -> bool:
+    upper = key.upper()
+    return any(m in upper for m in _SECRET_MARKERS) or upper.endswith("_KEY")
+
+
+def derive(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:
+    """The six requirement lists, each sorted by key so the output is stable."""
+    secrets, env = _env_items(manifest)
+    state = [_state_item(key, spec) for key, spec in sorted(manifest.state.items())]
+    network = _network_items(manifest.network)
+    services = _service_items(manifest)
+    consent = []
+    if network:
+        consent.append({"key": "network.egress", "required": True,
+                        "description": "Requires consent for outbound network access"})
+    if state:
+        consent.append({"key": "filesystem.write", "required": True,
+                        "description": "Writes files to bound application state"})
+    if secrets:
+        consent.append({"key": "secrets.access", "required": True,
+                        "description": "Requires secret provisioning before launch"})
+    return {"secrets": secrets, "state": state, "env": env, "network": network, "services": services,
+            "consent": consent}
+
+
+def inspect_local(raw_input: str, cwd: Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The ``inspect requirements`` document for a local path (dir or capsule.toml file), and the
+    manifest's warnings (kept out of the document, whose shape is fixed by seed 000)."""
+    base = cwd or Path.cwd()
+    if not looks_local(raw_input, base):
+        raise AtoError(TARGET_NOT_FOUND,
+                       "Could not resolve target: remote refs (publisher/slug) need the registry client, which is "
+                       "not available yet; pass a local project path",
+                       details={"input": raw_input, "reason": f"Remote ref is not supported yet: {raw_input}"})
+    candidate = (base / Path(raw_input).expanduser())
+    if not candidate.exists():
+        raise AtoError(TARGET_NOT_FOUND, f"Could not resolve target: local path does not exist: {raw_input}",
+                       details={"input": raw_input, "reason": f"Local path does not exist: {candidate}"})
+    resolved = candidate.resolve()
+    manifest_path = resolved if resolved.is_file() else resolved / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise AtoError(E_NOT_FOUND, "capsule.toml was not found",
+                       details={"input": raw_input, "reason": f"Expected manifest at {manifest_path}"},
+                       hint=f"expected {manifest_path}")
+    try:
+        manifest = load_manifest(manifest_path)
+    except AtoError as err:
+        err.details = {"input": raw_input, **err.details}
+        raise
+    doc = {
+        "schemaVersion": SCHEMA_VERSION,
+        "target": {"input": raw_input, "kind": "local", "resolved": {"path": str(resolved)}},
+        "requirements": derive(manifest),
+    }
+    return doc, list(manifest.warnings)
+
+
+def looks_local(raw_input: str, base: Path) -> bool:
+    """A path when it exists or is spelled like one; ``publisher/slug`` otherwise."""
+    if (base / Path(raw_input).expanduser()).exists():
+        return True
+    if raw_input.startswith((".", "/", "~", "\\")) or _DRIVE.match(raw_input):
+        return True
+    if raw_input.endswith((".capsule", ".toml")):
+        return True
+    return not _REMOTE_REF.match(raw_input)
+
+
+def _env_items(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    required: dict[str, set[str]] = {}
+    for label, target in manifest.all_targets().items():
+        for key in target.required_env:
+            required.setdefault(key, set()).add(label)
+    allowed = [k.strip() for k in manifest.isolation.get("allow_env", []) if k.strip()]
+    secrets: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = []
+    for key in sorted(set(required) | set(allowed)):
+        if key in required:
+            item = {"key": key, "required": True,
+                    "description": f"Required environment variable for target(s): {', '.join(sorted(required[key]))}"}
+        else:
+            item = {"key": key, "required": False, "description": "Optional host environment variable passthrough"}
+        (secrets if is_secret(key) else env).append(item)
+    return secrets, env
+
+
+def _state_item(key: str, spec: dict[str, Any]) -> dict[str, Any]:
+    item: dict[str, Any] = {"key": key, "required": True, "kind": spec.get("kind", "filesystem"),
+                            "durability": spec["durability"], "attach": spec.get("attach", "auto")}
+    if spec.get("purpose"):
+        item["purpose"] = spec["purpose"]
+    if spec.get("schema_id"):
+        item["schemaId"] = spec["schema_id"]
+    return item
+
+
+def _network_items(network: dict[str, Any]) -> list[dict[str, Any]]:
+    hosts = sorted({h.strip() for h in network.get("egress_allow", []) if h.strip()})
+    identities = sorted({(i["type"], i["value"].strip()) for i in network.get("egress_id_allow", [])
+                         if i["value"].strip()})
+    if not hosts and not identities:
+        return []
+    item: dict[str, Any] = {"key": "external-network", "required": True,
+                            "description": "Requires outbound network access"}
+    if hosts:
+        item["hosts"] = hosts
+    if identities:
+        item["identities"] = [{"type": t, "value": v} for t, v in identities]
+    return [item]
+
+
+def _service_items(manifest: Manifest) -> list[dict[str, Any]]:
+    primary = manifest.lifecycle_run or "main"
+    out = []
+    for name, service in sorted(manifest.services.items()):
+        if name == primary:
+            description = "Primary runtime service"
+        elif service.target:
+            description = f"Service declared in capsule.toml targeting '{service.target}'"
+        else:
+            description = "Service declared in capsule.toml"
+        item: dict[str, Any] = {"key": name, "required": True, "description": description}
+        if service.target:
+            item["target"] = service.target
+        if service.depends_on:
+            item["dependsOn"] = list(service.depends_on)
+        out.append(item)
+    return out
