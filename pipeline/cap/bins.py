@@ -51,16 +51,17 @@ def file_digests(m: CapManifest) -> dict[str, str] | None:
     return dict(sorted(out.items()))
 
 
-def package_digest(m: CapManifest) -> str | None:
+def package_digest(m: CapManifest, files: dict[str, str] | None = None) -> str | None:
     """The package digest: the pinned artifact hash, or a hash over the bin names and file hashes.
 
     For local-bin it is SHA-256 of the JCS canonical JSON ``{"bins": {...}, "files": {...}}``,
-    so renaming a bin or changing one byte of a bin file changes the digest.
+    so renaming a bin or changing one byte of a bin file changes the digest. Pass ``files``
+    (from :func:`file_digests`) when already computed, to hash the bin files once.
     """
     if m.backend == BACKEND_URL:
         sha = m.source_sha256 or ""
         return "sha256:" + sha.lower() if SHA256_HEX.match(sha) else None
-    files = file_digests(m)
+    files = files if files is not None else file_digests(m)
     if files is None:
         return None
     return "sha256:" + hashlib.sha256(canonical_json({"bins": m.bins, "files": files})).hexdigest()

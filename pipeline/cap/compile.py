@@ -83,7 +83,7 @@ def compile_package(m: CapManifest, registry: Path, rv: Review) -> dict[str, Any
         "safeTrials": [{"command": t.command, "writes": t.writes, "network": t.network}
                        | ({"description": t.description} if t.description else {}) for t in m.trials],
         "install": {"backend": m.backend, "source": source, "bins": dict(sorted(m.bins.items()))},
-        "digest": package_digest(m),
+        "digest": package_digest(m, files),
         "files": files or {},
         "permissions": card["permissions"],
         "skills": list(m.skills),
