@@ -14,11 +14,11 @@ import re
 import stat
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cas.atomic import write_bytes_atomic
 from cas.digest import blake3_bytes, blake3_file
-from pipeline.errors import E_LOCKFILE, E_MANIFEST, AtoError
+from pipeline.errors import E_LOCKFILE, AtoError
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     "**/.git/**", "**/.svn/**", "**/.hg/**", ".capsule/**", "target/**",
@@ -60,16 +60,6 @@ class SourceEntry:
 def generated_entry(relpath: str, data: bytes) -> SourceEntry:
     """A payload file produced by the build rather than read from the project."""
     return SourceEntry(relpath, Path(relpath), "file", 0o644, len(data), blake3=blake3_bytes(data), data=data)
-
-
-def safe_relpath(value: str, *, what: str, file: str) -> str:
-    """Normalize a manifest-supplied relative path; refuse absolute and ``..`` paths."""
-    text = value.replace("\\", "/")
-    pure = PurePosixPath(text)
-    if text.startswith("/") or pure.is_absolute() or ".." in pure.parts or (len(text) > 1 and text[1] == ":"):
-        raise AtoError(E_MANIFEST, f"{file}: {what}: {value!r} must be a relative path inside the project "
-                                   "(no absolute path, no '..')", details={"key": what, "value": value})
-    return "/".join(p for p in pure.parts if p not in (".", ""))
 
 
 def glob_to_regex(pattern: str) -> str:
