@@ -120,7 +120,8 @@ def main() -> int:
     home = WORK / "home-0"
     run_env = dict(env, ATO_HOME=str(home), HOME=str(WORK))
     cas_before = _du(home / "cas")
-    victim = sorted((tree / "src").rglob("*.py"))[len(files) // 2]
+    candidates = sorted((tree / "src").rglob("*.py"))
+    victim = candidates[len(candidates) // 2]
     with open(victim, "a") as fh:
         fh.write("\n# benchmark edit\n")
     _t, out = _time([ATO, "build", str(tree), "--out", str(out_capsule), "--json"], run_env)

@@ -27,6 +27,7 @@ from cas.merkle import merkle_root
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
 from pipeline.errors import E_INTEGRITY, AtoError
+from stages import tar_header
 
 MEMBER_ORDER = ("capsule.toml", "capsule.lock.json", "sbom.spdx.json", "signature.json", "payload.tar.zst",
                 "payload.v3.manifest.json")
@@ -63,16 +64,6 @@ def manifest_hash(doc: dict[str, Any]) -> str:
     return jcs_digest(signable)
 
 
-def _member_header(name: str, size: int, epoch: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = epoch
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
-
-
 class _HashingWriter:
     """Writes through to a file while hashing and counting, for the artifact digest."""
 
@@ -103,17 +94,15 @@ def write_capsule(out_path: Path, members: list[Member], epoch: int) -> tuple[st
     with atomic_writer(out_path) as fh:
         w = _HashingWriter(fh)
         for m in members:
-            w.write(_member_header(m.name, m.size, epoch))
+            w.write(tar_header.header(m.name, size=m.size, mtime=epoch))
             if m.data is not None:
                 w.write(m.data)
             else:
                 with open(m.path, "rb") as src:  # type: ignore[arg-type]
                     while chunk := src.read(COPY):
                         w.write(chunk)
-            pad = (-m.size) % tarfile.BLOCKSIZE
-            if pad:
-                w.write(b"\0" * pad)
-        w.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+            w.write(tar_header.padding(m.size))
+        w.write(b"\0" * (2 * tar_header.BLOCK))
         pad = (-w.size) % RECORD
         if pad:
             w.write(b"\0" * pad)

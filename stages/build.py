@@ -9,9 +9,9 @@ do the expensive work only when those digests changed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest
 from stages import artifact as capsule
+from stages import sign
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
 from stages.sbom import build_sbom
@@ -47,6 +48,7 @@ class BuildOptions:
     strict_v3: bool = False
     force_large_payload: bool = False
     epoch: int = 0
+    signing_key: sign.SigningKey | None = None  # signature.json is signed when set (ato build --key)
 
 
 @dataclass
@@ -178,10 +180,22 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
                                  if source_payload else None})
     artifact_inputs = jcs_digest({"payload": payload_inputs, "out": str(out_path),
                                   "readme": [readme.name, blake3_file(readme)] if readme else None,
-                                  "force_large": options.force_large_payload})
+                                  "force_large": options.force_large_payload, "signer": _signer_inputs(options)})
     return BuildPlan(manifest, options, entries, stored_files, source_payload, out_path,
                      state_dir, strategy, target, derived_from, readme,
                      lock_inputs, payload_inputs, artifact_inputs, warnings)
+
+
+def _signer_inputs(options: BuildOptions) -> dict[str, Any] | None:
+    """What of the signing key changes signature.json: its did and the rotation proof it attaches."""
+    key = options.signing_key
+    if key is None:
+        return None
+    return {"key_id": key.did, "previous_key": key.attached_previous_key(_now())}
+
+
+def _now() -> float:
+    return time.time()
 
 
 def _targets_summary(manifest: Manifest) -> dict[str, dict[str, Any]]:
@@ -293,19 +307,24 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     scratch = payload_cache_path(plan)
     try:
         payload_hash = _payload_bytes_hash(store, payload, scratch, recorded.get("payload_blake3"))
-        signature = {"signed": False, "version": 1, "manifest_hash": dist["distribution"]["manifest_hash"],
-                     "payload_hash": label(payload_hash),
-                     "sbom": {"path": "sbom.spdx.json", "sha256": hashlib.sha256(sbom_bytes).hexdigest()}}
+        small = {"capsule.toml": capsule.toml_bytes(dist), "capsule.lock.json": lock_bytes,
+                 "sbom.spdx.json": sbom_bytes, "payload.v3.manifest.json": payload.to_bytes()}
+        if plan.readme is not None:
+            small[plan.readme.name] = plan.readme.read_bytes()
+        # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
+        signature = sign.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
+                                            payload_hash=label(payload_hash), members=small,
+                                            epoch=plan.options.epoch, key=plan.options.signing_key)
         members = [
-            capsule.Member("capsule.toml", capsule.toml_bytes(dist)),
+            capsule.Member("capsule.toml", small["capsule.toml"]),
             capsule.Member("capsule.lock.json", lock_bytes),
             capsule.Member("sbom.spdx.json", sbom_bytes),
-            capsule.Member("signature.json", capsule.jcs(signature)),
+            capsule.Member("signature.json", sign.signature_bytes(signature)),
             capsule.Member("payload.tar.zst", path=scratch),
-            capsule.Member("payload.v3.manifest.json", payload.to_bytes()),
+            capsule.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ]
         if plan.readme is not None:
-            members.append(capsule.Member(plan.readme.name, plan.readme.read_bytes()))
+            members.append(capsule.Member(plan.readme.name, small[plan.readme.name]))
         size = _capsule_size([m.size for m in members])
         if size > MAX_PAYLOAD_BYTES and not plan.options.force_large_payload:
             raise AtoError(E_PAYLOAD_TOO_LARGE,
@@ -339,7 +358,8 @@ def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, 
         "artifact_blake3": label(art["artifact_blake3"]),
         "size": art["size"],
         "manifest_hash": art["manifest_hash"],
-        "signed": False,
+        "signed": plan.options.signing_key is not None,
+        "signer": _signer(plan.options.signing_key),
         "payload": {
             "artifact_hash": label(payload.artifact_hash),
             "chunks": len(payload.chunks),
@@ -353,6 +373,13 @@ def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, 
         "warnings": plan.warnings,
     }
     return validate(doc, "build")
+
+
+def _signer(key: sign.SigningKey | None) -> dict[str, Any] | None:
+    if key is None:
+        return None
+    return {"key_id": key.did, "fingerprint": key.fingerprint, "short_fingerprint": sign.short_fingerprint(key.fingerprint),
+            "previous_key": (key.attached_previous_key(_now()) or {}).get("key_id")}
 
 
 def remove_stale_scratch(state_dir: Path) -> None:

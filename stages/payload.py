@@ -25,9 +25,9 @@ from cas.objects import ObjectError, compress
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from pipeline.errors import E_LOCKFILE, AtoError
+from stages import tar_header
 from stages.sources import SourceEntry
 
-BLOCK = tarfile.BLOCKSIZE
 COPY_SIZE = 1 << 20
 
 
@@ -49,19 +49,9 @@ class PayloadResult:
 
 
 def _header(entry: SourceEntry, epoch: int) -> bytes:
-    info = tarfile.TarInfo(entry.relpath)
-    info.mtime = epoch
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.mode = entry.mode
     if entry.kind == "symlink":
-        info.type = tarfile.SYMTYPE
-        info.linkname = entry.link_target or ""
-        info.size = 0
-    else:
-        info.type = tarfile.REGTYPE
-        info.size = entry.size
-    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+        return tar_header.header(entry.relpath, mode=entry.mode, mtime=epoch, symlink_to=entry.link_target or "")
+    return tar_header.header(entry.relpath, size=entry.size, mode=entry.mode, mtime=epoch)
 
 
 def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFile]:
@@ -75,7 +65,7 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFil
         if entry.data is not None:
             out.write(entry.data)
             sha.update(entry.data)
-            out.write(b"\0" * ((-entry.size) % BLOCK))
+            out.write(tar_header.padding(entry.size))
             files.append(PackedFile(entry.relpath, sha.hexdigest()))
             continue
         remaining = entry.size
@@ -91,11 +81,9 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFil
         if remaining or grew:
             raise AtoError(E_LOCKFILE, f"file changed while packaging: {entry.relpath}",
                            details={"path": entry.relpath})
-        pad = (-entry.size) % BLOCK
-        if pad:
-            out.write(b"\0" * pad)
+        out.write(tar_header.padding(entry.size))
         files.append(PackedFile(entry.relpath, sha.hexdigest()))
-    out.write(b"\0" * (BLOCK * 2))
+    out.write(b"\0" * (tar_header.BLOCK * 2))
     return files
 
 
