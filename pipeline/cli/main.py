@@ -28,6 +28,9 @@ COMMAND_MODULES = [
     "pipeline.cli.logs",
     "pipeline.cli.close",
     "pipeline.cli.engine",
+    "pipeline.cli.fetch",
+    "pipeline.cli.finalize",
+    "pipeline.cli.project",
 ]
 
 

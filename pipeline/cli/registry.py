@@ -1,7 +1,57 @@
-"""`ato registry` (placeholder until implemented)."""
+"""``ato registry serve``: run the local HTTP registry (see :mod:`pipeline.registry.server`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import click
 
+from pipeline import paths
+from pipeline.cli.common import json_mode, json_option
+from pipeline.envelope import render
+
+DEFAULT_PORT = 18787
+
+
+@click.group("registry")
+def registry_group() -> None:
+    """The local HTTP registry."""
+
+
+@registry_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback needs --auth-token.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="Port to listen on (0 picks a free one and prints it).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Index, CAS and artifacts (default $ATO_HOME/local-registry).")
+@click.option("--auth-token", default=None,
+              help="Require `Authorization: Bearer <token>` for writes (publish, runtime config, delete).")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level (stderr).")
+@json_option
+def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | None, log_level: str) -> None:
+    """Serve the registry API and web UI until interrupted (Ctrl-C)."""
+    from pipeline.registry.server import serve
+
+    root = (data_dir.expanduser() if data_dir else paths.local_registry_dir()).absolute()
+
+    def ready(doc: dict) -> None:
+        doc = {"schema_version": "1", **doc}
+        text = render(doc, "registry-serve")
+        if json_mode():
+            sys.stdout.write(text)
+        else:
+            sys.stdout.write(f"Local registry serving at {doc['url']}\n"
+                             f"API: {doc['api']}\n"
+                             f"Web UI: {doc['web_ui']}\n"
+                             f"Data dir: {doc['data_dir']}\n"
+                             f"Write auth: {'required (Bearer token)' if doc['write_auth_required'] else 'off'}\n")
+        sys.stdout.flush()
+
+    serve(host, port, root, auth_token, on_ready=ready, log_level=log_level)
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(registry_group)
