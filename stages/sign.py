@@ -60,6 +60,7 @@ from cas.digest import label
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, AtoError
 from stages import artifact as capsule
+from stages import tar_header
 
 ALG = "ed25519"
 SIGNATURE_VERSION = 1
@@ -492,7 +493,7 @@ def _read_layout(path: Path) -> _Layout:
                             f"is corrupt: {exc}") from None
             if epoch is None:
                 epoch = int(info.mtime)
-            if block != capsule._member_header(info.name, info.size, epoch):
+            if block != tar_header.header(info.name, size=info.size, mtime=epoch):
                 raise _fail(f"tar header of {info.name!r} at offset {offset} differs from the canonical header "
                             "(mode, owner, mtime or type was changed)")
             data_at = offset + tarfile.BLOCKSIZE
