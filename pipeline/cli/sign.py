@@ -1,7 +1,40 @@
-"""`ato sign` (placeholder until implemented)."""
+"""``ato sign ARTIFACT --key FILE``: sign an existing artifact's signature.json in place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import click
 
+from pipeline.cli.common import emit, json_option
+from stages.build import source_date_epoch
+from stages.sign import load_signing_key, sign_artifact
+
+SCHEMA_VERSION = "1"
+
+
+@click.command("sign")
+@click.argument("artifact", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Ed25519 key file (ato key gen).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the signed artifact here instead of replacing ARTIFACT.")
+@json_option
+def sign_cmd(artifact: Path, key_file: Path, out: Path | None) -> None:
+    """Verify ARTIFACT, then rewrite only its signature.json, signed (atomic replace).
+
+    signed_at is SOURCE_DATE_EPOCH when set, else the artifact's build epoch, so signing an
+    unsigned build gives the same bytes as building with --key.
+    """
+    key = load_signing_key(key_file)
+    epoch = source_date_epoch() if os.environ.get("SOURCE_DATE_EPOCH", "").strip() else None
+    result = sign_artifact(artifact, key, out=out, epoch=epoch)
+    signer = result.signature.to_json() if result.signature else None
+    doc = {"schema_version": SCHEMA_VERSION, "artifact": str(out or artifact), "artifact_blake3": result.artifact_blake3,
+           "size": result.size, "signed": True, "signer": signer}
+    emit(doc, "sign", f"signed {doc['artifact']} as {key.did} ({signer['short_fingerprint'] if signer else ''})")
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(sign_cmd)
