@@ -485,12 +485,14 @@ def _read_layout(path: Path) -> _Layout:
                 raise _fail(f"archive is truncated at offset {offset} (size {total})")
             if block == _ZERO_BLOCK:
                 break
-            want = expected[len(members)] if len(members) < len(expected) else "README"
             try:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as exc:
-                raise _fail(f"tar header #{len(members) + 1} (expected {want}) at offset {offset} "
-                            f"is corrupt: {exc}") from None
+                if len(members) >= len(expected):
+                    raise _fail(f"block at offset {offset} after the last member is neither a README header nor "
+                                f"the zero end-of-archive marker ({exc})") from None
+                raise _fail(f"tar header #{len(members) + 1} (expected {expected[len(members)]}) at offset "
+                            f"{offset} is corrupt: {exc}") from None
             if epoch is None:
                 epoch = int(info.mtime)
             if block != tar_header.header(info.name, size=info.size, mtime=epoch):
@@ -532,33 +534,42 @@ def _member_bytes(path: Path, layout: _Layout, skip: tuple[str, ...] = ("payload
     return out
 
 
-def _check_members(raw: dict[str, bytes]) -> dict[str, Any]:
-    """signature.json parses, is canonical, and its member digests match; returns the document."""
-    sig_bytes = raw["signature.json"]
+def _parse_signature_member(data: bytes) -> dict[str, Any]:
+    """signature.json as a document: JSON, canonical (JCS) bytes, and the schema."""
     try:
-        doc = json.loads(sig_bytes)
-    except ValueError as exc:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
         raise _fail(f"signature.json is not JSON: {exc}") from None
     _check_schema(doc)
-    if canonical_json(doc) != sig_bytes:
+    if canonical_json(doc) != data:
         raise _fail("signature.json is not in canonical (JCS) form")
+    return doc
+
+
+def _check_member_digests(doc: dict[str, Any], raw: dict[str, bytes]) -> None:
+    """Every small member's bytes match the digest signature.json lists for it."""
     listed = doc["members"]
     present = {n: d for n, d in raw.items() if n != "signature.json"}
     if set(listed) != set(present):
         raise _fail(f"signature.json members {sorted(listed)} do not name the artifact's members {sorted(present)}")
-    for name in sorted(present):
+    for name in capsule.MEMBER_ORDER + tuple(sorted(set(present) - set(capsule.MEMBER_ORDER))):
+        if name not in present:
+            continue
         actual = label(blake3.blake3(present[name]).hexdigest())
         if listed[name] != actual:
             raise _fail(f"member {name} does not match its digest in signature.json "
                         f"(listed {listed[name]}, content hashes to {actual})")
-    sbom_sha = hashlib.sha256(present["sbom.spdx.json"]).hexdigest()
-    if doc["sbom"]["sha256"] != sbom_sha:
+    if doc["sbom"]["sha256"] != hashlib.sha256(present["sbom.spdx.json"]).hexdigest():
         raise _fail("signature.json sbom.sha256 does not match sbom.spdx.json")
-    return doc
 
 
 def check_artifact(path: Path) -> ArtifactCheck:
-    """Every integrity check of an artifact, each recorded; never raises for a bad artifact."""
+    """Every integrity check of an artifact, each recorded; never raises for a bad artifact.
+
+    Order: archive (tar framing), members (signature.json and each member's digest, so a
+    damaged member is named), digests (manifest_hash, chunk list, Merkle root, chunks,
+    payload_hash via :func:`stages.artifact.verify_capsule`), signature.
+    """
     path = Path(path)
     result = ArtifactCheck(path)
     checks = result.checks
@@ -570,32 +581,30 @@ def check_artifact(path: Path) -> ArtifactCheck:
                 hasher.update(chunk)
                 size += len(chunk)
         result.artifact_blake3, result.size = label(hasher.hexdigest()), size
-    except OSError as exc:
-        checks.append(Check("archive", "failed", f"cannot read {path}: {exc.strerror}"))
-        return result
-    try:
         layout = _read_layout(path)
         result.epoch = layout.epoch
         checks.append(Check("archive", "ok", f"{len(layout.members)} members in canonical tar framing"))
-    except AtoError as exc:
-        checks.append(Check("archive", "failed", exc.message))
-        for name in ("digests", "members", "signature"):
-            checks.append(Check(name, "skipped", "the archive framing is broken"))
+    except (OSError, AtoError) as exc:
+        message = exc.message if isinstance(exc, AtoError) else f"cannot read {path}: {exc.strerror}"
+        checks.append(Check("archive", "failed", message))
+        for name in ("members", "digests", "signature"):
+            checks.append(Check(name, "skipped", "the archive is unreadable or its framing is broken"))
         return result
+    raw = _member_bytes(path, layout)
+    _manifest_identity(result, raw.get("capsule.toml", b""))
+    doc = None
+    try:
+        doc = _parse_signature_member(raw["signature.json"])
+        _check_member_digests(doc, raw)
+        checks.append(Check("members", "ok", f"{len(doc['members'])} member digests in signature.json match"))
+    except AtoError as exc:
+        checks.append(Check("members", "failed", exc.message))
     try:
         result.digests = capsule.verify_capsule(path)
         checks.append(Check("digests", "ok", f"manifest_hash, chunk list, Merkle root, "
                                              f"{result.digests['chunks']} chunks and payload_hash recomputed"))
     except AtoError as exc:
         checks.append(Check("digests", "failed", exc.message))
-    raw = _member_bytes(path, layout)
-    _manifest_identity(result, raw.get("capsule.toml", b""))
-    doc = None
-    try:
-        doc = _check_members(raw)
-        checks.append(Check("members", "ok", f"{len(doc['members'])} member digests in signature.json match"))
-    except AtoError as exc:
-        checks.append(Check("members", "failed", exc.message))
     if doc is None:
         checks.append(Check("signature", "skipped", "signature.json is unusable"))
         return result
