@@ -1,0 +1,227 @@
+"""HTTP client for registries (httpx): the calls publish, install and search make.
+
+Failure mapping (what the CLI shows):
+
+- a transport failure (refused, reset, timeout, DNS) → ``E900`` with exit code 3
+  and a one-line message naming the registry;
+- 401 → E201 with an ``ATO_ERR_AUTH_REQUIRED`` line (set ``ATO_TOKEN``);
+- 409 ``version_exists`` → :class:`VersionConflict` (the publish stage turns it
+  into E202 with its next actions);
+- 413 → E212; 422 integrity refusals → E208 with ``ATO_ERR_INTEGRITY_FAILURE``;
+- 404 → E100 (the thing asked for is not in that registry);
+- anything else → E999 naming the HTTP status and the server's message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from pipeline.errors import (
+    E_AUTH_REQUIRED,
+    E_INTEGRITY,
+    E_INTERNAL,
+    E_PAYLOAD_TOO_LARGE,
+    E_USAGE,
+    EXIT_NETWORK,
+    AtoError,
+    Problem,
+)
+from pipeline.registry.names import RegistryUrlError, normalize_registry_url
+
+E_NETWORK = "E900"
+USER_AGENT = "ato-cli (python)"
+COPY = 1 << 20
+
+
+class RegistryHttpError(AtoError):
+    """A registry answered with an error status."""
+
+    def __init__(self, code: str, message: str, *, status: int, error: str, body: dict[str, Any],
+                 **kwargs: Any) -> None:
+        super().__init__(code, message, **kwargs)
+        self.status = status
+        self.error = error
+        self.body = body
+
+
+class VersionConflict(RegistryHttpError):
+    pass
+
+
+def network_error(url: str, exc: Exception) -> AtoError:
+    reason = str(exc) or type(exc).__name__
+    return AtoError(E_NETWORK, f"network error: cannot reach registry {url}: {reason}", exit_code=EXIT_NETWORK,
+                    details={"registry": url}, hint="is the registry running and the URL right?")
+
+
+def parse_registry(value: str) -> str:
+    try:
+        return normalize_registry_url(value)
+    except RegistryUrlError as exc:
+        raise AtoError(E_USAGE, str(exc)) from None
+
+
+class RegistryClient:
+    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 300.0) -> None:
+        self.base = parse_registry(base_url)
+        self.token = (token or "").strip() or None
+        self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=15.0), follow_redirects=False,
+                                 headers={"user-agent": USER_AGENT})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- plumbing
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else self.base + path
+
+    def _auth(self, write: bool) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.token}"} if (write and self.token) else {}
+
+    def request(self, method: str, path: str, *, write: bool = False, ok: tuple[int, ...] = (200, 201),
+                **kwargs: Any) -> httpx.Response:
+        headers = {**self._auth(write), **kwargs.pop("headers", {})}
+        try:
+            resp = self.http.request(method, self.url(path), headers=headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise network_error(self.base, exc) from None
+        if resp.status_code not in ok:
+            raise self.error_for(resp)
+        return resp
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        try:
+            with self.http.stream(method, self.url(path), **kwargs) as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise self.error_for(resp)
+                yield resp
+        except httpx.TransportError as exc:
+            raise network_error(self.base, exc) from None
+
+    def error_for(self, resp: httpx.Response) -> RegistryHttpError:
+        try:
+            body = resp.json()
+            if not isinstance(body, dict):
+                body = {}
+        except ValueError:
+            body = {}
+        error = str(body.get("error") or "")
+        message = str(body.get("message") or resp.text[:300] or resp.reason_phrase)
+        status = resp.status_code
+        common = {"status": status, "error": error, "body": body,
+                  "details": {"registry": self.base, "status": status, "error": error}}
+        if status == 401:
+            return RegistryHttpError(
+                E_AUTH_REQUIRED, f"registry {self.base} requires authentication for this operation: {message}",
+                hint="set ATO_TOKEN=<token> (the token the registry was started with)",
+                problems=[Problem("ATO_ERR_AUTH_REQUIRED", "registry write requires a Bearer token",
+                                  {"registry": self.base})], **common)
+        if status == 409 and (error == "version_exists" or "already published" in message):
+            return VersionConflict("E202", message, **common)
+        if status == 413:
+            return RegistryHttpError(E_PAYLOAD_TOO_LARGE, f"registry refused the upload as too large: {message}",
+                                     **common)
+        if status == 422:
+            return RegistryHttpError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: registry refused the artifact "
+                                     f"({error}): {message}",
+                                     problems=[Problem("ATO_ERR_INTEGRITY_FAILURE", message, {"error": error})],
+                                     **common)
+        if status == 404:
+            return RegistryHttpError(E_USAGE, f"not found in registry {self.base}: {message}", **common)
+        if status == 400:
+            return RegistryHttpError(E_USAGE, f"registry refused the request ({error}): {message}", **common)
+        return RegistryHttpError(E_INTERNAL, f"registry error ({status} {error}): {message}", exit_code=2, **common)
+
+    # ---------------------------------------------------------------- reads
+
+    def well_known(self) -> dict[str, Any]:
+        return self.request("GET", "/.well-known/capsule.json").json()
+
+    def search(self, q: str = "", limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"q": q, "limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return self.request("GET", "/v1/capsules", params=params).json()
+
+    def detail(self, publisher: str, slug: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}").json()
+
+    def distribution(self, publisher: str, slug: str, version: str | None) -> dict[str, Any]:
+        params = {"version": version} if version else None
+        return self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}/distributions",
+                            params=params).json()
+
+    def skeleton(self, url: str) -> dict[str, Any] | None:
+        """The release skeleton, or None when the registry cannot serve one (older server, not spliceable)."""
+        try:
+            return self.request("GET", url).json()
+        except RegistryHttpError as exc:
+            if exc.status in (404, 405, 409, 501):
+                return None
+            raise
+
+    def fetch_chunks(self, hexes: list[str]) -> Iterator[bytes]:
+        """The frames of ``hexes``, concatenated, as a stream of byte pieces."""
+        with self.stream("POST", "/v1/chunks/fetch", json={"chunks": ["blake3:" + h for h in hexes]}) as resp:
+            yield from resp.iter_bytes(COPY)
+
+    def download(self, url: str) -> Iterator[bytes]:
+        with self.stream("GET", url) as resp:
+            yield from resp.iter_bytes(COPY)
+
+    # ---------------------------------------------------------------- writes
+
+    def negotiate(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        """Chunk negotiation; None when the registry has no chunk protocol."""
+        try:
+            return self.request("POST", "/v1/sync/negotiate", write=True, json=body).json()
+        except RegistryHttpError as exc:
+            if exc.status in (404, 405, 501) and exc.error in ("", "not_found", "method_not_allowed"):
+                return None
+            raise
+
+    def upload_frames(self, session: str, pieces: Iterable[bytes], size: int) -> dict[str, Any]:
+        return self.request("POST", "/v1/sync/chunks", write=True, params={"session": session},
+                            content=pieces, headers={"content-type": "application/zstd",
+                                                     "content-length": str(size)}).json()
+
+    def commit(self, session: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        params = {"session": session} if session else None
+        resp = self.request("POST", "/v1/sync/commit", write=True, params=params, json=body)
+        return resp.status_code, resp.json()
+
+    def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
+                        sha256: str, blake3_hex: str, allow_existing: bool) -> tuple[int, dict[str, Any]]:
+        size = path.stat().st_size
+
+        def pieces() -> Iterator[bytes]:
+            with open(path, "rb") as fh:
+                while data := fh.read(COPY):
+                    yield data
+        params = {"file_name": file_name}
+        if allow_existing:
+            params["allow_existing"] = "true"
+        resp = self.request(
+            "PUT", f"/v1/local/capsules/{quote(publisher)}/{quote(slug)}/{quote(version)}", write=True,
+            params=params, content=pieces(),
+            headers={"content-type": "application/octet-stream", "content-length": str(size),
+                     "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
+        return resp.status_code, resp.json()
+
+    def runtime_config(self, publisher: str, slug: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config").json()

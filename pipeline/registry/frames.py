@@ -1,0 +1,285 @@
+"""The payload of a ``.capsule`` as a sequence of zstd frames, one per CAS chunk.
+
+``ato build`` writes ``payload.tar.zst`` as the concatenation of the CAS frames of
+its chunks, in order. Exact delta transfer rests on that: an artifact is its
+*skeleton* (the bytes before and after the payload member) plus its frames, so a
+client that already holds most frames needs only the missing ones to rebuild the
+published bytes exactly.
+
+:func:`split_payload` walks the frames of a payload without trusting anything:
+each frame's extent is read from the zstd frame format itself (header, block
+headers, optional checksum), each frame must decode to exactly the chunk the
+payload manifest names at that position (size and BLAKE3), and the decoded tar
+is scanned so that no entry is absolute, climbs out with ``..``, or is anything
+but a file, directory or contained symlink. An artifact whose frames do not line
+up with its chunks is still a valid capsule; it is just not spliceable
+(:class:`NotSpliceable`), and is then served whole.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from cas.digest import parse
+from cas.payload_manifest import PayloadManifest
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MAX_FRAME_CONTENT = 16 << 20  # far above FastCDC's max chunk; refuses decompression bombs
+BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2
+
+
+class FrameError(ValueError):
+    """Bytes that are not a well-formed single zstd frame."""
+
+
+class NotSpliceable(ValueError):
+    """The payload's frames do not correspond one-to-one to its manifest's chunks."""
+
+
+class UnsafePayload(ValueError):
+    """The payload tar holds an entry that must never be unpacked."""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One chunk of a payload: its raw identity and the exact frame that encodes it."""
+
+    raw_hash: str  # hex
+    raw_size: int
+    frame_size: int
+    frame_blake3: str  # hex of the frame bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {"raw_hash": "blake3:" + self.raw_hash, "raw_size": self.raw_size,
+                "frame_size": self.frame_size, "frame_blake3": "blake3:" + self.frame_blake3}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> FrameRef:
+        return cls(parse(str(doc["raw_hash"])), int(doc["raw_size"]),  # type: ignore[arg-type]
+                   int(doc["frame_size"]), parse(str(doc["frame_blake3"])))  # type: ignore[arg-type]
+
+
+def _header_size(head: bytes) -> int:
+    """Size of a zstd frame header (magic included) from its first bytes."""
+    if len(head) < 5 or head[:4] != ZSTD_MAGIC:
+        raise FrameError("not a zstd frame (bad magic number)")
+    fhd = head[4]
+    fcs_flag, single_segment, reserved, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 3) & 1, fhd & 3
+    if reserved:
+        raise FrameError("zstd frame header has the reserved bit set")
+    size = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size += (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    return size
+
+
+def read_frame(fh: BinaryIO) -> bytes | None:
+    """Read exactly one zstd frame from ``fh``; None at a clean end of input."""
+    first = fh.read(5)
+    if not first:
+        return None
+    hsize = _header_size(first)
+    buf = bytearray(first)
+    rest = fh.read(hsize - 5)
+    if len(rest) != hsize - 5:
+        raise FrameError("truncated zstd frame header")
+    buf += rest
+    checksum = (first[4] >> 2) & 1
+    while True:
+        bh = fh.read(3)
+        if len(bh) != 3:
+            raise FrameError("truncated zstd block header")
+        buf += bh
+        value = int.from_bytes(bh, "little")
+        last, btype, bsize = value & 1, (value >> 1) & 3, value >> 3
+        if btype == 3:
+            raise FrameError("zstd block of the reserved type")
+        body = 1 if btype == BLOCK_RLE else bsize
+        data = fh.read(body)
+        if len(data) != body:
+            raise FrameError("truncated zstd block")
+        buf += data
+        if last:
+            break
+    if checksum:
+        tail = fh.read(4)
+        if len(tail) != 4:
+            raise FrameError("truncated zstd frame checksum")
+        buf += tail
+    return bytes(buf)
+
+
+def decode_frame(frame: bytes, expected_size: int) -> bytes:
+    """Decode one frame that must hold exactly ``expected_size`` bytes."""
+    params = zstandard.get_frame_parameters(frame)
+    if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        raise FrameError("zstd frame does not declare its content size")
+    if params.content_size != expected_size or expected_size > MAX_FRAME_CONTENT:
+        raise FrameError(f"zstd frame holds {params.content_size} bytes, expected {expected_size}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected_size)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd frame does not decode: {exc}") from None
+    if len(raw) != expected_size:
+        raise FrameError(f"zstd frame decodes to {len(raw)} bytes, expected {expected_size}")
+    return raw
+
+
+def check_frame(frame: bytes, raw_hash: str, raw_size: int) -> bytes:
+    """Decode ``frame`` and require it to be the chunk ``raw_hash``; returns the raw bytes."""
+    raw = decode_frame(frame, raw_size)
+    if blake3.blake3(raw).hexdigest() != raw_hash:
+        raise FrameError(f"zstd frame does not decode to chunk blake3:{raw_hash}")
+    return raw
+
+
+class _Slice(io.RawIOBase):
+    """A read-only window ``[offset, offset+size)`` of a file."""
+
+    def __init__(self, fh: BinaryIO, offset: int, size: int) -> None:
+        self.fh, self.pos, self.end = fh, offset, offset + size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        n = min(len(b), self.end - self.pos)
+        if n <= 0:
+            return 0
+        self.fh.seek(self.pos)
+        data = self.fh.read(n)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable stream over an iterator of byte strings (feeds the tar scanner)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+        self.buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        while not len(self.buf):
+            try:
+                self.buf = memoryview(next(self.chunks))
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
+def check_tar_member(info: tarfile.TarInfo) -> None:
+    """Refuse entries that could write outside the unpack root or are not plain content."""
+    name = info.name
+    if not name or name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePayload(f"payload entry {name!r} is an absolute or non-POSIX path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise UnsafePayload(f"payload entry {name!r} climbs out of the capsule root ('..')")
+    if info.issym():
+        target = info.linkname
+        if not target or target.startswith("/"):
+            raise UnsafePayload(f"payload symlink {name!r} -> {target!r} is absolute")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname("/".join(parts)), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise UnsafePayload(f"payload symlink {name!r} -> {target!r} points outside the capsule root")
+    elif not (info.isfile() or info.isdir()):
+        raise UnsafePayload(f"payload entry {name!r} is not a regular file, directory or symlink")
+
+
+def scan_tar(stream: io.RawIOBase) -> int:
+    """Walk a payload tar from a stream, checking every entry; returns the entry count."""
+    count = 0
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tf:
+            for info in tf:
+                check_tar_member(info)
+                count += 1
+    except tarfile.TarError as exc:
+        raise UnsafePayload(f"payload is not a readable tar: {exc}") from None
+    return count
+
+
+def scan_payload_stream(fh: BinaryIO, offset: int, size: int) -> int:
+    """Scan ``payload.tar.zst`` (any frame layout) for unsafe tar entries."""
+    reader = zstandard.ZstdDecompressor().stream_reader(_Slice(fh, offset, size), read_across_frames=True)
+
+    def pieces() -> Iterator[bytes]:
+        while data := reader.read(1 << 20):
+            yield data
+
+    try:
+        return scan_tar(_ChunkStream(pieces()))
+    except zstandard.ZstdError as exc:
+        raise UnsafePayload(f"payload.tar.zst does not decode: {exc}") from None
+
+
+def iter_frames(fh: BinaryIO, offset: int, size: int,
+                manifest: PayloadManifest) -> Iterator[tuple[FrameRef, bytes, bytes]]:
+    """Yield ``(ref, frame, raw)`` for each chunk of the payload at ``[offset, offset+size)``.
+
+    Raises :class:`NotSpliceable` when the frames do not match the chunks one to one.
+    """
+    window = io.BufferedReader(_Slice(fh, offset, size), 1 << 20)
+    for i, chunk in enumerate(manifest.chunks):
+        try:
+            frame = read_frame(window)
+            if frame is None:
+                raise FrameError("payload ends before its last chunk")
+            raw = check_frame(frame, chunk.raw_hash, chunk.raw_size)
+        except FrameError as exc:
+            raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
+        yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), blake3.blake3(frame).hexdigest()), frame, raw
+    if window.read(1):
+        raise NotSpliceable("payload.tar.zst holds bytes after its last chunk's frame")
+
+
+@dataclass
+class PayloadLayout:
+    frames: list[FrameRef] | None  # None when not spliceable
+    entries: int
+    reason: str | None = None  # why it is not spliceable
+
+
+def split_payload(path: str, offset: int, size: int, manifest: PayloadManifest,
+                  sink: Callable[[FrameRef, bytes, int], None] | None = None) -> PayloadLayout:
+    """Check a payload's frames and its tar entries in one pass.
+
+    ``sink(ref, frame, frame_offset)`` sees each frame as it is verified; when the
+    payload turns out not to be spliceable the caller must discard what it saw.
+    Raises :class:`UnsafePayload` for a dangerous tar entry, whatever the frame layout.
+    """
+    refs: list[FrameRef] = []
+    with open(path, "rb") as fh:
+        def raws() -> Iterator[bytes]:
+            pos = offset
+            for ref, frame, raw in iter_frames(fh, offset, size, manifest):
+                refs.append(ref)
+                if sink is not None:
+                    sink(ref, frame, pos)
+                pos += len(frame)
+                yield raw
+
+        gen = raws()
+        try:
+            entries = scan_tar(_ChunkStream(gen))
+            for _raw in gen:  # the tar scanner stops at the end-of-archive marker
+                pass
+        except NotSpliceable as exc:
+            fh.seek(0)
+            return PayloadLayout(None, scan_payload_stream(fh, offset, size), str(exc))
+    return PayloadLayout(refs, entries)

@@ -1,0 +1,711 @@
+"""``ato registry serve``: the local registry as a Starlette app under uvicorn.
+
+Routes (CONTRACTS.md §5 plus the delta-transfer routes; errors are always
+``{"error": "<code>", "message": "<text>"}``):
+
+====== ================================================== ===== ===========================================
+method path                                               auth  purpose
+====== ================================================== ===== ===========================================
+GET    /.well-known/capsule.json                          —     ``{url, name, version, write_auth_required}``
+GET    /v1/capsules?q=&limit=&cursor=                     —     search ``{capsules[], next_cursor}``
+GET    /v1/capsules/by/{p}/{s}                            —     detail: releases, manifest, readme, runtime_config
+GET    /v1/capsules/by/{p}/{s}/distributions?version=     —     ``{version, artifact_url, sha256, blake3, ...}``
+GET    /v1/capsules/by/{p}/{s}/download?version=          —     302 to the artifact URL
+GET    /v1/artifacts/{p}/{s}/{v}/{file}                   —     artifact bytes (HTTP ranges supported)
+PUT    /v1/local/capsules/{p}/{s}/{v}?file_name=&allow_existing=  W  whole-artifact upload (x-ato-sha256, x-ato-blake3)
+GET    /v1/local/capsules/by/{p}/{s}/runtime-config       —     per-target ``{port, env, permission_mode}``
+PUT    /v1/local/capsules/by/{p}/{s}/runtime-config       W     save it (normalised; returned)
+DELETE /v1/local/capsules/by/{p}/{s}?confirmed=true[&version=]  W  remove a release or the capsule
+POST   /v1/sync/negotiate                                 W     which chunks the registry lacks (+ session_id)
+POST   /v1/sync/chunks?session=                           W     many frames in one body, staged in the session
+PUT    /v1/chunks/{hash}?session=                         W     one frame (``x-raw-size``)
+GET    /v1/chunks/{hash}                                  —     one frame
+POST   /v1/chunks/fetch                                   —     ``{"chunks": [...]}`` → those frames, concatenated
+POST   /v1/sync/commit?session=                           W     skeleton + chunk order → artifact rebuilt, checked, committed
+GET    /v1/releases/{p}/{s}/{v}/skeleton                  —     prefix/suffix bytes + ordered frames (delta install)
+GET    /v1/releases/{p}/{s}/{v}/manifest                  —     the payload (v3) manifest
+GET    /, /ui/*                                           —     the web UI (plain HTML/CSS/JS)
+====== ================================================== ===== ===========================================
+
+``/v1/manifest/capsules...`` are accepted as aliases of the read routes, as the
+reference server does. Writes need ``Authorization: Bearer <token>`` when the
+server has ``--auth-token``; tokens are compared in constant time (HMAC
+compare of their SHA-256, so lengths leak nothing). Reads stay open.
+
+Uploads are streamed to a file under ``tmp/`` (never held in memory), hashed on
+the way, and refused unless both digest headers match; a body shorter than its
+Content-Length is an ``incomplete_upload``. Everything is then checked and
+committed by :class:`pipeline.registry.storage.RegistryStore`.
+
+Start-up: a non-loopback ``--host`` without ``--auth-token`` is refused (E301,
+exit 1); a port in use or a host that is not this machine's is a one-line error
+with exit 3. The listening URL is printed on stdout (``--port 0`` picks a free
+port and prints it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import errno
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import blake3
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cas.digest import DigestError, label, parse
+from pipeline.errors import E_POLICY, EXIT_NETWORK, AtoError, Problem
+from pipeline.registry.client import E_NETWORK
+from pipeline.registry.storage import (
+    RegistryError,
+    RegistryStore,
+    Upload,
+    bare_hex,
+    check_file_name,
+    check_scope,
+    check_version,
+    manifest_json,
+)
+
+log = logging.getLogger("ato.registry")
+
+WEB_DIR = Path(__file__).parent / "web"
+REGISTRY_NAME = "Ato Local Registry"
+MAX_UPLOAD_BYTES = 1 << 30
+MAX_JSON_BYTES = 64 << 20
+MAX_FETCH_CHUNKS = 8192
+WRITE_BUFFER = 4 << 20
+
+
+class BigFileResponse(FileResponse):
+    chunk_size = 1 << 20
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(doc, status_code=status, headers=headers)
+
+
+def error_response(err: RegistryError) -> JSONResponse:
+    return json_response(err.body(), err.status)
+
+
+def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Every route: RegistryError → its JSON body; anything else → 500 JSON, never a traceback page."""
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except RegistryError as err:
+            return error_response(err)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        except Exception as exc:  # noqa: BLE001 - the server must answer, and log
+            log.exception("internal error on %s %s", request.method, request.url.path)
+            return json_response({"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"}, 500)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class _FileWriter:
+    """Blocking half of a streamed upload: write and hash (run in the thread pool)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha = hashlib.sha256()
+        self.b3 = blake3.blake3()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.fh.write(data)
+        self.sha.update(data)
+        self.b3.update(data)
+        self.size += len(data)
+
+    def close(self, sync: bool) -> None:
+        if sync:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        self.fh.close()
+
+
+async def receive_to_file(request: Request, path: Path, limit: int) -> tuple[str, str, int]:
+    """Stream the request body into ``path``; returns (sha256 hex, blake3 hex, size)."""
+    declared = request.headers.get("content-length")
+    expected = int(declared) if declared and declared.isdigit() else None
+    if expected is not None and expected > limit:
+        raise RegistryError(413, "payload_too_large", f"upload of {expected} bytes exceeds the {limit}-byte limit")
+    writer = await run_in_threadpool(_FileWriter, path)
+    ok = False
+    try:
+        buf = bytearray()
+        received = 0
+        try:
+            async for piece in request.stream():
+                buf += piece
+                received += len(piece)
+                if received > limit:
+                    raise RegistryError(413, "payload_too_large", f"upload exceeds the {limit}-byte limit")
+                if len(buf) >= WRITE_BUFFER:
+                    data, buf = bytes(buf), bytearray()
+                    await run_in_threadpool(writer.write, data)
+        except ClientDisconnect:
+            raise RegistryError(400, "incomplete_upload", "the upload ended before its body was complete") from None
+        if buf:
+            await run_in_threadpool(writer.write, bytes(buf))
+        if expected is not None and writer.size != expected:
+            raise RegistryError(400, "incomplete_upload",
+                                f"received {writer.size} of {expected} bytes (truncated upload)")
+        ok = True
+    finally:
+        await run_in_threadpool(writer.close, ok)
+        if not ok:
+            path.unlink(missing_ok=True)
+    return writer.sha.hexdigest(), writer.b3.hexdigest(), writer.size
+
+
+def tokens_equal(expected: str, presented: str) -> bool:
+    return hmac.compare_digest(hashlib.sha256(expected.encode()).digest(), hashlib.sha256(presented.encode()).digest())
+
+
+def _bool(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class RegistryApp:
+    """The routes, bound to one store and one optional token."""
+
+    def __init__(self, store: RegistryStore, token: str | None, listen_url: str) -> None:
+        self.store = store
+        self.token = token
+        self.listen_url = listen_url
+
+    # ---------------------------------------------------------------- helpers
+
+    def require_write(self, request: Request) -> None:
+        if not self.token:
+            return
+        header = request.headers.get("authorization", "").strip()
+        presented = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+        if not presented or not tokens_equal(self.token, presented):
+            raise RegistryError(401, "unauthorized", "Bearer token is required for this write API "
+                                "(ATO_ERR_AUTH_REQUIRED: set ATO_TOKEN)")
+
+    def base_url(self, request: Request) -> str:
+        proto = request.headers.get("x-forwarded-proto", "").strip().lower()
+        scheme = proto if proto in ("http", "https") else "http"
+        host = (request.headers.get("x-forwarded-host") or request.headers.get("host") or "").split(",")[0].strip()
+        return f"{scheme}://{host}" if host else self.listen_url
+
+    def artifact_url(self, request: Request, scoped: str, version: str, file_name: str) -> str:
+        p, s = scoped.split("/")
+        return (f"{self.base_url(request)}/v1/artifacts/{quote(p)}/{quote(s)}/{quote(version)}/"
+                f"{quote(file_name)}")
+
+    @staticmethod
+    async def read_json(request: Request, limit: int = MAX_JSON_BYTES) -> Any:
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise RegistryError(413, "payload_too_large", "JSON body is too large")
+        try:
+            return json.loads(body or b"null")
+        except ValueError as exc:
+            raise RegistryError(400, "invalid_json", f"body is not JSON: {exc}") from None
+
+    def scope(self, request: Request) -> tuple[str, str, str]:
+        p, s = request.path_params["publisher"], request.path_params["slug"]
+        return p, s, check_scope(p, s)
+
+    def publisher_doc(self, handle: str) -> dict[str, Any]:
+        return {"handle": handle, "authorDid": f"did:key:local:{handle}", "verified": True}
+
+    def release_row(self, request: Request, rel: Any) -> dict[str, Any]:
+        layout = json.loads(rel["layout"]) if rel["layout"] else None
+        return {
+            "version": rel["version"], "file_name": rel["file_name"], "content_hash": label(rel["blake3"]),
+            "blake3": label(rel["blake3"]), "sha256": "sha256:" + rel["sha256"], "size_bytes": rel["size_bytes"],
+            "manifest_hash": rel["manifest_hash"], "payload_hash": label(rel["payload_hash"]),
+            "chunks": len(layout) if layout else None, "spliceable": layout is not None,
+            "created_at": rel["created_at"],
+            "artifact_url": self.artifact_url(request, rel["scoped_id"], rel["version"], rel["file_name"]),
+        }
+
+    def search_row(self, pkg: Any, latest: Any) -> dict[str, Any]:
+        return {
+            "id": f"local-{pkg['publisher']}-{pkg['slug']}", "slug": pkg["slug"], "scoped_id": pkg["scoped_id"],
+            "scopedId": pkg["scoped_id"], "name": pkg["name"], "description": pkg["description"],
+            "category": "tools", "type": "app", "price": 0, "currency": "usd",
+            "publisher": self.publisher_doc(pkg["publisher"]), "latestVersion": pkg["latest_version"],
+            "latestSizeBytes": latest["size_bytes"] if latest is not None else 0, "downloads": 0,
+            "createdAt": pkg["created_at"], "updatedAt": pkg["updated_at"],
+        }
+
+    # ---------------------------------------------------------------- read routes
+
+    async def well_known(self, request: Request) -> Response:
+        return json_response({"url": self.base_url(request), "name": REGISTRY_NAME, "version": "1",
+                              "write_auth_required": bool(self.token),
+                              "features": {"chunk_sync": True, "skeleton": True, "batch_fetch": True}})
+
+    async def search(self, request: Request) -> Response:
+        q = request.query_params.get("q", "")
+        try:
+            limit = int(request.query_params.get("limit") or 20)
+        except ValueError:
+            limit = 20
+        limit = max(1, min(limit, 50))
+        raw_cursor = request.query_params.get("cursor") or "0"
+        cursor = int(raw_cursor) if raw_cursor.isdigit() else 0
+
+        def run() -> dict[str, Any]:
+            rows, nxt = self.store.search(q, limit, cursor)
+            out = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"])) for r in rows]
+            return {"capsules": out, "next_cursor": str(nxt) if nxt is not None else None}
+        return json_response(await run_in_threadpool(run))
+
+    async def detail(self, request: Request) -> Response:
+        _p, _s, scoped = self.scope(request)
+
+        def run() -> dict[str, Any]:
+            pkg = self.store.package(scoped)
+            if pkg is None:
+                raise RegistryError(404, "not_found", "Capsule not found")
+            releases = self.store.releases(scoped)
+            latest = next((r for r in releases if r["version"] == pkg["latest_version"]), None)
+            doc = self.search_row(pkg, latest)
+            doc["latest_version"] = pkg["latest_version"]
+            doc["releases"] = [self.release_row(request, r) for r in releases]
+            if latest is not None:
+                doc["manifest"] = manifest_json(latest["manifest_toml"])
+                doc["manifest_toml"] = latest["manifest_toml"]
+                doc["readme_markdown"] = latest["readme"]
+                doc["readme_source"] = "artifact" if latest["readme"] is not None else "none"
+                doc["targets"] = sorted((doc["manifest"].get("targets") or {}).keys()) \
+                    if isinstance(doc["manifest"].get("targets"), dict) else []
+            doc["runtime_config"] = self.store.runtime_config(scoped) or {"targets": {}}
+            return doc
+        return json_response(await run_in_threadpool(run))
+
+    async def distributions(self, request: Request) -> Response:
+        p, s, scoped = self.scope(request)
+        rel = await run_in_threadpool(self.store.resolve_release, p, s, request.query_params.get("version"))
+        base = self.base_url(request)
+        doc = {
+            "version": rel["version"], "artifact_url": self.artifact_url(request, scoped, rel["version"],
+                                                                         rel["file_name"]),
+            "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]), "file_name": rel["file_name"],
+            "size_bytes": rel["size_bytes"], "manifest_hash": rel["manifest_hash"],
+            "spliceable": rel["layout"] is not None,
+            "skeleton_url": (f"{base}/v1/releases/{quote(p)}/{quote(s)}/{quote(rel['version'])}/skeleton"
+                             if rel["layout"] is not None else None),
+        }
+        return json_response(doc)
+
+    async def download(self, request: Request) -> Response:
+        p, s, scoped = self.scope(request)
+        rel = await run_in_threadpool(self.store.resolve_release, p, s, request.query_params.get("version"))
+        return RedirectResponse(self.artifact_url(request, scoped, rel["version"], rel["file_name"]), status_code=302)
+
+    async def artifact(self, request: Request) -> Response:
+        _p, _s, scoped = self.scope(request)
+        version, file_name = request.path_params["version"], request.path_params["file_name"]
+        check_version(version)
+        check_file_name(file_name)
+        rel = await run_in_threadpool(self.store.release, scoped, version)
+        if rel is None or rel["file_name"] != file_name:
+            raise RegistryError(404, "not_found", "Artifact not found")
+        path = self.store.artifact_path(scoped, version, file_name)
+        return BigFileResponse(path, media_type="application/octet-stream",
+                               headers={"x-ato-sha256": "sha256:" + rel["sha256"],
+                                        "x-ato-blake3": label(rel["blake3"])})
+
+    async def skeleton(self, request: Request) -> Response:
+        p, s, _scoped = self.scope(request)
+        version = request.path_params["version"]
+
+        def run() -> dict[str, Any]:
+            return self.store.skeleton(self.store.resolve_release(p, s, version))
+        return json_response(await run_in_threadpool(run))
+
+    async def release_manifest(self, request: Request) -> Response:
+        p, s, _scoped = self.scope(request)
+        rel = await run_in_threadpool(self.store.resolve_release, p, s, request.path_params["version"])
+        path = self.store.cas.manifest_path(rel["payload_hash"])
+        if not path.is_file():
+            raise RegistryError(404, "not_found", "payload v3 manifest not found")
+        return FileResponse(path, media_type="application/json")
+
+    async def get_chunk(self, request: Request) -> Response:
+        try:
+            raw = parse(request.path_params["raw_hash"])
+        except DigestError:
+            raise RegistryError(400, "invalid_chunk_hash", "not a blake3 chunk hash") from None
+        path = self.store.chunk_path(raw)
+        if not path.is_file():
+            raise RegistryError(404, "not_found", "Chunk not found")
+        return FileResponse(path, media_type="application/zstd",
+                            headers={"cache-control": "public, max-age=31536000, immutable"})
+
+    async def fetch_chunks(self, request: Request) -> Response:
+        body = await self.read_json(request, 2 << 20)
+        wanted = body.get("chunks") if isinstance(body, dict) else None
+        if not isinstance(wanted, list) or len(wanted) > MAX_FETCH_CHUNKS:
+            raise RegistryError(400, "invalid_request", f"chunks must be a list of at most {MAX_FETCH_CHUNKS} hashes")
+        try:
+            hexes = [parse(str(h)) for h in wanted]
+        except DigestError as exc:
+            raise RegistryError(400, "invalid_chunk_hash", str(exc)) from None
+
+        def sizes() -> list[tuple[Path, int]]:
+            out, missing = [], []
+            for h in hexes:
+                path = self.store.chunk_path(h)
+                try:
+                    out.append((path, path.stat().st_size))
+                except FileNotFoundError:
+                    missing.append(label(h))
+            if missing:
+                raise RegistryError(404, "not_found", f"{len(missing)} chunk(s) not found", missing_chunks=missing)
+            return out
+        files = await run_in_threadpool(sizes)
+        total = sum(size for _p, size in files)
+
+        def read_group(group: list[tuple[Path, int]]) -> bytes:
+            parts = []
+            for path, size in group:
+                data = path.read_bytes()
+                if len(data) != size:
+                    raise OSError(f"chunk {path.name} changed while it was being served")
+                parts.append(data)
+            return b"".join(parts)
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            group: list[tuple[Path, int]] = []
+            acc = 0
+            for item in files:
+                group.append(item)
+                acc += item[1]
+                if acc >= WRITE_BUFFER:
+                    yield await run_in_threadpool(read_group, group)
+                    group, acc = [], 0
+            if group:
+                yield await run_in_threadpool(read_group, group)
+        return StreamingResponse(body_iter(), media_type="application/octet-stream",
+                                 headers={"content-length": str(total)})
+
+    async def runtime_config(self, request: Request) -> Response:
+        _p, _s, scoped = self.scope(request)
+        if request.method == "PUT":
+            self.require_write(request)
+            body = await self.read_json(request, 1 << 20)
+            return json_response(await run_in_threadpool(self.store.put_runtime_config, scoped, body))
+        pkg = await run_in_threadpool(self.store.package, scoped)
+        if pkg is None:
+            raise RegistryError(404, "not_found", "Capsule not found")
+        return json_response(await run_in_threadpool(self.store.runtime_config, scoped) or {"targets": {}})
+
+    # ---------------------------------------------------------------- write routes
+
+    async def upload(self, request: Request) -> Response:
+        self.require_write(request)
+        p, s, scoped = self.scope(request)
+        version = request.path_params["version"]
+        check_version(version)
+        file_name = request.query_params.get("file_name") or f"{s}-{version}.capsule"
+        check_file_name(file_name)
+        headers = {}
+        for name in ("x-ato-sha256", "x-ato-blake3"):
+            if not request.headers.get(name):
+                raise RegistryError(400, "missing_header", f"required header '{name}' is missing")
+            headers[name] = request.headers[name]
+        want_sha = bare_hex(headers["x-ato-sha256"], "x-ato-sha256", "sha256")
+        want_b3 = bare_hex(headers["x-ato-blake3"], "x-ato-blake3", "blake3")
+        allow = _bool(request.query_params.get("allow_existing"))
+        tmp = self.store.new_temp()
+        try:
+            sha, b3, size = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
+            if sha != want_sha:
+                raise RegistryError(422, "hash_mismatch", "sha256 mismatch")
+            if b3 != want_b3:
+                raise RegistryError(422, "hash_mismatch", "blake3 mismatch")
+            upload = Upload(tmp, p, s, version, file_name, allow, sha, b3, size)
+            status, doc = await run_in_threadpool(self.store.publish, upload)
+        finally:
+            tmp.unlink(missing_ok=True)
+        doc["artifact_url"] = self.artifact_url(request, scoped, doc["version"], doc["file_name"])
+        return json_response(doc, status)
+
+    async def negotiate(self, request: Request) -> Response:
+        self.require_write(request)
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            raise RegistryError(400, "invalid_request", "body must be a JSON object")
+        return json_response(await run_in_threadpool(self.store.negotiate, body))
+
+    async def put_chunk(self, request: Request) -> Response:
+        self.require_write(request)
+        try:
+            raw = parse(request.path_params["raw_hash"])
+        except DigestError:
+            raise RegistryError(400, "invalid_chunk_hash", "not a blake3 chunk hash") from None
+        raw_size_text = request.headers.get("x-raw-size", "")
+        if not raw_size_text.isdigit():
+            raise RegistryError(400, "missing_header", "required header 'x-raw-size' is missing or invalid")
+        raw_size = int(raw_size_text)
+        if raw_size <= 0:
+            raise RegistryError(400, "invalid_chunk_size", "x-raw-size must be positive")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > 32 << 20:
+                raise RegistryError(413, "payload_too_large", "a chunk frame is at most 32 MiB")
+        session = request.query_params.get("session")
+        doc = await run_in_threadpool(self.store.stage_chunk, session, raw, raw_size, bytes(body))
+        return json_response(doc, 201 if doc["inserted"] else 200)
+
+    async def sync_chunks(self, request: Request) -> Response:
+        self.require_write(request)
+        session = request.query_params.get("session", "")
+        self.store.session_dir(session)
+        tmp = self.store.new_temp(".frames")
+        try:
+            await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
+            staged = await run_in_threadpool(self.store.stage_frames, session, tmp)
+        except RegistryError:
+            self.store.drop_session(session)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return json_response({"session_id": session, "chunks": staged,
+                              "inserted": sum(1 for c in staged if c["inserted"])})
+
+    async def commit(self, request: Request) -> Response:
+        self.require_write(request)
+        session = request.query_params.get("session") or None
+        try:
+            return await self._commit(request, session)
+        finally:
+            if session:
+                self.store.drop_session(session)
+
+    async def _commit(self, request: Request, session: str | None) -> Response:
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            raise RegistryError(400, "invalid_request", "body must be a JSON object")
+        if session is None and body.get("session_id"):
+            session = str(body["session_id"])
+        if session:
+            self.store.session_dir(session)
+        p, s = str(body.get("publisher", "")), str(body.get("slug", ""))
+        scoped = check_scope(p, s)
+        version = str(body.get("version", ""))
+        check_version(version)
+        file_name = str(body.get("file_name") or f"{s}-{version}.capsule")
+        check_file_name(file_name)
+        want_sha = bare_hex(str(body.get("sha256") or request.headers.get("x-ato-sha256", "")), "sha256", "sha256")
+        want_b3 = bare_hex(str(body.get("blake3") or request.headers.get("x-ato-blake3", "")), "blake3")
+        allow = bool(body.get("allow_existing"))
+        rel = await run_in_threadpool(self.store.release, scoped, version)
+        if rel is not None:
+            probe = Upload(Path("/nonexistent"), p, s, version, file_name, allow, want_sha, want_b3, 0)
+            doc = self.store.existing_outcome(rel, probe)
+            doc["artifact_url"] = self.artifact_url(request, scoped, doc["version"], doc["file_name"])
+            return json_response(doc, 200)
+        try:
+            prefix = base64.b64decode(str(body.get("prefix", "")), validate=True)
+            suffix = base64.b64decode(str(body.get("suffix", "")), validate=True)
+            chunks = [(parse(str(c["raw_hash"])), int(c["raw_size"])) for c in body.get("chunks") or []]
+        except (binascii.Error, ValueError, KeyError, TypeError, DigestError) as exc:
+            raise RegistryError(400, "invalid_request", f"malformed commit body: {exc}") from None
+        tmp, sha, b3, size = await run_in_threadpool(self.store.reconstruct, session, prefix, suffix, chunks)
+        try:
+            if sha != want_sha:
+                raise RegistryError(422, "hash_mismatch", "sha256 mismatch")
+            if b3 != want_b3:
+                raise RegistryError(422, "hash_mismatch", "blake3 mismatch")
+            upload = Upload(tmp, p, s, version, file_name, allow, sha, b3, size, session)
+            status, doc = await run_in_threadpool(self.store.publish, upload)
+        finally:
+            tmp.unlink(missing_ok=True)
+        doc["artifact_url"] = self.artifact_url(request, scoped, doc["version"], doc["file_name"])
+        return json_response(doc, status)
+
+    async def delete(self, request: Request) -> Response:
+        self.require_write(request)
+        p, s, _scoped = self.scope(request)
+        if not _bool(request.query_params.get("confirmed")):
+            raise RegistryError(400, "confirmation_required", "confirmed=true is required")
+        version = request.query_params.get("version") or None
+        return json_response(await run_in_threadpool(self.store.delete, p, s, version))
+
+    # ---------------------------------------------------------------- web UI
+
+    async def ui(self, request: Request) -> Response:
+        rel = request.path_params.get("path", "") or "index.html"
+        if ".." in rel or "\\" in rel or rel.startswith("/"):
+            raise RegistryError(404, "not_found", "Not found")
+        path = WEB_DIR / rel
+        if not path.is_file():
+            path = WEB_DIR / "index.html"
+        if not path.is_file():
+            return Response("Web UI assets are missing from this installation of ato", 503,
+                            media_type="text/plain")
+        cache = "no-cache" if path.name == "index.html" else "public, max-age=300"
+        return FileResponse(path, headers={"cache-control": cache})
+
+    async def fallback(self, request: Request) -> Response:
+        if request.url.path == "/v1" or request.url.path.startswith("/v1/"):
+            raise RegistryError(404, "not_found", "API route not found")
+        if request.method not in ("GET", "HEAD"):
+            raise RegistryError(405, "method_not_allowed", "Method not allowed")
+        return await self.ui(request)
+
+
+def create_app(store: RegistryStore, token: str | None, listen_url: str) -> Starlette:
+    h = RegistryApp(store, token, listen_url)
+    cap = "/v1/capsules/by/{publisher}/{slug}"
+    man = "/v1/manifest/capsules/by/{publisher}/{slug}"
+    routes = [
+        Route("/.well-known/capsule.json", api(h.well_known), methods=["GET"]),
+        Route("/v1/capsules", api(h.search), methods=["GET"]),
+        Route("/v1/manifest/capsules", api(h.search), methods=["GET"]),
+        Route(cap, api(h.detail), methods=["GET"]),
+        Route(man, api(h.detail), methods=["GET"]),
+        Route(cap + "/distributions", api(h.distributions), methods=["GET"]),
+        Route(man + "/distributions", api(h.distributions), methods=["GET"]),
+        Route(cap + "/download", api(h.download), methods=["GET"]),
+        Route(man + "/download", api(h.download), methods=["GET"]),
+        Route("/v1/artifacts/{publisher}/{slug}/{version}/{file_name}", api(h.artifact), methods=["GET"]),
+        Route("/v1/local/capsules/{publisher}/{slug}/{version}", api(h.upload), methods=["PUT"]),
+        Route("/v1/local/capsules/by/{publisher}/{slug}/runtime-config", api(h.runtime_config),
+              methods=["GET", "PUT"]),
+        Route("/v1/local/capsules/by/{publisher}/{slug}", api(h.delete), methods=["DELETE"]),
+        Route("/v1/sync/negotiate", api(h.negotiate), methods=["POST"]),
+        Route("/v1/sync/chunks", api(h.sync_chunks), methods=["POST"]),
+        Route("/v1/sync/commit", api(h.commit), methods=["POST"]),
+        Route("/v1/chunks/fetch", api(h.fetch_chunks), methods=["POST"]),
+        Route("/v1/chunks/{raw_hash}", api(h.get_chunk), methods=["GET"]),
+        Route("/v1/chunks/{raw_hash}", api(h.put_chunk), methods=["PUT"]),
+        Route("/v1/releases/{publisher}/{slug}/{version}/skeleton", api(h.skeleton), methods=["GET"]),
+        Route("/v1/releases/{publisher}/{slug}/{version}/manifest", api(h.release_manifest), methods=["GET"]),
+        Route("/", api(h.ui), methods=["GET"]),
+        Route("/ui/{path:path}", api(h.ui), methods=["GET"]),
+        Route("/{rest:path}", api(h.fallback)),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return json_response({"error": code, "message": str(exc.detail)}, exc.status_code)
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+# -------------------------------------------------------------------- start-up
+
+
+def is_loopback(host: str) -> bool:
+    text = host.strip().strip("[]")
+    if text.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def url_host(host: str) -> str:
+    text = host.strip("[]")
+    return f"[{text}]" if ":" in text else text
+
+
+def access_host(host: str) -> str:
+    text = host.strip("[]")
+    if text in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if text == "::":
+        return "[::1]"
+    return url_host(text)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen; any failure is a one-line AtoError with exit code 3."""
+    target = host.strip("[]")
+    if not 0 <= port <= 65535:
+        raise AtoError("E100", f"--port must be between 0 and 65535 (got {port})")
+    try:
+        infos = socket.getaddrinfo(target, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise AtoError(E_NETWORK, f"Invalid listen address {host}:{port}: cannot resolve host {host!r} "
+                                  f"({getattr(exc, 'strerror', None) or exc})", exit_code=EXIT_NETWORK) from None
+    family, stype, proto, _canon, addr = infos[0]
+    sock = socket.socket(family, stype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        where = f"{url_host(target)}:{port}"
+        message = f"Failed to bind {where}: {exc.strerror or exc}"
+        if exc.errno == errno.EADDRINUSE:
+            message += (". Another process is already listening on that port. Try a different `--port` or inspect "
+                        f"listeners with `lsof -nP -iTCP:{port} -sTCP:LISTEN`.")
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            message += ". The requested host is not available on this machine."
+        elif exc.errno == errno.EACCES:
+            message += ". Permission was denied while opening the socket."
+        raise AtoError(E_NETWORK, message, exit_code=EXIT_NETWORK) from None
+    sock.setblocking(False)
+    return sock
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    if not is_loopback(host) and not token:
+        raise AtoError(E_POLICY, "--auth-token is required when binding the local registry to a non-loopback "
+                       f"host ({host})", hint="pass --auth-token <token> (clients then publish with ATO_TOKEN)",
+                       problems=[Problem("ATO_ERR_POLICY_VIOLATION", "non-loopback registry without write auth",
+                                         {"host": host})])
+
+
+def serve(host: str, port: int, data_dir: Path, token: str | None, *,
+          on_ready: Callable[[dict[str, Any]], None], log_level: str = "warning") -> None:
+    """Check, bind, initialise the data dir, report, then serve until SIGINT/SIGTERM."""
+    import uvicorn
+
+    token = (token or "").strip() or None
+    check_exposure(host, token)
+    sock = bind_socket(host, port)
+    try:
+        store = RegistryStore(data_dir)
+        store.initialize()
+        actual_port = sock.getsockname()[1]
+        listen_url = f"http://{url_host(host)}:{actual_port}"
+        access = f"http://{access_host(host)}:{actual_port}"
+        app = create_app(store, token, listen_url)
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                                timeout_keep_alive=30, server_header=False)
+        server = uvicorn.Server(config)
+        on_ready({"url": access, "listen_url": listen_url, "host": host, "port": actual_port,
+                  "data_dir": str(store.root), "api": f"{access}/v1/", "web_ui": f"{access}/",
+                  "write_auth_required": bool(token)})
+        server.run(sockets=[sock])
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()

@@ -1,0 +1,870 @@
+"""Registry storage: the SQLite index, a CAS and the artifact files, under one data dir.
+
+Layout of ``<data>`` (default ``$ATO_HOME/local-registry``)::
+
+    registry.sqlite3            the index (WAL, synchronous=FULL, busy timeout 30 s)
+    cas/objects/blake3/..       chunk frames (the same CasStore layout as ``$ATO_HOME/cas``)
+    cas/manifests/blake3/..     payload manifests of published releases
+    artifacts/<p>/<s>/<v>/<f>   the published ``.capsule`` bytes, verbatim
+    tmp/                        uploads in flight and chunk-upload sessions (emptied at start-up)
+
+Index tables: ``packages`` (one row per publisher/slug), ``releases`` (digests,
+sizes, the skeleton geometry and the frame layout used for delta installs, the
+manifest text and README), ``chunks`` (raw hash → the exact frame stored for it),
+``runtime_configs`` (per-capsule run overrides from the web UI).
+
+Commit rule: everything about an upload is checked before anything is written
+(both digests, every capsule digest via :func:`stages.artifact.verify_capsule`,
+every frame, every tar entry, manifest name/version against the path). The
+commit then runs under one process-wide lock and one ``BEGIN IMMEDIATE``
+transaction (which also serialises several server processes on one data dir):
+new CAS objects and the artifact are linked/renamed into place, rows inserted,
+and the transaction committed. Any failure rolls the transaction back and
+removes every file and directory the commit created, so the data dir is as it
+was. The only files outside that rule are SQLite's ``-shm`` index (rewritten by
+readers; it holds no data) and ``tmp/``, which holds only in-flight work.
+
+``--allow-existing`` is decided by the artifact digests: the same version with
+the same SHA-256 and BLAKE3 is answered 200 ``already_existed: true`` and
+nothing is written; anything else for an existing version is 409
+``version_exists``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import sqlite3
+import tarfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import zstandard
+
+from cas.atomic import fsync_dir
+from cas.digest import DigestError, label, parse
+from cas.payload_manifest import PayloadManifest
+from cas.store import CasStore
+from pipeline.errors import AtoError
+from pipeline.registry import names
+from pipeline.registry.frames import (
+    FrameError,
+    FrameRef,
+    UnsafePayload,
+    check_frame,
+    decode_frame,
+    read_frame,
+    split_payload,
+)
+from stages.artifact import open_capsule, verify_capsule
+
+SCHEMA_VERSION = "ato-local-registry-1"
+README_LIMIT = 512 * 1024
+SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
+SESSION_TTL_SECONDS = 3600
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packages(
+  scoped_id TEXT PRIMARY KEY, publisher TEXT NOT NULL, slug TEXT NOT NULL, name TEXT NOT NULL,
+  description TEXT NOT NULL DEFAULT '', latest_version TEXT NOT NULL,
+  created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases(
+  scoped_id TEXT NOT NULL, version TEXT NOT NULL, file_name TEXT NOT NULL,
+  sha256 TEXT NOT NULL, blake3 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
+  manifest_hash TEXT NOT NULL, payload_hash TEXT NOT NULL,
+  prefix_size INTEGER NOT NULL, payload_size INTEGER NOT NULL, suffix_size INTEGER NOT NULL,
+  layout TEXT, manifest_toml TEXT NOT NULL, readme TEXT, readme_name TEXT,
+  created_at TEXT NOT NULL,
+  PRIMARY KEY(scoped_id, version));
+CREATE TABLE IF NOT EXISTS chunks(
+  raw_hash TEXT PRIMARY KEY, raw_size INTEGER NOT NULL, frame_size INTEGER NOT NULL,
+  frame_blake3 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runtime_configs(
+  scoped_id TEXT PRIMARY KEY, doc TEXT NOT NULL, updated_at TEXT NOT NULL);
+"""
+
+
+class RegistryError(Exception):
+    """A refusal with an HTTP status and the ``{"error", "message"}`` body."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_scope(publisher: str, slug: str) -> str:
+    if not names.valid_segment(publisher) or not names.valid_segment(slug):
+        raise RegistryError(400, "invalid_scope", f"invalid scoped id {publisher}/{slug!s}: segments are 1-63 "
+                            "characters of [a-z0-9-], starting with a letter or digit")
+    return f"{publisher}/{slug}"
+
+
+def check_version(version: str) -> None:
+    if not names.valid_version(version):
+        raise RegistryError(400, "invalid_version", "invalid version segment")
+
+
+def check_file_name(file_name: str) -> None:
+    if not names.valid_file_name(file_name):
+        raise RegistryError(400, "invalid_file_name", "file_name must be a .capsule file name")
+
+
+def bare_hex(value: str, what: str, algo: str = "blake3") -> str:
+    """Strip an optional ``<algo>:`` label; require 64 lowercase-able hex."""
+    text = (value or "").strip()
+    if text.lower().startswith(algo + ":"):
+        text = text[len(algo) + 1:]
+    text = text.lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise RegistryError(400, "invalid_header" if what.startswith("x-") else "invalid_digest",
+                            f"{what} is not a {algo} digest")
+    return text
+
+
+def json_safe(value: Any) -> Any:
+    """TOML values as JSON (dates and times become ISO strings)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return value
+
+
+@dataclass
+class Upload:
+    """A complete candidate artifact in ``tmp/`` and what the uploader claims about it."""
+
+    path: Path
+    publisher: str
+    slug: str
+    version: str
+    file_name: str
+    allow_existing: bool
+    sha256: str  # hex
+    blake3: str  # hex
+    size: int
+    session: str | None = None
+
+    @property
+    def scoped_id(self) -> str:
+        return f"{self.publisher}/{self.slug}"
+
+
+@dataclass
+class Inspection:
+    manifest: dict[str, Any]
+    manifest_toml: str
+    manifest_hash: str
+    payload: PayloadManifest
+    prefix_size: int
+    payload_size: int
+    suffix_size: int
+    frames: list[FrameRef] | None
+    readme: str | None
+    readme_name: str | None
+
+
+@dataclass
+class _Undo:
+    files: list[Path] = field(default_factory=list)
+    dirs: list[Path] = field(default_factory=list)
+
+    def mkdirs(self, path: Path) -> None:
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+                self.dirs.append(d)
+
+    def run(self) -> None:
+        for f in reversed(self.files):
+            with contextlib.suppress(OSError):
+                f.unlink()
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Inspection:
+    """Every check an upload must pass before anything is stored; raises RegistryError."""
+    try:
+        opened = open_capsule(path)
+        verify_capsule(path)
+    except AtoError as exc:
+        raise RegistryError(422, "invalid_artifact", exc.message) from None
+    manifest = opened.manifest
+    name, mversion = manifest.get("name"), manifest.get("version")
+    if name != slug:
+        raise RegistryError(400, "scoped_id_mismatch",
+                            f"path slug {slug!r} does not match artifact manifest.name {name!r}")
+    if mversion != version:
+        raise RegistryError(400, "version_mismatch",
+                            f"path version {version!r} does not match artifact manifest.version {mversion!r}")
+    try:
+        layout = split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest)
+    except UnsafePayload as exc:
+        raise RegistryError(422, "unsafe_payload", str(exc)) from None
+    size = path.stat().st_size
+    toml_text = _member_text(path, "capsule.toml")
+    suffix = size - opened.payload_offset - opened.payload_size
+    readme_name = next((n for n in opened.members if n not in ("capsule.toml", "capsule.lock.json",
+                                                                  "sbom.spdx.json", "signature.json",
+                                                                  "payload.tar.zst", "payload.v3.manifest.json")),
+                       None)
+    readme = opened.readme[:README_LIMIT] if opened.readme is not None else None
+    return Inspection(manifest, toml_text, str(manifest["distribution"]["manifest_hash"]), opened.payload_manifest,
+                      opened.payload_offset, opened.payload_size, suffix, layout.frames, readme, readme_name)
+
+
+def _member_text(path: Path, name: str) -> str:
+    with tarfile.open(path, "r:") as tf:
+        fh = tf.extractfile(name)
+        assert fh is not None
+        return fh.read().decode("utf-8")
+
+
+class RegistryStore:
+    """The data dir of one registry. Thread-safe; one instance per server process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir)
+        self.db_path = self.root / "registry.sqlite3"
+        self.cas = CasStore(self.root / "cas")
+        self.artifacts = self.root / "artifacts"
+        self.tmp = self.root / "tmp"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ setup
+
+    def initialize(self) -> None:
+        """Create the layout and schema; clear ``tmp/`` of a previous run's leftovers."""
+        for d in (self.root, self.artifacts, self.tmp, self.cas.objects.objects, self.cas.manifest_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for entry in self.tmp.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        (self.tmp / "sessions").mkdir(exist_ok=True)
+        conn = self.conn()
+        conn.executescript(_SCHEMA)
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            with conn:
+                conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (SCHEMA_VERSION,))
+        elif row[0] != SCHEMA_VERSION:
+            raise AtoError("E100", f"{self.db_path} has index schema {row[0]!r}; this ato expects "
+                                   f"{SCHEMA_VERSION!r}", hint="use another --data-dir or remove the old one")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def new_temp(self, suffix: str = ".upload") -> Path:
+        return self.tmp / f"{secrets.token_hex(12)}{suffix}"
+
+    # ------------------------------------------------------------------ reads
+
+    def package(self, scoped_id: str) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM packages WHERE scoped_id=?", (scoped_id,)).fetchone()
+
+    def releases(self, scoped_id: str) -> list[sqlite3.Row]:
+        rows = self.conn().execute("SELECT * FROM releases WHERE scoped_id=?", (scoped_id,)).fetchall()
+        return sorted(rows, key=lambda r: names.version_key(r["version"]), reverse=True)
+
+    def release(self, scoped_id: str, version: str) -> sqlite3.Row | None:
+        return self.conn().execute("SELECT * FROM releases WHERE scoped_id=? AND version=?",
+                                   (scoped_id, version)).fetchone()
+
+    def resolve_release(self, publisher: str, slug: str, version: str | None) -> sqlite3.Row:
+        scoped = check_scope(publisher, slug)
+        pkg = self.package(scoped)
+        if pkg is None:
+            raise RegistryError(404, "not_found", "Capsule not found")
+        wanted = version or pkg["latest_version"]
+        check_version(wanted)
+        rel = self.release(scoped, wanted)
+        if rel is None:
+            raise RegistryError(404, "version_not_found", "Version not found")
+        return rel
+
+    def artifact_path(self, scoped_id: str, version: str, file_name: str) -> Path:
+        publisher, slug = scoped_id.split("/")
+        return self.artifacts / publisher / slug / version / file_name
+
+    def search(self, q: str, limit: int, cursor: int) -> tuple[list[sqlite3.Row], int | None]:
+        sql = "SELECT * FROM packages"
+        args: list[Any] = []
+        text = q.strip().lower()
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            sql += (" WHERE lower(slug) LIKE ? ESCAPE '\\' OR lower(name) LIKE ? ESCAPE '\\'"
+                    " OR lower(description) LIKE ? ESCAPE '\\' OR lower(scoped_id) LIKE ? ESCAPE '\\'")
+            args = [like, like, like, like]
+        sql += " ORDER BY updated_at DESC, scoped_id ASC LIMIT ? OFFSET ?"
+        rows = self.conn().execute(sql, (*args, limit + 1, cursor)).fetchall()
+        more = len(rows) > limit
+        return rows[:limit], (cursor + limit if more else None)
+
+    def runtime_config(self, scoped_id: str) -> dict[str, Any] | None:
+        row = self.conn().execute("SELECT doc FROM runtime_configs WHERE scoped_id=?", (scoped_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def skeleton(self, rel: sqlite3.Row) -> dict[str, Any]:
+        """Prefix and suffix bytes plus the ordered frames: everything a client splices an artifact from."""
+        if rel["layout"] is None:
+            raise RegistryError(409, "not_spliceable", "this release's payload frames do not match its chunks; "
+                                "download the artifact instead")
+        path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
+        with open(path, "rb") as fh:
+            prefix = fh.read(rel["prefix_size"])
+            fh.seek(rel["prefix_size"] + rel["payload_size"])
+            suffix = fh.read()
+        return {
+            "scoped_id": rel["scoped_id"], "version": rel["version"], "file_name": rel["file_name"],
+            "size_bytes": rel["size_bytes"], "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]),
+            "payload_hash": label(rel["payload_hash"]), "payload_size": rel["payload_size"],
+            "prefix": base64.b64encode(prefix).decode("ascii"),
+            "suffix": base64.b64encode(suffix).decode("ascii"),
+            "frames": json.loads(rel["layout"]),
+        }
+
+    def chunk_path(self, raw_hash: str) -> Path:
+        return self.cas.objects.path(raw_hash)
+
+    def known_frames(self, hexes: list[str]) -> dict[str, str]:
+        """raw hash → frame BLAKE3 of the chunks the registry holds."""
+        out: dict[str, str] = {}
+        conn = self.conn()
+        unique = list(dict.fromkeys(hexes))
+        for i in range(0, len(unique), 500):
+            part = unique[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for row in conn.execute(f"SELECT raw_hash, frame_blake3 FROM chunks WHERE raw_hash IN ({marks})", part):
+                out[row[0]] = row[1]
+        return out
+
+    # ------------------------------------------------------------------ chunk sessions
+
+    def session_dir(self, session: str) -> Path:
+        if not SESSION_RE.match(session or ""):
+            raise RegistryError(400, "invalid_session", "session must be the session_id negotiate returned")
+        return self.tmp / "sessions" / session
+
+    def negotiate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Which chunks an uploader must send; also refuses a version conflict before any upload."""
+        if body.get("schema_version", 3) != 3:
+            raise RegistryError(400, "invalid_schema_version", "schema_version must be 3")
+        chunks = body.get("chunks")
+        if not isinstance(chunks, list):
+            raise RegistryError(400, "invalid_manifest", "chunks must be a list")
+        wanted: list[tuple[str, str | None]] = []
+        for c in chunks:
+            if not isinstance(c, dict):
+                raise RegistryError(400, "invalid_chunk_hash", "each chunk must be an object")
+            try:
+                raw = parse(str(c.get("raw_hash", "")))
+                fb = parse(str(c["frame_blake3"])) if c.get("frame_blake3") else None
+            except DigestError:
+                raise RegistryError(400, "invalid_chunk_hash", f"invalid chunk hash in {c!r}") from None
+            size = c.get("raw_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise RegistryError(400, "invalid_chunk_size", f"invalid raw_size in {c!r}")
+            wanted.append((raw, fb))
+        existing = None
+        if body.get("publisher") or body.get("slug") or body.get("version"):
+            scoped = check_scope(str(body.get("publisher", "")), str(body.get("slug", "")))
+            check_version(str(body.get("version", "")))
+            rel = self.release(scoped, str(body["version"]))
+            if rel is not None:
+                same = (rel["sha256"] == str(body.get("sha256", "")).lower().removeprefix("sha256:")
+                        and rel["blake3"] == str(body.get("blake3", "")).lower().removeprefix("blake3:"))
+                if not body.get("allow_existing"):
+                    raise RegistryError(409, "version_exists", "same version is already published")
+                if not same:
+                    raise RegistryError(409, "version_exists",
+                                        "same version is already published (artifact digest differs)")
+                existing = {"version": rel["version"], "same_artifact": True}
+        known = self.known_frames([h for h, _ in wanted])
+        missing: list[str] = []
+        conflicts: list[str] = []
+        seen: set[str] = set()
+        for raw, fb in wanted:
+            if raw in seen:
+                continue
+            seen.add(raw)
+            if raw not in known:
+                missing.append(label(raw))
+            elif fb is not None and known[raw] != fb:
+                conflicts.append(label(raw))
+        return {"session_id": secrets.token_hex(16), "missing_chunks": missing, "frame_conflicts": conflicts,
+                "total_chunks": len(wanted), "existing": existing}
+
+    def stage_frames(self, session: str, source: Path) -> list[dict[str, Any]]:
+        """Split an uploaded run of frames, verify each, keep the new ones in the session dir."""
+        sdir = self.session_dir(session)
+        self._sweep_sessions()
+        sdir.mkdir(parents=True, exist_ok=True)
+        out = []
+        with open(source, "rb") as fh:
+            while True:
+                try:
+                    frame = read_frame(fh)
+                except FrameError as exc:
+                    raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
+                if frame is None:
+                    break
+                out.append(self._stage_one(sdir, frame, None))
+        return out
+
+    def stage_chunk(self, session: str | None, raw_hash: str, raw_size: int, frame: bytes) -> dict[str, Any]:
+        """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS."""
+        try:
+            check_frame(frame, raw_hash, raw_size)
+        except FrameError as exc:
+            raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
+        if session is not None:
+            sdir = self.session_dir(session)
+            self._sweep_sessions()
+            sdir.mkdir(parents=True, exist_ok=True)
+            return self._stage_one(sdir, frame, (raw_hash, raw_size))
+        ref = FrameRef(raw_hash, raw_size, len(frame), blake3.blake3(frame).hexdigest())
+        with self._lock:
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            undo = _Undo()
+            try:
+                inserted = self._insert_objects(conn, [(ref, lambda: frame)], undo)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                undo.run()
+                raise
+        return {"raw_hash": label(raw_hash), "inserted": bool(inserted), "zstd_size": len(frame)}
+
+    def _stage_one(self, sdir: Path, frame: bytes, expect: tuple[str, int] | None) -> dict[str, Any]:
+        if expect is None:
+            try:
+                size = zstandard.get_frame_parameters(frame).content_size
+                raw = decode_frame(frame, size)
+            except (FrameError, zstandard.ZstdError) as exc:
+                raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
+            raw_hash = blake3.blake3(raw).hexdigest()
+        else:
+            raw_hash, size = expect
+        target = sdir / f"{raw_hash}.zst"
+        inserted = False
+        if not target.exists():
+            tmp = sdir / f".{raw_hash}.{secrets.token_hex(4)}.tmp"
+            tmp.write_bytes(frame)
+            os.replace(tmp, target)
+            inserted = True
+        return {"raw_hash": label(raw_hash), "raw_size": size, "inserted": inserted, "zstd_size": len(frame)}
+
+    def _sweep_sessions(self) -> None:
+        cutoff = time.time() - SESSION_TTL_SECONDS
+        root = self.tmp / "sessions"
+        for d in root.iterdir() if root.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if d.stat().st_mtime < cutoff:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def drop_session(self, session: str | None) -> None:
+        if session:
+            with contextlib.suppress(RegistryError):
+                shutil.rmtree(self.session_dir(session), ignore_errors=True)
+
+    def reconstruct(self, session: str | None, prefix: bytes, suffix: bytes,
+                    chunks: list[tuple[str, int]]) -> tuple[Path, str, str, int]:
+        """Rebuild a candidate artifact from prefix + frames (session or CAS) + suffix in ``tmp/``.
+
+        Returns ``(path, sha256 hex, blake3 hex, size)``. Missing frames → 400 ``missing_chunks``.
+        """
+        sdir = self.session_dir(session) if session else None
+        sources: list[Path] = []
+        missing: list[str] = []
+        for raw, _size in chunks:
+            staged = sdir / f"{raw}.zst" if sdir else None
+            if staged is not None and staged.exists():
+                sources.append(staged)
+            elif self.cas.objects.has(raw):
+                sources.append(self.cas.objects.path(raw))
+            else:
+                missing.append(label(raw))
+        if missing:
+            raise RegistryError(400, "missing_chunks", f"{len(missing)} chunk(s) were neither uploaded nor stored: "
+                                f"{', '.join(missing[:5])}", missing_chunks=missing)
+        out = self.new_temp(".capsule")
+        sha, b3, size = hashlib.sha256(), blake3.blake3(), 0
+        try:
+            with open(out, "wb") as fh:
+                for piece in _iter_pieces(prefix, sources, suffix):
+                    fh.write(piece)
+                    sha.update(piece)
+                    b3.update(piece)
+                    size += len(piece)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return out, sha.hexdigest(), b3.hexdigest(), size
+
+    # ------------------------------------------------------------------ publish
+
+    def existing_outcome(self, rel: sqlite3.Row, upload: Upload) -> dict[str, Any]:
+        if not upload.allow_existing:
+            raise RegistryError(409, "version_exists", "same version is already published")
+        if rel["sha256"] != upload.sha256 or rel["blake3"] != upload.blake3:
+            raise RegistryError(409, "version_exists", "same version is already published (artifact digest differs)")
+        return self.release_doc(rel, already_existed=True)
+
+    def release_doc(self, rel: sqlite3.Row, *, already_existed: bool, chunks_new: int = 0) -> dict[str, Any]:
+        layout = json.loads(rel["layout"]) if rel["layout"] else None
+        return {
+            "scoped_id": rel["scoped_id"], "version": rel["version"], "file_name": rel["file_name"],
+            "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]), "size_bytes": rel["size_bytes"],
+            "manifest_hash": rel["manifest_hash"], "already_existed": already_existed,
+            "spliceable": layout is not None, "chunks_total": len(layout) if layout else 0,
+            "chunks_new": chunks_new,
+        }
+
+    def publish(self, upload: Upload) -> tuple[int, dict[str, Any]]:
+        """Check and commit a candidate artifact. Returns (HTTP status, release document)."""
+        scoped = check_scope(upload.publisher, upload.slug)
+        check_version(upload.version)
+        check_file_name(upload.file_name)
+        rel = self.release(scoped, upload.version)
+        if rel is not None:  # advisory; decided again inside the transaction
+            return 200, self.existing_outcome(rel, upload)
+        insp = inspect_artifact(upload.path, upload.publisher, upload.slug, upload.version)
+        return self._commit(upload, insp)
+
+    def _insert_objects(self, conn: sqlite3.Connection, items: list[tuple[FrameRef, Any]], undo: _Undo) -> int:
+        """Link verified frames into the CAS (one sync for the batch) and record them; returns how many are new."""
+        objects = self.cas.objects
+        staged: list[tuple[FrameRef, Path, Path]] = []
+        try:
+            for ref, source in items:
+                target = objects.path(ref.raw_hash)
+                undo.mkdirs(target.parent)
+                tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+                if isinstance(source, Path):
+                    os.link(source, tmp)
+                else:
+                    tmp.write_bytes(source())
+                staged.append((ref, tmp, target))
+            if staged:
+                os.sync()
+            inserted = 0
+            for ref, tmp, target in staged:
+                try:
+                    os.link(tmp, target)
+                    undo.files.append(target)
+                    inserted += 1
+                except FileExistsError:  # a file without a row (a crash mid-commit): adopt it only if identical
+                    if blake3.blake3(target.read_bytes()).hexdigest() != ref.frame_blake3:
+                        os.replace(tmp, target)
+                conn.execute("INSERT OR IGNORE INTO chunks(raw_hash, raw_size, frame_size, frame_blake3) "
+                             "VALUES(?,?,?,?)", (ref.raw_hash, ref.raw_size, ref.frame_size, ref.frame_blake3))
+            for d in {t.parent for _r, _t, t in staged}:
+                fsync_dir(d)
+            return inserted
+        finally:
+            for _ref, tmp, _t in staged:
+                tmp.unlink(missing_ok=True)
+
+    def _commit(self, upload: Upload, insp: Inspection) -> tuple[int, dict[str, Any]]:
+        scoped = upload.scoped_id
+        sdir = self.session_dir(upload.session) if upload.session else None
+        with self._lock:
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            undo = _Undo()
+            try:
+                rel = self.release(scoped, upload.version)
+                if rel is not None:
+                    conn.execute("ROLLBACK")
+                    return 200, self.existing_outcome(rel, upload)
+                frames = insp.frames
+                chunks_new = 0
+                if frames is not None:
+                    known = self.known_frames([f.raw_hash for f in frames])
+                    if any(known.get(f.raw_hash, f.frame_blake3) != f.frame_blake3 for f in frames):
+                        frames = None  # the CAS holds other frames for some chunks: serve this release whole
+                if frames is not None:
+                    items: list[tuple[FrameRef, Any]] = []
+                    offset = insp.prefix_size
+                    queued: set[str] = set()
+                    for f in frames:
+                        if f.raw_hash not in known and f.raw_hash not in queued:
+                            queued.add(f.raw_hash)
+                            staged = sdir / f"{f.raw_hash}.zst" if sdir else None
+                            if staged is not None and staged.is_file() and staged.stat().st_size == f.frame_size:
+                                items.append((f, staged))
+                            else:
+                                items.append((f, _reader(upload.path, offset, f.frame_size)))
+                        offset += f.frame_size
+                    chunks_new = self._insert_objects(conn, items, undo)
+                    mpath = self.cas.manifest_path(insp.payload.artifact_hash)
+                    if not mpath.exists():
+                        undo.mkdirs(mpath.parent)
+                        self.cas.put_manifest(insp.payload)
+                        undo.files.append(mpath)
+                dest = self.artifact_path(scoped, upload.version, upload.file_name)
+                undo.mkdirs(dest.parent)
+                if dest.exists():
+                    raise RegistryError(500, "storage_error", f"artifact file {dest.name} exists without a release")
+                os.link(upload.path, dest)
+                undo.files.append(dest)
+                fsync_dir(dest.parent)
+                stamp = now()
+                layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
+                conn.execute(
+                    "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash,"
+                    " payload_hash, prefix_size, payload_size, suffix_size, layout, manifest_toml, readme,"
+                    " readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (scoped, upload.version, upload.file_name, upload.sha256, upload.blake3, upload.size,
+                     insp.manifest_hash, insp.payload.artifact_hash, insp.prefix_size, insp.payload_size,
+                     insp.suffix_size, layout, insp.manifest_toml, insp.readme, insp.readme_name, stamp))
+                self._upsert_package(conn, upload, insp, stamp)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                undo.run()
+                raise
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            rel = self.release(scoped, upload.version)
+        return 201, self.release_doc(rel, already_existed=False, chunks_new=chunks_new)
+
+    def _upsert_package(self, conn: sqlite3.Connection, upload: Upload, insp: Inspection, stamp: str) -> None:
+        manifest = insp.manifest
+        meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+        description = str(manifest.get("description") or meta.get("description") or "")
+        name = str(meta.get("display_name") or manifest.get("name") or upload.slug)
+        pkg = conn.execute("SELECT * FROM packages WHERE scoped_id=?", (upload.scoped_id,)).fetchone()
+        if pkg is None:
+            conn.execute("INSERT INTO packages(scoped_id, publisher, slug, name, description, latest_version,"
+                         " created_at, updated_at) VALUES(?,?,?,?,?,?,?,?)",
+                         (upload.scoped_id, upload.publisher, upload.slug, name, description, upload.version,
+                          stamp, stamp))
+            return
+        latest = names.latest([pkg["latest_version"], upload.version])
+        if latest == upload.version:
+            conn.execute("UPDATE packages SET name=?, description=?, latest_version=?, updated_at=? "
+                         "WHERE scoped_id=?", (name, description, latest, stamp, upload.scoped_id))
+        else:
+            conn.execute("UPDATE packages SET updated_at=? WHERE scoped_id=?", (stamp, upload.scoped_id))
+
+    # ------------------------------------------------------------------ runtime config, delete
+
+    def put_runtime_config(self, scoped_id: str, doc: dict[str, Any]) -> dict[str, Any]:
+        if self.package(scoped_id) is None:
+            raise RegistryError(404, "not_found", "Capsule not found")
+        normalized = normalize_runtime_config(doc)
+        with self._lock:
+            conn = self.conn()
+            with contextlib.closing(conn.cursor()) as cur:
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    if normalized["targets"] or normalized.get("selected_target"):
+                        cur.execute("INSERT INTO runtime_configs(scoped_id, doc, updated_at) VALUES(?,?,?) "
+                                    "ON CONFLICT(scoped_id) DO UPDATE SET doc=excluded.doc, "
+                                    "updated_at=excluded.updated_at",
+                                    (scoped_id, json.dumps(normalized, sort_keys=True), now()))
+                    else:
+                        cur.execute("DELETE FROM runtime_configs WHERE scoped_id=?", (scoped_id,))
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+        return normalized
+
+    def delete(self, publisher: str, slug: str, version: str | None) -> dict[str, Any]:
+        scoped = check_scope(publisher, slug)
+        if version is not None:
+            check_version(version)
+        with self._lock:
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                pkg = self.package(scoped)
+                if pkg is None:
+                    raise RegistryError(404, "not_found", "Capsule not found")
+                doomed = self.releases(scoped) if version is None else \
+                    [r for r in [self.release(scoped, version)] if r is not None]
+                if not doomed:
+                    raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
+                for r in doomed:
+                    conn.execute("DELETE FROM releases WHERE scoped_id=? AND version=?", (scoped, r["version"]))
+                remaining = [r["version"] for r in self.releases(scoped)]
+                removed_capsule = not remaining
+                if removed_capsule:
+                    conn.execute("DELETE FROM packages WHERE scoped_id=?", (scoped,))
+                    conn.execute("DELETE FROM runtime_configs WHERE scoped_id=?", (scoped,))
+                else:
+                    conn.execute("UPDATE packages SET latest_version=?, updated_at=? WHERE scoped_id=?",
+                                 (names.latest(remaining), now(), scoped))
+                live_chunks: set[str] = set()
+                live_payloads: set[str] = set()
+                for row in conn.execute("SELECT layout, payload_hash FROM releases"):
+                    live_payloads.add(row[1])
+                    for f in json.loads(row[0]) if row[0] else []:
+                        live_chunks.add(parse(f["raw_hash"]))
+                dead_chunks: set[str] = set()
+                dead_payloads: set[str] = set()
+                for r in doomed:
+                    if r["payload_hash"] not in live_payloads:
+                        dead_payloads.add(r["payload_hash"])
+                    for f in json.loads(r["layout"]) if r["layout"] else []:
+                        h = parse(f["raw_hash"])
+                        if h not in live_chunks:
+                            dead_chunks.add(h)
+                for h in dead_chunks:
+                    conn.execute("DELETE FROM chunks WHERE raw_hash=?", (h,))
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            for r in doomed:
+                path = self.artifact_path(scoped, r["version"], r["file_name"])
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                for d in (path.parent, path.parent.parent, path.parent.parent.parent):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            for h in dead_chunks:
+                self.cas.objects.remove(h)
+            for p in dead_payloads:
+                with contextlib.suppress(OSError):
+                    self.cas.manifest_path(p).unlink()
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"deleted": True, "scoped_id": scoped, "removed_capsule": removed_capsule,
+                "removed_versions": [r["version"] for r in doomed], "removed_chunks": len(dead_chunks)}
+
+
+def _reader(path: Path, offset: int, size: int):
+    def read() -> bytes:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read(size)
+        if len(data) != size:
+            raise RegistryError(500, "storage_error", "artifact changed while it was being committed")
+        return data
+    return read
+
+
+def _iter_pieces(prefix: bytes, sources: list[Path], suffix: bytes) -> Iterator[bytes]:
+    yield prefix
+    for p in sources:
+        yield p.read_bytes()
+    yield suffix
+
+
+PERMISSION_MODES = ("sandbox", "dangerous")
+
+
+def normalize_runtime_config(doc: Any) -> dict[str, Any]:
+    """``{selected_target?, targets: {label: {port?, env?, permission_mode?}}}``, trimmed; empty parts dropped."""
+    if not isinstance(doc, dict):
+        raise RegistryError(400, "invalid_runtime_config", "runtime config must be a JSON object")
+    out: dict[str, Any] = {}
+    selected = doc.get("selected_target")
+    if selected is not None:
+        if not isinstance(selected, str):
+            raise RegistryError(400, "invalid_runtime_config", "selected_target must be a string")
+        if selected.strip():
+            out["selected_target"] = selected.strip()
+    targets_in = doc.get("targets") or {}
+    if not isinstance(targets_in, dict):
+        raise RegistryError(400, "invalid_runtime_config", "targets must be an object")
+    targets: dict[str, Any] = {}
+    for raw_label, cfg in targets_in.items():
+        target_label = str(raw_label).strip()
+        if not target_label:
+            continue
+        if not isinstance(cfg, dict):
+            raise RegistryError(400, "invalid_runtime_config", f"targets.{target_label} must be an object")
+        entry: dict[str, Any] = {}
+        port = cfg.get("port")
+        if port is not None and port != "":
+            if isinstance(port, str) and port.strip().isdigit():
+                port = int(port.strip())
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise RegistryError(400, "invalid_port", "port must be between 1 and 65535")
+            entry["port"] = port
+        env_in = cfg.get("env") or {}
+        if not isinstance(env_in, dict):
+            raise RegistryError(400, "invalid_env", f"targets.{target_label}.env must be an object")
+        env = {}
+        for k, v in env_in.items():
+            key = str(k).strip()
+            if not key:
+                continue
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise RegistryError(400, "invalid_env", f"env name {key!r} is not a valid variable name")
+            if not isinstance(v, str | int | float) or isinstance(v, bool):
+                raise RegistryError(400, "invalid_env", f"env {key} must be a string")
+            env[key] = str(v)
+        if env:
+            entry["env"] = env
+        mode = cfg.get("permission_mode")
+        if mode not in (None, "", "standard"):
+            if mode not in PERMISSION_MODES:
+                raise RegistryError(400, "invalid_permission_mode", "permission_mode must be sandbox or dangerous")
+            entry["permission_mode"] = mode
+        if entry:
+            targets[target_label] = entry
+    out["targets"] = targets
+    return out
+
+
+def manifest_json(toml_text: str) -> dict[str, Any]:
+    try:
+        return json_safe(tomllib.loads(toml_text))
+    except tomllib.TOMLDecodeError:
+        return {}
