@@ -1,7 +1,55 @@
-"""`ato install` (placeholder until implemented)."""
+"""``ato install <publisher>/<slug>``: standard artifacts from a registry (see :mod:`stages.install`)."""
+
+from __future__ import annotations
+
+import os
 
 import click
 
+from pipeline.cli.common import emit, info, json_option
+from pipeline.registry.names import DEFAULT_REGISTRY
+
+
+def default_registry() -> str:
+    """``--registry``, else ``ATO_STORE_API_URL``, else the official Store (seed 000)."""
+    return os.environ.get("ATO_STORE_API_URL") or DEFAULT_REGISTRY
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+@click.command("install")
+@click.argument("ref")
+@click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
+@click.option("--version", "version", help="Version to install (default: the latest).")
+@json_option
+def install_cmd(ref: str, registry: str | None, version: str | None) -> None:
+    """Install REF (publisher/slug[@version]) into $ATO_HOME/store, downloading only missing chunks."""
+    from stages.install import install
+
+    doc = install(ref, registry or default_registry(), version, token=os.environ.get("ATO_TOKEN"), progress=info)
+    t = doc["transfer"]
+    if doc["up_to_date"]:
+        how = "already installed (nothing downloaded)"
+    elif t["mode"] == "delta":
+        how = (f"downloaded {t['chunks_downloaded']} of {t['chunks_total']} chunks "
+               f"({_size(t['bytes_downloaded'])}), reused {t['chunks_reused']} from the local CAS")
+    else:
+        how = f"downloaded the whole artifact ({_size(t['bytes_downloaded'])})"
+    human = "\n".join([
+        f"Installed {doc['scoped_id']} {doc['version']}",
+        f"  Path: {doc['path']}",
+        f"  Hash: {doc['content_hash']}",
+        f"  Transfer: {how}",
+        f"  Run:  ato run {doc['scoped_id']} --registry {doc['registry']}",
+    ])
+    emit(doc, "install", human)
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(install_cmd)

@@ -1,7 +1,63 @@
-"""`ato publish` (placeholder until implemented)."""
+"""``ato publish``: prepare -> build -> deploy (phase rules in :mod:`stages.publish`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import click
 
+from pipeline.cli.common import emit, info, json_option, warn
+
+
+def _build(project_dir: Path, force_large_payload: bool) -> dict:
+    from pipeline.graph import run_build
+    from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
+
+    options = BuildOptions(strict_v3=strict_from_env(), force_large_payload=force_large_payload,
+                           epoch=source_date_epoch())
+    plan = plan_build(project_dir, options)
+    for w in plan.warnings:
+        warn(w)
+    return run_build(plan)
+
+
+@click.command("publish")
+@click.option("--registry", help="Registry URL (private/local: direct upload; api.ato.run: CI hand-off).")
+@click.option("--artifact", type=click.Path(dir_okay=False, path_type=Path),
+              help="Publish an existing .capsule (skips build; no capsule.toml needed).")
+@click.option("--scoped-id", help="publisher/slug to publish as (slug must equal the manifest name).")
+@click.option("--allow-existing", is_flag=True,
+              help="Succeed without writing when the same version with the same digest exists (deploy only).")
+@click.option("--prepare", "prepare_", is_flag=True, help="Run the prepare phase.")
+@click.option("--build", "build_", is_flag=True, help="Run the build phase.")
+@click.option("--deploy", "deploy_", is_flag=True, help="Run the deploy phase.")
+@click.option("--legacy-full-publish", is_flag=True,
+              help="Official registries only, deprecated: run prepare -> build -> deploy.")
+@click.option("--fix", is_flag=True, help="Official registries only: include the CI workflow fix in the hand-off.")
+@click.option("--no-tui", is_flag=True, help="Plain output (ato never starts a TUI; accepted for compatibility).")
+@click.option("--force-large-payload", is_flag=True, help="Allow building an artifact over 200 MiB.")
+@click.option("--dry-run", is_flag=True, help="Report what would happen and be uploaded; write nothing.")
+@click.option("--ci", is_flag=True, help="Official CI publish (GitHub Actions with OIDC).")
+@json_option
+def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | None, allow_existing: bool,
+                prepare_: bool, build_: bool, deploy_: bool, legacy_full_publish: bool, fix: bool, no_tui: bool,
+                force_large_payload: bool, dry_run: bool, ci: bool) -> None:
+    """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
+    from stages.publish import PublishRequest, run_publish
+
+    del no_tui
+    req = PublishRequest(project_dir=Path.cwd(), registry=registry, artifact=artifact, scoped_id=scoped_id,
+                         allow_existing=allow_existing, prepare=prepare_, build=build_, deploy=deploy_,
+                         legacy_full_publish=legacy_full_publish, fix=fix, dry_run=dry_run, ci=ci,
+                         force_large_payload=force_large_payload,
+                         token=os.environ.get("ATO_TOKEN") or None)
+    if legacy_full_publish:
+        warn("--legacy-full-publish is deprecated and will be removed in the next major release. "
+             "Use explicit --prepare/--build/--deploy flags instead.")
+    outcome = run_publish(req, build_fn=_build, progress=info)
+    emit(outcome.doc, "publish", "\n".join(outcome.human))
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(publish_cmd)

@@ -1,0 +1,663 @@
+"""The publish stage: prepare -> build -> deploy, with the phase rules of seed 000.
+
+Routes
+  * **official** (``https://api.ato.run``, ``https://staging.api.ato.run``): CI-first.
+    Default phases: deploy only, and deploy is a *hand-off* (CI guidance, no
+    network request at all; direct uploads are not allowed). ``--build`` /
+    ``--prepare --build`` add local checks. ``--legacy-full-publish`` restores
+    prepare -> build -> deploy (still a hand-off) with a deprecation warning.
+  * **private** (any other ``--registry``): default all three phases; deploy
+    uploads directly.
+
+Phase selection: no phase flag → the route's default; any of
+``--prepare/--build/--deploy`` → exactly those. ``--artifact`` always skips
+build (and prepare: it needs no capsule.toml), so it needs the deploy phase.
+``--ci`` and ``--dry-run`` refuse phase flags (and ``--allow-existing``,
+``--legacy-full-publish``, ``--fix``); ``--allow-existing`` needs a private
+registry and the deploy phase; ``--legacy-full-publish`` and ``--fix`` are
+official-only.
+
+prepare runs ``[build.lifecycle].prepare`` from capsule.toml, else package.json
+``scripts["capsule:prepare"]`` (``npm run capsule:prepare``); with neither it is
+skipped, unless ``--prepare`` was asked for explicitly (then it fails).
+
+deploy (private) first verifies the artifact locally exactly as the registry
+will (every digest, every frame, every payload tar entry), then uploads only the
+chunks the registry lacks: ``/v1/sync/negotiate`` → ``/v1/sync/chunks`` (the
+missing frames, one streamed body) → ``/v1/sync/commit`` (the skeleton: the
+bytes around ``payload.tar.zst``, plus the chunk order; the registry rebuilds
+the artifact and checks both digests). A registry without the chunk routes, or
+one holding different frames for some chunk, gets the whole artifact on
+``PUT /v1/local/capsules/...`` instead.
+
+Scoped id: ``--scoped-id publisher/slug`` (slug must equal the manifest name,
+because the registry checks the name against the path); otherwise the slug is
+the manifest name and the publisher is the owner in the manifest's
+``repository`` (``[metadata].repository`` first), normalised, else ``local`` —
+the reference implementation's choice for local artifacts.
+
+``--dry-run`` writes nothing anywhere: no prepare hook, no build, no upload. It
+reports what each phase would do, and for an artifact it verifies it and asks
+the registry (negotiate, which stores nothing) which chunks would be sent. A
+version that already exists fails the dry run with E202, as the real run would.
+
+A version conflict is E202 with three next actions (bump the version,
+``--allow-existing`` for identical content, reset the local registry). A 401
+is E201 with ``ATO_ERR_AUTH_REQUIRED`` (``ATO_TOKEN`` carries the token).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import blake3
+
+from cas.digest import label
+from cas.payload_manifest import PayloadManifest
+from pipeline.envelope import validate
+from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, E_VERSION_CONFLICT, AtoError, Problem
+from pipeline.registry import names
+from pipeline.registry.client import RegistryClient, VersionConflict, parse_registry
+from pipeline.registry.frames import FrameRef, UnsafePayload, split_payload
+from stages.artifact import open_capsule, verify_capsule
+
+SCHEMA_VERSION = "1"
+PHASES = ("prepare", "build", "deploy")
+UPLOAD_BATCH_BYTES = 256 << 20
+DEPRECATION = ("--legacy-full-publish is deprecated and will be removed in the next major release. "
+               "Use explicit --prepare/--build/--deploy flags instead.")
+
+
+@dataclass
+class PublishRequest:
+    project_dir: Path
+    registry: str | None = None
+    artifact: Path | None = None
+    scoped_id: str | None = None
+    allow_existing: bool = False
+    prepare: bool = False
+    build: bool = False
+    deploy: bool = False
+    legacy_full_publish: bool = False
+    fix: bool = False
+    dry_run: bool = False
+    ci: bool = False
+    force_large_payload: bool = False
+    token: str | None = None
+
+    @property
+    def phase_flags(self) -> bool:
+        return self.prepare or self.build or self.deploy
+
+
+@dataclass
+class Phase:
+    name: str
+    selected: bool
+    status: str = "skipped"  # ok | skipped | failed
+    message: str = ""
+    skipped_reason: str | None = None
+    elapsed_ms: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "selected": self.selected, "status": self.status, "ok": self.status != "failed",
+                "elapsed_ms": self.elapsed_ms, "message": self.message, "skipped_reason": self.skipped_reason}
+
+
+@dataclass
+class LocalArtifact:
+    """An artifact checked the way the registry will check it."""
+
+    path: Path
+    size: int
+    sha256: str
+    blake3: str
+    manifest: dict[str, Any]
+    payload: PayloadManifest
+    prefix_size: int
+    payload_size: int
+    frames: list[FrameRef] | None
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or "")
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("version") or "")
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": str(self.path), "name": self.name, "version": self.version, "size_bytes": self.size,
+                "sha256": "sha256:" + self.sha256, "blake3": label(self.blake3),
+                "manifest_hash": str(self.manifest["distribution"]["manifest_hash"]),
+                "chunks": len(self.payload.chunks)}
+
+
+@dataclass
+class Outcome:
+    doc: dict[str, Any]
+    human: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def usage(message: str) -> AtoError:
+    return AtoError(E_USAGE, message)
+
+
+# ------------------------------------------------------------------ validation and selection
+
+
+def check_flags(req: PublishRequest) -> None:
+    """Flag combinations that are refused whatever the registry."""
+    if req.ci and req.dry_run:
+        raise usage("--ci cannot be combined with --dry-run")
+    for flag, name in ((req.ci, "--ci"), (req.dry_run, "--dry-run")):
+        if flag and req.phase_flags:
+            raise usage(f"{name} cannot be combined with --prepare/--build/--deploy")
+        if flag and (req.allow_existing or req.legacy_full_publish or req.fix):
+            raise usage(f"{name} cannot be combined with --allow-existing/--legacy-full-publish/--fix")
+    if req.legacy_full_publish and req.phase_flags:
+        raise usage("--legacy-full-publish cannot be combined with --prepare/--build/--deploy")
+    if req.scoped_id is not None and names.parse_scoped_id(req.scoped_id) is None:
+        raise usage(f"--scoped-id must be publisher/slug (lowercase letters, digits, '-'), got {req.scoped_id!r}")
+
+
+def resolve_registry(req: PublishRequest) -> str:
+    if req.registry:
+        url = parse_registry(req.registry)
+    else:
+        declared = _manifest_registry(req.project_dir)
+        if not declared:
+            raise usage("No default publish target found. Pass --registry <url> (for example "
+                        "http://127.0.0.1:18787 for `ato registry serve`), or --registry https://api.ato.run / "
+                        "--ci for the official Store.")
+        url = parse_registry(declared)
+    segs = urlsplit(url).path.split("/")
+    if any(seg == "d" and nxt for seg, nxt in zip(segs, segs[1:] + [""], strict=True)):
+        raise usage(f"Registry URL `{url}` is not a registry: /d/<handle> is a Store page")
+    return url
+
+
+def _manifest_registry(project_dir: Path) -> str | None:
+    doc = _raw_manifest(project_dir)
+    store = doc.get("store") if isinstance(doc.get("store"), dict) else {}
+    value = store.get("registry")
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _raw_manifest(project_dir: Path) -> dict[str, Any]:
+    path = project_dir / "capsule.toml"
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def select_phases(req: PublishRequest, official: bool) -> list[Phase]:
+    if official and not req.legacy_full_publish and not req.phase_flags:
+        chosen = {"deploy"}
+    elif req.legacy_full_publish or not req.phase_flags:
+        chosen = set(PHASES)
+    else:
+        chosen = {n for n, on in zip(PHASES, (req.prepare, req.build, req.deploy), strict=True) if on}
+    phases = [Phase(n, n in chosen) for n in PHASES]
+    for p in phases:
+        if not p.selected:
+            p.skipped_reason = "not selected"
+            p.message = f"{p.name} phase not selected"
+    if req.artifact is not None:
+        if "deploy" not in chosen:
+            raise usage("The selected publish phase range is invalid: `--artifact` skips prepare and build, so it "
+                        "needs the deploy phase (omit phase flags or add --deploy)")
+        for p in phases[:2]:
+            if p.selected:
+                p.selected = False
+                p.skipped_reason = "--artifact"
+                p.message = f"{p.name} skipped: --artifact uses an existing .capsule"
+    return phases
+
+
+def check_route_flags(req: PublishRequest, official: bool, phases: list[Phase]) -> None:
+    deploy = next(p for p in phases if p.name == "deploy").selected
+    if req.fix and not (official and deploy):
+        raise usage("--fix is only available when deploying to an official registry")
+    if req.legacy_full_publish and not official:
+        raise usage("--legacy-full-publish is only available for official registry publish")
+    if req.allow_existing and (official or not deploy):
+        raise usage("--allow-existing is only available for private registry deploy phase")
+
+
+# ------------------------------------------------------------------ phases
+
+
+def _timed(phase: Phase, fn: Callable[[], str | None]) -> None:
+    start = time.monotonic()
+    try:
+        message = fn()
+        phase.status = "ok"
+        phase.message = message or f"{phase.name} ok"
+    except BaseException:
+        phase.status = "failed"
+        raise
+    finally:
+        phase.elapsed_ms = int((time.monotonic() - start) * 1000)
+
+
+def prepare_command(project_dir: Path) -> list[str] | None:
+    """The prepare hook: ``[build.lifecycle].prepare`` in capsule.toml, else package.json ``capsule:prepare``."""
+    doc = _raw_manifest(project_dir)
+    build = doc.get("build") if isinstance(doc.get("build"), dict) else {}
+    lifecycle = build.get("lifecycle") if isinstance(build.get("lifecycle"), dict) else {}
+    hook = lifecycle.get("prepare")
+    if isinstance(hook, str) and hook.strip():
+        return ["sh", "-c", hook]
+    if isinstance(hook, list) and hook and all(isinstance(x, str) for x in hook):
+        return list(hook)
+    pkg = project_dir / "package.json"
+    if pkg.is_file():
+        try:
+            scripts = json.loads(pkg.read_text("utf-8")).get("scripts") or {}
+        except (ValueError, OSError):
+            scripts = {}
+        if isinstance(scripts, dict) and scripts.get("capsule:prepare"):
+            return ["npm", "run", "capsule:prepare"]
+    return None
+
+
+def run_prepare(req: PublishRequest, phase: Phase) -> None:
+    cmd = prepare_command(req.project_dir)
+    if cmd is None:
+        if req.prepare:
+            raise AtoError(E_USAGE, "--prepare was selected but no prepare step was found. Set "
+                           "`build.lifecycle.prepare` in capsule.toml or add package.json "
+                           "scripts[\"capsule:prepare\"].")
+        phase.status, phase.skipped_reason, phase.message = "skipped", "no prepare step", \
+            "no prepare step configured"
+        return
+
+    def go() -> str:
+        try:
+            proc = subprocess.run(cmd, cwd=req.project_dir, capture_output=True, text=True, timeout=3600)
+        except FileNotFoundError as exc:
+            raise AtoError(E_USAGE, f"prepare step {shlex.join(cmd)!r} could not start: {exc}") from None
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise AtoError(E_USAGE, f"prepare step `{shlex.join(cmd)}` failed with exit code {proc.returncode}: "
+                           + " | ".join(tail), details={"command": cmd, "exit_code": proc.returncode})
+        return f"ran {shlex.join(cmd)}"
+    _timed(phase, go)
+
+
+def inspect_local(path: Path) -> LocalArtifact:
+    """Verify an artifact locally: every digest, every frame, every payload entry; then hash it whole."""
+    if not path.is_file():
+        raise AtoError(E_USAGE, f"Artifact not found: {path}")
+    if path.suffix != ".capsule":
+        raise AtoError(E_USAGE, f"--artifact must point to a .capsule file (got {path.name})")
+    verify_capsule(path)
+    opened = open_capsule(path)
+    try:
+        layout = split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest)
+    except UnsafePayload as exc:
+        raise AtoError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: {path.name}: {exc}",
+                       problems=[Problem("ATO_ERR_INTEGRITY_FAILURE", str(exc), {"artifact": str(path)})]) from None
+    sha, b3, size = hashlib.sha256(), blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+    with open(path, "rb") as fh:
+        while data := fh.read(1 << 20):
+            sha.update(data)
+            b3.update(data)
+            size += len(data)
+    return LocalArtifact(path, size, sha.hexdigest(), b3.hexdigest(), opened.manifest, opened.payload_manifest,
+                         opened.payload_offset, opened.payload_size, layout.frames)
+
+
+def scoped_for(art: LocalArtifact, explicit: str | None) -> tuple[str, str]:
+    name = art.name
+    if explicit:
+        parsed = names.parse_scoped_id(explicit)
+        assert parsed is not None
+        if parsed[1] != name:
+            raise usage(f"--scoped-id slug {parsed[1]!r} must match artifact manifest.name {name!r}")
+        return parsed
+    if not names.valid_segment(name):
+        raise usage(f"capsule name {name!r} is not a valid registry slug (lowercase kebab-case); "
+                    "rename it or pass --scoped-id")
+    return default_publisher(art.manifest), name
+
+
+def default_publisher(manifest: dict[str, Any]) -> str:
+    meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+    for repo in (meta.get("repository"), manifest.get("repository")):
+        if isinstance(repo, str) and repo.strip():
+            text = repo.strip().removesuffix(".git")
+            if "://" in text:
+                parts = [p for p in urlsplit(text).path.split("/") if p]
+            else:
+                parts = [p for p in text.split(":")[-1].split("/") if p]
+            owner = names.normalize_segment(parts[0]) if len(parts) >= 2 else ""
+            if names.valid_segment(owner):
+                return owner
+    return "local"
+
+
+def version_conflict(exc: VersionConflict, scoped: str, version: str, registry: str) -> AtoError:
+    p, s = scoped.split("/")
+    actions = [
+        f"bump `version` in capsule.toml (now {version}), rebuild and publish again",
+        "re-run with --allow-existing if the artifact is identical to the published one (idempotent retry)",
+        f"reset the local registry: DELETE {registry}/v1/local/capsules/by/{p}/{s}?confirmed=true&version="
+        f"{version} with the registry token, or stop the registry and remove its --data-dir",
+    ]
+    return AtoError(E_VERSION_CONFLICT, f"{scoped} {version} is already published to {registry}: {exc.message}",
+                    details={"scoped_id": scoped, "version": version, "registry": registry,
+                             "next_actions": actions},
+                    hint="next actions: " + "; ".join(f"({i}) {a}" for i, a in enumerate(actions, 1)))
+
+
+def _frame_offsets(art: LocalArtifact) -> list[int]:
+    out, pos = [], art.prefix_size
+    for f in art.frames or []:
+        out.append(pos)
+        pos += f.frame_size
+    return out
+
+
+def _read_frames(path: Path, spans: list[tuple[int, int]]) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        buf = bytearray()
+        for offset, size in spans:
+            fh.seek(offset)
+            buf += fh.read(size)
+            if len(buf) >= 1 << 20:
+                yield bytes(buf)
+                buf = bytearray()
+        if buf:
+            yield bytes(buf)
+
+
+def negotiate_body(art: LocalArtifact, publisher: str, slug: str, allow_existing: bool) -> dict[str, Any]:
+    return {"schema_version": 3, "artifact_hash": label(art.payload.artifact_hash),
+            "publisher": publisher, "slug": slug, "version": art.version, "allow_existing": allow_existing,
+            "sha256": "sha256:" + art.sha256, "blake3": label(art.blake3), "size": art.size,
+            "chunks": [f.to_json() for f in art.frames or []] or
+                      [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in art.payload.chunks]}
+
+
+def upload(client: RegistryClient, art: LocalArtifact, publisher: str, slug: str,
+           allow_existing: bool) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer)."""
+    file_name = f"{slug}-{art.version}.capsule"
+    transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
+                "bytes_uploaded": 0, "bytes_total": art.size}
+    nego = client.negotiate(negotiate_body(art, publisher, slug, allow_existing)) if art.frames else None
+    if nego is None or nego.get("frame_conflicts"):
+        transfer["mode"] = "full"
+        status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
+                                             sha256=art.sha256, blake3_hex=art.blake3,
+                                             allow_existing=allow_existing)
+        transfer["bytes_uploaded"] = 0 if doc.get("already_existed") else art.size
+        return status, doc, transfer
+    session = str(nego["session_id"])
+    missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
+    if nego.get("existing"):
+        missing = set()  # same artifact already published: commit answers already_existed, nothing is sent
+    frames = art.frames or []
+    offsets = _frame_offsets(art)
+    spans: list[tuple[int, int]] = []
+    sent: set[str] = set()
+    for f, off in zip(frames, offsets, strict=True):
+        if f.raw_hash in missing and f.raw_hash not in sent:
+            sent.add(f.raw_hash)
+            spans.append((off, f.frame_size))
+    batch: list[tuple[int, int]] = []
+    acc = 0
+    for span in spans + [(-1, 0)]:
+        if span[0] < 0 or (acc + span[1] > UPLOAD_BATCH_BYTES and batch):
+            if batch:
+                client.upload_frames(session, _read_frames(art.path, batch), acc)
+                transfer["chunks_uploaded"] += len(batch)
+                transfer["bytes_uploaded"] += acc
+            batch, acc = [], 0
+        if span[0] >= 0:
+            batch.append(span)
+            acc += span[1]
+    with open(art.path, "rb") as fh:
+        prefix = fh.read(art.prefix_size)
+        fh.seek(art.prefix_size + art.payload_size)
+        suffix = fh.read()
+    body = {"publisher": publisher, "slug": slug, "version": art.version, "file_name": file_name,
+            "allow_existing": allow_existing, "sha256": "sha256:" + art.sha256, "blake3": label(art.blake3),
+            "size": art.size, "prefix": base64.b64encode(prefix).decode("ascii"),
+            "suffix": base64.b64encode(suffix).decode("ascii"),
+            "chunks": [{"raw_hash": label(f.raw_hash), "raw_size": f.raw_size} for f in frames]}
+    status, doc = client.commit(session, body)
+    transfer["bytes_uploaded"] += len(prefix) + len(suffix) if not doc.get("already_existed") else 0
+    return status, doc, transfer
+
+
+# ------------------------------------------------------------------ the whole stage
+
+
+def _handoff(registry: str, version: str | None, fix: bool) -> dict[str, Any]:
+    tag = f"v{version}" if version else "v<version>"
+    return {
+        "kind": "ci_handoff",
+        "registry": registry,
+        "network_requests": 0,
+        "message": "Official registries accept publishes from CI only (GitHub Actions OIDC); nothing was uploaded.",
+        "next_steps": [f"git tag {tag}", f"git push origin {tag}",
+                       "the workflow .github/workflows/ato-publish.yml runs `ato publish --ci` with id-token: write"],
+        "fix_requested": fix,
+    }
+
+
+def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[str, Any]],
+                progress: Callable[[str], None] = lambda _m: None) -> Outcome:
+    """Run the selected phases; returns the validated ``publish`` envelope and human lines."""
+    check_flags(req)
+    if req.ci:
+        if os.environ.get("GITHUB_ACTIONS") != "true" or not (os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL")
+                                                              or os.environ.get("ATO_OIDC_TOKEN")):
+            raise AtoError(E_AUTH_REQUIRED, "ato publish --ci runs only in GitHub Actions with an OIDC token "
+                           "(permissions: id-token: write)", problems=[Problem(
+                               "ATO_ERR_AUTH_REQUIRED", "no GitHub Actions OIDC token in this environment", {})])
+        raise AtoError(E_USAGE, "official CI publish (--ci) is not available in this build of ato; "
+                       "publish to a private registry with --registry <url>")
+    registry = resolve_registry(req)
+    official = names.is_official(registry)
+    phases = select_phases(req, official)
+    check_route_flags(req, official, phases)
+    by = {p.name: p for p in phases}
+    out = Outcome({})
+    if req.legacy_full_publish:
+        out.warnings.append(DEPRECATION)
+    artifact_path: Path | None = req.artifact.absolute() if req.artifact else None
+    build_doc: dict[str, Any] | None = None
+    local: LocalArtifact | None = None
+    publish_doc: dict[str, Any] | None = None
+    dry_report: dict[str, Any] | None = None
+    handoff: dict[str, Any] | None = None
+    scoped: str | None = None
+
+    def report(p: Phase) -> None:
+        progress(f"PHASE {p.name:<7} {p.status.upper():<4} {p.message}")
+
+    # prepare
+    if by["prepare"].selected:
+        if req.dry_run:
+            cmd = prepare_command(req.project_dir)
+            by["prepare"].status, by["prepare"].skipped_reason = "skipped", "dry-run"
+            by["prepare"].message = f"dry-run: would run {shlex.join(cmd)}" if cmd else "no prepare step configured"
+        else:
+            run_prepare(req, by["prepare"])
+        report(by["prepare"])
+    # build
+    if by["build"].selected:
+        if req.dry_run:
+            by["build"].status, by["build"].skipped_reason = "skipped", "dry-run"
+            by["build"].message = f"dry-run: would build {req.project_dir}"
+        else:
+            def do_build() -> str:
+                nonlocal build_doc, artifact_path
+                build_doc = build_fn(req.project_dir, req.force_large_payload)
+                artifact_path = Path(build_doc["artifact"])
+                return f"built {artifact_path.name} ({build_doc['artifact_blake3']})"
+            _timed(by["build"], do_build)
+        report(by["build"])
+    # deploy
+    if by["deploy"].selected:
+        deploy = by["deploy"]
+        if official:
+            version = None
+            if artifact_path is not None and artifact_path.is_file():
+                local = inspect_local(artifact_path)
+                version = local.version
+            else:
+                version = str(_raw_manifest(req.project_dir).get("version") or "") or None
+            handoff = _handoff(registry, version, req.fix)
+            deploy.status, deploy.message = "ok", "CI hand-off: official registries publish from CI (no upload)"
+        else:
+            def do_deploy() -> str:
+                nonlocal local, publish_doc, dry_report, scoped
+                if artifact_path is None:
+                    if req.dry_run:
+                        dry_report = _dry_run_without_artifact(req, registry)
+                        return "dry-run: would build, then upload"
+                    raise usage("deploy needs an artifact: pass --artifact <file.capsule> or run the build "
+                                "phase")
+                local = inspect_local(artifact_path)
+                publisher, slug = scoped_for(local, req.scoped_id)
+                scoped = f"{publisher}/{slug}"
+                with RegistryClient(registry, req.token) as client:
+                    if req.dry_run:
+                        dry_report = _dry_run(client, local, publisher, slug, registry, req.token)
+                        return (f"dry-run: would upload {dry_report['chunks_to_upload']} of "
+                                f"{dry_report['chunks_total']} chunks to {registry}")
+                    try:
+                        _status, doc, transfer = upload(client, local, publisher, slug, req.allow_existing)
+                    except VersionConflict as exc:
+                        raise version_conflict(exc, scoped, local.version, registry) from None
+                publish_doc = {
+                    "scoped_id": doc.get("scoped_id", scoped), "version": doc.get("version", local.version),
+                    "artifact_url": doc.get("artifact_url"), "file_name": doc.get("file_name"),
+                    "sha256": doc.get("sha256"), "blake3": doc.get("blake3"),
+                    "size_bytes": doc.get("size_bytes", local.size),
+                    "already_existed": bool(doc.get("already_existed")), "transfer": transfer}
+                if publish_doc["blake3"] != label(local.blake3):
+                    raise AtoError(E_INTEGRITY, "registry acknowledged a different artifact digest "
+                                   f"({publish_doc['blake3']}) than the one uploaded ({label(local.blake3)})")
+                if publish_doc["already_existed"]:
+                    return f"existing release reused ({scoped} {local.version}, same digest, nothing uploaded)"
+                return (f"uploaded {transfer['chunks_uploaded']} of {transfer['chunks_total']} chunks "
+                        f"({transfer['bytes_uploaded']} bytes, mode {transfer['mode']})")
+            _timed(deploy, do_deploy)
+        report(deploy)
+    if scoped is None and local is not None and not official:
+        scoped = "/".join(scoped_for(local, req.scoped_id))
+
+    if official:
+        code, message = "CI_HANDOFF", "Official registry publish is CI-first; hand-off prepared, nothing uploaded."
+    elif req.dry_run:
+        code, message = "PUBLISH_DRY_RUN_COMPLETED", "Publish dry-run completed. No upload performed."
+    elif publish_doc is not None:
+        code, message = "PUBLISHED", ("Existing release reused (same digest, no new upload)."
+                                      if publish_doc["already_existed"] else "Published to private registry.")
+    else:
+        code, message = "PUBLISH_PHASES_COMPLETED", "Selected publish phases completed."
+    doc = {
+        "schema_version": SCHEMA_VERSION, "ok": True, "code": code, "message": message,
+        "registry": registry, "route": "official" if official else "private", "dry_run": req.dry_run,
+        "scoped_id": scoped, "version": local.version if local else None,
+        "phases": [p.to_json() for p in phases],
+        "artifact": local.summary() if local else None,
+        "build": {"artifact": build_doc["artifact"], "artifact_blake3": build_doc["artifact_blake3"],
+                  "up_to_date": build_doc.get("up_to_date", False)} if build_doc else None,
+        "publish": publish_doc, "dry_run_report": dry_report, "handoff": handoff,
+        "warnings": out.warnings,
+    }
+    out.doc = validate(doc, "publish")
+    out.human = _human(doc)
+    return out
+
+
+def _dry_run(client: RegistryClient, art: LocalArtifact, publisher: str, slug: str, registry: str,
+             token: str | None) -> dict[str, Any]:
+    known = client.well_known()
+    auth_required = bool(known.get("write_auth_required"))
+    report = {"kind": "direct_preflight", "registry": registry, "reachable": True,
+              "write_auth_required": auth_required, "auth_ready": bool(token) or not auth_required,
+              "scoped_id": f"{publisher}/{slug}", "version": art.version,
+              "upload_endpoint": f"{registry}/v1/sync/commit",
+              "chunks_total": len(art.payload.chunks), "chunks_to_upload": len(art.payload.chunks),
+              "bytes_to_upload": sum(f.frame_size for f in art.frames or []) or art.size, "negotiated": False}
+    if report["auth_ready"] and art.frames:
+        try:
+            nego = client.negotiate(negotiate_body(art, publisher, slug, False))
+        except VersionConflict as exc:
+            raise version_conflict(exc, f"{publisher}/{slug}", art.version, registry) from None
+        if nego is not None:
+            missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
+            seen: set[str] = set()
+            todo = []
+            for f in art.frames:
+                if f.raw_hash in missing and f.raw_hash not in seen:
+                    seen.add(f.raw_hash)
+                    todo.append(f)
+            report.update({"chunks_to_upload": len(todo), "bytes_to_upload": sum(f.frame_size for f in todo),
+                           "negotiated": True})
+    return report
+
+
+def _dry_run_without_artifact(req: PublishRequest, registry: str) -> dict[str, Any]:
+    with RegistryClient(registry, req.token) as client:
+        known = client.well_known()
+    auth_required = bool(known.get("write_auth_required"))
+    return {"kind": "direct_preflight", "registry": registry, "reachable": True,
+            "write_auth_required": auth_required, "auth_ready": bool(req.token) or not auth_required,
+            "scoped_id": None, "version": None, "upload_endpoint": f"{registry}/v1/sync/commit",
+            "chunks_total": None, "chunks_to_upload": None, "bytes_to_upload": None, "negotiated": False}
+
+
+def _human(doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if doc["handoff"]:
+        h = doc["handoff"]
+        lines += [f"CI hand-off ready for {doc['registry']}: {h['message']}", "Next steps:"]
+        lines += [f"  {s}" for s in h["next_steps"]]
+        return lines
+    if doc["dry_run"]:
+        r = doc["dry_run_report"] or {}
+        lines.append("Dry-run successful! No upload performed.")
+        lines.append(f"Registry: {doc['registry']} (reachable, write auth "
+                     f"{'required' if r.get('write_auth_required') else 'off'}, token "
+                     f"{'ready' if r.get('auth_ready') else 'missing'})")
+        if r.get("chunks_total") is not None:
+            lines.append(f"Would upload {r['chunks_to_upload']} of {r['chunks_total']} chunks "
+                         f"({r['bytes_to_upload']} bytes) as {r['scoped_id']} {r['version']}")
+        return lines
+    pub = doc["publish"]
+    if pub is None:
+        return [doc["message"]]
+    t = pub["transfer"]
+    lines += [f"Published {pub['scoped_id']} {pub['version']} to {doc['registry']}",
+              f"  Integrity: {pub['sha256']}, {pub['blake3']}",
+              f"  Artifact URL: {pub['artifact_url']}"]
+    if pub["already_existed"]:
+        lines.append("  Existing release reused (same digest, no new upload).")
+    else:
+        lines.append(f"  Uploaded {t['chunks_uploaded']} of {t['chunks_total']} chunks ({t['bytes_uploaded']} "
+                     f"bytes, {t['mode']})")
+    lines.append(f"Next step: ato install {pub['scoped_id']} --registry {doc['registry']}")
+    return lines
