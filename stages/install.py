@@ -64,6 +64,12 @@ from stages.artifact import open_capsule, verify_capsule
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
 
+# Trust hook (issue 6): ``verify(path, scoped_id)`` checks digests, signature and the trust decision
+# (pipeline.trust.verify, which stages may not import) and returns {"signed", "signer", "trust"} for the
+# envelope, or raises. It runs on the downloaded file before it is committed to the store or the CAS,
+# and again on an already-installed artifact, so a key revoked since is refused there too.
+Verifier = Callable[[Path, str], dict[str, Any]]
+
 
 def integrity(message: str, **details: Any) -> AtoError:
     return AtoError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: {message}", details=details,
@@ -257,7 +263,8 @@ def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer:
 
 
 def install(ref: str, registry: str, version: str | None, *, token: str | None = None,
-            progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True) -> dict[str, Any]:
+            progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True,
+            verify: Verifier | None = None) -> dict[str, Any]:
     publisher, slug, wanted = parse_ref(ref, version)
     scoped = f"{publisher}/{slug}"
     with RegistryClient(registry, token) as client:
@@ -284,13 +291,17 @@ def install(ref: str, registry: str, version: str | None, *, token: str | None =
         cas = CasStore(paths.cas_root())
         transfer = Transfer()
         up_to_date = target.is_file() and blake3_file(target) == expect.blake3
+        trust = None
         if up_to_date:
+            if verify is not None:
+                trust = verify(target, scoped)
             with cas.shared():
                 _ensure_manifest(cas, target)
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
-            _fetch(client, dist, cas, target, expect, transfer, slug, target_version, full_verify)
+            trust = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, full_verify,
+                           verify, scoped)
     doc = {
         "capsule_id": str(detail.get("id") or f"local-{publisher}-{slug}"),
         "scoped_id": scoped, "publisher": publisher, "slug": slug, "version": target_version,
@@ -303,6 +314,8 @@ def install(ref: str, registry: str, version: str | None, *, token: str | None =
         "schema_version": SCHEMA_VERSION, "registry": client.base, "up_to_date": up_to_date,
         "size_bytes": target.stat().st_size, "transfer": transfer.to_json(),
     }
+    if trust is not None:
+        doc.update(trust)
     return validate(doc, "install")
 
 
@@ -321,7 +334,8 @@ def _ensure_manifest(cas: CasStore, path: Path) -> None:
 
 
 def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
-           transfer: Transfer, slug: str, version: str, full_verify: bool) -> None:
+           transfer: Transfer, slug: str, version: str, full_verify: bool, verify: Verifier | None = None,
+           scoped: str = "") -> dict[str, Any] | None:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
@@ -349,6 +363,7 @@ def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: 
                                 f"expected {slug} {version}")
             if full_verify:
                 verify_capsule(tmp)
+            trust = verify(tmp, scoped) if verify is not None else None
             if skel is None:
                 _stage_from_artifact(tmp, cas, staging, transfer)
             staging.publish()
@@ -356,6 +371,7 @@ def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: 
                 cas.put_manifest(opened.payload_manifest)
             os.replace(tmp, target)
             fsync_dir(target.parent)
+            return trust
         except BaseException:
             staging.discard()
             tmp.unlink(missing_ok=True)

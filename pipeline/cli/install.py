@@ -23,16 +23,30 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _trust_line(doc: dict) -> str:
+    """issue 6: who signed it and why it is trusted (or that it is unsigned)."""
+    if not doc.get("signed"):
+        return "  Signed: NO (unsigned, accepted by --allow-unsigned)"
+    return f"  Signed: {doc['signer']['key_id']} ({doc['signer']['short_fingerprint']}); {doc['trust']['message']}"
+
+
 @click.command("install")
 @click.argument("ref")
 @click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
 @click.option("--version", "version", help="Version to install (default: the latest).")
+@click.option("--allow-unsigned", is_flag=True, help="Accept an unsigned artifact (reported as unsigned).")
+@click.option("--yes", "-y", is_flag=True, help="Pin a first-seen publisher key without asking (TOFU).")
 @json_option
-def install_cmd(ref: str, registry: str | None, version: str | None) -> None:
+def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsigned: bool, yes: bool) -> None:
     """Install REF (publisher/slug[@version]) into $ATO_HOME/store, downloading only missing chunks."""
+    from pipeline.cli.trust import tty_consent
+    from pipeline.trust.verify import installer_verifier
     from stages.install import install
 
-    doc = install(ref, registry or default_registry(), version, token=os.environ.get("ATO_TOKEN"), progress=info)
+    # issue 6: digests, signature and trust are checked before the artifact enters the store
+    verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
+    doc = install(ref, registry or default_registry(), version, token=os.environ.get("ATO_TOKEN"), progress=info,
+                  verify=verify)
     t = doc["transfer"]
     if doc["up_to_date"]:
         how = "already installed (nothing downloaded)"
@@ -46,6 +60,7 @@ def install_cmd(ref: str, registry: str | None, version: str | None) -> None:
         f"  Path: {doc['path']}",
         f"  Hash: {doc['content_hash']}",
         f"  Transfer: {how}",
+        _trust_line(doc),
         f"  Run:  ato run {doc['scoped_id']} --registry {doc['registry']}",
     ])
     emit(doc, "install", human)

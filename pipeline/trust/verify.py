@@ -10,6 +10,7 @@ executed by callers before this returns without an error.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,21 @@ def require_verified(path: Path, **kwargs: Any) -> Outcome:
         raise outcome.error
     return outcome
 
+
+
+def installer_verifier(*, allow_unsigned: bool = False, assume_yes: bool = False,
+                       consent: policy.Consent | None = None, notify: Callable[[str], None] = lambda _m: None,
+                       ) -> Callable[[Path, str], dict[str, Any]]:
+    """The ``verify(path, scoped_id)`` hook install and run call before using an artifact.
+
+    Returns ``{"signed", "signer", "trust"}`` for their envelopes; raises the refusal.
+    """
+    options = VerifyOptions(allow_unsigned=allow_unsigned, assume_yes=assume_yes)
+
+    def verify(path: Path, scoped_id: str) -> dict[str, Any]:
+        outcome = require_verified(path, options=options, scoped_id=scoped_id or None, consent=consent)
+        for note in outcome.notes:
+            notify(note)
+        return outcome.summary()
+
+    return verify

@@ -1,0 +1,138 @@
+"""Trust at install time, against a real `ato registry serve`: TOFU, key change, rotation, revocation, unsigned."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline import paths
+from tests.conftest import assert_schema, cli_path
+from tests.e2e.test_trust_cli import build, failure, gen_key, ok_json
+from tests.test_trust_sign import make_project
+
+SLUG = "signed-app"  # the manifest name in make_project
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    """A local registry on a free port, stopped (by its pid) at teardown."""
+    proc = subprocess.Popen([cli_path("ato"), "registry", "serve", "--port", "0", "--json",
+                             "--data-dir", str(tmp_path / "registry")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        text = ""
+        for line in proc.stdout:
+            text += line
+            if line.rstrip() == "}":
+                break
+        doc = json.loads(text)
+        yield doc["url"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def publish(ato, registry: str, artifact: Path, publisher: str = "acme") -> None:
+    res = ato(["publish", "--registry", registry, "--artifact", str(artifact), "--scoped-id",
+               f"{publisher}/{SLUG}", "--json"])
+    assert res.code == 0, res.stderr
+
+
+def release(ato, registry: str, tmp_path: Path, version: str, key: Path | None) -> Path:
+    out = tmp_path / f"{SLUG}-{version}.capsule"
+    build(ato, make_project(tmp_path / f"src-{version}", version), out, key)
+    publish(ato, registry, out)
+    return out
+
+
+def install(ato, registry: str, *extra: str):
+    return ato(["install", f"acme/{SLUG}", "--registry", registry, "--json", *extra])
+
+
+def installed(version: str) -> Path:
+    return paths.store_dir() / "acme" / SLUG / version / f"{SLUG}-{version}.capsule"
+
+
+def test_first_install_pins_and_the_next_version_installs_silently(ato, registry: str, tmp_path: Path) -> None:
+    k = gen_key(ato, tmp_path / "k.json")
+    release(ato, registry, tmp_path, "1.0.0", tmp_path / "k.json")
+    res = install(ato, registry)  # non-interactive first sight without --yes
+    failure(res, "E301", "ATO_ERR_CONSENT_REQUIRED")
+    assert not installed("1.0.0").exists() and not paths.trust_store_path().exists()
+    doc = ok_json(install(ato, registry, "--yes"), "install")
+    assert doc["signed"] and doc["signer"]["key_id"] == k["key_id"]
+    assert doc["trust"]["status"] == "new-pin" and doc["trust"]["identity"] == "acme"
+    assert installed("1.0.0").is_file()
+
+    release(ato, registry, tmp_path, "1.1.0", tmp_path / "k.json")
+    res = install(ato, registry)  # no --yes: the pinned key needs no consent
+    doc = ok_json(res, "install")
+    assert doc["version"] == "1.1.0" and doc["trust"]["status"] == "pinned"
+    release(ato, registry, tmp_path, "1.2.0", tmp_path / "k.json")
+    human = ato(["install", f"acme/{SLUG}", "--registry", registry])  # human mode: notes would show on stderr
+    assert human.code == 0 and k["short_fingerprint"] in human.stdout and "1.2.0" in human.stdout
+    assert "first sight" not in human.stderr and "trust" not in human.stderr.lower(), human.stderr
+
+
+def test_another_key_for_the_publisher_fails_closed(ato, registry: str, tmp_path: Path) -> None:
+    gen_key(ato, tmp_path / "k.json")
+    other = gen_key(ato, tmp_path / "other.json")
+    release(ato, registry, tmp_path, "1.0.0", tmp_path / "k.json")
+    ok_json(install(ato, registry, "--yes"), "install")
+    release(ato, registry, tmp_path, "1.1.0", tmp_path / "other.json")
+    res = install(ato, registry, "--yes")
+    err = failure(res, "E208", "ATO_ERR_INTEGRITY_FAILURE")
+    assert "acme is pinned to" in err["message"] and other["key_id"] in err["message"]
+    assert f"ato trust pin acme {other['key_id']} --replace" in err["details"]["hint"]
+    assert not installed("1.1.0").exists()
+    assert not list(installed("1.1.0").parent.parent.glob("*/.*.tmp"))
+
+
+def test_rotation_inside_the_overlap_installs_and_pins_the_new_key(ato, registry: str, tmp_path: Path) -> None:
+    key = tmp_path / "k.json"
+    old = gen_key(ato, key)
+    release(ato, registry, tmp_path, "1.0.0", key)
+    ok_json(install(ato, registry, "--yes"), "install")
+    new = ok_json(ato(["key", "rotate", "--key", str(key), "--overlap", "1d", "--json"]), "key")
+    release(ato, registry, tmp_path, "2.0.0", key)
+    res = install(ato, registry)
+    doc = ok_json(res, "install")
+    assert doc["trust"]["status"] == "rotated" and doc["trust"]["pinned_key"] == old["key_id"]
+    assert "rotated keys" in doc["trust"]["message"] and res.stderr == ""  # --json: no notes on stderr
+    ls = ok_json(ato(["trust", "ls", "--json"]), "trust")
+    assert ls["identities"][0]["key_id"] == new["key_id"] and ls["identities"][0]["via"] == "rotation"
+
+
+def test_revoked_key_fails_even_for_an_installed_version(ato, registry: str, tmp_path: Path) -> None:
+    k = gen_key(ato, tmp_path / "k.json")
+    release(ato, registry, tmp_path, "1.0.0", tmp_path / "k.json")
+    ok_json(install(ato, registry, "--yes"), "install")
+    lst = tmp_path / "revoked.json"
+    lst.write_text(json.dumps({"revoked": [{"id": k["key_id"], "reason": "key leaked"}]}))
+    ok_json(ato(["trust", "revoke", "--from", str(lst), "--json"]), "trust")
+    res = install(ato, registry)  # already installed: re-verified, refused
+    err = failure(res, "E208", "ATO_ERR_INTEGRITY_FAILURE")
+    assert "revoked (key leaked)" in err["message"]
+    res = ato(["verify", f"acme/{SLUG}", "--json"])
+    failure(res, "E208", "ATO_ERR_INTEGRITY_FAILURE")
+    assert_schema(res.json(), "verify")
+
+
+def test_unsigned_needs_allow_unsigned_and_is_reported(ato, registry: str, tmp_path: Path) -> None:
+    release(ato, registry, tmp_path, "1.0.0", None)
+    res = install(ato, registry, "--yes")
+    failure(res, "E301", "ATO_ERR_POLICY_VIOLATION")
+    assert not installed("1.0.0").exists()
+    doc = ok_json(install(ato, registry, "--allow-unsigned"), "install")
+    assert doc["signed"] is False and doc["signer"] is None and doc["trust"]["status"] == "unsigned"
+    human = ato(["install", f"acme/{SLUG}", "--registry", registry, "--allow-unsigned"])
+    assert human.code == 0 and "unsigned" in human.stdout
