@@ -8,14 +8,15 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.errors import E_USAGE, AtoError
 
 
-def _build(project_dir: Path, force_large_payload: bool) -> dict:
+def _build(project_dir: Path, force_large_payload: bool, signing_key=None) -> dict:
     from pipeline.graph import run_build
     from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
 
     options = BuildOptions(strict_v3=strict_from_env(), force_large_payload=force_large_payload,
-                           epoch=source_date_epoch())
+                           epoch=source_date_epoch(), signing_key=signing_key)
     plan = plan_build(project_dir, options)
     for w in plan.warnings:
         warn(w)
@@ -39,10 +40,12 @@ def _build(project_dir: Path, force_large_payload: bool) -> dict:
 @click.option("--force-large-payload", is_flag=True, help="Allow building an artifact over 200 MiB.")
 @click.option("--dry-run", is_flag=True, help="Report what would happen and be uploaded; write nothing.")
 @click.option("--ci", is_flag=True, help="Official CI publish (GitHub Actions with OIDC).")
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign the build with this publisher key (ato key gen); sign an --artifact with `ato sign` first.")
 @json_option
 def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | None, allow_existing: bool,
                 prepare_: bool, build_: bool, deploy_: bool, legacy_full_publish: bool, fix: bool, no_tui: bool,
-                force_large_payload: bool, dry_run: bool, ci: bool) -> None:
+                force_large_payload: bool, dry_run: bool, ci: bool, key_file: Path | None) -> None:
     """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
     from stages.publish import PublishRequest, run_publish
 
@@ -55,7 +58,14 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     if legacy_full_publish:
         warn("--legacy-full-publish is deprecated and will be removed in the next major release. "
              "Use explicit --prepare/--build/--deploy flags instead.")
-    outcome = run_publish(req, build_fn=_build, progress=info)
+    # issue 6: the build phase signs signature.json with the publisher key
+    if key_file is not None and artifact is not None:
+        raise AtoError(E_USAGE, "--key signs the build phase; --artifact publishes an existing file as it is",
+                       hint=f"sign it first: ato sign {artifact} --key {key_file}")
+    from stages.sign import load_signing_key
+
+    signing_key = load_signing_key(key_file) if key_file is not None else None
+    outcome = run_publish(req, build_fn=lambda d, f: _build(d, f, signing_key), progress=info)
     emit(outcome.doc, "publish", "\n".join(outcome.human))
 
 

@@ -136,3 +136,16 @@ def test_unsigned_needs_allow_unsigned_and_is_reported(ato, registry: str, tmp_p
     assert doc["signed"] is False and doc["signer"] is None and doc["trust"]["status"] == "unsigned"
     human = ato(["install", f"acme/{SLUG}", "--registry", registry, "--allow-unsigned"])
     assert human.code == 0 and "unsigned" in human.stdout
+
+
+def test_publish_signs_with_the_publisher_key(ato, registry: str, tmp_path: Path) -> None:
+    k = gen_key(ato, tmp_path / "publisher.json")
+    project = make_project(tmp_path / "src", "3.0.0")
+    res = ato(["publish", "--registry", registry, "--scoped-id", f"acme/{SLUG}", "--key", str(tmp_path / "publisher.json"),
+               "--json"], cwd=project)
+    assert res.code == 0, res.stderr
+    doc = ok_json(install(ato, registry, "--yes"), "install")
+    assert doc["version"] == "3.0.0" and doc["signed"] and doc["signer"]["key_id"] == k["key_id"]
+    res = ato(["publish", "--registry", registry, "--artifact", str(installed("3.0.0")), "--key",
+               str(tmp_path / "publisher.json")])
+    assert res.code == 1 and "ato sign" in res.stderr
