@@ -1,0 +1,90 @@
+"""Version 2 after version 1 moves only the changed chunks, both ways (bytes counted on the wire)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stages.artifact import open_capsule
+from tests.conftest import assert_schema
+from tests.e2e.registry_support import (
+    TOKEN,
+    CountingProxy,
+    Registry,
+    digests,
+    install_flags,
+    make_project,
+    set_version,
+)
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "data", token=TOKEN)
+    proxy = CountingProxy(reg.url)
+    yield reg, proxy
+    proxy.close()
+    reg.stop()
+
+
+def frames_of(artifact: Path) -> dict[str, int]:
+    """raw hash → frame size (payload.tar.zst is the concatenation of these frames)."""
+    return {c.raw_hash: c.zstd_size_hint for c in open_capsule(artifact).payload_manifest.chunks}
+
+
+def test_v2_after_v1_transfers_only_changed_chunks(ato, tmp_path: Path, registry) -> None:
+    reg, proxy = registry
+    files = {f"assets/blob{i}.bin": os.urandom(400_000) for i in range(6)}
+    project = make_project(tmp_path / "app", "delta-app", "1.0.0", files=files)
+    v1 = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
+    pub1 = ato(["publish", "--artifact", str(v1), "--registry", proxy.url, "--json"], cwd=project,
+               env={"ATO_TOKEN": TOKEN})
+    assert pub1.code == 0, pub1.stderr
+
+    consumer = {"HOME": str(tmp_path / "consumer"), "ATO_HOME": str(tmp_path / "consumer" / ".ato")}
+    proxy.reset()
+    i1 = ato(["install", "local/delta-app", "--registry", proxy.url, "--json", *install_flags()], env=consumer)
+    assert i1.code == 0, i1.stderr
+    d1 = i1.json()
+    assert_schema(d1, "install")
+    v1_size = v1.stat().st_size
+    assert d1["transfer"]["chunks_downloaded"] == d1["transfer"]["chunks_total"] == len(frames_of(v1))
+    assert proxy.down >= v1_size  # the first install moves the whole payload
+
+    # version 2: one of six blobs changes
+    (project / "assets" / "blob3.bin").write_bytes(os.urandom(400_000))
+    set_version(project, "2.0.0")
+    v2 = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
+    old, new = frames_of(v1), frames_of(v2)
+    changed = {h: size for h, size in new.items() if h not in old}
+    changed_bytes = sum(changed.values())
+    assert 0 < len(changed) < len(new) and changed_bytes < v2.stat().st_size / 3
+
+    proxy.reset()
+    pub2 = ato(["publish", "--artifact", str(v2), "--registry", proxy.url, "--json"], cwd=project,
+               env={"ATO_TOKEN": TOKEN})
+    assert pub2.code == 0, pub2.stderr
+    t = pub2.json()["publish"]["transfer"]
+    assert t["mode"] == "chunks" and t["chunks_uploaded"] == len(changed)
+    skeleton = v2.stat().st_size - sum(new.values())  # bytes around the payload, sent once with the commit
+    assert proxy.up < changed_bytes + 2 * skeleton + 64_000, (proxy.up, changed_bytes)
+
+    proxy.reset()
+    i2 = ato(["install", "local/delta-app", "--registry", proxy.url, "--json", *install_flags()], env=consumer)
+    assert i2.code == 0, i2.stderr
+    d2 = i2.json()
+    assert_schema(d2, "install")
+    t2 = d2["transfer"]
+    assert t2["mode"] == "delta"
+    assert t2["chunks_downloaded"] == len(changed) and t2["bytes_downloaded"] == changed_bytes
+    assert t2["chunks_reused"] == len(new) - len(changed)
+    # on the wire: the changed frames, the skeleton (base64 in JSON) and small JSON/headers; not the artifact
+    assert changed_bytes <= proxy.down < changed_bytes + 2 * skeleton + 64_000, (proxy.down, changed_bytes)
+    assert proxy.down < v2.stat().st_size / 2
+    installed = Path(d2["path"])
+    assert installed.name == "delta-app-2.0.0.capsule" and digests(installed) == digests(v2)
+    # v1 is still installed next to it, byte-identical
+    v1_installed = installed.parent.parent / "1.0.0" / "delta-app-1.0.0.capsule"
+    assert digests(v1_installed) == digests(v1)
