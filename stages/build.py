@@ -29,7 +29,7 @@ from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest
 from stages import artifact as capsule
-from stages import sign
+from stages import native_build, sign
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
 from stages.sbom import build_sbom
@@ -99,7 +99,7 @@ def _strategy(manifest: Manifest) -> tuple[str, str, str]:
     """(build_strategy, target, derived_from) for the envelope."""
     project = str(manifest.project_dir)
     if manifest.is_native() and manifest.delivery is not None:
-        return "native-delivery", manifest.delivery.target, str(manifest.project_dir / manifest.delivery.input)
+        return "native-delivery", manifest.delivery.target, str((manifest.project_dir / manifest.delivery.input).absolute())
     target = manifest.primary_target()
     runtime = target.runtime or "source"
     if runtime == "web":
@@ -162,6 +162,7 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     if source_payload is not None:
         entries, stored_files = list_stored_payload(store, source_payload)
     else:
+        native_build.prepare(manifest)  # native targets: run the command-mode build, check the app it made
         pack = manifest.pack
         entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),
                           cache=DigestCache(state_dir / "digests.json"))
@@ -169,6 +170,8 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
             entries.append(generated_entry("ato.delivery.toml", capsule.toml_bytes(manifest.delivery.to_toml_dict())))
             entries.sort(key=lambda e: e.relpath.encode("utf-8"))
     _check_entrypoint(manifest, entries)
+    if manifest.is_native() and manifest.delivery is not None:
+        native_build.check_payload_input(manifest.delivery, {e.relpath: e.mode for e in entries})
     strategy, target, derived_from = _strategy(manifest)
     out_path = (options.out or manifest.project_dir / f"{manifest.name}-{manifest.version}.capsule").absolute()
     readme = next((manifest.project_dir / n for n in capsule.README_NAMES
