@@ -5,7 +5,9 @@ from __future__ import annotations
 import calendar
 import io
 import json
+import os
 import shutil
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import paths
-from tests.conftest import assert_schema
+from tests.conftest import assert_schema, cli_path
 from tests.test_trust_sign import make_project
 
 
@@ -295,3 +297,33 @@ def test_verify_usage_errors(ato, tmp_path: Path) -> None:
     res = ato(["verify", "acme/none", "--json"])
     assert res.code == 1 and "not installed" in res.stderr
     assert res.stdout == ""
+
+
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_first_sight_prompts_on_a_tty(ato, tmp_path: Path, answer: str) -> None:
+    k = gen_key(ato, tmp_path / "k.json")
+    build(ato, make_project(tmp_path / "p"), tmp_path / "a.capsule", tmp_path / "k.json")
+    master, slave = os.openpty()
+    proc = subprocess.Popen([cli_path("ato"), "verify", str(tmp_path / "a.capsule"), "--json"], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=slave, env=dict(os.environ))
+    os.close(slave)
+    seen = b""
+    try:
+        while b"[y/N]" not in seen:
+            chunk = os.read(master, 4096)
+            assert chunk, seen
+            seen += chunk
+        assert k["short_fingerprint"].encode() in seen and b"capsule:signed-app" in seen
+        os.write(master, answer.encode() + b"\n")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    doc = json.loads(out)
+    assert_schema(doc, "verify")
+    if answer == "y":
+        assert proc.returncode == 0 and doc["trust"]["status"] == "new-pin"
+    else:
+        assert proc.returncode == 1 and doc["trust"]["status"] == "rejected"
+        assert not paths.trust_store_path().exists()
