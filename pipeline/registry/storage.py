@@ -819,7 +819,8 @@ def normalize_runtime_config(doc: Any) -> dict[str, Any]:
             raise RegistryError(400, "invalid_runtime_config", "selected_target must be a string")
         if selected.strip():
             out["selected_target"] = selected.strip()
-    targets_in = doc.get("targets") or {}
+    targets_in = doc.get("targets")
+    targets_in = {} if targets_in is None else targets_in
     if not isinstance(targets_in, dict):
         raise RegistryError(400, "invalid_runtime_config", "targets must be an object")
     targets: dict[str, Any] = {}

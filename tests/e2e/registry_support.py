@@ -23,6 +23,7 @@ from cas.chunker import chunk_spans
 from cas.objects import compress
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from stages import artifact as capsule
+from stages import sign
 from tests.conftest import cli_path
 
 TOKEN = "pwd"
@@ -173,8 +174,13 @@ def _tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
 
 
 def forge_capsule(out: Path, name: str, version: str, members: list[tuple[str, bytes]] | None = None,
-                  raw_entries: list[tuple[tarfile.TarInfo, bytes]] | None = None) -> Path:
-    """A capsule with every digest right, around an arbitrary payload tar (e.g. one with ``..``)."""
+                  raw_entries: list[tuple[tarfile.TarInfo, bytes]] | None = None, *,
+                  single_frame: bool = False) -> Path:
+    """A capsule with every digest right, around an arbitrary payload tar (e.g. one with ``..``).
+
+    ``single_frame`` compresses the whole payload as one zstd frame: still a valid capsule, but its
+    frames are not its chunks (what another tool might produce).
+    """
     entries = list(raw_entries or [])
     for path, data in members or []:
         info = tarfile.TarInfo(path)
@@ -192,19 +198,23 @@ def forge_capsule(out: Path, name: str, version: str, members: list[tuple[str, b
                   "default_target": "default",
                   "targets": {"default": {"runtime": "source", "driver": "python", "entrypoint": "main.py"}}}
     dist = capsule.distribution_manifest(normalized, payload)
-    payload_bytes = b"".join(frames)
-    signature = {"signed": False, "version": 1, "manifest_hash": dist["distribution"]["manifest_hash"],
-                 "payload_hash": "blake3:" + blake3.blake3(payload_bytes).hexdigest()}
+    payload_bytes = compress(payload_tar) if single_frame else b"".join(frames)
+    small = {"capsule.toml": capsule.toml_bytes(dist), "capsule.lock.json": capsule.jcs({"version": 1}),
+             "sbom.spdx.json": capsule.jcs({"spdxVersion": "SPDX-2.3"}),
+             "payload.v3.manifest.json": payload.to_bytes()}
+    signature = sign.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
+                                        payload_hash="blake3:" + blake3.blake3(payload_bytes).hexdigest(),
+                                        members=small, epoch=0)
     scratch = out.with_suffix(".payload")
     scratch.write_bytes(payload_bytes)
     try:
         capsule.write_capsule(out, [
-            capsule.Member("capsule.toml", capsule.toml_bytes(dist)),
-            capsule.Member("capsule.lock.json", capsule.jcs({"version": 1})),
-            capsule.Member("sbom.spdx.json", capsule.jcs({"spdxVersion": "SPDX-2.3"})),
-            capsule.Member("signature.json", capsule.jcs(signature)),
+            capsule.Member("capsule.toml", small["capsule.toml"]),
+            capsule.Member("capsule.lock.json", small["capsule.lock.json"]),
+            capsule.Member("sbom.spdx.json", small["sbom.spdx.json"]),
+            capsule.Member("signature.json", sign.signature_bytes(signature)),
             capsule.Member("payload.tar.zst", path=scratch),
-            capsule.Member("payload.v3.manifest.json", payload.to_bytes()),
+            capsule.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ], 0)
     finally:
         scratch.unlink(missing_ok=True)

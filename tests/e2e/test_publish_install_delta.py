@@ -88,3 +88,37 @@ def test_v2_after_v1_transfers_only_changed_chunks(ato, tmp_path: Path, registry
     # v1 is still installed next to it, byte-identical
     v1_installed = installed.parent.parent / "1.0.0" / "delta-app-1.0.0.capsule"
     assert digests(v1_installed) == digests(v1)
+
+
+def test_release_whose_frames_are_not_its_chunks_is_installed_whole(ato, tmp_path: Path, registry) -> None:
+    """An artifact compressed as one frame (not ato build's layout) is accepted but cannot be spliced."""
+    reg, proxy = registry
+    import hashlib
+
+    import blake3
+    import httpx
+
+    from tests.e2e.registry_support import forge_capsule
+    artifact = forge_capsule(tmp_path / "one-frame-1.0.0.capsule", "one-frame", "1.0.0",
+                             members=[("main.py", b"print(1)\n"), ("big.bin", os.urandom(300_000))],
+                             single_frame=True)
+    data = artifact.read_bytes()
+    r = httpx.put(reg.url + "/v1/local/capsules/local/one-frame/1.0.0", content=data, timeout=60,
+                  headers={"authorization": f"Bearer {TOKEN}",
+                           "x-ato-sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
+                           "x-ato-blake3": "blake3:" + blake3.blake3(data).hexdigest()})
+    assert r.status_code == 201 and r.json()["spliceable"] is False, r.text
+    assert reg.get("/v1/releases/local/one-frame/1.0.0/skeleton").json()["error"] == "not_spliceable"
+    consumer = {"HOME": str(tmp_path / "c"), "ATO_HOME": str(tmp_path / "c" / ".ato")}
+    res = ato(["install", "local/one-frame", "--registry", proxy.url, "--json", *install_flags()], env=consumer)
+    assert res.code == 0, res.stderr
+    doc = res.json()
+    assert doc["transfer"]["mode"] == "full" and doc["transfer"]["bytes_downloaded"] == len(data)
+    assert Path(doc["path"]).read_bytes() == data
+    # the CLI publishes such an artifact whole, too (no chunk protocol possible)
+    again = forge_capsule(tmp_path / "one-frame-2.0.0.capsule", "one-frame", "2.0.0",
+                          members=[("main.py", b"print(2)\n"), ("big.bin", os.urandom(300_000))],
+                          single_frame=True)
+    pub = ato(["publish", "--artifact", str(again), "--registry", reg.url, "--json"], env={"ATO_TOKEN": TOKEN})
+    assert pub.code == 0, pub.stderr
+    assert pub.json()["publish"]["transfer"]["mode"] == "full"
