@@ -7,7 +7,6 @@ needs consent). ``--json`` prints the full report on stdout either way.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import click
@@ -16,33 +15,28 @@ from pipeline import paths
 from pipeline.cli.common import emit, json_mode, json_option
 from pipeline.cli.trust import tty_consent
 from pipeline.errors import E_USAGE, AtoError
+from pipeline.registry import names
 from pipeline.trust import revocation
 from pipeline.trust.verify import VerifyOptions, verify_artifact
-
-_SCOPED = re.compile(r"^@?([a-z0-9][a-z0-9-]{0,62})/([a-z0-9][a-z0-9-]{0,62})$")
-
-
-def _version_key(version: str) -> tuple:
-    parts = re.split(r"[.+-]", version)
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+from stages.install import store_path
 
 
 def resolve_target(target: str, version: str | None) -> tuple[Path, str | None]:
     """A path to an artifact, or the installed artifact of ``publisher/slug`` (latest unless --version)."""
     path = Path(target)
-    m = _SCOPED.match(target)
-    if path.exists() or target.endswith(".capsule") or m is None:
+    scoped = names.parse_scoped_id(target)
+    if path.exists() or target.endswith(".capsule") or scoped is None:
         if not path.is_file():
             raise AtoError(E_USAGE, f"no artifact at {target}", details={"target": target},
                            hint="give a .capsule file or an installed publisher/slug")
         return path, None
-    publisher, slug = m.group(1), m.group(2)
+    publisher, slug = scoped
     base = paths.store_dir() / publisher / slug
-    versions = sorted((d.name for d in base.iterdir() if d.is_dir()), key=_version_key) if base.is_dir() else []
+    versions = sorted((d.name for d in base.iterdir() if d.is_dir()), key=names.version_key) if base.is_dir() else []
     if version is not None:
         versions = [v for v in versions if v == version]
     for v in reversed(versions):
-        candidate = base / v / f"{slug}-{v}.capsule"
+        candidate = store_path(publisher, slug, v)
         if candidate.is_file():
             return candidate, f"{publisher}/{slug}"
     what = f"{publisher}/{slug}" + (f" {version}" if version else "")
