@@ -1,7 +1,36 @@
-"""`ato finalize` (placeholder until implemented)."""
+"""``ato finalize <fetched_dir>``: derive a locally finalized app (advanced surface; see stages.finalize)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
+from pipeline.cli.common import emit, json_option
+from pipeline.errors import E_POLICY, AtoError, Problem
+
+
+@click.command("finalize")
+@click.argument("fetched_dir", type=click.Path(path_type=Path))
+@click.option("--allow-external-finalize", is_flag=True,
+              help="Approve running the finalize tool (codesign on macOS, the built-in ato-sign on Linux).")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where to create the fresh derived-<UTC time>-<8hex>/ directory.")
+@json_option
+def finalize_cmd(fetched_dir: Path, allow_external_finalize: bool, output_dir: Path) -> None:
+    """Copy the app of FETCHED_DIR (an `ato fetch` cache dir) into a fresh derived dir, finalize it there
+    and write local-derivation.json. The fetched parent is never modified."""
+    from stages.finalize import finalize
+
+    if not allow_external_finalize:
+        message = "finalize requires --allow-external-finalize for any external signing step"
+        raise AtoError(E_POLICY, message, problems=[Problem("ATO_ERR_CONSENT_REQUIRED", message,
+                                                            {"flag": "--allow-external-finalize"})])
+    doc = finalize(fetched_dir, output_dir).envelope
+    human = "\n".join([f"Finalized to: {doc['output_dir']}", f"   App:      {doc['derived_app_path']}",
+                       f"   Parent:   {doc['parent_digest']}", f"   Derived:  {doc['derived_digest']}"])
+    emit(doc, "finalize", human)
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(finalize_cmd)

@@ -1,7 +1,99 @@
-"""`ato project` (placeholder until implemented)."""
+"""``ato project <derived_app>``, ``ato project ls``, ``ato unproject <id|path>`` (see stages.project)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import click
 
+from pipeline.cli.common import emit, json_option
+from pipeline.errors import E_USAGE, AtoError
+
+_VALUE_OPTIONS = ("--launcher-dir",)
+
+
+class _ProjectGroup(click.Group):
+    """``project`` takes either a subcommand (``ls``) or the derived app path."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = list(args)
+        i = 0
+        while i < len(rest):
+            token = rest[i]
+            if token == "--":
+                if i + 1 < len(rest):
+                    ctx.meta["ato.derived_app"] = rest.pop(i + 1)
+                rest.pop(i)
+                break
+            if token.startswith("-"):
+                i += 2 if token in _VALUE_OPTIONS else 1
+                continue
+            if token not in self.commands:
+                ctx.meta["ato.derived_app"] = rest.pop(i)
+            break
+        return super().parse_args(ctx, rest)
+
+
+def _human_project(doc: dict[str, Any]) -> str:
+    lines = [f"Projected to: {doc['projected_path']}", f"   ID:       {doc['projection_id']}",
+             f"   Target:   {doc['derived_app_path']}", f"   State:    {doc['state']}",
+             f"   Metadata: {doc['metadata_path']}"]
+    if not doc["created"]:
+        lines[0] += " (already projected)"
+    return "\n".join(lines)
+
+
+@click.group("project", cls=_ProjectGroup, invoke_without_command=True)
+@click.option("--launcher-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the launcher goes (Linux default $XDG_DATA_HOME/applications, macOS ~/Applications).")
+@json_option
+@click.pass_context
+def project_cmd(ctx: click.Context, launcher_dir: Path | None) -> None:
+    """Project DERIVED_APP (an `ato finalize` output) into the desktop launcher, or `ato project ls`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    derived = ctx.meta.get("ato.derived_app")
+    if not derived:
+        raise AtoError(E_USAGE, "ato project requires <DERIVED_APP_PATH> or use `ato project ls` for read-only status")
+    from stages.project import project
+
+    doc = project(Path(derived), launcher_dir)
+    emit(doc, "project", _human_project(doc))
+
+
+@project_cmd.command("ls")
+@json_option
+def project_ls_cmd() -> None:
+    """List projections with their state (ok, or broken with problem codes)."""
+    from stages.project import list_projections
+
+    doc = list_projections()
+    lines = []
+    for p in doc["projections"]:
+        lines.append(f"[{p['state']}] {p['projected_path']} -> {p['derived_app_path']}")
+        lines.append(f"   ID:       {p['projection_id']}")
+        if p["problems"]:
+            lines.append(f"   Problems: {', '.join(p['problems'])}")
+    emit(doc, "project-ls", "\n".join(lines) or "No projections found.")
+
+
+@click.command("unproject")
+@click.argument("ref")
+@json_option
+def unproject_cmd(ref: str) -> None:
+    """Remove projection REF (its id, launcher path, derived app path or metadata path): exactly the
+    launcher, command symlink and directories `ato project` created, and its metadata."""
+    from stages.project import unproject
+
+    doc = unproject(ref)
+    human = "\n".join([f"Unprojected: {doc['projected_path']}", f"   ID:      {doc['projection_id']}",
+                       f"   State:   {doc['state_before']}",
+                       f"   Removed: metadata={str(doc['removed_metadata']).lower()}, "
+                       f"launcher={str(doc['removed_projected_path']).lower()}"])
+    emit(doc, "unproject", human)
+
 
 def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
+    group.add_command(project_cmd)
+    group.add_command(unproject_cmd)
