@@ -18,7 +18,6 @@ from pipeline.errors import E_USAGE, AtoError
 from pipeline.registry import names
 from pipeline.trust import revocation
 from pipeline.trust.verify import VerifyOptions, verify_artifact
-from stages.install import store_path
 
 
 def resolve_target(target: str, version: str | None) -> tuple[Path, str | None]:
@@ -30,6 +29,8 @@ def resolve_target(target: str, version: str | None) -> tuple[Path, str | None]:
             raise AtoError(E_USAGE, f"no artifact at {target}", details={"target": target},
                            hint="give a .capsule file or an installed publisher/slug")
         return path, None
+    from stages.install import store_path  # lazily: it pulls in the HTTP client
+
     publisher, slug = scoped
     base = paths.store_dir() / publisher / slug
     versions = sorted((d.name for d in base.iterdir() if d.is_dir()), key=names.version_key) if base.is_dir() else []
