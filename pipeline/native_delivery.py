@@ -151,9 +151,12 @@ def payload_delivery(path: Path) -> bytes | None:
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tf:
                 for info in tf:
-                    if info.name.lstrip("./") == SIDECAR_NAME and info.isreg():
+                    name = info.name[2:] if info.name.startswith("./") else info.name
+                    if name == SIDECAR_NAME and info.isreg():
                         fh = tf.extractfile(info)
                         return fh.read() if fh is not None else None
+                    if name.encode() > SIDECAR_NAME.encode():
+                        break  # payload members are sorted by path (CONTRACTS §3): it is not there
         except (tarfile.TarError, zstandard.ZstdError) as exc:
             raise fetch_stage.integrity(f"{path.name}: payload.tar.zst is not a readable tar: {exc}") from None
     return None

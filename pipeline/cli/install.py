@@ -6,7 +6,7 @@ import os
 
 import click
 
-from pipeline.cli.common import emit, info, json_option
+from pipeline.cli.common import emit, info, json_mode, json_option
 from pipeline.registry.names import DEFAULT_REGISTRY
 
 
@@ -35,18 +35,28 @@ def _trust_line(doc: dict) -> str:
 @click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
 @click.option("--version", "version", help="Version to install (default: the latest).")
 @click.option("--allow-unsigned", is_flag=True, help="Accept an unsigned artifact (reported as unsigned).")
-@click.option("--yes", "-y", is_flag=True, help="Pin a first-seen publisher key without asking (TOFU).")
+@click.option("--yes", "-y", is_flag=True,
+              help="Approve without asking: pin a first-seen publisher key (TOFU); for a native app, run the local "
+                   "finalize (and project it unless --no-project).")
+@click.option("--project/--no-project", "project", default=None,
+              help="Native apps: add (or do not add) a launcher projection (default: with --yes, or ask on a TTY).")
 @json_option
-def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsigned: bool, yes: bool) -> None:
+def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsigned: bool, yes: bool,
+                project: bool | None) -> None:
     """Install REF (publisher/slug[@version]) into $ATO_HOME/store, downloading only missing chunks."""
     from pipeline.cli.trust import tty_consent
+    from pipeline.native_delivery import NativeInstall
     from pipeline.trust.verify import installer_verifier
     from stages.install import install
 
+    # issue 4: a native artifact (payload ato.delivery.toml) needs consent before it is stored, then
+    # fetch -> finalize -> project after the standard install
+    native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
     # issue 6: digests, signature and trust are checked before the artifact enters the store
     verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
     doc = install(ref, registry or default_registry(), version, token=os.environ.get("ATO_TOKEN"), progress=info,
-                  verify=verify)
+                  verify=native.wrap(verify))
+    doc = native.complete(doc)
     t = doc["transfer"]
     if doc["up_to_date"]:
         how = "already installed (nothing downloaded)"
@@ -61,7 +71,9 @@ def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsig
         f"  Hash: {doc['content_hash']}",
         f"  Transfer: {how}",
         _trust_line(doc),
-        f"  Run:  ato run {doc['scoped_id']} --registry {doc['registry']}",
+        f"  Run:  ato run {doc['scoped_id']} --registry {doc['registry']}" if doc["install_kind"] == "Standard"
+        else f"  App:  {doc['launchable']['DerivedApp']['path']} (locally finalized; projection "
+             f"{doc['projection']['state']})",
     ])
     emit(doc, "install", human)
 
