@@ -30,10 +30,10 @@ def sign_cmd(artifact: Path, key_file: Path, out: Path | None) -> None:
     key = load_signing_key(key_file)
     epoch = source_date_epoch() if os.environ.get("SOURCE_DATE_EPOCH", "").strip() else None
     result = sign_artifact(artifact, key, out=out, epoch=epoch)
-    signer = result.signature.to_json() if result.signature else None
-    doc = {"schema_version": SCHEMA_VERSION, "artifact": str(out or artifact), "artifact_blake3": result.artifact_blake3,
+    signer = result.signature.to_json()
+    doc = {"schema_version": SCHEMA_VERSION, "artifact": str(result.path), "artifact_blake3": result.artifact_blake3,
            "size": result.size, "signed": True, "signer": signer}
-    emit(doc, "sign", f"signed {doc['artifact']} as {key.did} ({signer['short_fingerprint'] if signer else ''})")
+    emit(doc, "sign", f"signed {doc['artifact']} as {key.did} ({signer['short_fingerprint']})")
 
 
 def register(group: click.Group) -> None:
