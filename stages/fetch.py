@@ -297,9 +297,9 @@ def envelope(record: dict[str, Any], cache: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _cache_lock() -> Iterator[None]:
-    root = paths.fetches_dir()
+    root = paths.state_dir() / "native-delivery"
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
+    with open(root / "fetches.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -163,9 +163,9 @@ def metadata_path(pid: str) -> Path:
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    root = paths.projections_dir()
+    root = paths.state_dir() / "native-delivery"  # engine state, so a refused projection leaves no dir behind
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as fh:
+    with open(root / "projections.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
