@@ -44,10 +44,6 @@ class Outcome:
     error: AtoError | None = None
     notes: list[str] = field(default_factory=list)  # human notes (a new pin, a rotation) for stderr
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
     def summary(self) -> dict[str, Any]:
         """``signed`` / ``signer`` / ``trust`` for other envelopes (install, run)."""
         return {"signed": self.report["signed"], "signer": self.report["signer"], "trust": self.report["trust"]}
@@ -148,7 +144,6 @@ def require_verified(path: Path, **kwargs: Any) -> Outcome:
     if outcome.error is not None:
         raise outcome.error
     return outcome
-
 
 
 def installer_verifier(*, allow_unsigned: bool = False, assume_yes: bool = False,
