@@ -166,7 +166,7 @@ def consent_gate(*, yes: bool, interactive: bool, ask: Callable[[str], bool] | N
     """A native install runs a local finalize: it needs ``--yes`` unless a person can be asked."""
     if yes:
         return
-    if interactive and ask is not None and not os.environ.get("CI"):
+    if interactive and ask is not None:
         if ask("This app requires local setup to run on this machine.\nRun local finalize now?"):
             return
         raise AtoError(E_POLICY, "local finalize was declined; the app was not installed (re-run with --yes to "
@@ -227,8 +227,9 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
 
         def project_action() -> dict[str, Any]:
             try:
-                env = project_stage.project(Path(ctx["finalize"]["derived_app_path"]),
-                                            Path(launcher) if launcher else None)
+                app = Path(ctx["finalize"]["derived_app_path"])
+                _retire_projections(scoped_id, app, notify)
+                env = project_stage.project(app, Path(launcher) if launcher else None)
             except AtoError as exc:
                 notify(f"Launcher projection failed: {exc.message}")
                 ctx["projection"] = {**_skipped("failed"), "error": exc.message}
@@ -268,6 +269,16 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
                              "parent_digest": fin["parent_digest"], "derived_digest": fin["derived_digest"]},
         "projection": projection,
     }
+
+
+def _retire_projections(scoped_id: str, app: Path, notify: Callable[[str], None]) -> None:
+    """An install moves the launcher to its derived app: projections of this capsule's older derived
+    apps are unprojected first (unproject still refuses anything that is not what project created)."""
+    current = str(app.resolve())
+    for _path, record in project_stage.load_records():
+        if record.get("scoped_id") == scoped_id and record.get("derived_app_path") != current:
+            project_stage.unproject(record["projection_id"])
+            notify(f"Moved the launcher from {record.get('derived_app_path')} (projection {record['projection_id']})")
 
 
 def host_supports_finalize() -> bool:
