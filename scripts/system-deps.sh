@@ -7,6 +7,8 @@ command -v b3sum >/dev/null 2>&1 || need+=(b3sum)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 command -v desktop-file-validate >/dev/null 2>&1 || need+=(desktop-file-utils)
+# native delivery e2e: a command-mode capsule compiles a tiny C program
+(command -v gcc || command -v cc) >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 [ ${#need[@]} -eq 0 ] && exit 0
