@@ -44,7 +44,7 @@ def _human_project(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.group("project", cls=_ProjectGroup, invoke_without_command=True)
+@click.group("project", cls=_ProjectGroup, invoke_without_command=True, subcommand_metavar="DERIVED_APP | ls")
 @click.option("--launcher-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the launcher goes (Linux default $XDG_DATA_HOME/applications, macOS ~/Applications).")
 @json_option
