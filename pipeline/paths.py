@@ -95,3 +95,28 @@ def user_bin_dir() -> Path:
 
 def macos_applications_dir() -> Path:
     return home() / "Applications"
+
+
+def engines_dir() -> Path:
+    """Installed sandbox engines (``nacelle-<version>``)."""
+    return ato_home() / "engines"
+
+
+def unpacked_dir() -> Path:
+    """Payloads of ``.capsule`` artifacts extracted for running, one dir per payload digest."""
+    return ato_home() / "unpacked"
+
+
+def consent_path() -> Path:
+    """Approved execution plans (JSONL, mode 0600 in a 0700 dir)."""
+    return ato_home() / "consent" / "executionplan_v1.jsonl"
+
+
+def capsule_state_dir() -> Path:
+    """Writable ``[state.<name>]`` directories handed to sandboxed capsules."""
+    return ato_home() / "capsule-state"
+
+
+def runtime_envs_dir() -> Path:
+    """Provisioned language environments (uv virtualenvs keyed by lockfile digest)."""
+    return ato_home() / "runtimes" / "envs"

@@ -1,7 +1,45 @@
-"""`ato ps` (placeholder until implemented)."""
+"""`ato ps`: background runs, reconciled with the OS (a dead process is never shown running)."""
+
+from __future__ import annotations
 
 import click
+
+from pipeline.cli.common import emit, json_option
+
+STATUS = {"starting": "🟡 starting", "ready": "🟢 ready", "running": "🟢 running", "exited": "⚪ exited",
+          "failed": "🔴 failed", "stopped": "⚪ stopped"}
+
+
+@click.command("ps")
+@click.option("--all", "show_all", is_flag=True, help="Accepted for compatibility; ps always lists every record.")
+@click.option("--prune", is_flag=True, help="Remove the records of runs that are no longer running.")
+@json_option
+def ps_cmd(show_all: bool, prune: bool) -> None:
+    """List background capsules (running, and finished ones until pruned)."""
+    from pipeline.runtime import session, table
+
+    records = table.all_records()
+    if prune:
+        for r in records:
+            if r.get("status") not in table.ACTIVE:
+                table.remove(r["id"])
+        records = [r for r in records if r.get("status") in table.ACTIVE]
+    docs = [session.public_record(r) for r in records]
+    lines = []
+    if not docs:
+        lines.append("No capsules found.")
+    else:
+        lines.append(f"{'ID':<18} {'NAME':<20} {'PID':>8} {'STATUS':<12} {'EXIT':>5} {'RUNTIME':<16} UPTIME")
+        for d in docs:
+            exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
+            lines.append(f"{d['id']:<18} {str(d['name'])[:20]:<20} {str(d['pid'] or '-'):>8} "
+                         f"{STATUS.get(d['status'], d['status']):<12} {exit_code:>5} {str(d['runtime'])[:16]:<16} "
+                         f"{d['uptime']}")
+        lines.append(f"Total: {len(docs)} capsule(s)")
+    emit({"schema_version": "1", "processes": docs, "total": len(docs),
+          "running": sum(1 for d in docs if d["status"] in table.ACTIVE)}, "ps", human="\n".join(lines))
 
 
 def register(group: click.Group) -> None:
     """Attach this module's commands to the ato group."""
+    group.add_command(ps_cmd)

@@ -1,0 +1,553 @@
+"""Drivers: turn a routed manifest into the concrete units (argv, env, cwd) the runner starts.
+
+* web/static   — our static file server on 127.0.0.1:<port>
+* node, deno   — Tier 1, host processes (deno with its permission flags)
+* python       — Tier 2, a uv-provisioned environment, run through the engine
+* native       — Tier 2, the entrypoint run through the engine
+* wasm         — WASI through wasmtime (stdio only; the project dir read-only)
+* oci          — a working podman or docker, never a silent fallback
+
+Tier 2 units are wrapped last: the unit's argv/env become an engine request and
+the unit itself runs ``<engine> internal --input <request> exec``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.errors import EXIT_RUNTIME, AtoError, Problem
+from pipeline.manifest import Manifest
+from pipeline.runtime.lifecycle import Unit
+from pipeline.runtime.resolve import Overrides
+from pipeline.runtime.router import Route
+
+RUNTIME_NOT_RESOLVED = "ATO_ERR_RUNTIME_NOT_RESOLVED"
+ENGINE_MISSING = "ATO_ERR_ENGINE_MISSING"
+POLICY = "ATO_ERR_POLICY_VIOLATION"
+SHELL_CHARS = re.compile(r"[|&;<>$`*?(){}\\\n]")
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PASS_THROUGH = ("LANG", "LC_ALL", "TERM", "TZ")
+TOOLS = {"node": "node", "nodejs": "node", "python": "python", "python3": "python", "uv": "uv"}
+
+
+def _err(code: str, message: str, **details: Any) -> AtoError:
+    return AtoError(code, message, details=details, problems=[Problem(code, message, dict(details))])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def split_command(cmd: str | tuple[str, ...] | list[str] | None) -> list[str]:
+    """A command as argv: lists are taken as is; strings with shell syntax run under ``/bin/sh -c``."""
+    if cmd is None:
+        return []
+    if isinstance(cmd, list | tuple):
+        return [str(c) for c in cmd]
+    text = cmd.strip()
+    if SHELL_CHARS.search(text.replace("\\ ", "")):
+        return ["/bin/sh", "-c", text]
+    try:
+        return shlex.split(text)
+    except ValueError:
+        return ["/bin/sh", "-c", text]
+
+
+def which(name: str, env: dict[str, str] | None = None) -> str | None:
+    if name == "uv":
+        local = Path(sys.executable).parent / "uv"
+        if local.is_file():
+            return str(local)
+    return shutil.which(name, path=(env or os.environ).get("PATH"))
+
+
+def tool_version(binary: str) -> str | None:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"(\d+(?:\.\d+)*)", out)
+    return match.group(1) if match else None
+
+
+def check_version(tool: str, binary: str, wanted: str, where: str) -> None:
+    """Fail closed when the host tool's major version differs from the pinned one."""
+    have = tool_version(binary)
+    want_major = wanted.lstrip("v^~=").split(".")[0]
+    if have is None or have.split(".")[0] != want_major:
+        raise _err(RUNTIME_NOT_RESOLVED, f"{tool} {wanted} is pinned by {where}, but the host has "
+                                         f"{tool} {have or 'of unknown version'} ({binary})",
+                   runtime=tool, wanted=wanted, found=have)
+
+
+@dataclass
+class Options:
+    args: list[str] = field(default_factory=list)
+    dangerous: bool = False
+    engine_flag: str | None = None
+    background: bool = False
+
+
+@dataclass
+class Launch:
+    """Everything the runner needs, decided before anything starts."""
+
+    units: list[Unit]
+    prefix: bool
+    entry: str
+    runtime_label: str
+    port: int | None
+    url: str | None
+    network: str  # none | host (what the sandbox allows; host processes always have the network)
+    permissions: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    engine_path: str | None = None
+    request_dir: str | None = None
+
+
+class Planner:
+    def __init__(self, manifest: Manifest, route: Route, overrides: Overrides, opts: Options) -> None:
+        self.m = manifest
+        self.route = route
+        self.target = route.target
+        self.ov = overrides
+        self.opts = opts
+        self.project = manifest.project_dir.resolve()
+        self.notes: list[str] = []
+        self.sandboxed = route.tier == 2 and not opts.dangerous
+        self.python_bin: Path | None = None
+
+    # -------------------------------------------------------------- shared pieces
+
+    def target_env(self) -> dict[str, str]:
+        return {**self.target.env, **self.ov.env}
+
+    def port(self) -> int | None:
+        return self.ov.port or self.target.port
+
+    def runtime_dir(self) -> Path:
+        source = self.project / "source"
+        return source if source.is_dir() and not (self.project / (self.target.entrypoint or "-")).exists() \
+            else self.project
+
+    def listens(self) -> bool:
+        has_probe = bool(self.target.readiness_probe) or any(s.readiness_probe for s in self.m.services.values())
+        return self.port() is not None or self.route.runtime == "web" or has_probe
+
+    def network_mode(self) -> str:
+        egress = [h for h in self.m.network.get("egress_allow") or [] if str(h).strip()]
+        return "host" if egress or self.listens() else "none"
+
+    def host_env(self, extra: dict[str, str]) -> dict[str, str]:
+        return {**os.environ, **self.target_env(), **extra}
+
+    def sandbox_env(self, extra: dict[str, str]) -> dict[str, str]:
+        env: dict[str, str] = {"PATH": SANDBOX_PATH, "HOME": "/tmp", "TMPDIR": "/tmp"}
+        for key in PASS_THROUGH:
+            if os.environ.get(key):
+                env[key] = os.environ[key]
+        allow = list(self.m.isolation.get("allow_env") or []) + list(self.target.required_env)
+        for key in allow:
+            if key in os.environ:
+                env[key] = os.environ[key]
+        if self.python_bin is not None:
+            venv_bin = self.python_bin.parent
+            env["PATH"] = f"{venv_bin}:{env['PATH']}"
+            if (venv_bin.parent / "pyvenv.cfg").is_file():
+                env["VIRTUAL_ENV"] = str(venv_bin.parent)
+            env["PYTHONDONTWRITEBYTECODE"] = "1"
+            env["UV_CACHE_DIR"] = "/tmp/uv-cache"
+        return {**env, **self.target_env(), **extra}
+
+    def map_argv(self, argv: list[str], env: dict[str, str]) -> list[str]:
+        """Resolve the program: project-relative paths become absolute; tool names are found now."""
+        if not argv:
+            return argv
+        head = argv[0]
+        if "/" in head and not head.startswith("/"):
+            path = self.runtime_dir() / head
+            if path.is_file() and not os.access(path, os.X_OK) and path.suffix == ".sh":
+                return ["/bin/sh", str(path), *argv[1:]]
+            return [str(path), *argv[1:]]
+        if "/" not in head and self.sandboxed:
+            return argv  # the engine resolves bare names on the workload PATH inside the sandbox
+        if head in ("python", "python3") and self.route.driver == "python":
+            if self.python_bin is None:
+                return argv  # resolved once the uv environment is provisioned (after consent)
+            return [str(self.python_bin), *argv[1:]]
+        if "/" not in head:
+            found = which(head, env)
+            if found is None and (self.runtime_dir() / head).is_file():
+                path = self.runtime_dir() / head
+                return (["/bin/sh", str(path)] if path.suffix == ".sh" and not os.access(path, os.X_OK)
+                        else [str(path)]) + argv[1:]
+            if found is None:
+                raise _err(RUNTIME_NOT_RESOLVED, f"{head} runtime is not resolved: not found on PATH",
+                           runtime=head)
+            return [found, *argv[1:]]
+        return argv
+
+    # -------------------------------------------------------------- the target's own command
+
+    def target_argv(self) -> list[str]:
+        t = self.target
+        ep = (t.entrypoint or "").strip()
+        words = split_command(ep) if ep else []
+        words += list(t.cmd)
+        words += self.opts.args
+        if not words:
+            raise AtoError("E101", f"target '{t.label}' has nothing to run (no entrypoint or cmd)")
+        driver = self.route.driver
+        head = words[0].rsplit("/", 1)[-1]
+        if driver == "node" and head not in ("node", "nodejs", "npm", "npx", "/bin/sh"):
+            node = which("node")
+            if node is None:
+                raise _err(RUNTIME_NOT_RESOLVED, "node runtime is not resolved: node is not on PATH", runtime="node")
+            if t.runtime_version:
+                check_version("node", node, t.runtime_version, f"targets.{t.label}.runtime_version")
+            return [node, str(self.runtime_dir() / words[0]), *words[1:]]
+        if driver == "deno" and head != "deno":
+            return self.deno_argv(words)
+        if driver == "python" and head not in ("python", "python3", "uv", "/bin/sh"):
+            return ["python", str(self.runtime_dir() / words[0]), *words[1:]]
+        return words
+
+    def deno_argv(self, words: list[str]) -> list[str]:
+        deno = which("deno")
+        if deno is None:
+            raise _err(RUNTIME_NOT_RESOLVED, "deno runtime is not resolved: deno is not on PATH", runtime="deno")
+        port = self.port()
+        hosts = [str(h) for h in self.m.network.get("egress_allow") or []]
+        if port:
+            hosts += [f"127.0.0.1:{port}", f"localhost:{port}", f"0.0.0.0:{port}"]
+        flags = ["run", "--no-prompt", f"--allow-read={self.project}"]
+        if hosts:
+            flags.append("--allow-net=" + ",".join(sorted(set(hosts))))
+        lock = self.project / "deno.lock"
+        if lock.is_file():
+            flags += [f"--lock={lock}", "--frozen"]
+        return [deno, *flags, str(self.runtime_dir() / words[0]), *words[1:]]
+
+    # -------------------------------------------------------------- units
+
+    def build(self) -> Launch:
+        runtime = self.route.runtime
+        if runtime == "oci":
+            return self.oci()
+        if runtime == "wasm":
+            return self.wasm()
+        if self.route.driver == "static":
+            return self.static()
+        if self.m.services or self.m.tasks:
+            return self.services_mode()
+        return self.single()
+
+    def _entry_env(self, port: int | None) -> dict[str, str]:
+        return {"PORT": str(port)} if port is not None else {}
+
+    def single(self) -> Launch:
+        port = self.port()
+        argv = self.target_argv()
+        env = self._env(self._entry_env(port))
+        url = f"http://127.0.0.1:{port}/" if port and self.route.runtime == "web" else None
+        unit = Unit("main", "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
+                    probe=self.target.readiness_probe, entry=True, url=url)
+        return self._finish([unit], prefix=False, entry="main", port=port, url=url)
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        return self.sandbox_env(extra) if self.sandboxed else self.host_env(extra)
+
+    def services_mode(self) -> Launch:
+        m = self.m
+        entry = m.lifecycle_run or ("main" if "main" in m.services else None)
+        if entry is None and len(m.services) == 1:
+            entry = next(iter(m.services))
+        port = self.port()
+        if port is None and entry in m.services:
+            port = free_port()
+        units: list[Unit] = []
+        for name, task in m.tasks.items():
+            argv = split_command(task.cmd)
+            self._check_tool_pin(argv, f"tasks.{name}")
+            env = self._env(dict(task.env))
+            units.append(Unit(name, "task", self.map_argv(argv, env), env, str(self.runtime_dir()),
+                              depends_on=list(task.depends_on), entry=name == entry))
+        for name, svc in m.services.items():
+            if svc.target:
+                raise AtoError("E002", f"services.{name}.target: target-based (orchestration) services are not "
+                                       "supported by this runner; give the service an entrypoint")
+            argv = split_command(svc.entrypoint if svc.entrypoint else svc.cmd)
+            self._check_tool_pin(argv, f"services.{name}")
+            if name == entry:
+                argv += self.opts.args
+            extra = dict(svc.env)
+            if name == entry and port is not None:
+                extra["PORT"] = str(port)
+            env = self._env(extra)
+            url = f"http://127.0.0.1:{port}/" if name == entry and port is not None else None
+            units.append(Unit(name, "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
+                              depends_on=list(svc.depends_on), probe=svc.readiness_probe, entry=name == entry,
+                              url=url))
+        if not m.services and m.tasks:
+            # Only tasks: the target's own entrypoint is the service they prepare.
+            if self.target.entrypoint or self.target.cmd:
+                argv = self.target_argv()
+                env = self._env(self._entry_env(port))
+                units.append(Unit("main", "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
+                                  depends_on=sorted(m.tasks), probe=self.target.readiness_probe,
+                                  entry=entry is None))
+                entry = entry or "main"
+        from pipeline.runtime.lifecycle import select_units
+        units = select_units(units, entry if m.lifecycle_run else None)
+        url = next((u.url for u in units if u.entry and u.url), None)
+        return self._finish(units, prefix=True, entry=entry or units[-1].name, port=port, url=url)
+
+    def _check_tool_pin(self, argv: list[str], where: str) -> None:
+        head = argv[0].rsplit("/", 1)[-1] if argv else ""
+        tool = TOOLS.get(head)
+        if tool is None or not where.startswith("services"):
+            return
+        pins = self.target.runtime_tools
+        if tool not in pins:
+            raise _err(POLICY, f"targets.{self.target.label}.runtime_tools.{tool} is required when {where} "
+                               f"references '{head}'", tool=tool, where=where)
+        if tool == "python" and self.sandboxed:
+            return  # the provisioned environment decides; checked when it is created
+        binary = which("python3" if tool == "python" else tool)
+        if binary is None:
+            raise _err(RUNTIME_NOT_RESOLVED, f"{tool} runtime is not resolved: not on PATH", runtime=tool)
+        check_version(tool, binary, pins[tool], f"targets.{self.target.label}.runtime_tools.{tool}")
+
+    def static(self) -> Launch:
+        port = self.port()
+        if port is None:
+            raise AtoError("E003", f"targets.{self.target.label}.port is required for web/static")
+        rel = (self.target.entrypoint or ".").strip()
+        directory = (self.project / rel).resolve()
+        try:
+            directory.relative_to(self.project)
+        except ValueError:
+            raise _err(POLICY, f"web/static entrypoint '{rel}' resolves outside the manifest directory",
+                       entrypoint=rel) from None
+        if not directory.is_dir():
+            raise AtoError("E101", f"web/static entrypoint '{rel}' must be an existing directory",
+                           details={"entrypoint": rel})
+        argv = [sys.executable, "-m", "pipeline.runtime.static_server", "--dir", str(directory), "--port",
+                str(port), "--host", "127.0.0.1"]
+        env = {**os.environ, "PORT": str(port)}
+        url = f"http://127.0.0.1:{port}/"
+        unit = Unit("main", "service", argv, env, str(self.project), probe={"tcp_connect": "127.0.0.1",
+                                                                           "port": "PORT"}, entry=True, url=url)
+        return self._finish([unit], prefix=False, entry="main", port=port, url=url, label="web-static")
+
+    def wasm(self) -> Launch:
+        module = self.wasm_module()
+        env = {k: v for k, v in self.target_env().items()}
+        argv = [sys.executable, "-m", "pipeline.runtime.wasm_host", "--module", str(module), "--dir",
+                str(self.project), "--env-json", json.dumps(env), "--", *list(self.target.cmd), *self.opts.args]
+        host_env = {**os.environ}
+        unit = Unit("main", "service", argv, host_env, str(self.project), entry=True)
+        return self._finish([unit], prefix=False, entry="main", port=None, url=None, label="wasm")
+
+    def wasm_module(self) -> Path:
+        t = self.target
+        ep = (t.entrypoint or "").split(" ")[0]
+        if ep:
+            path = (self.project / ep).resolve()
+            if not path.is_file():
+                raise AtoError("E101", f"wasm module '{ep}' was not found", details={"entrypoint": ep})
+            if t.digest:
+                _check_digest(path, t.digest)
+            return path
+        if t.digest:
+            for candidate in sorted(self.project.rglob("*.wasm")):
+                try:
+                    _check_digest(candidate, t.digest)
+                    return candidate
+                except AtoError:
+                    continue
+            raise AtoError("ATO_ERR_INTEGRITY_FAILURE", f"no .wasm module in the project matches {t.digest}")
+        raise AtoError("E101", "wasm target has no module (entrypoint or digest)")
+
+    def oci(self) -> Launch:
+        engine = container_engine()
+        image = self.target.image or (self.target.entrypoint or "").strip()
+        if not image:
+            raise AtoError("E003", "OCI runtime selected but no image specified")
+        port = self.port()
+        argv = [engine, "run", "--rm", "--init", "--name", f"ato-{self.m.name}-{os.getpid()}"]
+        if port:
+            argv += ["-p", f"127.0.0.1:{port}:{port}", "-e", f"PORT={port}"]
+        for key, value in sorted(self.target_env().items()):
+            argv += ["-e", f"{key}={value}"]
+        for key in self.target.required_env:
+            if key in os.environ and key not in self.target_env():
+                argv += ["-e", key]
+        argv += [image, *list(self.target.cmd), *self.opts.args]
+        env = {**os.environ}
+        probe = self.target.readiness_probe
+        if probe and port:
+            env["PORT"] = str(port)
+        unit = Unit("main", "service", argv, env, str(self.project), probe=probe, entry=True,
+                    url=f"http://127.0.0.1:{port}/" if port else None)
+        return self._finish([unit], prefix=False, entry="main", port=port, url=unit.url,
+                            label=f"oci/{Path(engine).name}")
+
+    def _finish(self, units: list[Unit], *, prefix: bool, entry: str, port: int | None, url: str | None,
+                label: str | None = None) -> Launch:
+        network = self.network_mode() if self.sandboxed else "host"
+        perms = self.permissions(network)
+        launch = Launch(units=units, prefix=prefix, entry=entry, port=port, url=url, network=network,
+                        permissions=perms, notes=self.notes,
+                        runtime_label=label or ("nacelle" if self.sandboxed else
+                                                "host-dangerous" if self.route.tier == 2 else "host"))
+        return launch
+
+    def permissions(self, network: str) -> dict[str, Any]:
+        from pipeline.manifest.requirements import is_secret
+
+        perms: dict[str, Any] = {}
+        if self.route.runtime in ("source", "web") and self.route.driver in ("node", "deno", "static") or \
+                (self.route.tier == 2 and not self.sandboxed):
+            if self.route.driver != "static":
+                perms["host_execution"] = f"{self.route.pair} runs on the host without a sandbox"
+        if self.route.runtime == "oci":
+            perms["host_execution"] = "container engine"
+        egress = sorted({str(h) for h in self.m.network.get("egress_allow") or [] if str(h).strip()})
+        if egress:
+            perms["network"] = egress
+        if self.sandboxed and network == "host" and not egress:
+            perms["network"] = ["host network (the capsule listens on a port)"]
+        port = self.port()
+        if port is not None or self.route.runtime == "web":
+            perms["listen"] = [f"127.0.0.1:{port}" if port else "an ephemeral port"]
+        writable = writable_paths(self.m)
+        if writable:
+            perms["read_write"] = [str(p) for p in writable]
+        secrets = [k for k in self.target.required_env if is_secret(k)]
+        if secrets:
+            perms["secrets"] = secrets
+        if self.opts.dangerous:
+            perms["dangerous"] = "all permission and sandbox barriers bypassed"
+        return perms
+
+
+def _check_digest(path: Path, digest: str) -> None:
+    import hashlib
+
+    import blake3
+
+    algo, _, hexd = digest.partition(":")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest() if algo == "sha256" else blake3.blake3(data).hexdigest()
+    if actual != hexd.lower():
+        raise _err("ATO_ERR_INTEGRITY_FAILURE", f"{path.name} does not match {digest} (got {algo}:{actual})",
+                   module=str(path))
+
+
+def container_engine() -> str:
+    """A podman or docker that actually answers ``info``; otherwise ATO_ERR_ENGINE_MISSING naming both."""
+    tried = []
+    for name in ("podman", "docker"):
+        binary = shutil.which(name)
+        if binary is None:
+            tried.append(f"{name}: not found on PATH")
+            continue
+        try:
+            proc = subprocess.run([binary, "info"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            tried.append(f"{name}: {exc}")
+            continue
+        if proc.returncode == 0:
+            return binary
+        last = (proc.stderr or proc.stdout).strip().splitlines()
+        tried.append(f"{name}: `{name} info` failed ({last[-1][:160] if last else f'exit {proc.returncode}'})")
+    message = "runtime=oci needs a working container engine (podman or docker), and none is usable: " + \
+        "; ".join(tried)
+    raise AtoError(ENGINE_MISSING, message, details={"engine": "podman|docker", "looked_for": ["podman", "docker"],
+                                                     "tried": tried},
+                   problems=[Problem(ENGINE_MISSING, message, {"engine": "podman|docker",
+                                                               "looked_for": ["podman", "docker"]})],
+                   hint="install podman or docker and make sure `podman info` / `docker info` works")
+
+
+def writable_paths(m: Manifest) -> list[Path]:
+    """Host paths a sandboxed capsule may write: ``[isolation] writable`` dirs and ``[state.*]`` dirs."""
+    out = []
+    project = m.project_dir.resolve()
+    for rel in m.isolation.get("writable") or []:
+        path = (project / str(rel)).resolve()
+        try:
+            path.relative_to(project)
+        except ValueError:
+            raise _err(POLICY, f"isolation.writable '{rel}' resolves outside the project", path=str(rel)) from None
+        out.append(path)
+    for name in sorted(m.state):
+        out.append(paths.capsule_state_dir() / m.name / name)
+    return out
+
+
+def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Path]) -> None:
+    """Rewrite every unit of ``launch`` into an engine exec request (files in a private 0700 dir)."""
+    request_dir = Path(tempfile.mkdtemp(prefix="requests-", dir=_ensure_private(paths.run_dir() / "requests")))
+    launch.request_dir = str(request_dir)
+    launch.engine_path = str(engine)
+    project = m.project_dir.resolve()
+    writable = writable_paths(m)
+    for path in writable:
+        path.mkdir(parents=True, exist_ok=True)
+    state_env = {f"ATO_STATE_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}":
+                 str(paths.capsule_state_dir() / m.name / name) for name in m.state}
+    home = paths.home()
+    hide = [str(paths.ato_home())] + [str(home / d) for d in (".ssh", ".gnupg", ".aws", ".capsule", ".config/gcloud")]
+    read_only = [str(project)] + [str(p) for p in provisioned]
+    for unit in launch.units:
+        request = {"spec_version": "0.1.0", "interactive": not launch.prefix and sys.stdin.isatty(),
+                   "workload": {"argv": unit.argv, "cwd": unit.cwd},
+                   "env": {**unit.env, **state_env},
+                   "policy": {"network": launch.network, "read_only": read_only,
+                              "read_write": [str(p) for p in writable], "hide": hide}}
+        fd, req_path = tempfile.mkstemp(prefix=".nacelle-request-", suffix=".json", dir=request_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(request, fh)
+        unit.argv = [str(engine), "internal", "--input", req_path, "exec"]
+        unit.env = {"PATH": os.environ.get("PATH", SANDBOX_PATH), **{k: os.environ[k] for k in PASS_THROUGH
+                                                                    if k in os.environ}}
+        # the probe still reads the port from the workload env it was resolved against
+        port_key = unit.probe.get("port") if unit.probe else None
+        if isinstance(port_key, str) and port_key in request["env"]:
+            unit.env[port_key] = request["env"][port_key]
+
+
+def _ensure_private(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def check_runtime_available(route: Route) -> None:
+    """Host tools the route needs, checked before anything starts."""
+    if route.runtime == "wasm":
+        try:
+            import wasmtime  # noqa: F401
+        except ImportError:
+            raise _err(RUNTIME_NOT_RESOLVED, "wasm runtime is not resolved: the wasmtime package is not "
+                                             "installed", runtime="wasmtime") from None
+
+
+def ensure_runtime_error(exc: Exception) -> AtoError:
+    return AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", str(exc), exit_code=EXIT_RUNTIME)

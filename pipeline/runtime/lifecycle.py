@@ -1,0 +1,333 @@
+"""The lifecycle runner: ``[tasks]`` and ``[services]`` as one DAG, with readiness and fail-fast.
+
+A unit starts when every dependency is done: a task has exited 0, a service has
+passed its readiness probe (or has none). A task that fails, a service that exits
+before it is ready, or a probe that times out stops everything started so far.
+Once all services are up, the first one to exit — with any code — stops the rest
+(SIGTERM to each process group, SIGKILL after the grace period) and its exit code
+becomes ato's. Each unit runs in its own process group, so stopping a unit also
+stops whatever it spawned (a shell's children, the sandbox around a workload).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import EXIT_RUNTIME, AtoError
+from pipeline.runtime import probes
+
+POLL = 0.05
+PROBE_EVERY = 0.05
+DEFAULT_GRACE = 5.0
+DEFAULT_PROBE_TIMEOUT = 30.0
+
+
+def grace_seconds() -> float:
+    try:
+        return max(0.1, float(os.environ.get("ATO_STOP_GRACE_SECS", DEFAULT_GRACE)))
+    except ValueError:
+        return DEFAULT_GRACE
+
+
+@dataclass
+class Unit:
+    """One process of the DAG, fully resolved (argv, env, cwd), ready to spawn."""
+
+    name: str
+    kind: str  # task | service
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    depends_on: list[str] = field(default_factory=list)
+    probe: dict[str, Any] | None = None
+    entry: bool = False
+    url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Unit:
+        return cls(**doc)
+
+
+def exit_code_of(returncode: int) -> int:
+    """A child's status as a shell reports it: killed by signal N -> 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class _Running:
+    def __init__(self, unit: Unit, proc: subprocess.Popen, pumps: list[threading.Thread]) -> None:
+        self.unit = unit
+        self.proc = proc
+        self.pumps = pumps
+        self.ready = False
+        self.started = time.monotonic()
+        self.probe: probes.Probe | None = None
+        self.next_probe = 0.0
+        self.code: int | None = None
+
+
+class Runner:
+    """Runs a list of units; :meth:`run` returns ato's exit code.
+
+    ``prefix``: re-emit each line as ``[name] line`` on the same stream (services
+    mode); otherwise the units inherit ato's stdio. ``on_event(kind, data)`` is
+    told about ``started``, ``ready`` and ``exited`` (the background supervisor
+    writes them into the process record).
+    """
+
+    def __init__(self, units: list[Unit], *, prefix: bool, on_event: Callable[[str, dict], None] | None = None,
+                 probe_timeout: float | None = None, grace: float | None = None,
+                 out: IO[bytes] | None = None, err: IO[bytes] | None = None, foreground_tty: bool = False) -> None:
+        self.units = {u.name: u for u in units}
+        self.prefix = prefix
+        self.on_event = on_event or (lambda kind, data: None)
+        self.probe_timeout = probe_timeout
+        self.grace = grace if grace is not None else grace_seconds()
+        self.out = out or sys.stdout.buffer
+        self.err = err or sys.stderr.buffer
+        self.write_lock = threading.Lock()
+        self.running: dict[str, _Running] = {}
+        self.order: list[str] = []
+        self.done: set[str] = set()
+        self.stop_requested: int | None = None
+        self.foreground_tty = foreground_tty
+
+    # ---------------------------------------------------------- spawning
+
+    def _pump(self, stream: IO[bytes], sink: IO[bytes], name: str) -> None:
+        tag = f"[{name}] ".encode()
+        for line in iter(stream.readline, b""):
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            with self.write_lock:
+                try:
+                    sink.write(tag + line)
+                    sink.flush()
+                except (OSError, ValueError):
+                    pass
+        stream.close()
+
+    def _preexec(self) -> Callable[[], None] | None:
+        if not self.foreground_tty:
+            return None
+
+        def take_terminal() -> None:  # runs in the child: become the terminal's foreground group
+            os.setpgid(0, 0)
+            try:
+                old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                os.tcsetpgrp(0, os.getpgrp())
+                signal.signal(signal.SIGTTOU, old)
+            except OSError:
+                pass
+        return take_terminal
+
+    def spawn(self, unit: Unit) -> _Running:
+        stdout = subprocess.PIPE if self.prefix else None
+        stderr = subprocess.PIPE if self.prefix else None
+        preexec = self._preexec()
+        try:
+            proc = subprocess.Popen(unit.argv, cwd=unit.cwd, env=unit.env, stdin=subprocess.DEVNULL if self.prefix
+                                    else None, stdout=stdout, stderr=stderr, preexec_fn=preexec,
+                                    process_group=None if preexec else 0)
+        except OSError as exc:
+            raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", f"cannot start {unit.kind} '{unit.name}': {exc}",
+                           exit_code=EXIT_RUNTIME, details={"unit": unit.name, "argv": unit.argv[:1]}) from None
+        if preexec:
+            try:  # the parent side of the terminal hand-over (whichever runs first wins)
+                old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                os.tcsetpgrp(sys.stdin.fileno(), proc.pid)
+                signal.signal(signal.SIGTTOU, old)
+            except OSError:
+                pass
+        pumps = []
+        if self.prefix:
+            for stream, sink in ((proc.stdout, self.out), (proc.stderr, self.err)):
+                t = threading.Thread(target=self._pump, args=(stream, sink, unit.name), daemon=True)
+                t.start()
+                pumps.append(t)
+        running = _Running(unit, proc, pumps)
+        if unit.kind == "service" and unit.probe:
+            running.probe = probes.resolve_probe(unit.probe, unit.env, unit.name)
+        self.running[unit.name] = running
+        self.order.append(unit.name)
+        self.on_event("started", {"name": unit.name, "pid": proc.pid, "kind": unit.kind, "entry": unit.entry})
+        return running
+
+    # ---------------------------------------------------------- stopping
+
+    def _reap(self) -> None:
+        for r in self.running.values():
+            if r.code is None and r.proc.poll() is not None:
+                r.code = exit_code_of(r.proc.returncode)
+
+    def stop_all(self, force: bool = False) -> None:
+        """SIGTERM every unit's group (last started first), wait up to the grace period, then SIGKILL."""
+        live = [self.running[n] for n in reversed(self.order)]
+        for r in live:
+            signal_group(r.proc.pid, signal.SIGKILL if force else signal.SIGTERM)
+        deadline = time.monotonic() + (0 if force else self.grace)
+        while time.monotonic() < deadline:
+            self._reap()
+            if not any(group_alive(r.proc.pid) for r in live):
+                break
+            time.sleep(POLL)
+        for r in live:
+            if group_alive(r.proc.pid):
+                signal_group(r.proc.pid, signal.SIGKILL)
+        for r in live:
+            try:
+                r.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            for t in r.pumps:
+                t.join(timeout=1)
+        self._reap()
+        if self.foreground_tty:
+            try:
+                old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                os.tcsetpgrp(sys.stdin.fileno(), os.getpgrp())
+                signal.signal(signal.SIGTTOU, old)
+            except OSError:
+                pass
+
+    def request_stop(self, signum: int) -> None:
+        self.stop_requested = signum
+
+    # ---------------------------------------------------------- the loop
+
+    def _deps_done(self, unit: Unit) -> bool:
+        return all(d in self.done for d in unit.depends_on)
+
+    def _fail(self, code: str, message: str, **details: Any) -> AtoError:
+        self.stop_all()
+        return AtoError(code, message, exit_code=EXIT_RUNTIME, details=details)
+
+    def run(self) -> int:
+        pending = [n for n in self.units]
+        all_ready_sent = False
+        services = [n for n, u in self.units.items() if u.kind == "service"]
+        try:
+            while True:
+                if self.stop_requested is not None:
+                    self.stop_all()
+                    self.on_event("stopped", {"signal": self.stop_requested})
+                    return 128 + self.stop_requested
+                for name in list(pending):
+                    unit = self.units[name]
+                    if self._deps_done(unit):
+                        pending.remove(name)
+                        self.spawn(unit)
+                now = time.monotonic()
+                for name, r in list(self.running.items()):
+                    if r.code is not None and name in self.done:
+                        continue
+                    rc = r.proc.poll()
+                    if rc is not None and r.code is None:
+                        r.code = exit_code_of(rc)
+                        for t in r.pumps:
+                            t.join(timeout=1)
+                        self.on_event("exited", {"name": name, "code": r.code, "kind": r.unit.kind})
+                    if r.unit.kind == "task":
+                        if r.code is None:
+                            continue
+                        if r.code != 0:
+                            raise self._fail("ATO_ERR_TASK_FAILED", f"task '{name}' failed with exit code "
+                                                                   f"{r.code}", task=name, exit_code=r.code)
+                        self.done.add(name)
+                        if r.unit.entry:  # [lifecycle] run names a task: the run is that task
+                            self.stop_all()
+                            return 0
+                        continue
+                    # services
+                    if not r.ready:
+                        if r.code is not None:
+                            raise self._fail("ATO_ERR_EXECUTION_CONTRACT_INVALID",
+                                             f"service '{name}' exited before readiness check passed (exit code: "
+                                             f"{r.code})", service=name, exit_code=r.code)
+                        if r.probe is not None and now < r.next_probe:
+                            continue
+                        if r.probe is None or probes.check(r.probe):
+                            r.ready = True
+                            self.done.add(name)
+                            self.on_event("ready", {"name": name, "pid": r.proc.pid, "entry": r.unit.entry,
+                                                    "url": r.unit.url})
+                        elif now - r.started > self._timeout(r.unit):
+                            raise self._fail("ATO_ERR_EXECUTION_CONTRACT_INVALID",
+                                             f"service '{name}' readiness check timed out after "
+                                             f"{self._timeout(r.unit):g}s ({r.probe.describe()})", service=name)
+                        else:
+                            r.next_probe = time.monotonic() + PROBE_EVERY
+                        continue
+                    if r.code is not None:  # a ready service exited: everything stops, its code is ours
+                        self.stop_all()
+                        self.on_event("finished", {"name": name, "code": r.code})
+                        return r.code
+                if not all_ready_sent and not pending and all(self.running.get(s) and self.running[s].ready
+                                                              for s in services):
+                    all_ready_sent = True
+                    self.on_event("all_ready", {})
+                if not pending and not services and all(n in self.done for n in self.units):
+                    return 0
+                time.sleep(POLL)
+        except BaseException:
+            if any(r.code is None for r in self.running.values()):
+                self.stop_all()
+            raise
+
+    def _timeout(self, unit: Unit) -> float:
+        if unit.probe and isinstance(unit.probe.get("timeout"), int | float):
+            return float(unit.probe["timeout"])
+        if self.probe_timeout is not None:
+            return self.probe_timeout
+        try:
+            return float(os.environ.get("ATO_READINESS_TIMEOUT_SECS", DEFAULT_PROBE_TIMEOUT))
+        except ValueError:
+            return DEFAULT_PROBE_TIMEOUT
+
+
+def select_units(units: list[Unit], entry: str | None) -> list[Unit]:
+    """The entry unit and everything it (transitively) depends on; all units when there is no entry."""
+    if entry is None:
+        return units
+    by_name = {u.name: u for u in units}
+    keep: set[str] = set()
+    stack = [entry]
+    while stack:
+        name = stack.pop()
+        if name in keep:
+            continue
+        keep.add(name)
+        stack.extend(by_name[name].depends_on)
+    return [u for u in units if u.name in keep]
+
+
+def cwd_of(path: Path) -> str:
+    return str(path)

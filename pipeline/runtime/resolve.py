@@ -1,0 +1,226 @@
+"""What ``ato run <input>`` names: a project dir, a capsule.toml, a ``.capsule`` file, or publisher/slug.
+
+A ``.capsule`` (given directly, or the one ``ato install`` stored) is verified and
+unpacked (:mod:`pipeline.runtime.unpack`); a publisher/slug that is not installed,
+or is asked for with ``--registry``, is installed first through the install stage.
+Runtime-config overrides saved in the registry UI (per-target env, port,
+permission mode) come along with a registry resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.errors import E_NOT_FOUND, EXIT_NETWORK, AtoError
+from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
+
+SCOPED_REF = re.compile(r"^@?([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)(?:@([^/\s]+))?$", re.IGNORECASE)
+DEFAULT_REGISTRY = "https://api.ato.run"
+
+
+@dataclass
+class Overrides:
+    """Runtime config saved in the registry UI for one target."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    port: int | None = None
+    permission_mode: str | None = None  # sandbox | dangerous
+
+
+@dataclass
+class Resolved:
+    kind: str  # local | artifact | installed
+    input: str
+    project_dir: Path
+    manifest: Manifest
+    scoped_id: str | None = None
+    artifact: Path | None = None
+    registry: str | None = None
+    overrides_by_target: dict[str, Overrides] = field(default_factory=dict)
+    installed_now: bool = False
+
+    def overrides(self, label: str) -> Overrides:
+        return self.overrides_by_target.get(label) or self.overrides_by_target.get("*") or Overrides()
+
+
+def looks_local(raw: str, cwd: Path) -> bool:
+    if raw.startswith((".", "/", "~")) or raw.endswith(".capsule") or raw.endswith(MANIFEST_NAME):
+        return True
+    return (cwd / raw).exists() or not SCOPED_REF.match(raw)
+
+
+def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
+            confirm_install: Any = None) -> Resolved:
+    """Resolve ``raw``; ``confirm_install(scoped_id, registry)`` is asked before a registry install."""
+    base = cwd or Path.cwd()
+    if looks_local(raw, base):
+        path = (base / Path(raw).expanduser()).resolve()
+        if not path.exists():
+            raise AtoError("TARGET_NOT_FOUND", f"{raw} does not exist", details={"input": raw})
+        if path.is_file() and path.suffix == ".capsule":
+            return _from_artifact(raw, path, "artifact")
+        manifest = load_manifest(path)
+        return Resolved("local", raw, manifest.project_dir, manifest)
+    match = SCOPED_REF.match(raw)
+    assert match is not None
+    publisher, slug, version = match.group(1).lower(), match.group(2).lower(), match.group(3)
+    scoped = f"{publisher}/{slug}"
+    artifact = None if registry else installed_artifact(publisher, slug, version)
+    installed_now = False
+    if artifact is None:
+        reg = registry or os.environ.get("ATO_STORE_API_URL") or DEFAULT_REGISTRY
+        if confirm_install is not None:
+            confirm_install(scoped, reg)
+        artifact = install_from_registry(scoped, reg, version)
+        installed_now = True
+    resolved = _from_artifact(raw, artifact, "installed")
+    resolved.scoped_id = scoped
+    resolved.installed_now = installed_now
+    if registry:
+        resolved.registry = registry
+        resolved.overrides_by_target = fetch_runtime_config(registry, publisher, slug)
+    return resolved
+
+
+def _from_artifact(raw: str, artifact: Path, kind: str) -> Resolved:
+    from pipeline.runtime.unpack import unpack_capsule
+
+    trust_gate(artifact)
+    project_dir, _summary = unpack_capsule(artifact)
+    manifest = load_manifest(project_dir)
+    return Resolved(kind, raw, project_dir, manifest, artifact=artifact)
+
+
+def trust_gate(artifact: Path) -> None:
+    """THE call site for trust verification before an artifact runs (issue 6 fills this in).
+
+    Every ``.capsule`` that ``ato run`` executes — given as a file or installed from a
+    registry — passes through here exactly once, before it is unpacked. Raise an
+    AtoError to refuse it.
+    """
+    try:
+        from pipeline.trust import gate  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    check = getattr(gate, "verify_before_run", None)
+    if check is not None:
+        check(artifact)
+
+
+def _version_key(text: str) -> tuple:
+    out: list[tuple[int, Any]] = []
+    for part in re.split(r"[.+-]", text):
+        out.append((0, int(part)) if part.isdigit() else (-1, part))
+    return tuple(out)
+
+
+def installed_artifact(publisher: str, slug: str, version: str | None) -> Path | None:
+    """The stored ``.capsule`` of an installed capsule (the highest version unless one is named)."""
+    root = paths.store_dir() / publisher / slug
+    if not root.is_dir():
+        return None
+    versions = [version] if version else sorted((p.name for p in root.iterdir() if p.is_dir()),
+                                                 key=_version_key, reverse=True)
+    for ver in versions:
+        candidate = root / ver / f"{slug}-{ver}.capsule"
+        if candidate.is_file():
+            return candidate
+        found = sorted((root / ver).glob("*.capsule")) if (root / ver).is_dir() else []
+        if found:
+            return found[0]
+    return None
+
+
+def install_from_registry(scoped_id: str, registry: str, version: str | None) -> Path:
+    """Install through the install stage and return the stored ``.capsule`` path."""
+    try:
+        from stages import install as install_stage  # type: ignore[attr-defined]
+    except ImportError:
+        raise AtoError(E_NOT_FOUND, f"{scoped_id} is not installed and registry installs are not available in "
+                                    "this build", details={"scoped_id": scoped_id, "registry": registry}) from None
+    func = getattr(install_stage, "install", None) or getattr(install_stage, "install_capsule", None)
+    if func is None:
+        raise AtoError("E999", "the install stage has no install entry point")
+    kwargs: dict[str, Any] = {"registry": registry}
+    if version:
+        kwargs["version"] = version
+    envelope = func(scoped_id, **kwargs)
+    path = _installed_path(envelope)
+    if path is None:
+        publisher, slug = scoped_id.split("/", 1)
+        path = installed_artifact(publisher, slug, version)
+    if path is None or not Path(path).is_file():
+        raise AtoError(E_NOT_FOUND, f"install of {scoped_id} did not leave a runnable .capsule",
+                       details={"scoped_id": scoped_id})
+    return Path(path)
+
+
+def _installed_path(envelope: Any) -> str | None:
+    if not isinstance(envelope, dict):
+        return None
+    launchable = envelope.get("launchable") or {}
+    if isinstance(launchable, dict):
+        archive = launchable.get("CapsuleArchive")
+        if isinstance(archive, dict) and archive.get("path"):
+            return str(archive["path"])
+        if launchable.get("DerivedApp"):
+            raise AtoError("E999", "this capsule installs as a native app; launch it from its projection",
+                           details={"launchable": launchable})
+    path = envelope.get("path")
+    return str(path) if isinstance(path, str) and path.endswith(".capsule") else None
+
+
+def fetch_runtime_config(registry: str, publisher: str, slug: str) -> dict[str, Overrides]:
+    """``GET /v1/local/capsules/by/{p}/{s}/runtime-config`` -> per-target overrides ({} when none)."""
+    import httpx
+
+    url = f"{registry.rstrip('/')}/v1/local/capsules/by/{publisher}/{slug}/runtime-config"
+    headers = {}
+    token = os.environ.get("ATO_TOKEN")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        resp = httpx.get(url, headers=headers, timeout=15)
+    except httpx.HTTPError as exc:
+        raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}", exit_code=EXIT_NETWORK) from None
+    if resp.status_code == 404:
+        return {}
+    if resp.status_code != 200:
+        raise AtoError("ATO_ERR_NETWORK", f"runtime-config request failed with status {resp.status_code}",
+                       exit_code=EXIT_NETWORK, details={"url": url})
+    try:
+        doc = resp.json()
+    except ValueError:
+        return {}
+    return parse_runtime_config(doc)
+
+
+def parse_runtime_config(doc: Any) -> dict[str, Overrides]:
+    """Accept ``{"targets": {label: cfg}}``, ``{label: cfg}`` or one ``cfg`` for every target (``"*"``)."""
+    if not isinstance(doc, dict):
+        return {}
+    if isinstance(doc.get("runtime_config"), dict):
+        doc = doc["runtime_config"]
+    table = doc.get("targets") if isinstance(doc.get("targets"), dict) else None
+    if table is None:
+        if any(k in doc for k in ("env", "port", "permission_mode")):
+            table = {"*": doc}
+        else:
+            table = {k: v for k, v in doc.items() if isinstance(v, dict)}
+    out: dict[str, Overrides] = {}
+    for label, cfg in table.items():
+        if not isinstance(cfg, dict):
+            continue
+        env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()} if isinstance(cfg.get("env"), dict) \
+            else {}
+        port = cfg.get("port")
+        port = int(port) if isinstance(port, int | str) and str(port).isdigit() and 0 < int(port) < 65536 else None
+        mode = cfg.get("permission_mode")
+        out[str(label)] = Overrides(env=env, port=port,
+                                    permission_mode=mode if mode in ("sandbox", "dangerous") else None)
+    return out

@@ -1,0 +1,277 @@
+"""One ``ato run``: resolve -> route -> fail-closed checks -> consent -> provision -> launch.
+
+Every check that can refuse the run happens in :func:`prepare`, before any
+workload process exists: required env, lockfiles, runtime tools, the Tier 2
+engine, the container engine, consent. :func:`run_foreground` and
+:func:`run_background` only start what ``prepare`` approved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import EXIT_RUNTIME, AtoError
+from pipeline.runtime import drivers, engines, policy, table
+from pipeline.runtime.lifecycle import Runner
+from pipeline.runtime.resolve import Resolved, resolve
+from pipeline.runtime.router import Route, route
+
+DEFAULT_READY_WAIT = 30.0
+
+
+@dataclass
+class Request:
+    input: str = "."
+    registry: str | None = None
+    target: str | None = None
+    yes: bool = False
+    background: bool = False
+    args: tuple[str, ...] = ()
+    nacelle: str | None = None
+    dangerous: bool = False
+
+
+@dataclass
+class Prepared:
+    request: Request
+    resolved: Resolved
+    route: Route
+    launch: drivers.Launch
+    consent: str
+
+
+def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[Any], bool] | None) -> Prepared:
+    policy.check_dangerous_flag(req.dangerous)
+
+    def confirm_install(scoped: str, registry: str) -> None:
+        if req.yes:
+            return
+        if not policy.interactive():
+            raise policy.fail(policy.CONSENT, f"{scoped} is not installed; installing it from {registry} needs "
+                                              "consent: re-run with -y/--yes", scoped_id=scoped, registry=registry)
+        if prompt is None or not prompt(f"Install {scoped} from {registry}?"):
+            raise policy.fail(policy.CONSENT, f"install of {scoped} was not approved", scoped_id=scoped)
+
+    resolved = resolve(req.input, registry=req.registry, confirm_install=confirm_install)
+    manifest = resolved.manifest
+    for warning in manifest.warnings:
+        notify(f"warning: {warning}")
+    rt = route(manifest, req.target)
+    overrides = resolved.overrides(rt.label)
+    dangerous = req.dangerous
+    if overrides.permission_mode == "dangerous" and rt.tier == 2 and not dangerous:
+        # saved in the registry UI; the same guard as the flag applies
+        if os.environ.get("CAPSULE_ALLOW_UNSAFE") != "1":
+            raise policy.fail(policy.POLICY, "the saved runtime config asks for permission_mode=dangerous, which "
+                                             "requires CAPSULE_ALLOW_UNSAFE=1", target=rt.label)
+        dangerous = True
+
+    # 1. required env (from the target env, the saved overrides, and our environment)
+    policy.check_required_env(rt, [{**rt.target.env, **overrides.env}, dict(os.environ)])
+    # 2. lockfiles
+    locks = policy.check_lockfiles(rt, manifest.project_dir)
+    # 3. runtimes and engines
+    drivers.check_runtime_available(rt)
+    opts = drivers.Options(args=list(req.args), dangerous=dangerous, engine_flag=req.nacelle,
+                           background=req.background)
+    planner = drivers.Planner(manifest, rt, overrides, opts)
+    engine = None
+    if rt.tier == 2 and not dangerous:
+        engine = engines.discover(req.nacelle, manifest.raw, manifest.project_dir)
+    if rt.tier == 2 and dangerous:
+        notify("warning: dangerous mode: running a Tier 2 target on the host without the sandbox")
+    launch = planner.build()
+    if launch.port is not None and not _port_free(launch.port):
+        raise policy.fail("ATO_ERR_PORT_IN_USE", f"port {launch.port} is already in use on 127.0.0.1; stop what "
+                                                 "listens there or set another port", port=launch.port)
+    # 4. consent for exactly this plan
+    plan = policy.Plan(capsule=resolved.scoped_id or manifest.name, version=manifest.version, target=rt.label,
+                       runtime=rt.runtime, driver=rt.driver, tier=rt.tier, permissions=launch.permissions)
+    how = policy.ensure_consent(plan, yes=req.yes, prompt=prompt)
+    # 5. provisioning (outside the sandbox), then wrap Tier 2 units for the engine
+    if rt.driver == "python" and rt.runtime in ("source", "web"):
+        from pipeline.runtime.provision import python_environment
+
+        python, readable = python_environment(manifest.project_dir, locks["uv.lock"])
+        planner.python_bin = python
+        launch = planner.build()  # rebuilt with the environment on PATH
+        if not engine:
+            venv_bin = str(python.parent)
+            for unit in launch.units:
+                unit.env["PATH"] = f"{venv_bin}:{unit.env.get('PATH', '')}"
+                unit.env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    else:
+        readable = []
+    if engine is not None:
+        drivers.sandbox_wrap(launch, manifest, engine.path, readable)
+    return Prepared(req, resolved, rt, launch, how)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ foreground
+
+
+def run_foreground(prep: Prepared, *, notify: Callable[[str], None]) -> int:
+    launch = prep.launch
+    tty = not launch.prefix and sys.stdin.isatty() and os.getpgrp() == _tty_pgrp()
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "ready" and data.get("url"):
+            what = f"web target '{prep.route.label}'" if not launch.prefix else f"service '{data['name']}'"
+            notify(f"🌐 {what} is available at {data['url']}")
+
+    runner = Runner(launch.units, prefix=launch.prefix, on_event=on_event, foreground_tty=tty)
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, lambda signum, _frame: runner.request_stop(signum))
+    try:
+        return runner.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _cleanup(launch)
+
+
+def _tty_pgrp() -> int:
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno())
+    except OSError:
+        return -1
+
+
+def _cleanup(launch: drivers.Launch) -> None:
+    if launch.request_dir:
+        import shutil
+
+        shutil.rmtree(launch.request_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ background
+
+
+def run_background(prep: Prepared) -> dict[str, Any]:
+    launch = prep.launch
+    run_id = table.new_id()
+    log_path = table.log_path(run_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = prep.resolved.manifest
+    record = {
+        "schema_version": table.SCHEMA_VERSION, "id": run_id, "name": manifest.name,
+        "scoped_id": prep.resolved.scoped_id, "status": "starting", "pid": None, "pid_start": None,
+        "supervisor_pid": None, "supervisor_start": None, "runtime": launch.runtime_label,
+        "target": prep.route.label, "route": prep.route.pair, "tier": prep.route.tier,
+        "manifest_path": str(manifest.path), "project_dir": str(manifest.project_dir), "log_path": str(log_path),
+        "port": launch.port, "url": launch.url, "started_at": table.now(), "ready_at": None, "ended_at": None,
+        "exit_code": None, "last_event": "spawned", "last_error": None, "services": [],
+    }
+    table.write(record)
+    plan = {"units": [u.to_json() for u in launch.units], "prefix": launch.prefix, "entry": launch.entry,
+            "request_dir": launch.request_dir}
+    plan_file = table.plan_path(run_id)
+    fd = os.open(plan_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(plan, fh)
+    with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.runtime.supervisor", "--id", run_id],
+                                stdin=devnull, stdout=log, stderr=log, start_new_session=True,
+                                cwd=str(manifest.project_dir))
+    table.update(run_id, supervisor_pid=proc.pid, supervisor_start=table.proc_start_time(proc.pid))
+    wait = _ready_wait()
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        current = table.read(run_id) or record
+        if current["status"] != "starting":
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    current = table.read(run_id) or record
+    if current["status"] in ("failed",) or (current["status"] == "exited" and current.get("exit_code")):
+        raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED",
+                       f"background capsule failed before readiness (ID: {run_id}): "
+                       f"{current.get('last_error') or 'exit code ' + str(current.get('exit_code'))}. "
+                       f"See logs at {log_path}", exit_code=EXIT_RUNTIME,
+                       details={"id": run_id, "log_path": str(log_path)})
+    return current
+
+
+def _ready_wait() -> float:
+    try:
+        value = float(os.environ.get("ATO_BACKGROUND_READY_WAIT_TIMEOUT_SECS", DEFAULT_READY_WAIT))
+        return value if value > 0 else DEFAULT_READY_WAIT
+    except ValueError:
+        return DEFAULT_READY_WAIT
+
+
+def public_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as ``ps --json`` / ``run --background --json`` show it."""
+    keys = ("id", "name", "scoped_id", "pid", "supervisor_pid", "status", "runtime", "target", "route", "tier",
+            "manifest_path", "log_path", "port", "url", "started_at", "ready_at", "ended_at", "exit_code",
+            "last_event", "last_error", "services")
+    out = {k: record.get(k) for k in keys}
+    out["uptime"] = table.uptime(record)
+    out["services"] = list(record.get("services") or [])
+    return out
+
+
+def stop(record: dict[str, Any], *, force: bool, wait: float = 10.0) -> bool:
+    """Stop a background run: SIGTERM its supervisor (SIGKILL everything with ``force``); True if it was running."""
+    from pipeline.runtime.lifecycle import signal_group
+
+    if record.get("status") not in table.ACTIVE:
+        return False
+    sup = record.get("supervisor_pid")
+    sup_alive = table.proc_alive(sup, record.get("supervisor_start"))
+    groups = [s["pid"] for s in record.get("services") or [] if s.get("pid")]
+    if force or not sup_alive:
+        for pgid in groups:
+            if table.proc_alive(pgid) or _group_alive(pgid):
+                signal_group(pgid, signal.SIGKILL)
+        if sup_alive:
+            os.kill(sup, signal.SIGKILL)
+    else:
+        os.kill(sup, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not table.proc_alive(sup, record.get("supervisor_start")) and not any(_group_alive(g) for g in groups):
+            break
+        time.sleep(0.05)
+    else:
+        raise AtoError("E999", f"process {sup} did not exit within {wait:g} seconds", exit_code=EXIT_RUNTIME)
+    current = table.read(record["id"]) or record
+    if current.get("status") in table.ACTIVE or force:
+        table.update(record["id"], status="stopped", ended_at=current.get("ended_at") or table.now(),
+                     last_event="stopped",
+                     exit_code=current.get("exit_code") if current.get("status") not in table.ACTIVE else 137)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    from pipeline.runtime.lifecycle import group_alive
+
+    return group_alive(pgid)
+
+
+def project_of(input_: str) -> Path | None:
+    path = Path(input_).expanduser()
+    return path.resolve() if path.exists() else None
