@@ -35,6 +35,7 @@ def run_options(fn):
         click.option("--registry", metavar="URL", help="Install/resolve publisher/slug from this registry."),
         click.option("-t", "--target", metavar="LABEL", help="Run this target instead of the default."),
         click.option("-y", "--yes", is_flag=True, help="Approve consent (required in non-interactive runs)."),
+        click.option("--allow-unsigned", is_flag=True, help="Run an unsigned .capsule (it is reported as unsigned)."),
         click.option("--background", is_flag=True, help="Run detached; see `ato ps` / `ato logs`."),
         click.option("--watch", is_flag=True, help="Restart when the project's files change."),
         click.option("--nacelle", metavar="PATH", help="Sandbox engine to use for Tier 2 targets."),
@@ -53,8 +54,13 @@ def run_options(fn):
 def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None, target: str | None, yes: bool,
              background: bool, watch: bool, nacelle: str | None, unsafe: bool, unsafe_bypass: bool,
              dangerous: bool, skill: str | None = None, from_skill: str | None = None, sandbox: bool = False,
-             command: str = "run") -> None:
+             command: str = "run", allow_unsigned: bool = False) -> None:
+    from pipeline.cli.trust import tty_consent
     from pipeline.runtime import session
+    from pipeline.trust import gate
+
+    # issue 6: every .capsule is verified (digests, signature, pin, revocation) before it is unpacked
+    gate.configure(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=_notify)
 
     if skill and from_skill:
         raise AtoError(E_USAGE, "--skill and --from-skill are mutually exclusive")
@@ -83,6 +89,8 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
                 child += [flag, value]
         if yes:
             child.append("--yes")
+        if allow_unsigned:
+            child.append("--allow-unsigned")
         if dangerous:
             child.append("--dangerously-skip-permissions")
         if args:

@@ -1,0 +1,48 @@
+"""The run-time trust gate: ``verify_before_run(artifact)`` before ``ato run`` unpacks anything.
+
+:func:`pipeline.runtime.resolve.trust_gate` calls :func:`verify_before_run` for every ``.capsule``
+it is about to unpack (a file, or the one ``ato install`` stored), so a run checks exactly what
+``ato verify`` and ``ato install`` check: every digest, the signature, revocation and the pin.
+An artifact under ``$ATO_HOME/store/<publisher>/<slug>/`` is checked against its publisher;
+a bare file against ``capsule:<name>``.
+
+The run command says how to decide with :func:`configure` (``--allow-unsigned``, ``--yes``, the
+TTY prompt, where notes go). Unconfigured, the gate fails closed: unsigned artifacts and
+first-seen signers are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.trust import policy
+from pipeline.trust.verify import installer_verifier, scoped_id_from_store_path
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    allow_unsigned: bool = False
+    assume_yes: bool = False
+    consent: policy.Consent | None = None
+    notify: Callable[[str], None] = lambda _m: None
+
+
+_config = GateConfig()
+
+
+def configure(*, allow_unsigned: bool = False, assume_yes: bool = False, consent: policy.Consent | None = None,
+              notify: Callable[[str], None] | None = None) -> None:
+    """Set how this process's runs decide (call once from the run command)."""
+    global _config
+    _config = GateConfig(allow_unsigned, assume_yes, consent, notify or (lambda _m: None))
+
+
+def verify_before_run(artifact: Path, scoped_id: str | None = None) -> dict[str, Any]:
+    """Refuse (raise E208/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope."""
+    cfg = _config
+    verify = installer_verifier(allow_unsigned=cfg.allow_unsigned, assume_yes=cfg.assume_yes, consent=cfg.consent,
+                                notify=cfg.notify)
+    return verify(Path(artifact), scoped_id or scoped_id_from_store_path(Path(artifact)) or "")
