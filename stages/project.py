@@ -35,6 +35,7 @@ from cas.atomic import fsync_dir, write_bytes_atomic
 from cas.digest import blake3_bytes, label
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
+from stages import fetch as fetch_stage
 from stages import finalize as finalize_stage
 from stages.native import (
     ACCEPTED_SCHEMA_VERSIONS,
@@ -184,16 +185,9 @@ def load_records() -> list[tuple[Path, dict[str, Any]]]:
             continue
         doc = read_doc(path, "projection metadata")
         if not isinstance(doc.get("projection_id"), str) or not isinstance(doc.get("projected_path"), str):
-            raise finalize_stage.fetch_stage.integrity(f"Failed to parse {path}: not a projection record",
-                                                       path=str(path))
+            raise fetch_stage.integrity(f"Failed to parse {path}: not a projection record", path=str(path))
         out.append((path, doc))
     return out
-
-
-def _desktop_bytes(record: dict[str, Any]) -> bytes:
-    derived = Path(record["derived_app_path"])
-    return render_desktop(display_name(derived, record.get("scoped_id")), record.get("projected_command_path", ""),
-                          record.get("desktop_path_value") or _work_dir(derived))
 
 
 def _work_dir(derived: Path) -> str:
@@ -240,9 +234,12 @@ def inspect(record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _recorded_desktop(record: dict[str, Any]) -> bytes:
-    return render_desktop(record["desktop_name"], record["projected_command_path"], record["desktop_path_value"]) \
-        if "desktop_name" in record else _desktop_bytes(record)
+def _recorded_desktop(record: dict[str, Any]) -> bytes | None:
+    """The desktop entry project wrote, re-rendered from the record (None when the record lacks it)."""
+    try:
+        return render_desktop(record["desktop_name"], record["projected_command_path"], record["desktop_path_value"])
+    except (KeyError, AtoError):
+        return None
 
 
 def _command_problems(record: dict[str, Any]) -> list[str]:
@@ -351,6 +348,7 @@ def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | 
     scoped_id = provenance.get("scoped_id")
     record: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "projection_id": "", "projection_kind": kind,
                               "projected_at": now_rfc3339()}
+    command_path: Path | None = None
     if kind == KIND_DESKTOP:
         launcher = (launcher_dir or paths.applications_dir()).absolute()
         command = command_name(derived, scoped_id)
@@ -404,9 +402,11 @@ def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | 
             meta = metadata_path(pid)
             write_doc(meta, record, "projection-record", no_clobber=True)
             made.append(meta)
-        except FileExistsError as exc:
+        except FileExistsError as exc:  # lost a race with something that appeared meanwhile
             _rollback(made, created_dirs)
-            raise _conflict(f"Projection command conflict: command path already exists: {exc.filename}") from None
+            what = "command" if command_path is not None and str(exc.filename) == str(command_path) else "name"
+            where = "command path" if what == "command" else "launcher path"
+            raise _conflict(f"Projection {what} conflict: {where} already exists: {exc.filename}") from None
         except BaseException:
             _rollback(made, created_dirs)
             raise
