@@ -11,6 +11,7 @@ command -v desktop-file-validate >/dev/null 2>&1 || need+=(desktop-file-utils)
 (command -v gcc || command -v cc) >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)  # registry load benchmark
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = "0" ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
   echo "system-deps: missing ${need[*]} and no root/sudo to install them" >&2; exit 1; fi

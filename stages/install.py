@@ -34,10 +34,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
+import queue
 import secrets
+import sys
+import tarfile
+import threading
+import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,7 @@ import blake3
 
 from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse
+from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
 from pipeline import paths
 from pipeline.envelope import validate
@@ -63,6 +70,7 @@ from stages.artifact import open_capsule, verify_capsule
 
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
+WRITE_BATCH = 4 << 20
 
 # Trust hook (issue 6): ``verify(path, scoped_id)`` checks digests, signature and the trust decision
 # (pipeline.trust.verify, which stages may not import) and returns {"signed", "signer", "trust"} for the
@@ -122,31 +130,59 @@ class _Expect:
 
 
 class _FrameStream:
-    """Cut a byte stream into frames of known sizes."""
+    """Cut a byte stream into frames of known sizes (one copy per frame, no buffer shuffling)."""
 
     def __init__(self, pieces: Iterator[bytes]) -> None:
         self.pieces = pieces
-        self.buf = bytearray()
+        self.cur = b""
+        self.pos = 0
 
     def take(self, n: int) -> bytes:
-        while len(self.buf) < n:
+        avail = len(self.cur) - self.pos
+        if avail >= n:
+            self.pos += n
+            return self.cur[self.pos - n:self.pos]
+        parts = [self.cur[self.pos:]] if avail else []
+        need = n - avail
+        self.cur, self.pos = b"", 0
+        while need > 0:
             try:
-                self.buf += next(self.pieces)
+                piece = next(self.pieces)
             except StopIteration:
-                raise integrity(f"registry chunk stream ended early ({len(self.buf)} of {n} bytes)") from None
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
+                raise integrity(f"registry chunk stream ended early ({n - need} of {n} bytes)") from None
+            if len(piece) >= need:
+                parts.append(piece[:need])
+                self.cur, self.pos = piece, need
+                need = 0
+            else:
+                parts.append(piece)
+                need -= len(piece)
+        return b"".join(parts)
+
+    def exhausted(self) -> bool:
+        return self.pos >= len(self.cur) and not any(True for piece in self.pieces if piece)
 
 
-@dataclass
 class _Staging:
-    cas: CasStore
-    staged: dict[str, Path] = field(default_factory=dict)
+    """Downloaded chunks as temp objects beside their final CAS names; published together at the end."""
+
+    def __init__(self, cas: CasStore) -> None:
+        self.cas = cas
+        self.staged: dict[str, Path] = {}
+        self._dirs: set[Path] = set()
 
     def add(self, raw_hash: str, frame: bytes) -> None:
-        if raw_hash not in self.staged:
-            self.staged[raw_hash] = self.cas.objects.write_temp(raw_hash, frame)
+        if raw_hash in self.staged:
+            return
+        target = self.cas.objects.path(raw_hash)
+        if target.parent not in self._dirs:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(target.parent)
+        # the temp naming of cas.objects.write_temp (gc sweeps stale ``.*.tmp``)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(frame)
+        self.staged[raw_hash] = tmp
 
     def publish(self) -> int:
         items = list(self.staged.items())
@@ -159,6 +195,70 @@ class _Staging:
         self.staged = {}
 
 
+class _Worker(threading.Thread):
+    """Runs queued calls in order on one thread (file writes, hashing: both release the GIL)."""
+
+    def __init__(self, depth: int = 64) -> None:
+        super().__init__(daemon=True)
+        self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (job := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    job()
+                except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+                    self.error = exc
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(job)
+
+    def finish(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _prefetch(pieces: Iterator[bytes], depth: int = 32) -> Iterator[bytes]:
+    """Read a response stream on a helper thread so the network overlaps verification."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def pump() -> None:
+        try:
+            for piece in pieces:
+                while not stop.is_set():
+                    try:
+                        q.put(("data", piece), timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "data":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+
+
 def _batched_fetch(client: RegistryClient, hexes: list[str]) -> Iterator[bytes]:
     for i in range(0, len(hexes), FETCH_BATCH):
         yield from client.fetch_chunks(hexes[i:i + FETCH_BATCH])
@@ -166,66 +266,116 @@ def _batched_fetch(client: RegistryClient, hexes: list[str]) -> Iterator[bytes]:
 
 def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Path, transfer: Transfer,
             staging: _Staging) -> tuple[str, str, int]:
+    """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
+
+    A reused frame is accepted when its bytes hash to the published frame digest; a downloaded
+    frame must decode to exactly its chunk (size and BLAKE3) before it is staged for the CAS.
+    The caller then compares the whole file with the published BLAKE3 and SHA-256.
+    """
     prefix = base64.b64decode(skel["prefix"])
     suffix = base64.b64decode(skel["suffix"])
     frames = [FrameRef.from_json(f) for f in skel["frames"]]
     transfer.mode = "delta"
     transfer.chunks_total = len(frames)
     transfer.skeleton_bytes = len(prefix) + len(suffix)
-    # which frames the local CAS holds byte-identically (each read is verified against its raw hash)
-    reuse: set[str] = set()
+    objects = cas.objects
+    local: set[str] = set()
     for f in frames:
-        if f.raw_hash in reuse or not cas.objects.has(f.raw_hash):
-            continue
-        try:
-            frame = cas.objects.read_frame(f.raw_hash, f.raw_size)
-        except Exception:  # noqa: BLE001 - a damaged or racing local object is simply fetched again
-            continue
-        if len(frame) == f.frame_size and blake3.blake3(frame).hexdigest() == f.frame_blake3:
-            reuse.add(f.raw_hash)
-    fetch: list[str] = []
+        if f.raw_hash not in local:
+            try:
+                if objects.path(f.raw_hash).stat().st_size == f.frame_size:
+                    local.add(f.raw_hash)
+            except OSError:
+                pass
+    fetch = list(dict.fromkeys(f.raw_hash for f in frames if f.raw_hash not in local))
+    counts: dict[str, int] = {}
     for f in frames:
-        if f.raw_hash not in reuse and f.raw_hash not in fetch:
-            fetch.append(f.raw_hash)
-    fetch_set = set(fetch)
-    stream = _FrameStream(_batched_fetch(client, fetch)) if fetch else None
-    fetched: set[str] = set()
-    sha, b3, size = hashlib.sha256(), blake3.blake3(), 0
+        counts[f.raw_hash] = counts.get(f.raw_hash, 0) + 1
+    stream = _FrameStream(_prefetch(_batched_fetch(client, fetch))) if fetch else None
+    kept: dict[str, bytes] = {}  # downloaded frames that appear again later in the payload
+    sha, b3 = hashlib.sha256(), blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = 0
     with open(out, "wb") as fh:
+        writer = _Worker()
+        pending: list[bytes] = []
+        pending_size = 0
+        to_stage: list[tuple[str, bytes]] = []
+
+        def flush() -> None:
+            nonlocal pending, pending_size, to_stage
+            data, items = b"".join(pending), to_stage
+            pending, pending_size, to_stage = [], 0, []
+
+            def job() -> None:  # big writes and hash updates: both release the GIL
+                fh.write(data)
+                sha.update(data)
+                b3.update(data)
+                for raw_hash, frame in items:
+                    staging.add(raw_hash, frame)
+            writer.submit(job)
+
         def put(data: bytes) -> None:
-            nonlocal size
-            fh.write(data)
-            sha.update(data)
-            b3.update(data)
+            nonlocal size, pending_size
             size += len(data)
-        put(prefix)
-        for f in frames:
-            if f.raw_hash in reuse:
-                data = cas.objects.path(f.raw_hash).read_bytes()
-                transfer.chunks_reused += 1
-                transfer.bytes_reused += len(data)
-            elif f.raw_hash in fetched:
-                data = staging.staged[f.raw_hash].read_bytes()
-            else:
-                assert stream is not None and f.raw_hash in fetch_set
-                data = stream.take(f.frame_size)
-                fetched.add(f.raw_hash)
-                transfer.chunks_downloaded += 1
-                transfer.bytes_downloaded += len(data)
-                try:
-                    check_frame(data, f.raw_hash, f.raw_size)
-                except FrameError as exc:
-                    raise integrity(f"chunk blake3:{f.raw_hash} from the registry is corrupt: {exc}") from None
-                staging.add(f.raw_hash, data)
-            if blake3.blake3(data).hexdigest() != f.frame_blake3:
-                raise integrity(f"frame of chunk blake3:{f.raw_hash} does not match the published frame digest")
-            put(data)
-        put(suffix)
+            pending.append(data)
+            pending_size += len(data)
+            if pending_size >= WRITE_BATCH:
+                flush()
+
+        try:
+            put(prefix)
+            for f in frames:
+                h = f.raw_hash
+                if h in kept:
+                    data = kept[h]
+                elif h in local:
+                    data = _local_frame(client, objects, f)
+                    if data is None:  # the local object is not the published frame: fetch just this one
+                        data = _fetch_one(client, f)
+                        transfer.chunks_downloaded += 1
+                        transfer.bytes_downloaded += len(data)
+                    else:
+                        transfer.chunks_reused += 1
+                        transfer.bytes_reused += len(data)
+                else:
+                    assert stream is not None
+                    data = stream.take(f.frame_size)
+                    transfer.chunks_downloaded += 1
+                    transfer.bytes_downloaded += len(data)
+                    try:
+                        check_frame(data, h, f.raw_size)
+                    except FrameError as exc:
+                        raise integrity(f"chunk blake3:{h} from the registry is corrupt: {exc}") from None
+                    to_stage.append((h, data))
+                    if counts[h] > 1:
+                        kept[h] = data
+                put(data)
+            put(suffix)
+            flush()
+        finally:
+            writer.finish()
+            if stream is not None and sys.exc_info()[0] is not None:
+                stream.pieces.close()  # type: ignore[attr-defined]
         fh.flush()
         os.fsync(fh.fileno())
-    if stream is not None and (stream.buf or next(stream.pieces, b"")):
+    if stream is not None and not stream.exhausted():
         raise integrity("registry sent more chunk bytes than requested")
     return sha.hexdigest(), b3.hexdigest(), size
+
+
+def _local_frame(client: RegistryClient, objects: Any, f: FrameRef) -> bytes | None:
+    try:
+        data = objects.path(f.raw_hash).read_bytes()
+    except OSError:
+        return None
+    return data if blake3.blake3(data).hexdigest() == f.frame_blake3 else None
+
+
+def _fetch_one(client: RegistryClient, f: FrameRef) -> bytes:
+    data = b"".join(client.fetch_chunks([f.raw_hash]))
+    if blake3.blake3(data).hexdigest() != f.frame_blake3:
+        raise integrity(f"frame of chunk blake3:{f.raw_hash} does not match the published frame digest")
+    return data
 
 
 def _download(client: RegistryClient, url: str, out: Path, transfer: Transfer) -> tuple[str, str, int]:
@@ -326,9 +476,47 @@ def parse_sha(value: str) -> str:
     return text
 
 
+def artifact_identity(path: Path) -> tuple[Any, Any, PayloadManifest]:
+    """(manifest name, manifest version, payload manifest) without parsing the whole capsule.toml.
+
+    The distribution manifest of a large payload lists thousands of chunks; ``name`` and ``version``
+    are top-level keys, which TOML requires before the first table header, so only that head is
+    parsed. A head that does not parse on its own (say a multi-line string holding a ``[``) falls
+    back to the whole document.
+    """
+    try:
+        with tarfile.open(path, "r:") as tf:
+            names = tf.getnames()
+            if names[:1] != ["capsule.toml"] or "payload.v3.manifest.json" not in names:
+                raise integrity(f"{path.name} does not have the capsule layout")
+            toml_text = _member(tf, "capsule.toml").decode("utf-8")
+            payload = PayloadManifest.from_json(json.loads(_member(tf, "payload.v3.manifest.json")))
+    except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError, PayloadManifestError) as exc:
+        raise integrity(f"{path.name} is not a readable capsule: {exc}") from None
+    lines = toml_text.splitlines(keepends=True)
+    cut = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
+    try:
+        head = tomllib.loads("".join(lines[:cut]))
+        if "name" not in head or "version" not in head:
+            raise tomllib.TOMLDecodeError("name/version not in the head")
+    except tomllib.TOMLDecodeError:
+        try:
+            head = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise integrity(f"{path.name}: capsule.toml does not parse: {exc}") from None
+    return head.get("name"), head.get("version"), payload
+
+
+def _member(tf: tarfile.TarFile, name: str) -> bytes:
+    fh = tf.extractfile(name)
+    if fh is None:
+        raise integrity(f"{name} is not a file member")
+    return fh.read()
+
+
 def _ensure_manifest(cas: CasStore, path: Path) -> None:
     """The payload manifest of an installed artifact is a gc root: keep it in the CAS."""
-    manifest = open_capsule(path).payload_manifest
+    manifest = artifact_identity(path)[2]
     if not cas.manifest_path(manifest.artifact_hash).exists():
         cas.put_manifest(manifest)
 
@@ -357,18 +545,20 @@ def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: 
                                 f"{expect.sha256}")
             if expect.size and size != expect.size:
                 raise integrity(f"installed artifact has {size} bytes, the registry published {expect.size}")
-            opened = open_capsule(tmp)
-            if opened.manifest.get("name") != slug or opened.manifest.get("version") != version:
-                raise integrity(f"artifact manifest is {opened.manifest.get('name')} {opened.manifest.get('version')}, "
-                                f"expected {slug} {version}")
-            if full_verify:
-                verify_capsule(tmp)
-            trust = verify(tmp, scoped) if verify is not None else None
+            name, mversion, payload = artifact_identity(tmp)
+            if name != slug or mversion != version:
+                raise integrity(f"artifact manifest is {name} {mversion}, expected {slug} {version}")
+            if verify is not None:
+                trust = verify(tmp, scoped)  # the trust hook runs the complete artifact check (verify_capsule too)
+            else:
+                trust = None
+                if full_verify:
+                    verify_capsule(tmp)
             if skel is None:
                 _stage_from_artifact(tmp, cas, staging, transfer)
             staging.publish()
-            if not cas.manifest_path(opened.payload_manifest.artifact_hash).exists():
-                cas.put_manifest(opened.payload_manifest)
+            if not cas.manifest_path(payload.artifact_hash).exists():
+                cas.put_manifest(payload)
             os.replace(tmp, target)
             fsync_dir(target.parent)
             return trust

@@ -80,7 +80,6 @@ from pipeline.registry.storage import (
     check_file_name,
     check_scope,
     check_version,
-    manifest_json,
 )
 
 log = logging.getLogger("ato.registry")
@@ -292,7 +291,7 @@ class RegistryApp:
             doc["latest_version"] = pkg["latest_version"]
             doc["releases"] = [self.release_row(request, r) for r in releases]
             if latest is not None:
-                doc["manifest"] = manifest_json(latest["manifest_toml"])
+                doc["manifest"] = json.loads(latest["manifest_json"])
                 doc["manifest_toml"] = latest["manifest_toml"]
                 doc["readme_markdown"] = latest["readme"]
                 doc["readme_source"] = "artifact" if latest["readme"] is not None else "none"

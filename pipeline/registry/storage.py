@@ -42,16 +42,15 @@ import re
 import secrets
 import shutil
 import sqlite3
-import tarfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import blake3
+import tomli_w
 import zstandard
 
 from cas.atomic import fsync_dir
@@ -71,7 +70,7 @@ from pipeline.registry.frames import (
 )
 from stages.artifact import open_capsule, verify_capsule
 
-SCHEMA_VERSION = "ato-local-registry-1"
+SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 SESSION_TTL_SECONDS = 3600
@@ -87,7 +86,7 @@ CREATE TABLE IF NOT EXISTS releases(
   sha256 TEXT NOT NULL, blake3 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
   manifest_hash TEXT NOT NULL, payload_hash TEXT NOT NULL,
   prefix_size INTEGER NOT NULL, payload_size INTEGER NOT NULL, suffix_size INTEGER NOT NULL,
-  layout TEXT, manifest_toml TEXT NOT NULL, readme TEXT, readme_name TEXT,
+  layout TEXT, manifest_toml TEXT NOT NULL, manifest_json TEXT NOT NULL, readme TEXT, readme_name TEXT,
   created_at TEXT NOT NULL,
   PRIMARY KEY(scoped_id, version));
 CREATE TABLE IF NOT EXISTS chunks(
@@ -179,7 +178,8 @@ class Upload:
 @dataclass
 class Inspection:
     manifest: dict[str, Any]
-    manifest_toml: str
+    manifest_toml: str  # display form: the manifest with distribution.chunk_list left out
+    manifest_json: str
     manifest_hash: str
     payload: PayloadManifest
     prefix_size: int
@@ -235,22 +235,17 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Ins
     except UnsafePayload as exc:
         raise RegistryError(422, "unsafe_payload", str(exc)) from None
     size = path.stat().st_size
-    toml_text = _member_text(path, "capsule.toml")
+    display = display_manifest(manifest)
+    toml_text = tomli_w.dumps(display)
     suffix = size - opened.payload_offset - opened.payload_size
     readme_name = next((n for n in opened.members if n not in ("capsule.toml", "capsule.lock.json",
                                                                   "sbom.spdx.json", "signature.json",
                                                                   "payload.tar.zst", "payload.v3.manifest.json")),
                        None)
     readme = opened.readme[:README_LIMIT] if opened.readme is not None else None
-    return Inspection(manifest, toml_text, str(manifest["distribution"]["manifest_hash"]), opened.payload_manifest,
+    return Inspection(manifest, toml_text, json.dumps(display, sort_keys=True),
+                      str(manifest["distribution"]["manifest_hash"]), opened.payload_manifest,
                       opened.payload_offset, opened.payload_size, suffix, layout.frames, readme, readme_name)
-
-
-def _member_text(path: Path, name: str) -> str:
-    with tarfile.open(path, "r:") as tf:
-        fh = tf.extractfile(name)
-        assert fh is not None
-        return fh.read().decode("utf-8")
 
 
 class RegistryStore:
@@ -607,8 +602,8 @@ class RegistryStore:
                         os.replace(tmp, target)
                 conn.execute("INSERT OR IGNORE INTO chunks(raw_hash, raw_size, frame_size, frame_blake3) "
                              "VALUES(?,?,?,?)", (ref.raw_hash, ref.raw_size, ref.frame_size, ref.frame_blake3))
-            for d in {t.parent for _r, _t, t in staged}:
-                fsync_dir(d)
+            if staged:
+                os.sync()  # the new directory entries (one sync beats a directory fsync per object)
             return inserted
         finally:
             for _ref, tmp, _t in staged:
@@ -662,11 +657,12 @@ class RegistryStore:
                 layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
                 conn.execute(
                     "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash,"
-                    " payload_hash, prefix_size, payload_size, suffix_size, layout, manifest_toml, readme,"
-                    " readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " payload_hash, prefix_size, payload_size, suffix_size, layout, manifest_toml, manifest_json,"
+                    " readme, readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (scoped, upload.version, upload.file_name, upload.sha256, upload.blake3, upload.size,
                      insp.manifest_hash, insp.payload.artifact_hash, insp.prefix_size, insp.payload_size,
-                     insp.suffix_size, layout, insp.manifest_toml, insp.readme, insp.readme_name, stamp))
+                     insp.suffix_size, layout, insp.manifest_toml, insp.manifest_json, insp.readme,
+                     insp.readme_name, stamp))
                 self._upsert_package(conn, upload, insp, stamp)
                 conn.execute("COMMIT")
             except BaseException:
@@ -864,8 +860,13 @@ def normalize_runtime_config(doc: Any) -> dict[str, Any]:
     return out
 
 
-def manifest_json(toml_text: str) -> dict[str, Any]:
-    try:
-        return json_safe(tomllib.loads(toml_text))
-    except tomllib.TOMLDecodeError:
-        return {}
+def display_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as the UI and the detail route show it: ``distribution.chunk_list`` (thousands of
+    entries for a large payload) is replaced by its length, ``chunk_count``."""
+    doc = json_safe(manifest)
+    dist = doc.get("distribution")
+    if isinstance(dist, dict) and isinstance(dist.get("chunk_list"), list):
+        dist = dict(dist)
+        dist["chunk_count"] = len(dist.pop("chunk_list"))
+        doc["distribution"] = dist
+    return doc
