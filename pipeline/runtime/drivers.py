@@ -183,6 +183,11 @@ class Planner:
             if path.is_file() and not os.access(path, os.X_OK) and path.suffix == ".sh":
                 return ["/bin/sh", str(path), *argv[1:]]
             return [str(path), *argv[1:]]
+        local = self.runtime_dir() / head
+        if "/" not in head and local.is_file() and head not in ("node", "deno", "python", "python3", "uv"):
+            if not os.access(local, os.X_OK) and local.suffix == ".sh":
+                return ["/bin/sh", str(local), *argv[1:]]
+            return [str(local), *argv[1:]]
         if "/" not in head and self.sandboxed:
             return argv  # the engine resolves bare names on the workload PATH inside the sandbox
         if head in ("python", "python3") and self.route.driver == "python":
@@ -191,10 +196,6 @@ class Planner:
             return [str(self.python_bin), *argv[1:]]
         if "/" not in head:
             found = which(head, env)
-            if found is None and (self.runtime_dir() / head).is_file():
-                path = self.runtime_dir() / head
-                return (["/bin/sh", str(path)] if path.suffix == ".sh" and not os.access(path, os.X_OK)
-                        else [str(path)]) + argv[1:]
             if found is None:
                 raise _err(RUNTIME_NOT_RESOLVED, f"{head} runtime is not resolved: not found on PATH",
                            runtime=head)

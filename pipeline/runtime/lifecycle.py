@@ -267,14 +267,19 @@ class Runner:
                             return 0
                         continue
                     # services
+                    if not r.ready and r.probe is None:  # no readiness contract: up as soon as it is started
+                        r.ready = True
+                        self.done.add(name)
+                        self.on_event("ready", {"name": name, "pid": r.proc.pid, "entry": r.unit.entry,
+                                                "url": r.unit.url})
                     if not r.ready:
                         if r.code is not None:
                             raise self._fail("ATO_ERR_EXECUTION_CONTRACT_INVALID",
                                              f"service '{name}' exited before readiness check passed (exit code: "
                                              f"{r.code})", service=name, exit_code=r.code)
-                        if r.probe is not None and now < r.next_probe:
+                        if now < r.next_probe:
                             continue
-                        if r.probe is None or probes.check(r.probe):
+                        if probes.check(r.probe):
                             r.ready = True
                             self.done.add(name)
                             self.on_event("ready", {"name": name, "pid": r.proc.pid, "entry": r.unit.entry,

@@ -42,6 +42,7 @@ class Resolved:
     artifact: Path | None = None
     registry: str | None = None
     overrides_by_target: dict[str, Overrides] = field(default_factory=dict)
+    selected_target: str | None = None  # chosen in the registry UI; an explicit --target wins
     installed_now: bool = False
 
     def overrides(self, label: str) -> Overrides:
@@ -83,7 +84,10 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
     resolved.installed_now = installed_now
     if registry:
         resolved.registry = registry
-        resolved.overrides_by_target = fetch_runtime_config(registry, publisher, slug)
+        doc = fetch_runtime_config(registry, publisher, slug)
+        resolved.overrides_by_target = parse_runtime_config(doc)
+        selected = doc.get("selected_target") if isinstance(doc, dict) else None
+        resolved.selected_target = selected if isinstance(selected, str) and selected.strip() else None
     return resolved
 
 
@@ -137,23 +141,19 @@ def installed_artifact(publisher: str, slug: str, version: str | None) -> Path |
 
 
 def install_from_registry(scoped_id: str, registry: str, version: str | None) -> Path:
-    """Install through the install stage and return the stored ``.capsule`` path."""
-    try:
-        from stages import install as install_stage  # type: ignore[attr-defined]
-    except ImportError:
-        raise AtoError(E_NOT_FOUND, f"{scoped_id} is not installed and registry installs are not available in "
-                                    "this build", details={"scoped_id": scoped_id, "registry": registry}) from None
-    func = getattr(install_stage, "install", None) or getattr(install_stage, "install_capsule", None)
-    if func is None:
-        raise AtoError("E999", "the install stage has no install entry point")
-    kwargs: dict[str, Any] = {"registry": registry}
-    if version:
-        kwargs["version"] = version
-    envelope = func(scoped_id, **kwargs)
+    """Install through the install stage (the same one ``ato install`` uses) and return the stored ``.capsule``.
+
+    Trust is not decided here: the stored artifact then goes through :func:`trust_gate`
+    like every other artifact that runs.
+    """
+    from stages.install import install
+
+    envelope = install(scoped_id, registry, version, token=os.environ.get("ATO_TOKEN"))
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)
-        path = installed_artifact(publisher, slug, version)
+        found = installed_artifact(publisher, slug, version)
+        path = str(found) if found else None
     if path is None or not Path(path).is_file():
         raise AtoError(E_NOT_FOUND, f"install of {scoped_id} did not leave a runnable .capsule",
                        details={"scoped_id": scoped_id})
@@ -175,7 +175,7 @@ def _installed_path(envelope: Any) -> str | None:
     return str(path) if isinstance(path, str) and path.endswith(".capsule") else None
 
 
-def fetch_runtime_config(registry: str, publisher: str, slug: str) -> dict[str, Overrides]:
+def fetch_runtime_config(registry: str, publisher: str, slug: str) -> dict[str, Any]:
     """``GET /v1/local/capsules/by/{p}/{s}/runtime-config`` -> per-target overrides ({} when none)."""
     import httpx
 
@@ -197,7 +197,7 @@ def fetch_runtime_config(registry: str, publisher: str, slug: str) -> dict[str, 
         doc = resp.json()
     except ValueError:
         return {}
-    return parse_runtime_config(doc)
+    return doc if isinstance(doc, dict) else {}
 
 
 def parse_runtime_config(doc: Any) -> dict[str, Overrides]:

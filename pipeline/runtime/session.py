@@ -65,7 +65,7 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     manifest = resolved.manifest
     for warning in manifest.warnings:
         notify(f"warning: {warning}")
-    rt = route(manifest, req.target)
+    rt = route(manifest, req.target or resolved.selected_target)
     overrides = resolved.overrides(rt.label)
     dangerous = req.dangerous
     if overrides.permission_mode == "dangerous" and rt.tier == 2 and not dangerous:
