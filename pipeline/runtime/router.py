@@ -107,7 +107,9 @@ def route(manifest: Manifest, explicit_target: str | None = None) -> Route:
             raise AtoError(E_MANIFEST, f"target '{explicit_target}' not found under [targets] (declared: "
                                        f"{', '.join(all_targets) or 'none'})", details={"target": explicit_target})
         if target.label == "execution" and target.runtime is None:
-            return _default_order(manifest, services_cmds, "--target execution")
+            # naming [execution] itself skips the oci/wasm alternatives beside it
+            wasm = (target.entrypoint or "").split(" ")[0].endswith(WASM_SUFFIXES)
+            return _finish("wasm" if wasm else "source", target, services_cmds, "--target execution")
         runtime = target.runtime or explicit_target
         if manifest.execution is not None and target.label in ("oci", "wasm"):
             target = _merge(manifest.execution, target)
