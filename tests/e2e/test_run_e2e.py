@@ -471,15 +471,22 @@ echo evil > {outside}/evil.txt 2>/dev/null && echo "OUTSIDE WRITE HAPPENED"
 echo evil > ./evil.txt 2>/dev/null && echo "PROJECT WRITE HAPPENED"
 echo evil > "$HOME/evil.txt" && echo "home write went to a private tmpfs"
 if (exec 3<>/dev/tcp/127.0.0.1/{host_port}) 2>/dev/null; then echo "NETWORK OPENED"; fi
-python3 -c "import socket; socket.create_connection(('127.0.0.1', {host_port}), timeout=2)" 2>/dev/null \\
-  && echo "NETWORK OPENED" || echo "network blocked"
+python3 -c "
+import socket
+print('python ran')
+try:
+    socket.create_connection(('127.0.0.1', {host_port}), timeout=2)
+    print('NETWORK OPENED')
+except OSError as exc:
+    print('network blocked:', exc)
+"
 exit 0
 """,
     })
     res = ato(["run", str(project), "-y"])
     stop.set()
     assert res.code == 0, res.stderr
-    assert "allowed write ok" in res.stdout and "network blocked" in res.stdout
+    assert "allowed write ok" in res.stdout and "python ran" in res.stdout and "network blocked" in res.stdout
     assert "OUTSIDE WRITE HAPPENED" not in res.stdout and "PROJECT WRITE HAPPENED" not in res.stdout
     assert "NETWORK OPENED" not in res.stdout
     assert not (outside / "evil.txt").exists()
@@ -886,3 +893,36 @@ entrypoint = "main.js"
     bad.write_bytes(bytes(data))
     res = ato(["run", str(bad), "-y", "--allow-unsigned"])
     assert res.code == 1 and "from the artifact" not in res.stdout
+
+
+@needs_bwrap
+def test_tier2_declared_network_is_allowed(tmp_path, ato):
+    """The positive control: with [network] egress_allow declared, the same connection goes through."""
+    register_engine(ato)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    port = server.getsockname()[1]
+    write(tmp_path, {"capsule.toml": """\
+schema_version = "0.2"
+name = "net-allowed"
+version = "0.1.0"
+type = "app"
+default_target = "cli"
+
+[network]
+egress_allow = ["127.0.0.1"]
+
+[targets.cli]
+runtime = "source"
+driver = "native"
+entrypoint = "net.sh"
+""", "net.sh": f"#!/bin/sh\npython3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), "
+                 "timeout=2); print('connected')\"\n"})
+    res = ato(["run", str(tmp_path), "-y"])
+    server.settimeout(5)
+    conn, _ = server.accept()
+    conn.close()
+    server.close()
+    assert res.code == 0, res.stderr
+    assert res.stdout == "connected\n"
