@@ -235,12 +235,12 @@ class RegistryApp:
         return {"handle": handle, "authorDid": f"did:key:local:{handle}", "verified": True}
 
     def release_row(self, request: Request, rel: Any) -> dict[str, Any]:
-        layout = json.loads(rel["layout"]) if rel["layout"] else None
+        spliceable = bool(rel["spliceable"]) if "spliceable" in rel.keys() else rel["layout"] is not None
         return {
             "version": rel["version"], "file_name": rel["file_name"], "content_hash": label(rel["blake3"]),
             "blake3": label(rel["blake3"]), "sha256": "sha256:" + rel["sha256"], "size_bytes": rel["size_bytes"],
             "manifest_hash": rel["manifest_hash"], "payload_hash": label(rel["payload_hash"]),
-            "chunks": len(layout) if layout else None, "spliceable": layout is not None,
+            "chunks": rel["chunk_count"], "spliceable": spliceable,
             "created_at": rel["created_at"],
             "artifact_url": self.artifact_url(request, rel["scoped_id"], rel["version"], rel["file_name"]),
         }
@@ -274,7 +274,7 @@ class RegistryApp:
 
         def run() -> dict[str, Any]:
             rows, nxt = self.store.search(q, limit, cursor)
-            out = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"])) for r in rows]
+            out = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True)) for r in rows]
             return {"capsules": out, "next_cursor": str(nxt) if nxt is not None else None}
         return json_response(await run_in_threadpool(run))
 
@@ -290,6 +290,8 @@ class RegistryApp:
             doc = self.search_row(pkg, latest)
             doc["latest_version"] = pkg["latest_version"]
             doc["releases"] = [self.release_row(request, r) for r in releases]
+            if latest is not None:
+                latest = self.store.release(scoped, latest["version"])  # the full row: manifest and README
             if latest is not None:
                 doc["manifest"] = json.loads(latest["manifest_json"])
                 doc["manifest_toml"] = latest["manifest_toml"]

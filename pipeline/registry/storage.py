@@ -74,6 +74,8 @@ SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 SESSION_TTL_SECONDS = 3600
+RELEASE_SUMMARY = ("scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash, payload_hash, "
+                   "chunk_count, layout IS NOT NULL AS spliceable, created_at")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,7 +88,8 @@ CREATE TABLE IF NOT EXISTS releases(
   sha256 TEXT NOT NULL, blake3 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
   manifest_hash TEXT NOT NULL, payload_hash TEXT NOT NULL,
   prefix_size INTEGER NOT NULL, payload_size INTEGER NOT NULL, suffix_size INTEGER NOT NULL,
-  layout TEXT, manifest_toml TEXT NOT NULL, manifest_json TEXT NOT NULL, readme TEXT, readme_name TEXT,
+  chunk_count INTEGER NOT NULL, layout TEXT,
+  manifest_toml TEXT NOT NULL, manifest_json TEXT NOT NULL, readme TEXT, readme_name TEXT,
   created_at TEXT NOT NULL,
   PRIMARY KEY(scoped_id, version));
 CREATE TABLE IF NOT EXISTS chunks(
@@ -304,11 +307,14 @@ class RegistryStore:
         return self.conn().execute("SELECT * FROM packages WHERE scoped_id=?", (scoped_id,)).fetchone()
 
     def releases(self, scoped_id: str) -> list[sqlite3.Row]:
-        rows = self.conn().execute("SELECT * FROM releases WHERE scoped_id=?", (scoped_id,)).fetchall()
+        """Every release of a capsule, newest version first, without the large columns."""
+        rows = self.conn().execute(f"SELECT {RELEASE_SUMMARY} FROM releases WHERE scoped_id=?",
+                                   (scoped_id,)).fetchall()
         return sorted(rows, key=lambda r: names.version_key(r["version"]), reverse=True)
 
-    def release(self, scoped_id: str, version: str) -> sqlite3.Row | None:
-        return self.conn().execute("SELECT * FROM releases WHERE scoped_id=? AND version=?",
+    def release(self, scoped_id: str, version: str, *, summary: bool = False) -> sqlite3.Row | None:
+        cols = RELEASE_SUMMARY if summary else "*"
+        return self.conn().execute(f"SELECT {cols} FROM releases WHERE scoped_id=? AND version=?",
                                    (scoped_id, version)).fetchone()
 
     def resolve_release(self, publisher: str, slug: str, version: str | None) -> sqlite3.Row:
@@ -555,12 +561,11 @@ class RegistryStore:
         return self.release_doc(rel, already_existed=True)
 
     def release_doc(self, rel: sqlite3.Row, *, already_existed: bool, chunks_new: int = 0) -> dict[str, Any]:
-        layout = json.loads(rel["layout"]) if rel["layout"] else None
         return {
             "scoped_id": rel["scoped_id"], "version": rel["version"], "file_name": rel["file_name"],
             "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]), "size_bytes": rel["size_bytes"],
             "manifest_hash": rel["manifest_hash"], "already_existed": already_existed,
-            "spliceable": layout is not None, "chunks_total": len(layout) if layout else 0,
+            "spliceable": rel["layout"] is not None, "chunks_total": rel["chunk_count"],
             "chunks_new": chunks_new,
         }
 
@@ -657,11 +662,11 @@ class RegistryStore:
                 layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
                 conn.execute(
                     "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash,"
-                    " payload_hash, prefix_size, payload_size, suffix_size, layout, manifest_toml, manifest_json,"
-                    " readme, readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " payload_hash, prefix_size, payload_size, suffix_size, chunk_count, layout, manifest_toml,"
+                    " manifest_json, readme, readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (scoped, upload.version, upload.file_name, upload.sha256, upload.blake3, upload.size,
                      insp.manifest_hash, insp.payload.artifact_hash, insp.prefix_size, insp.payload_size,
-                     insp.suffix_size, layout, insp.manifest_toml, insp.manifest_json, insp.readme,
+                     insp.suffix_size, len(insp.payload.chunks), layout, insp.manifest_toml, insp.manifest_json, insp.readme,
                      insp.readme_name, stamp))
                 self._upsert_package(conn, upload, insp, stamp)
                 conn.execute("COMMIT")
@@ -729,8 +734,8 @@ class RegistryStore:
                 pkg = self.package(scoped)
                 if pkg is None:
                     raise RegistryError(404, "not_found", "Capsule not found")
-                doomed = self.releases(scoped) if version is None else \
-                    [r for r in [self.release(scoped, version)] if r is not None]
+                doomed = [self.release(scoped, r["version"]) for r in self.releases(scoped)] if version is None \
+                    else [r for r in [self.release(scoped, version)] if r is not None]
                 if not doomed:
                     raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
                 for r in doomed:
