@@ -28,7 +28,10 @@ GET    /, /ui/*                                           —     the web UI (pl
 ====== ================================================== ===== ===========================================
 
 ``/v1/manifest/capsules...`` are accepted as aliases of the read routes, as the
-reference server does. Writes need ``Authorization: Bearer <token>`` when the
+reference server does. The detail route's ``manifest``/``manifest_toml`` are the
+*display* form of the latest release's capsule.toml: ``distribution.chunk_list``
+(one entry per chunk, thousands for a large payload) is replaced by
+``distribution.chunk_count``; the full manifest is in the artifact itself. Writes need ``Authorization: Bearer <token>`` when the
 server has ``--auth-token``; tokens are compared in constant time (HMAC
 compare of their SHA-256, so lengths leak nothing). Reads stay open.
 
