@@ -82,8 +82,9 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
     """Run a click group with the house failure rules: no traceback, documented exits."""
     as_json = "--json" in (argv if argv is not None else sys.argv[1:])
     try:
-        group.main(args=argv, prog_name=prog, standalone_mode=False, obj=State())
-        return 0
+        rv = group.main(args=argv, prog_name=prog, standalone_mode=False, obj=State())
+        # Without standalone mode click returns (rather than raises) the code of ctx.exit(n).
+        return rv if isinstance(rv, int) else 0
     except AtoError as err:
         report_error(err, as_json)
         return err.exit_code

@@ -10,28 +10,50 @@ import click
 
 from pipeline.cli.common import State, _json_callback, run_cli
 
-# Modules that each export ``register(group)``; one per command group.
-COMMAND_MODULES = [
-    "pipeline.cli.build",
-    "pipeline.cli.inspect",
-    "pipeline.cli.cas",
-    "pipeline.cli.registry",
-    "pipeline.cli.publish",
-    "pipeline.cli.install",
-    "pipeline.cli.search",
-    "pipeline.cli.key",
-    "pipeline.cli.trust",
-    "pipeline.cli.sign",
-    "pipeline.cli.verify",
-    "pipeline.cli.run",
-    "pipeline.cli.ps",
-    "pipeline.cli.logs",
-    "pipeline.cli.close",
-    "pipeline.cli.engine",
-    "pipeline.cli.fetch",
-    "pipeline.cli.finalize",
-    "pipeline.cli.project",
-]
+# Each module exports ``register(group)`` and adds the commands named here. Modules
+# are imported only when one of their commands runs (or for --help), so `ato ps`
+# does not pay for doit, the HTTP stack or the sandbox engine.
+COMMANDS: dict[str, str] = {
+    "build": "pipeline.cli.build",
+    "inspect": "pipeline.cli.inspect",
+    "cas": "pipeline.cli.cas",
+    "registry": "pipeline.cli.registry",
+    "publish": "pipeline.cli.publish",
+    "install": "pipeline.cli.install",
+    "search": "pipeline.cli.search",
+    "key": "pipeline.cli.key",
+    "trust": "pipeline.cli.trust",
+    "sign": "pipeline.cli.sign",
+    "verify": "pipeline.cli.verify",
+    "run": "pipeline.cli.run",
+    "open": "pipeline.cli.run",
+    "ps": "pipeline.cli.ps",
+    "logs": "pipeline.cli.logs",
+    "close": "pipeline.cli.close",
+    "config": "pipeline.cli.engine",
+    "engine": "pipeline.cli.engine",
+    "setup": "pipeline.cli.engine",
+    "fetch": "pipeline.cli.fetch",
+    "finalize": "pipeline.cli.finalize",
+    "project": "pipeline.cli.project",
+    "unproject": "pipeline.cli.project",
+}
+COMMAND_MODULES = sorted(set(COMMANDS.values()))
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module the first time it is needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if module is None:
+            return None
+        scratch = click.Group()
+        import_module(module).register(scratch)
+        return scratch.commands.get(cmd_name)
 
 
 def _version() -> str:
@@ -41,7 +63,7 @@ def _version() -> str:
         return "0.0.0+local"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(_version(), "-V", "--version", prog_name="ato", message="%(prog)s %(version)s")
 @click.option("--json", "json_flag", is_flag=True, expose_value=False, is_eager=True,
               callback=_json_callback, help="Print exactly one JSON document on stdout.")
@@ -49,10 +71,6 @@ def _version() -> str:
 def cli(ctx: click.Context) -> None:
     """ato: build, publish, install and run capsules (content-addressed, fail-closed)."""
     ctx.ensure_object(State)
-
-
-for _name in COMMAND_MODULES:
-    import_module(_name).register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
