@@ -31,6 +31,11 @@ def doit_db_path() -> Path:
     return state_dir() / "doit.db"
 
 
+def local_builds_dir() -> Path:
+    """One marker per artifact digest this machine built: the provenance of unsigned local builds."""
+    return state_dir() / "built"
+
+
 def build_cache_dir() -> Path:
     """Per-project build records (payload manifests) kept between builds."""
     return state_dir() / "builds"

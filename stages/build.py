@@ -32,6 +32,7 @@ from stages import artifact as capsule
 from stages import native_build, sign
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
+from stages.provenance import record_local_build
 from stages.sbom import build_sbom
 from stages.sources import DigestCache, PackFilter, SourceEntry, collect, generated_entry
 
@@ -338,6 +339,7 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
+    record_local_build(digest, plan.out_path)
     return {"artifact_blake3": digest, "size": written, "manifest_hash": dist["distribution"]["manifest_hash"],
             "large": size > MAX_PAYLOAD_BYTES}
 

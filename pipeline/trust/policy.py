@@ -41,7 +41,7 @@ def identity_for(*, explicit: str | None = None, scoped_id: str | None = None, n
 class Decision:
     """An accepted artifact: how it was accepted, and what (if anything) must be written."""
 
-    status: str  # unsigned | expected-signer | pinned | previous-key | new-pin | rotated
+    status: str  # unsigned | local-build | expected-signer | pinned | previous-key | new-pin | rotated
     identity: str | None
     key_id: str | None
     pinned_key: str | None  # what the identity was pinned to before this decision
@@ -71,10 +71,13 @@ def _integrity(message: str, hint: str, **details: Any) -> AtoError:
 
 def decide(store: TrustStore, *, identity: str | None, signature: SignatureInfo | None,
            allow_unsigned: bool = False, expected_signer: str | None = None,
-           extra_revoked: tuple[str, ...] = (), now: float | None = None) -> Decision:
+           extra_revoked: tuple[str, ...] = (), now: float | None = None, built_here: bool = False) -> Decision:
     """Accept (a Decision) or refuse (AtoError) an artifact whose signature already verified."""
     now = time.time() if now is None else now
     if signature is None or not signature.signed or not signature.key_id:
+        if built_here:
+            return Decision("local-build", identity, None, _pinned(store, identity),
+                            "unsigned, built on this machine (its digest is in this ATO_HOME's build records)")
         if not allow_unsigned:
             msg = "the artifact is unsigned; unsigned artifacts are refused"
             raise AtoError(E_POLICY, msg, hint="sign it (ato sign --key / ato build --key), or pass --allow-unsigned "

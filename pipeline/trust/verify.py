@@ -21,6 +21,7 @@ from pipeline.errors import AtoError, Problem
 from pipeline.trust import policy
 from pipeline.trust import store as trust_store
 from pipeline.trust.policy import Decision
+from stages.provenance import built_here
 from stages.sign import ArtifactCheck, Check, check_artifact
 
 SCHEMA = "verify"
@@ -117,7 +118,8 @@ def _decide(check: ArtifactCheck, identity: str | None, options: VerifyOptions, 
         def decide(store: trust_store.TrustStore) -> Decision:
             return policy.decide(store, identity=identity, signature=check.signature,
                                  allow_unsigned=options.allow_unsigned, expected_signer=options.expected_signer,
-                                 extra_revoked=options.extra_revoked, now=now)
+                                 extra_revoked=options.extra_revoked, now=now,
+                                 built_here=built_here(check.artifact_blake3))
 
         decision = policy.settle(decide(snapshot), consent=consent, assume_yes=options.assume_yes,
                                  decide_again=decide)
