@@ -37,6 +37,11 @@ COMMANDS: dict[str, str] = {
     "finalize": "pipeline.cli.finalize",
     "project": "pipeline.cli.project",
     "unproject": "pipeline.cli.project",
+    "login": "pipeline.cli.login",
+    "whoami": "pipeline.cli.login",
+    "logout": "pipeline.cli.login",
+    "gen-ci": "pipeline.cli.gen_ci",
+    "source": "pipeline.cli.source",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
