@@ -26,7 +26,7 @@ def _size(n: int) -> str:
 def _trust_line(doc: dict) -> str:
     """issue 6: who signed it and why it is trusted (or that it is unsigned)."""
     if not doc.get("signed"):
-        return "  Signed: NO (unsigned, accepted by --allow-unsigned)"
+        return f"  Signed: NO ({(doc.get('trust') or {}).get('message') or 'unsigned'})"
     return f"  Signed: {doc['signer']['key_id']} ({doc['signer']['short_fingerprint']}); {doc['trust']['message']}"
 
 

@@ -48,7 +48,7 @@ def resolve_target(target: str, version: str | None) -> tuple[Path, str | None]:
 def _human(report: dict) -> str:
     trust = report["trust"]
     if not report["signed"]:
-        return f"verified {report['artifact']}: digests ok, UNSIGNED (accepted by --allow-unsigned)"
+        return f"verified {report['artifact']}: digests ok, UNSIGNED ({trust.get('message') or 'unsigned'})"
     signer = report["signer"]
     who = f"{signer['key_id']} ({signer['short_fingerprint']}{', ' + repr(trust['petname']) if trust['petname'] else ''})"
     return f"verified {report['artifact']}: signed by {who}; {trust['message']}"
