@@ -7,13 +7,13 @@ the store alone (``--strict-v3`` builds, delta installs, gc roots).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from cas.atomic import write_bytes_atomic
 from cas.digest import parse
+from cas.filelock import flocked
 from cas.objects import ObjectError, ObjectStore
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 
@@ -24,23 +24,13 @@ class CasStore:
         self.objects = ObjectStore(self.root)
         self.manifest_dir = self.root / "manifests" / "blake3"
 
-    @contextlib.contextmanager
-    def _lock(self, mode: int) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as fh:
-            fcntl.flock(fh, mode)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
     def shared(self) -> contextlib.AbstractContextManager[None]:
         """Held by writers (builds, installs) so gc never runs in the middle of them."""
-        return self._lock(fcntl.LOCK_SH)
+        return flocked(self.root / ".lock", shared=True)
 
     def exclusive(self) -> contextlib.AbstractContextManager[None]:
         """Held by gc."""
-        return self._lock(fcntl.LOCK_EX)
+        return flocked(self.root / ".lock")
 
     def manifest_path(self, artifact_hash: str) -> Path:
         return self.manifest_dir / f"{parse(artifact_hash)}.json"

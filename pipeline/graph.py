@@ -9,11 +9,10 @@ dependency database lives under ``$ATO_HOME/state``.
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
 from collections.abc import Callable
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import AbstractContextManager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from doit.cmd_base import TaskLoader2
 from doit.doit_cmd import DoitMain
 from doit.task import dict_to_task
 
+from cas.filelock import flocked
 from pipeline.errors import E_INTERNAL, EXIT_INTERNAL, AtoError
 from stages import build as build_stage
 
@@ -95,16 +95,9 @@ class _Loader(TaskLoader2):
         return [dict_to_task(t) for t in self.tasks]
 
 
-@contextmanager
-def locked(state_dir: Path):
+def locked(state_dir: Path) -> AbstractContextManager[None]:
     """Serialize chains that share a state dir (two builds of one project)."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return flocked(state_dir / ".lock")
 
 
 def run_chain(steps: list[Step], state_dir: Path) -> list[StepReport]:

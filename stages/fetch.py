@@ -19,7 +19,6 @@ tree, so ``parent_digest`` never changes.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import os
 import posixpath
@@ -28,7 +27,7 @@ import secrets
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import zstandard
 from cas.atomic import fsync_dir
 from cas.canonical import jcs_digest
 from cas.digest import DigestError, blake3_file, label, parse
+from cas.filelock import flocked
 from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
@@ -295,16 +295,8 @@ def envelope(record: dict[str, Any], cache: Path) -> dict[str, Any]:
             "parent_digest": record["parent_digest"], "registry": record["registry"]}
 
 
-@contextlib.contextmanager
-def _cache_lock() -> Iterator[None]:
-    root = paths.state_dir() / "native-delivery"
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "fetches.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _cache_lock() -> contextlib.AbstractContextManager[None]:
+    return flocked(paths.state_dir() / "native-delivery" / "fetches.lock")
 
 
 def _copy_synced(src: Path, dest: Path) -> None:

@@ -21,11 +21,9 @@ quotes, ``%`` doubled, and the string escapes applied on top.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import blake3
 
 from cas.atomic import fsync_dir, write_bytes_atomic
 from cas.digest import blake3_bytes, label
+from cas.filelock import flocked
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from stages import fetch as fetch_stage
@@ -162,16 +161,9 @@ def metadata_path(pid: str) -> Path:
     return paths.projections_dir() / f"{pid}.json"
 
 
-@contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    root = paths.state_dir() / "native-delivery"  # engine state, so a refused projection leaves no dir behind
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "projections.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _locked() -> contextlib.AbstractContextManager[None]:
+    # Engine state, so a refused projection leaves no dir behind.
+    return flocked(paths.state_dir() / "native-delivery" / "projections.lock")
 
 
 def load_records() -> list[tuple[Path, dict[str, Any]]]:
