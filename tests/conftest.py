@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from pipeline import paths
 from pipeline.envelope import validation_errors
 
 BIN_DIR = Path(sys.executable).parent
@@ -92,3 +93,12 @@ def cap():
             input_text: str | None = None, timeout: float = 120) -> Result:
         return _run("cap", args, cwd, env, input_text, timeout)
     return run
+
+
+def forget_local_builds() -> None:
+    """Act as another machine: drop this ATO_HOME's record of the artifacts it built.
+
+    An unsigned artifact built by this ATO_HOME is accepted as a local build; tests of
+    the unsigned-refusal rule need the bytes to look foreign.
+    """
+    shutil.rmtree(paths.local_builds_dir(), ignore_errors=True)

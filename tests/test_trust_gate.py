@@ -12,6 +12,7 @@ from pipeline.errors import AtoError
 from pipeline.trust import gate
 from pipeline.trust import store as trust_store
 from stages import sign
+from tests.conftest import forget_local_builds
 from tests.test_trust_sign import build, make_project
 
 
@@ -24,6 +25,7 @@ def fresh_config():
 
 def test_unconfigured_gate_fails_closed(tmp_path: Path) -> None:
     unsigned = build(make_project(tmp_path / "u"), tmp_path / "u.capsule")
+    forget_local_builds()
     with pytest.raises(AtoError) as err:
         gate.verify_before_run(unsigned)
     assert err.value.code == "E301"

@@ -268,8 +268,7 @@ def _remove_stale_temps(path: Path) -> None:
 def transaction(path: Path | None = None) -> Iterator[TrustStore]:
     """Lock, read, yield the store, and save it if it changed (nothing is saved on an exception)."""
     path = Path(path) if path is not None else paths.trust_store_path()
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=0o700)
+    path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)  # two first writers may race here
     lock_path = path.with_name(f".{path.name}.lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import paths
-from tests.conftest import assert_schema, cli_path
+from tests.conftest import assert_schema, cli_path, forget_local_builds
 from tests.test_trust_sign import make_project
 
 
@@ -205,6 +205,9 @@ def test_revocation_list_file_is_merged_and_refreshed(ato, tmp_path: Path) -> No
 def test_unsigned_needs_allow_unsigned_and_is_reported_unsigned(ato, tmp_path: Path) -> None:
     b = build(ato, make_project(tmp_path / "p"), tmp_path / "a.capsule")
     assert b["signed"] is False and b["signer"] is None
+    local = ok_json(ato(["verify", str(tmp_path / "a.capsule"), "--json"]), "verify")
+    assert local["signed"] is False and local["trust"]["status"] == "local-build"
+    forget_local_builds()
     res = ato(["verify", str(tmp_path / "a.capsule"), "--json"])
     err = failure(res, "E301", "ATO_ERR_POLICY_VIOLATION")
     assert "--allow-unsigned" in err["details"]["hint"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import paths
-from tests.conftest import assert_schema, cli_path
+from tests.conftest import assert_schema, cli_path, forget_local_builds
 from tests.e2e.test_trust_cli import build, failure, gen_key, ok_json
 from tests.test_trust_sign import make_project
 
@@ -129,6 +129,7 @@ def test_revoked_key_fails_even_for_an_installed_version(ato, registry: str, tmp
 
 def test_unsigned_needs_allow_unsigned_and_is_reported(ato, registry: str, tmp_path: Path) -> None:
     release(ato, registry, tmp_path, "1.0.0", None)
+    forget_local_builds()  # the consumer is another machine
     res = install(ato, registry, "--yes")
     failure(res, "E301", "ATO_ERR_POLICY_VIOLATION")
     assert not installed("1.0.0").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import paths
+from tests.conftest import forget_local_builds
 from tests.e2e.test_trust_cli import build, failure, gen_key, ok_json
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
@@ -41,6 +42,7 @@ def node_project(root: Path, version: str = "1.0.0") -> Path:
 def test_unsigned_capsule_runs_only_with_allow_unsigned(ato, tmp_path: Path) -> None:
     art = tmp_path / "u.capsule"
     build(ato, node_project(tmp_path / "p"), art)
+    forget_local_builds()  # as if the artifact came from another machine
     res = ato(["run", str(art), "--yes"])
     assert res.code == 1 and GREETING not in res.stdout
     assert any(x.get("code") == "ATO_ERR_POLICY_VIOLATION" for x in res.stderr_json_lines()), res.stderr
