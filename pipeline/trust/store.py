@@ -249,9 +249,7 @@ def save(store: TrustStore) -> None:
     if problems:  # pragma: no cover - a bug here, not bad input
         raise AtoError(E_INTERNAL, f"internal error: trust store would be invalid: {problems[0]}",
                        exit_code=EXIT_INTERNAL)
-    parent = store.path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, mode=0o700)
+    store.path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
     data = (json.dumps(store.data, indent=2, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
     write_bytes_atomic(store.path, data, mode=0o600)
     store._original = copy.deepcopy(store.data)
