@@ -101,6 +101,10 @@ def _prepare_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bytes, 
     return ChunkRef(hex_digest, len(view), len(frame)), frame, objects.write_temp(hex_digest, frame)
 
 
+def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[tuple[ChunkRef, bytes, Path | None]]:
+    return [_prepare_chunk(store, memoryview(p)) for p in pieces]
+
+
 class ChunkSink:
     """A file-like sink for the payload tar that chunks, compresses and stores as it goes.
 
@@ -118,9 +122,10 @@ class ChunkSink:
         self.store = store
         self.out = frames_out
         self.pool = pool
-        self.max_pending = workers * 8
+        self.workers = workers
+        self.max_pending = workers * 4
         self.buf = bytearray()
-        self.pending: deque[Future[tuple[ChunkRef, bytes, Path | None]]] = deque()
+        self.pending: deque[Future[list[tuple[ChunkRef, bytes, Path | None]]]] = deque()
         self.refs: list[ChunkRef] = []
         self.staged: list[tuple[str, Path]] = []
         self.new_bytes = 0
@@ -134,22 +139,24 @@ class ChunkSink:
         spans = list(chunk_spans(memoryview(self.buf)))
         if not final:
             spans = spans[:-1]  # the tail may continue in the next write
-        consumed = 0
-        for offset, length in spans:
-            piece = bytes(self.buf[offset:offset + length])
-            self.pending.append(self.pool.submit(_prepare_chunk, self.store, piece))
-            consumed = offset + length
-        del self.buf[:consumed]
+        if spans:
+            end = spans[-1][0] + spans[-1][1]
+            pieces = [bytes(self.buf[o:o + n]) for o, n in spans]
+            # One task per cut (hundreds of chunks), not per chunk: less hand-over between threads.
+            half = max(1, len(pieces) // self.workers)
+            for i in range(0, len(pieces), half):
+                self.pending.append(self.pool.submit(_prepare_batch, self.store, pieces[i:i + half]))
+            del self.buf[:end]
         self._drain(0 if final else self.max_pending)
 
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
-            ref, frame, tmp = self.pending.popleft().result()
-            self.out.write(frame)
-            self.refs.append(ref)
-            if tmp is not None:
-                self.staged.append((ref.raw_hash, tmp))
-                self.new_bytes += len(frame)
+            for ref, frame, tmp in self.pending.popleft().result():
+                self.out.write(frame)
+                self.refs.append(ref)
+                if tmp is not None:
+                    self.staged.append((ref.raw_hash, tmp))
+                    self.new_bytes += len(frame)
 
     def close(self) -> None:
         self._cut(final=True)
@@ -158,9 +165,9 @@ class ChunkSink:
         """On failure: wait for in-flight chunks and delete every staged temp object."""
         for fut in self.pending:
             try:
-                _ref, _frame, tmp = fut.result()
-                if tmp is not None:
-                    self.staged.append((_ref.raw_hash, tmp))
+                for ref, _frame, tmp in fut.result():
+                    if tmp is not None:
+                        self.staged.append((ref.raw_hash, tmp))
             except Exception:  # noqa: BLE001 - cleaning up after the first error
                 pass
         self.pending.clear()
