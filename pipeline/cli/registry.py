@@ -28,12 +28,33 @@ def registry_group() -> None:
               help="Index, CAS and artifacts (default $ATO_HOME/local-registry).")
 @click.option("--auth-token", default=None,
               help="Require `Authorization: Bearer <token>` for writes (publish, runtime config, delete).")
+@click.option("--store-user", "store_users", multiple=True, metavar="HANDLE=TOKEN",
+              help="Act as a Store: accept TOKEN as the session of HANDLE (ato login, Personal Dock uploads "
+                   "under HANDLE). Repeatable.")
+@click.option("--ci-oidc-token", "oidc_tokens", multiple=True, metavar="TOKEN=OWNER/REPO",
+              help="Act as a Store for `ato publish --ci`: trust TOKEN as a CI identity of OWNER/REPO. Repeatable.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level (stderr).")
 @json_option
-def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | None, log_level: str) -> None:
+def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | None, store_users: tuple[str, ...],
+              oidc_tokens: tuple[str, ...], log_level: str) -> None:
     """Serve the registry API and web UI until interrupted (Ctrl-C)."""
+    from pipeline.registry.names import parse_scoped_id
     from pipeline.registry.server import serve
+
+    users: dict[str, str] = {}
+    for spec in store_users:
+        handle, sep, tok = spec.partition("=")
+        if not sep or not tok.strip() or parse_scoped_id(f"{handle}/x") is None:
+            raise click.BadParameter(f"expected HANDLE=TOKEN with a lowercase handle, got {spec!r}",
+                                     param_hint="--store-user")
+        users[tok.strip()] = handle
+    ci: dict[str, str] = {}
+    for spec in oidc_tokens:
+        tok, sep, repo = spec.partition("=")
+        if not sep or not tok.strip() or repo.count("/") != 1:
+            raise click.BadParameter(f"expected TOKEN=OWNER/REPO, got {spec!r}", param_hint="--ci-oidc-token")
+        ci[tok.strip()] = repo
 
     root = (data_dir.expanduser() if data_dir else paths.local_registry_dir()).absolute()
 
@@ -50,7 +71,7 @@ def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | Non
                              f"Write auth: {'required (Bearer token)' if doc['write_auth_required'] else 'off'}\n")
         sys.stdout.flush()
 
-    serve(host, port, root, auth_token, on_ready=ready, log_level=log_level)
+    serve(host, port, root, auth_token, on_ready=ready, log_level=log_level, store_users=users, oidc_tokens=ci)
 
 
 def register(group: click.Group) -> None:

@@ -75,6 +75,7 @@ from starlette.routing import Route
 from cas.digest import DigestError, label, parse
 from pipeline.errors import E_POLICY, EXIT_NETWORK, AtoError, Problem
 from pipeline.registry.client import E_NETWORK
+from pipeline.registry.names import normalize_segment
 from pipeline.registry.storage import (
     RegistryError,
     RegistryStore,
@@ -191,18 +192,61 @@ def _bool(value: str | None) -> bool:
 class RegistryApp:
     """The routes, bound to one store and one optional token."""
 
-    def __init__(self, store: RegistryStore, token: str | None, listen_url: str) -> None:
+    def __init__(self, store: RegistryStore, token: str | None, listen_url: str,
+                 store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> None:
         self.store = store
+        # trusted CI identity tokens, token -> owner/repo (stands in for GitHub's OIDC issuer)
+        self.oidc_tokens = dict(oidc_tokens or {})
+        self._sources: Any = None
         self.token = token
         self.listen_url = listen_url
+        # Store API subset (issue 8): session tokens of Store users, token -> handle
+        self.store_users = dict(store_users or {})
+
+    @property
+    def sources(self) -> Any:
+        if self._sources is None:
+            from pipeline.registry.sources import SourceService
+
+            self._sources = SourceService(self.store)
+        return self._sources
+
+    @staticmethod
+    def presented_token(request: Request) -> str:
+        header = request.headers.get("authorization", "").strip()
+        return header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+
+    def require_user(self, request: Request) -> str:
+        handle = self.user_for(request)
+        if handle is None:
+            raise RegistryError(401, "unauthorized", "Source operation requires authentication "
+                                "(ATO_ERR_AUTH_REQUIRED: run `ato login` or set ATO_TOKEN)")
+        return handle
+
+    def user_for(self, request: Request) -> str | None:
+        """The Store handle whose session token the request presents (None when none matches)."""
+        presented = self.presented_token(request) or request.cookies.get("better-auth.session_token", "")
+        if not presented:
+            return None
+        for tok, handle in self.store_users.items():
+            if tokens_equal(tok, presented):
+                return handle
+        return None
 
     # ---------------------------------------------------------------- helpers
 
-    def require_write(self, request: Request) -> None:
+    def require_write(self, request: Request, publisher: str | None = None, any_user: bool = False) -> None:
+        """The registry token, or (Dock uploads) a Store user's token when ``publisher`` is theirs;
+        ``any_user`` admits any Store user (chunk staging before the commit names the publisher)."""
+        if publisher is not None or any_user:
+            handle = self.user_for(request)
+            if handle is not None:
+                if publisher is not None and handle != publisher:  # a Dock upload: a user writes only under their own handle
+                    raise RegistryError(403, "forbidden", f"token of '{handle}' cannot publish as '{publisher}'")
+                return
         if not self.token:
             return
-        header = request.headers.get("authorization", "").strip()
-        presented = header[len("Bearer "):].strip() if header.startswith("Bearer ") else ""
+        presented = self.presented_token(request)
         if not presented or not tokens_equal(self.token, presented):
             raise RegistryError(401, "unauthorized", "Bearer token is required for this write API "
                                 "(ATO_ERR_AUTH_REQUIRED: set ATO_TOKEN)")
@@ -427,9 +471,26 @@ class RegistryApp:
     # ---------------------------------------------------------------- write routes
 
     async def upload(self, request: Request) -> Response:
-        self.require_write(request)
         p, s, scoped = self.scope(request)
-        version = request.path_params["version"]
+        self.require_write(request, publisher=p)
+        return await self._upload(request, p, s, scoped, request.path_params["version"])
+
+    async def publish_ci(self, request: Request) -> Response:
+        """``POST /v1/publish/ci``: a CI upload authorised by an OIDC token bound to one repository;
+        the publisher is the repository owner."""
+        presented = self.presented_token(request)
+        repo = next((r for tok, r in self.oidc_tokens.items() if presented and tokens_equal(tok, presented)), None)
+        if repo is None:
+            raise RegistryError(401, "unauthorized", "OIDC token is missing or not trusted by this Store")
+        claimed = request.headers.get("x-ato-repository", "")
+        if claimed.lower() != repo.lower():
+            raise RegistryError(403, "forbidden", f"OIDC token is for repository '{repo}', not '{claimed}'")
+        p = normalize_segment(repo.split("/")[0])
+        s = request.query_params.get("slug", "")
+        scoped = check_scope(p, s)
+        return await self._upload(request, p, s, scoped, request.query_params.get("version", ""))
+
+    async def _upload(self, request: Request, p: str, s: str, scoped: str, version: str) -> Response:
         check_version(version)
         file_name = request.query_params.get("file_name") or f"{s}-{version}.capsule"
         check_file_name(file_name)
@@ -456,14 +517,14 @@ class RegistryApp:
         return json_response(doc, status)
 
     async def negotiate(self, request: Request) -> Response:
-        self.require_write(request)
+        self.require_write(request, any_user=True)
         body = await self.read_json(request)
         if not isinstance(body, dict):
             raise RegistryError(400, "invalid_request", "body must be a JSON object")
         return json_response(await run_in_threadpool(self.store.negotiate, body))
 
     async def put_chunk(self, request: Request) -> Response:
-        self.require_write(request)
+        self.require_write(request, any_user=True)
         try:
             raw = parse(request.path_params["raw_hash"])
         except DigestError:
@@ -484,7 +545,7 @@ class RegistryApp:
         return json_response(doc, 201 if doc["inserted"] else 200)
 
     async def sync_chunks(self, request: Request) -> Response:
-        self.require_write(request)
+        self.require_write(request, any_user=True)
         session = request.query_params.get("session", "")
         self.store.session_dir(session)
         tmp = self.store.new_temp(".frames")
@@ -500,7 +561,7 @@ class RegistryApp:
                               "inserted": sum(1 for c in staged if c["inserted"])})
 
     async def commit(self, request: Request) -> Response:
-        self.require_write(request)
+        self.require_write(request, any_user=True)
         session = request.query_params.get("session") or None
         try:
             return await self._commit(request, session)
@@ -518,6 +579,7 @@ class RegistryApp:
             self.store.session_dir(session)
         p, s = str(body.get("publisher", "")), str(body.get("slug", ""))
         scoped = check_scope(p, s)
+        self.require_write(request, publisher=p)
         version = str(body.get("version", ""))
         check_version(version)
         file_name = str(body.get("file_name") or f"{s}-{version}.capsule")
@@ -573,6 +635,64 @@ class RegistryApp:
         cache = "no-cache" if path.name == "index.html" else "public, max-age=300"
         return FileResponse(path, headers={"cache-control": cache})
 
+    # ---------------------------------------------------------------- Store API subset (issue 8)
+
+    async def whoami(self, request: Request) -> Response:
+        handle = self.user_for(request)
+        if handle is None:
+            raise RegistryError(401, "unauthorized", "session token is missing or not valid for this Store")
+        return json_response({"handle": handle, "publisher": self.publisher_doc(handle),
+                              "dock_url": f"{self.base_url(request)}/d/{quote(handle)}"})
+
+    async def source_register(self, request: Request) -> Response:
+        handle = self.require_user(request)
+        body = await self.read_json(request)
+        if not isinstance(body, dict):
+            raise RegistryError(400, "invalid_json", "body must be a JSON object")
+        return json_response(await run_in_threadpool(self.sources.register, handle, body), 201)
+
+    async def source_detail(self, request: Request) -> Response:
+        handle = self.require_user(request)
+        return json_response(self.sources.owned(request.path_params["source_id"], handle))
+
+    async def source_preflight(self, request: Request) -> Response:
+        handle = self.require_user(request)
+        self.sources.owned(request.path_params["source_id"], handle)
+        body = await self.read_json(request)
+        op = body.get("operation") if isinstance(body, dict) else None
+        if op not in ("rebuild", "sync"):
+            raise RegistryError(400, "invalid_operation", f"unknown source operation {op!r}")
+        return json_response({"ok": True, "operation": op})
+
+    async def source_rebuild(self, request: Request) -> Response:
+        handle = self.require_user(request)
+        src = self.sources.owned(request.path_params["source_id"], handle)
+        body = await self.read_json(request)
+        ref = body.get("ref") if isinstance(body, dict) else None
+        if ref is not None and (not isinstance(ref, str) or not ref.strip() or ref.startswith("-")):
+            raise RegistryError(400, "invalid_ref", "ref must be a branch, tag or commit")
+        run = await run_in_threadpool(self.sources.rebuild, src, ref)
+        return json_response(run, 202)
+
+    async def source_sync_run(self, request: Request) -> Response:
+        handle = self.require_user(request)
+        sid = request.path_params["source_id"]
+        self.sources.owned(sid, handle)
+        return json_response(self.sources.run(sid, request.path_params["run_id"]))
+
+    async def dock(self, request: Request) -> Response:
+        handle = request.path_params["handle"]
+
+        def run() -> dict[str, Any]:
+            rows: list[dict[str, Any]] = []
+            cursor: int | None = 0
+            while cursor is not None:
+                page, cursor = self.store.search("", 50, cursor)
+                rows += [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True))
+                         for r in page if r["publisher"] == handle]
+            return {"handle": handle, "capsules": rows}
+        return json_response(await run_in_threadpool(run))
+
     async def fallback(self, request: Request) -> Response:
         if request.url.path == "/v1" or request.url.path.startswith("/v1/"):
             raise RegistryError(404, "not_found", "API route not found")
@@ -581,8 +701,9 @@ class RegistryApp:
         return await self.ui(request)
 
 
-def create_app(store: RegistryStore, token: str | None, listen_url: str) -> Starlette:
-    h = RegistryApp(store, token, listen_url)
+def create_app(store: RegistryStore, token: str | None, listen_url: str,
+               store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> Starlette:
+    h = RegistryApp(store, token, listen_url, store_users, oidc_tokens)
     cap = "/v1/capsules/by/{publisher}/{slug}"
     man = "/v1/manifest/capsules/by/{publisher}/{slug}"
     routes = [
@@ -608,6 +729,14 @@ def create_app(store: RegistryStore, token: str | None, listen_url: str) -> Star
         Route("/v1/chunks/{raw_hash}", api(h.put_chunk), methods=["PUT"]),
         Route("/v1/releases/{publisher}/{slug}/{version}/skeleton", api(h.skeleton), methods=["GET"]),
         Route("/v1/releases/{publisher}/{slug}/{version}/manifest", api(h.release_manifest), methods=["GET"]),
+        Route("/v1/auth/whoami", api(h.whoami), methods=["GET"]),
+        Route("/v1/publish/ci", api(h.publish_ci), methods=["POST"]),
+        Route("/v1/sources", api(h.source_register), methods=["POST"]),
+        Route("/v1/sources/{source_id}", api(h.source_detail), methods=["GET"]),
+        Route("/v1/sources/{source_id}/preflight", api(h.source_preflight), methods=["POST"]),
+        Route("/v1/sources/{source_id}/rebuild", api(h.source_rebuild), methods=["POST"]),
+        Route("/v1/sources/{source_id}/sync-runs/{run_id}", api(h.source_sync_run), methods=["GET"]),
+        Route("/d/{handle}", api(h.dock), methods=["GET"]),
         Route("/", api(h.ui), methods=["GET"]),
         Route("/ui/{path:path}", api(h.ui), methods=["GET"]),
         Route("/{rest:path}", api(h.fallback)),
@@ -689,7 +818,8 @@ def check_exposure(host: str, token: str | None) -> None:
 
 
 def serve(host: str, port: int, data_dir: Path, token: str | None, *,
-          on_ready: Callable[[dict[str, Any]], None], log_level: str = "warning") -> None:
+          on_ready: Callable[[dict[str, Any]], None], log_level: str = "warning",
+          store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> None:
     """Check, bind, initialise the data dir, report, then serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -702,7 +832,7 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, *,
         actual_port = sock.getsockname()[1]
         listen_url = f"http://{url_host(host)}:{actual_port}"
         access = f"http://{access_host(host)}:{actual_port}"
-        app = create_app(store, token, listen_url)
+        app = create_app(store, token, listen_url, store_users, oidc_tokens)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
                                 timeout_keep_alive=30, server_header=False)
         server = uvicorn.Server(config)

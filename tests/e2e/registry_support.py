@@ -32,13 +32,15 @@ TOKEN = "pwd"
 class Registry:
     """``ato registry serve --host 127.0.0.1 --port 0`` as a subprocess."""
 
-    def __init__(self, data_dir: Path, token: str | None = TOKEN, home: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, token: str | None = TOKEN, home: Path | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.token = token
         args = [cli_path("ato"), "registry", "serve", "--host", "127.0.0.1", "--port", "0",
                 "--data-dir", str(data_dir)]
         if token:
             args += ["--auth-token", token]
+        args += extra_args or []
         env = dict(os.environ)
         if home is not None:
             env.update(HOME=str(home), ATO_HOME=str(home / ".ato"))
