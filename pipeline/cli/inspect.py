@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -27,12 +28,16 @@ def inspect_group() -> None:
 
 @inspect_group.command("requirements")
 @click.argument("target", metavar="<path|publisher/slug>")
-@click.option("--registry", metavar="URL", help="Registry for publisher/slug refs (remote refs: not yet).")
+@click.option("--registry", metavar="URL",
+              help="Registry for publisher/slug refs (default $ATO_STORE_API_URL or https://api.ato.run).")
 @json_option
 def requirements_cmd(target: str, registry: str | None) -> None:
     """Print the secrets, state, env, network, services and consent TARGET needs (from capsule.toml)."""
     try:
-        doc, warnings = requirements.inspect_local(target)
+        if requirements.looks_local(target, Path.cwd()):
+            doc, warnings = requirements.inspect_local(target)
+        else:
+            doc, warnings = _inspect_remote(target, registry)
     except AtoError as err:
         # The failure shape is a contract too: check it before run_cli prints it.
         err.details.setdefault("input", target)
@@ -42,6 +47,39 @@ def requirements_cmd(target: str, registry: str | None) -> None:
         for line in warnings:
             warn(line)
     emit(doc, "inspect-requirements", human=_human(target, doc))
+
+
+def _inspect_remote(target: str, registry: str | None) -> tuple[dict[str, Any], list[str]]:
+    """The same document for ``publisher/slug[@version]``, from the registry's copy of capsule.toml."""
+    import tempfile
+
+    from pipeline.cli.install import default_registry
+    from pipeline.manifest.reader import load_manifest
+    from pipeline.registry.client import RegistryClient, RegistryHttpError
+
+    ref = target.lstrip("@").split("@", 1)[0]
+    publisher, slug = ref.split("/", 1)
+    with RegistryClient(registry or default_registry()) as client:
+        try:
+            detail = client.detail(publisher, slug)
+        except RegistryHttpError as exc:
+            if exc.status == 404:
+                raise AtoError(requirements.TARGET_NOT_FOUND,
+                               f"Could not resolve target: {ref} is not in registry {client.base}",
+                               details={"input": target, "reason": f"Capsule not found: {ref}"}) from None
+            raise
+    text = detail.get("manifest_toml")
+    if not isinstance(text, str) or not text.strip():
+        raise AtoError(requirements.E_NOT_FOUND, f"capsule.toml was not found for {ref} in the registry",
+                       details={"input": target, "reason": "registry detail has no manifest_toml"})
+    with tempfile.TemporaryDirectory(prefix="ato-inspect-") as tmp:
+        path = Path(tmp) / "capsule.toml"
+        path.write_text(text, "utf-8")
+        manifest = load_manifest(path)
+    doc = {"schemaVersion": requirements.SCHEMA_VERSION,
+           "target": {"input": target, "kind": "remote", "resolved": {"publisher": publisher, "slug": slug}},
+           "requirements": requirements.derive(manifest)}
+    return doc, list(manifest.warnings)
 
 
 def _human(target: str, doc: dict[str, Any]) -> str:

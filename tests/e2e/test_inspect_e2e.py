@@ -170,9 +170,13 @@ def test_missing_capsule_toml_failure_shape(ato, tmp_path: Path) -> None:
 def test_missing_path_and_remote_ref_fail_closed(ato, tmp_path: Path) -> None:
     err = failure(ato(["inspect", "requirements", "./nope", "--json"], cwd=tmp_path))
     assert err["code"] == "TARGET_NOT_FOUND" and err["details"]["input"] == "./nope"
-    err = failure(ato(["inspect", "requirements", "demo/inspect-remote", "--json"], cwd=tmp_path))
-    assert err["code"] == "TARGET_NOT_FOUND" and "remote" in err["message"] and "not available yet" in err["message"]
-    assert err["details"]["input"] == "demo/inspect-remote"
+    # remote refs go to the registry (issue 8); an unreachable one is a one-line network failure (exit 3)
+    res = ato(["inspect", "requirements", "demo/inspect-remote", "--json"], cwd=tmp_path,
+              env={"ATO_STORE_API_URL": "http://127.0.0.1:9"})
+    assert res.code == 3 and res.stdout == ""
+    doc = json.loads(res.stderr.strip().splitlines()[-1])
+    assert_schema(doc, "inspect-requirements-error")
+    assert doc["error"]["code"] == "E900" and doc["error"]["details"]["input"] == "demo/inspect-remote"
 
 
 @pytest.mark.parametrize(("text", "code", "key", "fragment"), [

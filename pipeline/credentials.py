@@ -1,0 +1,106 @@
+"""Store session credentials: ``$ATO_HOME/credentials.json`` (0600, written atomically).
+
+``ATO_TOKEN`` always wins over the stored token. Nothing here talks to the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import paths
+
+DEFAULT_STORE_API = "https://api.ato.run"
+DEFAULT_STORE_SITE = "https://store.ato.run"
+
+
+def store_api_url() -> str:
+    return (os.environ.get("ATO_STORE_API_URL") or DEFAULT_STORE_API).rstrip("/")
+
+
+def store_site_url() -> str:
+    return (os.environ.get("ATO_STORE_SITE_URL") or DEFAULT_STORE_SITE).rstrip("/")
+
+
+@dataclass
+class Session:
+    token: str
+    source: str  # "env" (ATO_TOKEN) or "credentials"
+    handle: str | None = None
+    api_url: str | None = None
+
+
+def load() -> dict[str, Any] | None:
+    try:
+        doc = json.loads(paths.credentials_path().read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("token"), str) and doc["token"] else None
+
+
+def save(token: str, handle: str, api_url: str) -> None:
+    path = paths.credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema_version": "1", "token": token, "handle": handle, "api_url": api_url}
+    fd, tmp = tempfile.mkstemp(prefix=".credentials.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def delete() -> bool:
+    try:
+        paths.credentials_path().unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def session() -> Session | None:
+    """The session token in force: ``ATO_TOKEN`` first, then stored credentials."""
+    env = (os.environ.get("ATO_TOKEN") or "").strip()
+    if env:
+        return Session(env, "env")
+    doc = load()
+    if doc is None:
+        return None
+    return Session(doc["token"], "credentials", doc.get("handle"), doc.get("api_url"))
+
+
+def identify(api_url: str, token: str) -> dict[str, Any]:
+    """``GET {api}/v1/auth/whoami`` with the token → ``{handle, api_url}``; a refusal is one E201 line."""
+    from pipeline.errors import E_AUTH_REQUIRED, AtoError, Problem
+    from pipeline.registry.client import RegistryClient, RegistryHttpError
+
+    with RegistryClient(api_url, timeout=30) as client:
+        try:
+            doc = client.request("GET", "/v1/auth/whoami", headers={"authorization": f"Bearer {token}"}).json()
+        except RegistryHttpError as exc:
+            if exc.status in (401, 403):
+                raise AtoError(E_AUTH_REQUIRED, f"the Store at {client.base} rejected the session token",
+                               hint="run `ato login` again with a valid token (or fix ATO_TOKEN)",
+                               problems=[Problem("ATO_ERR_AUTH_REQUIRED", "session token rejected",
+                                                 {"registry": client.base})]) from None
+            raise
+        base = client.base
+    if not isinstance(doc, dict) or not isinstance(doc.get("handle"), str) or not doc["handle"]:
+        raise AtoError("E999", f"the Store at {base} answered whoami without a handle", exit_code=2)
+    return {"handle": doc["handle"], "api_url": base}
+
+
+def session_api_url(sess: Session) -> str:
+    """Where a session is checked: the URL it was created against, unless ATO_STORE_API_URL says otherwise."""
+    if sess.source == "credentials" and sess.api_url and not os.environ.get("ATO_STORE_API_URL"):
+        return sess.api_url
+    return store_api_url()

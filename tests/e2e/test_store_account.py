@@ -1,0 +1,170 @@
+"""Store-side flows against `ato registry serve --store-user` on loopback: login/whoami/logout,
+search and inspect with ATO_STORE_API_URL as the default registry, and gen-ci."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import assert_schema
+from tests.e2e.registry_support import TOKEN, Registry, make_project
+
+ALICE = "alice-session-token"
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    reg = Registry(tmp_path / "store-data", token=TOKEN, extra_args=["--store-user", f"alice={ALICE}"])
+    yield reg
+    reg.stop()
+
+
+def store_env(store: Registry) -> dict[str, str]:
+    return {"ATO_STORE_API_URL": store.url, "ATO_STORE_SITE_URL": store.url}
+
+
+def test_login_whoami_logout(ato, store: Registry, isolated_home: Path) -> None:
+    env = store_env(store)
+    res = ato(["whoami"], env=env)
+    assert res.code == 1 and "not logged in" in res.stderr and "E201" in res.stderr
+    assert len([line for line in res.stderr.splitlines() if line.startswith("error")]) == 1
+
+    res = ato(["login", "--token", "wrong", "--json"], env=env)
+    assert res.code == 1 and "rejected the session token" in res.stderr
+    assert not (isolated_home / ".ato" / "credentials.json").exists()
+
+    res = ato(["login"], env=env, input_text="")  # no TTY, no token
+    assert res.code == 1 and "not a terminal" in res.stderr
+
+    res = ato(["login", "--token", ALICE, "--json"], env=env)
+    assert res.code == 0, res.stderr
+    doc = res.json()
+    assert_schema(doc, "login")
+    assert doc["handle"] == "alice" and doc["api_url"] == store.url
+    cred = isolated_home / ".ato" / "credentials.json"
+    assert stat.S_IMODE(cred.stat().st_mode) == 0o600
+    assert json.loads(cred.read_text())["token"] == ALICE
+
+    res = ato(["whoami", "--json"], env=env)
+    assert res.code == 0, res.stderr
+    assert res.json() == {"schema_version": "1", "handle": "alice", "api_url": store.url,
+                          "token_source": "credentials"}
+    # ATO_TOKEN always wins over the stored session
+    res = ato(["whoami"], env={**env, "ATO_TOKEN": "bogus"})
+    assert res.code == 1 and "rejected" in res.stderr
+
+    res = ato(["logout", "--json"], env=env)
+    assert res.code == 0 and res.json()["removed"] is True
+    assert not cred.exists()
+    assert ato(["whoami"], env=env).code == 1
+    res = ato(["whoami", "--json"], env={**env, "ATO_TOKEN": ALICE})
+    assert res.code == 0 and res.json()["token_source"] == "env"
+
+
+def test_login_against_unreachable_store_is_one_line(ato, tmp_path: Path) -> None:
+    res = ato(["login", "--token", ALICE], env={"ATO_STORE_API_URL": "http://127.0.0.1:9"})
+    assert res.code == 3 and "cannot reach" in res.stderr
+
+
+def test_search_and_inspect_default_to_store_api_url(ato, store: Registry, tmp_path: Path) -> None:
+    project = make_project(tmp_path / "req-app", "req-app", "0.1.0", description="needs things")
+    with open(project / "capsule.toml", "a") as fh:
+        fh.write('\n[targets.default.env]\nATO_ORCH_REQUIRED_ENVS = "API_TOKEN,REGION"\n')
+    built = ato(["build", ".", "--json"], cwd=project)
+    assert built.code == 0, built.stderr
+    pub = ato(["publish", "--registry", store.url, "--artifact", built.json()["artifact"], "--scoped-id",
+               "alice/req-app", "--json"], cwd=tmp_path, env={"ATO_TOKEN": TOKEN})
+    assert pub.code == 0, pub.stderr
+    env = store_env(store)
+
+    res = ato(["search", "req", "--json"], env=env)
+    assert res.code == 0, res.stderr
+    doc = res.json()
+    assert_schema(doc, "search")
+    assert doc["registry"] == store.url and [c["scoped_id"] for c in doc["capsules"]] == ["alice/req-app"]
+
+    local = ato(["inspect", "requirements", str(project), "--json"])
+    remote = ato(["inspect", "requirements", "alice/req-app", "--json"], env=env)
+    assert local.code == 0 and remote.code == 0, remote.stderr
+    ldoc, rdoc = local.json(), remote.json()
+    assert_schema(rdoc, "inspect-requirements")
+    assert set(ldoc) == set(rdoc)
+    assert rdoc["target"] == {"input": "alice/req-app", "kind": "remote",
+                              "resolved": {"publisher": "alice", "slug": "req-app"}}
+    assert rdoc["requirements"] == ldoc["requirements"]
+    assert [i["key"] for i in rdoc["requirements"]["secrets"]] == ["API_TOKEN"]
+    # explicit --registry works too, and an unknown capsule is the documented failure shape
+    res = ato(["inspect", "requirements", "alice/nope", "--registry", store.url, "--json"])
+    assert res.code == 1
+    err = [d for d in res.stderr_json_lines() if "error" in d][-1]
+    assert_schema(err, "inspect-requirements-error")
+    assert err["error"]["code"] == "TARGET_NOT_FOUND"
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # noqa: D401
+        pass
+
+
+@pytest.fixture
+def release_server(tmp_path: Path):
+    root = tmp_path / "releases"
+    asset = b"fake ato release"
+    digest = hashlib.sha256(asset).hexdigest()
+    d = root / "ato" / "releases" / "9.9.9"
+    d.mkdir(parents=True)
+    (d / "SHA256SUMS").write_text(f"{'0' * 64}  other.tar.xz\n{digest} *ato-cli-x86_64-unknown-linux-gnu.tar.xz\n")
+
+    def handler(*a, **kw):
+        return _Quiet(*a, directory=str(root), **kw)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", digest
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_gen_ci_writes_a_valid_pinned_workflow_idempotently(ato, tmp_path: Path, release_server) -> None:
+    base, digest = release_server
+    project = make_project(tmp_path / "ci-app", "ci-app")
+    res = ato(["gen-ci"], cwd=tmp_path)  # no capsule.toml here
+    assert res.code == 1 and "capsule.toml not found" in res.stderr
+
+    env = {"ATO_RELEASE_BASE_URL": base}
+    res = ato(["gen-ci", "--ato-version", "9.9.9", "--json"], cwd=project, env=env)
+    assert res.code == 0, res.stderr
+    doc = res.json()
+    assert_schema(doc, "gen-ci")
+    assert doc["state"] == "generated" and doc["checksum"] == digest
+    path = project / ".github" / "workflows" / "ato-publish.yml"
+    wf = yaml.safe_load(path.read_text())
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert on["push"]["tags"] == ["v*.*.*"] and "workflow_dispatch" in on
+    job = wf["jobs"]["publish"]
+    assert job["runs-on"] == "ubuntu-latest"
+    assert job["permissions"] == {"contents": "read", "id-token": "write"}
+    steps = job["steps"]
+    assert steps[0]["uses"] == "actions/checkout@v4"
+    install = next(s for s in steps if s["name"].startswith("Install Ato CLI"))
+    assert install["env"] == {"ATO_VERSION": "9.9.9", "ATO_CHECKSUM": digest}
+    assert "sha256sum -c" in install["run"] and base in install["run"]
+    assert steps[-1]["run"] == "ato publish --ci"
+    for step in steps:
+        assert ("uses" in step) != ("run" in step)
+
+    mtime = path.stat().st_mtime_ns
+    again = ato(["gen-ci", "--ato-version", "9.9.9", "--json"], cwd=project, env=env)
+    assert again.code == 0 and again.json()["state"] == "unchanged"
+    assert path.stat().st_mtime_ns == mtime
+    changed = ato(["gen-ci", "--ato-version", "9.9.9", "--checksum", "a" * 64, "--json"], cwd=project)
+    assert changed.code == 0 and changed.json()["state"] == "updated"
+
+    missing = ato(["gen-ci", "--ato-version", "1.2.3"], cwd=project, env=env)
+    assert missing.code == 3 and "release checksums not available" in missing.stderr
