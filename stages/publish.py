@@ -323,18 +323,40 @@ def inspect_local(path: Path) -> LocalArtifact:
                          opened.payload_offset, opened.payload_size, layout.frames)
 
 
-def scoped_for(art: LocalArtifact, explicit: str | None) -> tuple[str, str]:
+def scoped_for(art: LocalArtifact, explicit: str | None, handle: str | None = None) -> tuple[str, str]:
+    """publisher/slug: a Personal Dock's handle wins (an explicit --scoped-id must then agree)."""
     name = art.name
     if explicit:
         parsed = names.parse_scoped_id(explicit)
         assert parsed is not None
         if parsed[1] != name:
             raise usage(f"--scoped-id slug {parsed[1]!r} must match artifact manifest.name {name!r}")
+        if handle is not None and parsed[0] != handle:
+            raise usage(f"--scoped-id publisher {parsed[0]!r} must match your Personal Dock handle {handle!r}")
         return parsed
     if not names.valid_segment(name):
         raise usage(f"capsule name {name!r} is not a valid registry slug (lowercase kebab-case); "
                     "rename it or pass --scoped-id")
-    return default_publisher(art.manifest), name
+    return (handle or default_publisher(art.manifest)), name
+
+
+def _personal_dock(req: PublishRequest) -> tuple[str, dict[str, str]]:
+    """No registry given: the logged-in user's Personal Dock on the Store (seed 000), else a clear refusal."""
+    from pipeline import credentials
+
+    sess = credentials.session()
+    if sess is None:
+        raise usage("No default publish target found. Run `ato login` to publish to your Personal Dock, or pass "
+                    "--registry <url> (for example http://127.0.0.1:18787 for `ato registry serve`), or "
+                    "--registry https://api.ato.run / --ci for the official Store.")
+    api = credentials.session_api_url(sess)
+    handle = sess.handle if sess.source == "credentials" and sess.handle else None
+    if handle is None or not req.dry_run:
+        # the session must still be valid for an upload (and an ATO_TOKEN says nothing about its handle)
+        ident = credentials.identify(api, sess.token)
+        handle, api = ident["handle"], ident["api_url"]
+    req.token = sess.token
+    return parse_registry(api), {"handle": handle, "url": f"{credentials.store_site_url()}/d/{handle}"}
 
 
 def default_publisher(manifest: dict[str, Any]) -> str:
@@ -468,15 +490,13 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
     """Run the selected phases; returns the validated ``publish`` envelope and human lines."""
     check_flags(req)
     if req.ci:
-        if os.environ.get("GITHUB_ACTIONS") != "true" or not (os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL")
-                                                              or os.environ.get("ATO_OIDC_TOKEN")):
-            raise AtoError(E_AUTH_REQUIRED, "ato publish --ci runs only in GitHub Actions with an OIDC token "
-                           "(permissions: id-token: write)", problems=[Problem(
-                               "ATO_ERR_AUTH_REQUIRED", "no GitHub Actions OIDC token in this environment", {})])
-        raise AtoError(E_USAGE, "official CI publish (--ci) is not available in this build of ato; "
-                       "publish to a private registry with --registry <url>")
-    registry = resolve_registry(req)
-    official = names.is_official(registry)
+        return _publish_ci(req, build_fn, progress)
+    dock: dict[str, str] | None = None
+    if not req.registry and not _manifest_registry(req.project_dir):
+        registry, dock = _personal_dock(req)
+    else:
+        registry = resolve_registry(req)
+    official = names.is_official(registry) and dock is None
     phases = select_phases(req, official)
     check_route_flags(req, official, phases)
     by = {p.name: p for p in phases}
@@ -538,7 +558,7 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
                     raise usage("deploy needs an artifact: pass --artifact <file.capsule> or run the build "
                                 "phase")
                 local = inspect_local(artifact_path)
-                publisher, slug = scoped_for(local, req.scoped_id)
+                publisher, slug = scoped_for(local, req.scoped_id, dock["handle"] if dock else None)
                 scoped = f"{publisher}/{slug}"
                 with RegistryClient(registry, req.token) as client:
                     if req.dry_run:
@@ -565,7 +585,7 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
             _timed(deploy, do_deploy)
         report(deploy)
     if scoped is None and local is not None and not official:
-        scoped = "/".join(scoped_for(local, req.scoped_id))
+        scoped = "/".join(scoped_for(local, req.scoped_id, dock["handle"] if dock else None))
 
     if official:
         code, message = "CI_HANDOFF", "Official registry publish is CI-first; hand-off prepared, nothing uploaded."
@@ -573,12 +593,14 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
         code, message = "PUBLISH_DRY_RUN_COMPLETED", "Publish dry-run completed. No upload performed."
     elif publish_doc is not None:
         code, message = "PUBLISHED", ("Existing release reused (same digest, no new upload)."
-                                      if publish_doc["already_existed"] else "Published to private registry.")
+                                      if publish_doc["already_existed"] else
+                                      "Published to Personal Dock." if dock else "Published to private registry.")
     else:
         code, message = "PUBLISH_PHASES_COMPLETED", "Selected publish phases completed."
     doc = {
         "schema_version": SCHEMA_VERSION, "ok": True, "code": code, "message": message,
-        "registry": registry, "route": "official" if official else "private", "dry_run": req.dry_run,
+        "registry": registry, "route": "official" if official else "personal_dock" if dock else "private",
+        "dock": dock, "dry_run": req.dry_run,
         "scoped_id": scoped, "version": local.version if local else None,
         "phases": [p.to_json() for p in phases],
         "artifact": local.summary() if local else None,
@@ -589,6 +611,114 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
     }
     out.doc = validate(doc, "publish")
     out.human = _human(doc)
+    return out
+
+
+def ci_error(message: str) -> AtoError:
+    return AtoError(E_AUTH_REQUIRED, message, problems=[Problem("ATO_ERR_AUTH_REQUIRED", message, {})])
+
+
+def oidc_token() -> str:
+    """The CI identity token: ``ATO_OIDC_TOKEN``, else GitHub's ID-token endpoint (its URL comes from the runner)."""
+    direct = (os.environ.get("ATO_OIDC_TOKEN") or "").strip()
+    if direct:
+        return direct
+    url = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_URL") or ""
+    bearer = os.environ.get("ACTIONS_ID_TOKEN_REQUEST_TOKEN") or ""
+    if not url or not bearer:
+        raise ci_error("ato publish --ci needs a GitHub Actions OIDC token: run it in a workflow with "
+                       "`permissions: id-token: write` (see `ato gen-ci`)")
+    import httpx
+
+    try:
+        resp = httpx.get(url, params={"audience": "ato"}, headers={"authorization": f"Bearer {bearer}"},
+                         timeout=30, follow_redirects=False)
+        value = resp.json().get("value") if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str) or not value:
+        raise ci_error(f"could not obtain an OIDC token from ACTIONS_ID_TOKEN_REQUEST_URL ({url})")
+    return value
+
+
+def _publish_ci(req: PublishRequest, build_fn: Callable[[Path, bool], dict[str, Any]],
+                progress: Callable[[str], None]) -> Outcome:
+    """``--ci``: build here and upload to the Store with the workflow's OIDC identity (tag == v<version>)."""
+    from pipeline import credentials
+
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        raise ci_error("ato publish --ci runs only in GitHub Actions (GITHUB_ACTIONS=true); outside CI publish "
+                       "with `ato publish` (Personal Dock) or --registry <url>")
+    repo = os.environ.get("GITHUB_REPOSITORY") or ""
+    if repo.count("/") != 1:
+        raise ci_error("ato publish --ci needs GITHUB_REPOSITORY=<owner>/<repo>")
+    manifest = _raw_manifest(req.project_dir)
+    version = str(manifest.get("version") or "")
+    if not version:
+        raise usage("ato publish --ci needs capsule.toml with a version")
+    if os.environ.get("GITHUB_REF_TYPE") != "tag" or os.environ.get("GITHUB_REF_NAME") != f"v{version}":
+        raise usage(f"ato publish --ci publishes from a tag: expected ref v{version} (tag), got "
+                    f"{os.environ.get('GITHUB_REF_NAME') or '-'} ({os.environ.get('GITHUB_REF_TYPE') or '-'})")
+    token = oidc_token()
+    registry = parse_registry(credentials.store_api_url())
+    phases = [Phase(n, True) for n in PHASES]
+    phases[0].status, phases[0].skipped_reason, phases[0].message = "skipped", "ci", "prepare runs in the workflow"
+    build_doc: dict[str, Any] = {}
+
+    def do_build() -> str:
+        build_doc.update(build_fn(req.project_dir, req.force_large_payload))
+        return f"built {Path(build_doc['artifact']).name}"
+    _timed(phases[1], do_build)
+    progress(f"PHASE build   OK   {phases[1].message}")
+    local = inspect_local(Path(build_doc["artifact"]))
+    file_name = f"{local.name}-{local.version}.capsule"
+
+    def pieces() -> Iterator[bytes]:
+        with open(local.path, "rb") as fh:
+            while data := fh.read(1 << 20):
+                yield data
+    resp_doc: dict[str, Any] = {}
+
+    def do_deploy() -> str:
+        with RegistryClient(registry) as client:
+            try:
+                resp = client.request(
+                    "POST", "/v1/publish/ci", ok=(200, 201), content=pieces(),
+                    params={"slug": local.name, "version": local.version, "file_name": file_name},
+                    headers={"authorization": f"Bearer {token}", "x-ato-repository": repo,
+                             "content-type": "application/octet-stream", "content-length": str(local.size),
+                             "x-ato-sha256": "sha256:" + local.sha256, "x-ato-blake3": label(local.blake3)})
+            except VersionConflict as exc:
+                raise version_conflict(exc, f"{repo.split('/')[0]}/{local.name}", local.version, registry) from None
+        resp_doc.update(resp.json())
+        return f"uploaded {file_name}"
+    _timed(phases[2], do_deploy)
+    progress(f"PHASE deploy  OK   {phases[2].message}")
+    if resp_doc.get("blake3") != label(local.blake3):
+        raise AtoError(E_INTEGRITY, "the Store acknowledged a different artifact digest than the one uploaded")
+    publish_doc = {"scoped_id": resp_doc.get("scoped_id"), "version": resp_doc.get("version"),
+                   "artifact_url": resp_doc.get("artifact_url"), "file_name": resp_doc.get("file_name"),
+                   "sha256": resp_doc.get("sha256"), "blake3": resp_doc.get("blake3"),
+                   "size_bytes": resp_doc.get("size_bytes", local.size),
+                   "already_existed": bool(resp_doc.get("already_existed")),
+                   "transfer": {"mode": "full", "chunks_total": len(local.frames),
+                                "chunks_uploaded": len(local.frames), "bytes_uploaded": local.size,
+                                "bytes_total": local.size}}
+    doc = {
+        "schema_version": SCHEMA_VERSION, "ok": True, "code": "CI_PUBLISHED",
+        "message": "Published to the Ato Store from CI (OIDC).", "registry": registry, "route": "ci", "dock": None,
+        "dry_run": False, "scoped_id": publish_doc["scoped_id"], "version": local.version,
+        "phases": [p.to_json() for p in phases], "artifact": local.summary(),
+        "build": {"artifact": build_doc["artifact"], "artifact_blake3": build_doc["artifact_blake3"],
+                  "up_to_date": build_doc.get("up_to_date", False)},
+        "publish": publish_doc, "dry_run_report": None, "handoff": None, "warnings": [],
+    }
+    out = Outcome({})
+    out.doc = validate(doc, "publish")
+    out.human = [f"Successfully published to Ato Store! {publish_doc['scoped_id']} {local.version}",
+                 f"  Integrity: {publish_doc['sha256']}, {publish_doc['blake3']}",
+                 f"  Artifact URL: {publish_doc['artifact_url']}",
+                 f"Next step: ato install {publish_doc['scoped_id']}"]
     return out
 
 
@@ -651,7 +781,8 @@ def _human(doc: dict[str, Any]) -> list[str]:
     if pub is None:
         return [doc["message"]]
     t = pub["transfer"]
-    lines += [f"Published {pub['scoped_id']} {pub['version']} to {doc['registry']}",
+    where = f"your Personal Dock ({doc['dock']['url']})" if doc.get("dock") else doc["registry"]
+    lines += [f"Published {pub['scoped_id']} {pub['version']} to {where}",
               f"  Integrity: {pub['sha256']}, {pub['blake3']}",
               f"  Artifact URL: {pub['artifact_url']}"]
     if pub["already_existed"]:
@@ -659,5 +790,6 @@ def _human(doc: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"  Uploaded {t['chunks_uploaded']} of {t['chunks_total']} chunks ({t['bytes_uploaded']} "
                      f"bytes, {t['mode']})")
-    lines.append(f"Next step: ato install {pub['scoped_id']} --registry {doc['registry']}")
+    lines.append(f"Next step: ato install {pub['scoped_id']}" if doc.get("dock") else
+                 f"Next step: ato install {pub['scoped_id']} --registry {doc['registry']}")
     return lines
