@@ -31,7 +31,9 @@ def _trust_line(doc: dict) -> str:
 
 
 @click.command("install")
-@click.argument("ref")
+@click.argument("ref", required=False)
+@click.option("--from-gh-repo", "gh_repo", metavar="OWNER/REPO",
+              help="Download the GitHub repository archive ($ATO_GITHUB_API_URL), build it and install it.")
 @click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
 @click.option("--version", "version", help="Version to install (default: the latest).")
 @click.option("--allow-unsigned", is_flag=True, help="Accept an unsigned artifact (reported as unsigned).")
@@ -41,9 +43,15 @@ def _trust_line(doc: dict) -> str:
 @click.option("--project/--no-project", "project", default=None,
               help="Native apps: add (or do not add) a launcher projection (default: with --yes, or ask on a TTY).")
 @json_option
-def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsigned: bool, yes: bool,
-                project: bool | None) -> None:
+def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, version: str | None,
+                allow_unsigned: bool, yes: bool, project: bool | None) -> None:
     """Install REF (publisher/slug[@version]) into $ATO_HOME/store, downloading only missing chunks."""
+    if gh_repo is not None:
+        if ref or registry or version:
+            raise click.UsageError("--from-gh-repo cannot be combined with a REF, --registry or --version")
+        return _install_gh(gh_repo, allow_unsigned, yes)
+    if not ref:
+        raise click.UsageError("missing REF (publisher/slug) or --from-gh-repo owner/repo")
     from pipeline.cli.trust import tty_consent
     from pipeline.native_delivery import NativeInstall
     from pipeline.trust.verify import installer_verifier
@@ -76,6 +84,23 @@ def install_cmd(ref: str, registry: str | None, version: str | None, allow_unsig
              f"{doc['projection']['state']})",
     ])
     emit(doc, "install", human)
+
+
+def _install_gh(repo: str, allow_unsigned: bool, yes: bool) -> None:
+    from pipeline.cli.publish import _build
+    from pipeline.cli.trust import tty_consent
+    from pipeline.trust.verify import installer_verifier
+    from stages.gh_install import install_from_gh_repo
+
+    verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
+    doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, False), verify=verify, progress=info)
+    emit(doc, "install", "\n".join([
+        f"Installed {doc['scoped_id']} {doc['version']} (built from github.com/{repo})",
+        f"  Path: {doc['path']}",
+        f"  Hash: {doc['content_hash']}",
+        _trust_line(doc),
+        f"  Run:  ato run {doc['path']}",
+    ]))
 
 
 def register(group: click.Group) -> None:

@@ -1,0 +1,145 @@
+"""``ato install --from-gh-repo owner/repo``: download the repository archive, build it, install it.
+
+The archive comes from ``{ATO_GITHUB_API_URL or https://api.github.com}/repos/<owner>/<repo>/tarball``.
+Redirects are followed only to the same host (or, for GitHub's own API, to codeload.github.com):
+no other host is contacted. The archive is extracted with path checks (no absolute paths, no ``..``,
+no links leaving the tree), must hold a ``capsule.toml`` at its root, and is built with our own
+pipeline; the artifact is installed under ``$ATO_HOME/store/<owner>/<name>/<version>/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cas.digest import label
+from pipeline import paths
+from pipeline.envelope import validate
+from pipeline.errors import E_MANIFEST_MISSING, E_USAGE, EXIT_NETWORK, AtoError
+from pipeline.registry import names
+
+DEFAULT_GITHUB_API = "https://api.github.com"
+MAX_ARCHIVE_BYTES = 512 << 20
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*/[A-Za-z0-9._-]+$")
+
+
+def github_api() -> str:
+    return (os.environ.get("ATO_GITHUB_API_URL") or DEFAULT_GITHUB_API).rstrip("/")
+
+
+def _allowed_hosts(base: str) -> set[str]:
+    host = urlsplit(base).netloc.lower()
+    return {host, "codeload.github.com"} if host == "api.github.com" else {host}
+
+
+def download_archive(repo: str, dest: Path) -> str:
+    import httpx
+
+    base = github_api()
+    url = f"{base}/repos/{repo}/tarball"
+    allowed = _allowed_hosts(base)
+    headers = {"user-agent": "ato-cli (python)", "accept": "application/vnd.github+json"}
+    gh_token = os.environ.get("GITHUB_TOKEN")
+    try:
+        with httpx.Client(timeout=httpx.Timeout(300, connect=15), follow_redirects=False) as http:
+            for _ in range(5):
+                same = urlsplit(url).netloc.lower() == urlsplit(base).netloc.lower()
+                send = {**headers, "authorization": f"Bearer {gh_token}"} if (gh_token and same) else headers
+                with http.stream("GET", url, headers=send) as resp:
+                    if resp.status_code in (301, 302, 303, 307, 308):
+                        nxt = str(resp.url.join(resp.headers.get("location", "")))
+                        if urlsplit(nxt).netloc.lower() not in allowed:
+                            raise AtoError(E_USAGE, f"refusing to follow a redirect to another host: {nxt}")
+                        url = nxt
+                        continue
+                    if resp.status_code == 404:
+                        raise AtoError(E_USAGE, f"GitHub repository {repo} was not found at {base}")
+                    if resp.status_code != 200:
+                        raise AtoError("E900", f"downloading {repo} from {base} failed (HTTP {resp.status_code})",
+                                       exit_code=EXIT_NETWORK)
+                    size = 0
+                    with open(dest, "wb") as fh:
+                        for piece in resp.iter_bytes():
+                            size += len(piece)
+                            if size > MAX_ARCHIVE_BYTES:
+                                raise AtoError(E_USAGE, f"repository archive of {repo} is larger than 512 MiB")
+                            fh.write(piece)
+                    return url
+    except httpx.HTTPError as exc:
+        raise AtoError("E900", f"network error: cannot download {repo} from {base}: {exc}",
+                       exit_code=EXIT_NETWORK) from None
+    raise AtoError("E900", f"too many redirects downloading {repo}", exit_code=EXIT_NETWORK)
+
+
+def extract(archive: Path, into: Path) -> Path:
+    """Safe extraction; returns the single top-level directory (GitHub's ``owner-repo-sha/``) or ``into``."""
+    try:
+        with tarfile.open(archive, "r:*") as tf:
+            tf.extractall(into, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise AtoError(E_USAGE, f"repository archive is not a valid tarball: {exc}") from None
+    entries = [p for p in into.iterdir()]
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else into
+
+
+def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]],
+                         verify: Callable[[Path, str], dict[str, Any]] | None = None,
+                         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    from cas.store import CasStore
+    from stages.install import _ensure_manifest, store_path
+
+    if not _REPO.match(repo):
+        raise AtoError(E_USAGE, f"--from-gh-repo expects owner/repo, got {repo!r}")
+    owner = names.normalize_segment(repo.split("/")[0])
+    with tempfile.TemporaryDirectory(prefix="ato-gh-") as tmp:
+        archive = Path(tmp) / "repo.tar.gz"
+        progress(f"Downloading {repo} from {github_api()}")
+        download_archive(repo, archive)
+        archive_size = archive.stat().st_size
+        root = extract(archive, Path(tmp) / "src")
+        if not (root / "capsule.toml").is_file():
+            raise AtoError(E_MANIFEST_MISSING, f"repository {repo} has no capsule.toml at its root; "
+                           "add one (see `ato inspect requirements`) to install it with ato")
+        progress(f"Building {repo}")
+        built = build_fn(root)
+        artifact = Path(built["artifact"])
+        from stages.publish import inspect_local
+
+        local = inspect_local(artifact)
+        slug = local.name
+        if not names.valid_segment(slug):
+            raise AtoError(E_USAGE, f"capsule name {slug!r} is not a valid slug (lowercase kebab-case)")
+        scoped = f"{owner}/{slug}"
+        target = store_path(owner, slug, local.version)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        trust = verify(artifact, scoped) if verify is not None else None
+        tmp_target = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(artifact, tmp_target)
+        os.replace(tmp_target, target)
+    cas = CasStore(paths.cas_root())
+    with cas.shared():
+        _ensure_manifest(cas, target)
+    doc = {
+        "capsule_id": f"gh-{owner}-{slug}", "scoped_id": scoped, "publisher": owner, "slug": slug,
+        "version": local.version, "path": str(target), "content_hash": label(local.blake3),
+        "install_kind": "Standard", "launchable": {"CapsuleArchive": {"path": str(target)}},
+        "local_derivation": None,
+        "projection": {"performed": False, "projection_id": None, "projected_path": None, "state": "skipped",
+                       "schema_version": "0.1", "metadata_path": None},
+        "managed_environment": None, "promotion": None, "schema_version": "0.1",
+        "registry": github_api(), "up_to_date": False, "size_bytes": local.size,
+        "transfer": {"mode": "full", "chunks_total": len(local.frames), "chunks_downloaded": 0,
+                     "chunks_reused": 0, "bytes_downloaded": archive_size,
+                     "bytes_reused": 0, "skeleton_bytes": 0, "artifact_bytes": local.size},
+        "source": {"kind": "github", "repository": repo},
+    }
+    if trust is not None:
+        doc.update(trust)
+    return validate(doc, "install")
