@@ -52,6 +52,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -472,9 +473,56 @@ def upload(client: RegistryClient, art: LocalArtifact, publisher: str, slug: str
 # ------------------------------------------------------------------ the whole stage
 
 
-def _handoff(registry: str, version: str | None, fix: bool) -> dict[str, Any]:
+WORKFLOW_FILE = Path(".github/workflows/ato-publish.yml")
+
+
+def workflow_check(project_dir: Path) -> dict[str, Any]:
+    """Is the official publish workflow present and usable (OIDC, tag trigger, pinned + verified ato)?"""
+    path = project_dir / WORKFLOW_FILE
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {"stage": "workflow_check", "ok": False,
+                "message": f"{WORKFLOW_FILE} is missing (run `ato gen-ci` or `ato publish --fix`)"}
+    missing = [what for what, needles in (
+        ("permissions id-token: write", ("id-token: write",)),
+        ("a push trigger on v*.*.* tags", ("push:", "tags:", "v*.*.*")),
+        ("a pinned, checksum-verified ato install", ("ATO_VERSION", "sha256sum -c")),
+        ("`ato publish --ci`", ("ato publish --ci",))) if not all(n in text for n in needles)]
+    if missing:
+        return {"stage": "workflow_check", "ok": False,
+                "message": f"{WORKFLOW_FILE} lacks {', '.join(missing)} (run `ato publish --fix`)"}
+    return {"stage": "workflow_check", "ok": True, "message": f"{WORKFLOW_FILE} is ready for OIDC publish"}
+
+
+def _apply_fix(project_dir: Path) -> tuple[dict[str, Any], int]:
+    """Write the official workflow once (gen-ci's code path). Reuses the pinned version/checksum of an
+    existing workflow; otherwise fetches the release checksum (the only network request)."""
+    from pipeline.cli import gen_ci
+
+    path = project_dir / WORKFLOW_FILE
+    version = checksum = None
+    try:
+        text = path.read_text("utf-8")
+        v = re.search(r'ATO_VERSION:\s*"?([^"\s]+)"?', text)
+        c = re.search(r'ATO_CHECKSUM:\s*"?([0-9a-fA-F]{64})"?', text)
+        version, checksum = (v.group(1) if v else None), (c.group(1).lower() if c else None)
+    except (OSError, UnicodeDecodeError):
+        pass
+    requests = 0
+    if not version or not checksum:
+        from pipeline.cli.main import _version
+
+        version = _version()
+        checksum = gen_ci.fetch_checksum(version)
+        requests = 1
+    written, state = gen_ci.write_workflow(project_dir, version, checksum)
+    return {"applied": state != "unchanged", "path": str(written), "state": state}, requests
+
+
+def _handoff(registry: str, version: str | None, fix: bool, project_dir: Path | None = None) -> dict[str, Any]:
     tag = f"v{version}" if version else "v<version>"
-    return {
+    doc: dict[str, Any] = {
         "kind": "ci_handoff",
         "registry": registry,
         "network_requests": 0,
@@ -483,6 +531,16 @@ def _handoff(registry: str, version: str | None, fix: bool) -> dict[str, Any]:
                        "the workflow .github/workflows/ato-publish.yml runs `ato publish --ci` with id-token: write"],
         "fix_requested": fix,
     }
+    if project_dir is not None:
+        check = workflow_check(project_dir)
+        doc["fix"] = None
+        if fix and not check["ok"]:
+            doc["fix"], doc["network_requests"] = _apply_fix(project_dir)
+            check = workflow_check(project_dir)  # diagnostics rerun once after the fix
+        doc["diagnosis"] = [check]
+        if not check["ok"]:
+            doc["next_steps"].insert(0, "ato publish --fix  (or: ato gen-ci) to write the workflow")
+    return doc
 
 
 def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[str, Any]],
@@ -546,7 +604,7 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
                 version = local.version
             else:
                 version = str(_raw_manifest(req.project_dir).get("version") or "") or None
-            handoff = _handoff(registry, version, req.fix)
+            handoff = _handoff(registry, version, req.fix, req.project_dir)
             deploy.status, deploy.message = "ok", "CI hand-off: official registries publish from CI (no upload)"
         else:
             def do_deploy() -> str:
@@ -764,7 +822,12 @@ def _human(doc: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if doc["handoff"]:
         h = doc["handoff"]
-        lines += [f"CI hand-off ready for {doc['registry']}: {h['message']}", "Next steps:"]
+        lines += [f"CI hand-off ready for {doc['registry']}: {h['message']}"]
+        if h.get("fix"):
+            lines.append(f"Fix: {h['fix']['state']} {h['fix']['path']}")
+        for check in h.get("diagnosis") or []:
+            lines.append(f"{'OK ' if check['ok'] else 'FAIL'} {check['stage']:<14} {check['message']}")
+        lines.append("Next steps:")
         lines += [f"  {s}" for s in h["next_steps"]]
         return lines
     if doc["dry_run"]:

@@ -35,8 +35,9 @@ def _build(project_dir: Path, force_large_payload: bool, signing_key=None) -> di
 @click.option("--deploy", "deploy_", is_flag=True, help="Run the deploy phase.")
 @click.option("--legacy-full-publish", is_flag=True,
               help="Official registries only, deprecated: run prepare -> build -> deploy.")
-@click.option("--fix", is_flag=True, help="Official registries only: include the CI workflow fix in the hand-off.")
-@click.option("--no-tui", is_flag=True, help="Plain output (ato never starts a TUI; accepted for compatibility).")
+@click.option("--fix", is_flag=True,
+              help="Official registries only: write the CI workflow if it is missing or broken, then re-diagnose.")
+@click.option("--no-tui", is_flag=True, help="Print CI guidance directly (ato never starts a TUI; the default).")
 @click.option("--force-large-payload", is_flag=True, help="Allow building an artifact over 200 MiB.")
 @click.option("--dry-run", is_flag=True, help="Report what would happen and be uploaded; write nothing.")
 @click.option("--ci", is_flag=True, help="Official CI publish (GitHub Actions with OIDC).")
@@ -49,7 +50,9 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
     from stages.publish import PublishRequest, run_publish
 
-    del no_tui
+    if no_tui and (ci or dry_run):
+        raise AtoError(E_USAGE, "--no-tui cannot be combined with --ci or --dry-run")
+    # ato never starts an interactive hand-off UI: --no-tui output (plain CI guidance) is the default
     req = PublishRequest(project_dir=Path.cwd(), registry=registry, artifact=artifact, scoped_id=scoped_id,
                          allow_existing=allow_existing, prepare=prepare_, build=build_, deploy=deploy_,
                          legacy_full_publish=legacy_full_publish, fix=fix, dry_run=dry_run, ci=ci,
