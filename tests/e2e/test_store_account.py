@@ -168,3 +168,44 @@ def test_gen_ci_writes_a_valid_pinned_workflow_idempotently(ato, tmp_path: Path,
 
     missing = ato(["gen-ci", "--ato-version", "1.2.3"], cwd=project, env=env)
     assert missing.code == 3 and "release checksums not available" in missing.stderr
+
+
+def test_interactive_login_on_a_tty(store: Registry, isolated_home: Path) -> None:
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from tests.conftest import cli_path
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, **store_env(store)}
+    proc = subprocess.Popen([cli_path("ato"), "login"], stdin=follower, stdout=follower, stderr=follower, env=env,
+                            close_fds=True)
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 30
+    sent = False
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        if not sent and b"Token" in out:
+            os.write(leader, ALICE.encode() + b"\n")
+            sent = True
+        if proc.poll() is not None and not ready:
+            break
+    proc.wait(timeout=10)
+    os.close(leader)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert f"Create a token at {store.url}/settings/tokens" in text and "Logged in as alice" in text
+    assert ALICE not in text  # the token is not echoed
+    assert json.loads((isolated_home / ".ato" / "credentials.json").read_text())["handle"] == "alice"
