@@ -74,6 +74,14 @@ def test_dock_publish_with_a_stale_session_or_foreign_handle_fails(ato, store: R
     res = ato(["publish", "--registry", store.url, "--artifact", str(artifact), "--scoped-id", "alice/stale-app"],
               cwd=project, env={"ATO_TOKEN": "bob-token"})
     assert res.code != 0 and "cannot publish as 'alice'" in res.stderr
+    # ATO_TOKEN alone (no `ato login`) is a session too: its handle comes from the Store
+    res = ato(["publish", "--artifact", str(artifact), "--dry-run", "--json"], cwd=project,
+              env={**env, "ATO_TOKEN": "bob-token"})
+    assert res.code == 0, res.stderr
+    assert res.json()["route"] == "personal_dock" and res.json()["scoped_id"] == "bob/stale-app"
+    res = ato(["publish", "--artifact", str(artifact), "--json"], cwd=project, env={**env, "ATO_TOKEN": "bob-token"})
+    assert res.code == 0, res.stderr
+    assert res.json()["publish"]["scoped_id"] == "bob/stale-app"
 
 
 def ci_env(store: Registry, **extra: str) -> dict[str, str]:
