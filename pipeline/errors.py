@@ -25,7 +25,9 @@ E_VERSION_CONFLICT = "E202"
 E_LOCK_TAMPERED = "E207"
 E_INTEGRITY = "E208"
 E_PAYLOAD_TOO_LARGE = "E212"
+E_SOURCE_RUN = "E220"  # a registry source sync run failed, or --wait ran out of time
 E_POLICY = "E301"
+E_NETWORK = "E900"  # a registry, Store or download host could not be reached (exit 3)
 E_INTERNAL = "E999"
 
 # Manifest and input problems (codes follow the reference implementation's table).

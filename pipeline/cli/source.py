@@ -15,9 +15,8 @@ from urllib.parse import quote
 import click
 
 from pipeline.cli.common import emit, info, json_option
-from pipeline.errors import E_AUTH_REQUIRED, E_USAGE, AtoError, Problem
+from pipeline.errors import E_AUTH_REQUIRED, E_SOURCE_RUN, E_USAGE, AtoError, Problem
 
-E_SOURCE_RUN = "E220"
 PENDING = ("queued", "running", "awaiting_signature")
 FIELDS = ("sync_run_id", "source_id", "status", "trigger", "ref", "target_commit", "failure_reason",
           "signature_failure_reason", "error_message", "attempt_count", "scoped_id", "version", "started_at",

@@ -27,6 +27,7 @@ from pipeline.errors import (
     E_AUTH_REQUIRED,
     E_INTEGRITY,
     E_INTERNAL,
+    E_NETWORK,
     E_PAYLOAD_TOO_LARGE,
     E_USAGE,
     EXIT_NETWORK,
@@ -35,7 +36,6 @@ from pipeline.errors import (
 )
 from pipeline.registry.names import RegistryUrlError, normalize_registry_url
 
-E_NETWORK = "E900"
 USER_AGENT = "ato-cli (python)"
 COPY = 1 << 20
 

@@ -73,8 +73,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from cas.digest import DigestError, label, parse
-from pipeline.errors import E_POLICY, EXIT_NETWORK, AtoError, Problem
-from pipeline.registry.client import E_NETWORK
+from pipeline.errors import E_NETWORK, E_POLICY, EXIT_NETWORK, AtoError, Problem
 from pipeline.registry.names import normalize_segment
 from pipeline.registry.storage import (
     RegistryError,
