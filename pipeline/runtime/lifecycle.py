@@ -252,8 +252,10 @@ class Runner:
                     rc = r.proc.poll()
                     if rc is not None and r.code is None:
                         r.code = exit_code_of(rc)
+                        # Drain its output before anything that depends on it starts, so logs keep
+                        # DAG order even on a loaded machine (only a grandchild holding the pipe waits).
                         for t in r.pumps:
-                            t.join(timeout=1)
+                            t.join(timeout=5)
                         self.on_event("exited", {"name": name, "code": r.code, "kind": r.unit.kind})
                     if r.unit.kind == "task":
                         if r.code is None:
