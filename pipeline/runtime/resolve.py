@@ -107,13 +107,9 @@ def trust_gate(artifact: Path) -> None:
     registry — passes through here exactly once, before it is unpacked. Raise an
     AtoError to refuse it.
     """
-    try:
-        from pipeline.trust import gate  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    check = getattr(gate, "verify_before_run", None)
-    if check is not None:
-        check(artifact)
+    from pipeline.trust import gate  # imported here: only runs of artifacts pay for the trust stack
+
+    gate.verify_before_run(artifact)  # fail closed: no trust module, no run
 
 
 def _version_key(text: str) -> tuple:
@@ -143,12 +139,15 @@ def installed_artifact(publisher: str, slug: str, version: str | None) -> Path |
 def install_from_registry(scoped_id: str, registry: str, version: str | None) -> Path:
     """Install through the install stage (the same one ``ato install`` uses) and return the stored ``.capsule``.
 
-    Trust is not decided here: the stored artifact then goes through :func:`trust_gate`
-    like every other artifact that runs.
+    The download is verified (digests, signature, trust decision) before it is stored, and
+    the stored artifact then goes through :func:`trust_gate` like every other artifact that runs.
     """
+    from pipeline.trust import gate
     from stages.install import install
 
-    envelope = install(scoped_id, registry, version, token=os.environ.get("ATO_TOKEN"))
+    # The same check as `ato install`: nothing unverified lands in the store.
+    envelope = install(scoped_id, registry, version, token=os.environ.get("ATO_TOKEN"),
+                       verify=gate.verify_before_run)
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)

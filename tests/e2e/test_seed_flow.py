@@ -80,5 +80,9 @@ def test_seed_flow_exactly_as_written(ato, tmp_path: Path, registry: Registry) -
     refused = ato(["install", "local/seed-hello", "--registry", registry.url], env=env)
     assert refused.code == 1 and "unsigned" in refused.stderr and "--allow-unsigned" in refused.stderr
     assert not (other / ".ato" / "store" / "local" / "seed-hello").exists()
+    refused = ato(["run", "local/seed-hello", "--registry", registry.url, "--yes"], env=env)
+    assert refused.code == 1 and "--allow-unsigned" in refused.stderr
+    assert "hello from a capsule" not in refused.stdout
+    assert not (other / ".ato" / "store" / "local" / "seed-hello").exists(), "run stored an unverified artifact"
     ok = ato(["install", "local/seed-hello", "--registry", registry.url, "--allow-unsigned"], env=env)
     assert ok.code == 0, ok.stderr
