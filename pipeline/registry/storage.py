@@ -14,7 +14,7 @@ manifest text and README), ``chunks`` (raw hash → the exact frame stored for i
 ``runtime_configs`` (per-capsule run overrides from the web UI).
 
 Commit rule: everything about an upload is checked before anything is written
-(both digests, every capsule digest via :func:`stages.artifact.verify_capsule`,
+(both digests, every capsule digest and member via :func:`stages.sign.check_artifact`,
 every frame, every tar entry, manifest name/version against the path). The
 commit then runs under one process-wide lock and one ``BEGIN IMMEDIATE``
 transaction (which also serialises several server processes on one data dir):
@@ -68,7 +68,8 @@ from pipeline.registry.frames import (
     read_frame,
     split_payload,
 )
-from stages.artifact import open_capsule, verify_capsule
+from stages.artifact import open_capsule
+from stages.sign import check_artifact
 
 SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
@@ -222,7 +223,11 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Ins
     """Every check an upload must pass before anything is stored; raises RegistryError."""
     try:
         opened = open_capsule(path)
-        verify_capsule(path)
+        # The complete check (tar framing, every member's digest, payload, signature), the same
+        # one install and run apply, so a registry never holds what a client would refuse.
+        failure = check_artifact(path).error()
+        if failure is not None:
+            raise failure
     except AtoError as exc:
         raise RegistryError(422, "invalid_artifact", exc.message) from None
     manifest = opened.manifest

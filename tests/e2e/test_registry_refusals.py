@@ -98,6 +98,14 @@ def test_tampered_body_and_digest_mismatch(seeded) -> None:
         bad[where] ^= 0x40
         r = put(reg, "/v1/local/capsules/local/cand-app/1.0.0", bytes(bad), {**digest_headers(bytes(bad)), **AUTH})
         assert r.status_code == 422 and r.json()["error"] == "invalid_artifact", r.text
+    # tampered in a small member (signature.json, the SBOM, the lock) and re-hashed: still refused
+    with tarfile.open(artifact) as tf:
+        smalls = [tf.getmember(n) for n in ("signature.json", "sbom.spdx.json", "capsule.lock.json")]
+    for member in smalls:
+        bad = bytearray(data)
+        bad[member.offset_data + member.size // 2] ^= 0x01
+        r = put(reg, "/v1/local/capsules/local/cand-app/1.0.0", bytes(bad), {**digest_headers(bytes(bad)), **AUTH})
+        assert r.status_code == 422 and r.json()["error"] == "invalid_artifact", (member.name, r.text)
     assert snapshot(reg.data_dir) == before
 
 
