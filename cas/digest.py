@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import blake3
@@ -58,3 +59,25 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(READ_SIZE):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_hashed(out: Path, pieces: Iterable[bytes | memoryview]) -> tuple[str, str, int]:
+    """Stream ``pieces`` into ``out`` (fsynced) while hashing: (sha256 hex, blake3 hex, size).
+
+    For downloads and spliced artifacts, which are checked against both published digests.
+    On any error ``out`` is removed.
+    """
+    sha, b3, size = hashlib.sha256(), blake3.blake3(), 0
+    try:
+        with open(out, "wb") as fh:
+            for piece in pieces:
+                fh.write(piece)
+                sha.update(piece)
+                b3.update(piece)
+                size += len(piece)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(out).unlink(missing_ok=True)
+        raise
+    return sha.hexdigest(), b3.hexdigest(), size

@@ -50,7 +50,7 @@ from typing import Any
 import blake3
 
 from cas.atomic import fsync_dir
-from cas.digest import blake3_file, label, parse
+from cas.digest import blake3_file, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
 from pipeline import paths
@@ -380,17 +380,9 @@ def _fetch_one(client: RegistryClient, f: FrameRef) -> bytes:
 
 def _download(client: RegistryClient, url: str, out: Path, transfer: Transfer) -> tuple[str, str, int]:
     transfer.mode = "full"
-    sha, b3, size = hashlib.sha256(), blake3.blake3(), 0
-    with open(out, "wb") as fh:
-        for piece in client.download(url):
-            fh.write(piece)
-            sha.update(piece)
-            b3.update(piece)
-            size += len(piece)
-        fh.flush()
-        os.fsync(fh.fileno())
+    sha, b3, size = write_hashed(out, client.download(url))
     transfer.bytes_downloaded = transfer.artifact_bytes = size
-    return sha.hexdigest(), b3.hexdigest(), size
+    return sha, b3, size
 
 
 def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer: Transfer) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -54,7 +53,7 @@ import tomli_w
 import zstandard
 
 from cas.atomic import fsync_dir
-from cas.digest import DigestError, label, parse
+from cas.digest import DigestError, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest
 from cas.store import CasStore
 from pipeline.errors import AtoError
@@ -541,20 +540,8 @@ class RegistryStore:
             raise RegistryError(400, "missing_chunks", f"{len(missing)} chunk(s) were neither uploaded nor stored: "
                                 f"{', '.join(missing[:5])}", missing_chunks=missing)
         out = self.new_temp(".capsule")
-        sha, b3, size = hashlib.sha256(), blake3.blake3(), 0
-        try:
-            with open(out, "wb") as fh:
-                for piece in _iter_pieces(prefix, sources, suffix):
-                    fh.write(piece)
-                    sha.update(piece)
-                    b3.update(piece)
-                    size += len(piece)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
-        return out, sha.hexdigest(), b3.hexdigest(), size
+        sha, b3, size = write_hashed(out, _iter_pieces(prefix, sources, suffix))
+        return out, sha, b3, size
 
     # ------------------------------------------------------------------ publish
 
