@@ -7,6 +7,8 @@ builds of the same inputs are byte-identical on any machine.
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import json
 import os
@@ -150,6 +152,21 @@ def _integrity(message: str, **details: Any) -> AtoError:
     return AtoError(E_INTEGRITY, message, details=details)
 
 
+@functools.lru_cache(maxsize=8)
+def _parse_manifest_bytes(data: bytes) -> dict[str, Any]:
+    return tomllib.loads(data.decode("utf-8"))
+
+
+def parse_manifest_bytes(data: bytes) -> dict[str, Any]:
+    """Parse a distribution capsule.toml, once per distinct content in this process.
+
+    Its chunk list makes it thousands of tables long, and install, trust and native delivery
+    each read the same artifact: keyed by the bytes themselves, the cache cannot serve a stale
+    parse. Callers get their own copy.
+    """
+    return copy.deepcopy(_parse_manifest_bytes(bytes(data)))
+
+
 def open_capsule(path: Path) -> OpenedCapsule:
     """Parse an artifact's members, refusing anything that is not a well-formed capsule."""
     try:
@@ -173,7 +190,7 @@ def open_capsule(path: Path) -> OpenedCapsule:
             return fh.read()
 
         try:
-            manifest = tomllib.loads(read("capsule.toml").decode("utf-8"))
+            manifest = parse_manifest_bytes(read("capsule.toml"))
             lock = _json(read("capsule.lock.json"))
             sbom = _json(read("sbom.spdx.json"))
             signature = _json(read("signature.json"))

@@ -619,7 +619,7 @@ def check_artifact(path: Path) -> ArtifactCheck:
 
 def _manifest_identity(result: ArtifactCheck, toml_bytes: bytes) -> None:
     with contextlib.suppress(ValueError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        doc = tomllib.loads(toml_bytes.decode("utf-8"))
+        doc = capsule.parse_manifest_bytes(toml_bytes)
         if isinstance(doc.get("name"), str):
             result.name = doc["name"]
         if isinstance(doc.get("version"), str):
