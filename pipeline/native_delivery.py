@@ -29,6 +29,7 @@ import zstandard
 
 from cas.canonical import jcs_digest
 from cas.digest import blake3_file, label, parse
+from cas.streams import FileSlice
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.graph import Step, run_chain
@@ -146,7 +147,7 @@ def payload_delivery(path: Path) -> bytes | None:
     """The bytes of the payload-root ``ato.delivery.toml`` of a ``.capsule``, or None (a standard artifact)."""
     opened = capsule.open_capsule(path)
     with open(path, "rb") as raw:
-        piece = fetch_stage._Slice(raw, opened.payload_offset, opened.payload_size)  # noqa: SLF001
+        piece = FileSlice(raw, opened.payload_offset, opened.payload_size)
         reader = zstandard.ZstdDecompressor().stream_reader(piece, read_across_frames=True)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tf:

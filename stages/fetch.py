@@ -38,6 +38,7 @@ from cas.atomic import fsync_dir
 from cas.canonical import jcs_digest
 from cas.digest import DigestError, blake3_file, label, parse
 from cas.filelock import flocked
+from cas.streams import FileSlice
 from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
@@ -235,28 +236,9 @@ def extract_payload(members: Iterable[tarfile.TarInfo], tf: tarfile.TarFile, roo
     return count
 
 
-class _Slice(io.RawIOBase):
-    """``size`` bytes of a file from ``offset``: the payload member of an uncompressed .capsule tar."""
-
-    def __init__(self, fh: io.BufferedReader, offset: int, size: int) -> None:
-        self.fh, self.left = fh, size
-        fh.seek(offset)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        if self.left <= 0:
-            return 0
-        data = self.fh.read(min(len(b), self.left))
-        b[: len(data)] = data
-        self.left -= len(data)
-        return len(data)
-
-
 def unpack_capsule_payload(opened: capsule.OpenedCapsule, root: Path) -> int:
     with open(opened.path, "rb") as raw:
-        piece = io.BufferedReader(_Slice(raw, opened.payload_offset, opened.payload_size), COPY)
+        piece = io.BufferedReader(FileSlice(raw, opened.payload_offset, opened.payload_size), COPY)
         reader = zstandard.ZstdDecompressor().stream_reader(piece, read_across_frames=True)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tf:

@@ -9,6 +9,7 @@ the artifact and the CAS hold the very same bytes and a chunk is compressed once
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tarfile
 from collections import deque
@@ -24,6 +25,7 @@ from cas.chunker import chunk_spans
 from cas.objects import ObjectError, compress
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
+from cas.streams import ChunkStream
 from pipeline.errors import E_LOCKFILE, AtoError
 from stages import tar_header
 from stages.sources import SourceEntry
@@ -197,30 +199,9 @@ def pack_payload(entries: list[SourceEntry], store: CasStore, epoch: int, frames
 
 def list_stored_payload(store: CasStore, manifest: PayloadManifest) -> tuple[list[SourceEntry], list[PackedFile]]:
     """Read a payload tar back from the CAS (every chunk verified): its entries and file SHA-256s."""
-    import io
-
-    class _ChunkStream(io.RawIOBase):
-        def __init__(self) -> None:
-            self._chunks = store.iter_raw(manifest)
-            self._buf = b""
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-            while not self._buf:
-                try:
-                    self._buf = next(self._chunks)
-                except StopIteration:
-                    return 0
-            n = min(len(b), len(self._buf))
-            b[:n] = self._buf[:n]
-            self._buf = self._buf[n:]
-            return n
-
     entries: list[SourceEntry] = []
     files: list[PackedFile] = []
-    with tarfile.open(fileobj=io.BufferedReader(_ChunkStream(), COPY_SIZE), mode="r|") as tf:
+    with tarfile.open(fileobj=io.BufferedReader(ChunkStream(store.iter_raw(manifest)), COPY_SIZE), mode="r|") as tf:
         for info in tf:
             if info.issym():
                 entries.append(SourceEntry(info.name, Path(info.name), "symlink", 0o777, 0, link_target=info.linkname))

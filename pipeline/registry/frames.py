@@ -30,6 +30,7 @@ import zstandard
 
 from cas.digest import parse
 from cas.payload_manifest import PayloadManifest
+from cas.streams import ChunkStream, FileSlice
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 MAX_FRAME_CONTENT = 16 << 20  # far above FastCDC's max chunk; refuses decompression bombs
@@ -140,48 +141,6 @@ def check_frame(frame: bytes, raw_hash: str, raw_size: int) -> bytes:
     return raw
 
 
-class _Slice(io.RawIOBase):
-    """A read-only window ``[offset, offset+size)`` of a file."""
-
-    def __init__(self, fh: BinaryIO, offset: int, size: int) -> None:
-        self.fh, self.pos, self.end = fh, offset, offset + size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        n = min(len(b), self.end - self.pos)
-        if n <= 0:
-            return 0
-        self.fh.seek(self.pos)
-        data = self.fh.read(n)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-class _ChunkStream(io.RawIOBase):
-    """A readable stream over an iterator of byte strings (feeds the tar scanner)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.chunks = chunks
-        self.buf = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
-        while not len(self.buf):
-            try:
-                self.buf = memoryview(next(self.chunks))
-            except StopIteration:
-                return 0
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
-        return n
-
-
 def check_tar_member(info: tarfile.TarInfo) -> None:
     """Refuse entries that could write outside the unpack root or are not plain content."""
     name = info.name
@@ -216,14 +175,14 @@ def scan_tar(stream: io.RawIOBase) -> int:
 
 def scan_payload_stream(fh: BinaryIO, offset: int, size: int) -> int:
     """Scan ``payload.tar.zst`` (any frame layout) for unsafe tar entries."""
-    reader = zstandard.ZstdDecompressor().stream_reader(_Slice(fh, offset, size), read_across_frames=True)
+    reader = zstandard.ZstdDecompressor().stream_reader(FileSlice(fh, offset, size), read_across_frames=True)
 
     def pieces() -> Iterator[bytes]:
         while data := reader.read(1 << 20):
             yield data
 
     try:
-        return scan_tar(_ChunkStream(pieces()))
+        return scan_tar(ChunkStream(pieces()))
     except zstandard.ZstdError as exc:
         raise UnsafePayload(f"payload.tar.zst does not decode: {exc}") from None
 
@@ -234,7 +193,7 @@ def iter_frames(fh: BinaryIO, offset: int, size: int,
 
     Raises :class:`NotSpliceable` when the frames do not match the chunks one to one.
     """
-    window = io.BufferedReader(_Slice(fh, offset, size), 1 << 20)
+    window = io.BufferedReader(FileSlice(fh, offset, size), 1 << 20)
     for i, chunk in enumerate(manifest.chunks):
         try:
             frame = read_frame(window)
@@ -276,7 +235,7 @@ def split_payload(path: str, offset: int, size: int, manifest: PayloadManifest,
 
         gen = raws()
         try:
-            entries = scan_tar(_ChunkStream(gen))
+            entries = scan_tar(ChunkStream(gen))
             for _raw in gen:  # the tar scanner stops at the end-of-archive marker
                 pass
         except NotSpliceable as exc:
