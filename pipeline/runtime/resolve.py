@@ -79,7 +79,8 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
             confirm_install(scoped, reg)
         artifact = install_from_registry(scoped, reg, version)
         installed_now = True
-    resolved = _from_artifact(raw, artifact, "installed")
+    # install_from_registry ran the trust check on exactly these bytes: no second pass.
+    resolved = _from_artifact(raw, artifact, "installed", verified=installed_now)
     resolved.scoped_id = scoped
     resolved.installed_now = installed_now
     if registry:
@@ -91,10 +92,11 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
     return resolved
 
 
-def _from_artifact(raw: str, artifact: Path, kind: str) -> Resolved:
+def _from_artifact(raw: str, artifact: Path, kind: str, *, verified: bool = False) -> Resolved:
     from pipeline.runtime.unpack import unpack_capsule
 
-    trust_gate(artifact)
+    if not verified:
+        trust_gate(artifact)
     project_dir, _summary = unpack_capsule(artifact)
     manifest = load_manifest(project_dir)
     return Resolved(kind, raw, project_dir, manifest, artifact=artifact)
