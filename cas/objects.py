@@ -187,7 +187,5 @@ class ObjectStore:
         except FileNotFoundError:
             return 0
 
-    def total_bytes(self) -> int:
-        return sum(self.path(h).stat().st_size for h in self.iter_hexes())
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from cas.atomic import write_bytes_atomic
@@ -74,6 +74,3 @@ class CasStore:
         """The verified raw chunks of a payload, in order (their concatenation is the payload tar)."""
         for c in manifest.chunks:
             yield self.objects.get(c.raw_hash, c.raw_size)
-
-    def referenced(self, manifests: Iterable[PayloadManifest]) -> set[str]:
-        return {c.raw_hash for m in manifests for c in m.chunks}
