@@ -186,6 +186,3 @@ class ObjectStore:
             return size
         except FileNotFoundError:
             return 0
-
-
-
