@@ -20,16 +20,12 @@ import contextlib
 import os
 import secrets
 import sys
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from cas.canonical import jcs_digest
 from cas.digest import blake3_file, label, parse
-from cas.streams import FileSlice
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.graph import Step, run_chain
@@ -144,23 +140,15 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any) -> dict[str, Any]:
 
 
 def payload_delivery(path: Path) -> bytes | None:
-    """The bytes of the payload-root ``ato.delivery.toml`` of a ``.capsule``, or None (a standard artifact)."""
-    opened = capsule.open_capsule(path)
-    with open(path, "rb") as raw:
-        piece = FileSlice(raw, opened.payload_offset, opened.payload_size)
-        reader = zstandard.ZstdDecompressor().stream_reader(piece, read_across_frames=True)
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tf:
-                for info in tf:
-                    name = info.name[2:] if info.name.startswith("./") else info.name
-                    if name == SIDECAR_NAME and info.isreg():
-                        fh = tf.extractfile(info)
-                        return fh.read() if fh is not None else None
-                    if name.encode() > SIDECAR_NAME.encode():
-                        break  # payload members are sorted by path (CONTRACTS §3): it is not there
-        except (tarfile.TarError, zstandard.ZstdError) as exc:
-            raise fetch_stage.integrity(f"{path.name}: payload.tar.zst is not a readable tar: {exc}") from None
-    return None
+    """The bytes of the payload-root ``ato.delivery.toml`` of a ``.capsule``, or None (a standard artifact).
+
+    Read from the verifying pass over the payload (:func:`stages.artifact.payload_scan`), which
+    the trust check of the same file has usually made already.
+    """
+    scan = capsule.payload_scan(path)
+    if scan.unsafe is not None:
+        raise fetch_stage.integrity(f"{path.name}: {scan.unsafe}")
+    return scan.sidecars.get(SIDECAR_NAME)
 
 
 def consent_gate(*, yes: bool, interactive: bool, ask: Callable[[str], bool] | None) -> None:

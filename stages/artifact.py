@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import io
 import json
 import os
 import tarfile
@@ -20,7 +19,6 @@ from typing import Any, BinaryIO
 
 import blake3
 import tomli_w
-import zstandard
 
 from cas.atomic import atomic_writer
 from cas.canonical import canonical_json, jcs_digest
@@ -30,6 +28,7 @@ from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
 from pipeline.errors import E_INTEGRITY, AtoError
 from stages import tar_header
+from stages.payload_frames import PayloadCorrupt, PayloadScan, scan_payload
 
 MEMBER_ORDER = ("capsule.toml", "capsule.lock.json", "sbom.spdx.json", "signature.json", "payload.tar.zst",
                 "payload.v3.manifest.json")
@@ -231,7 +230,7 @@ def verify_capsule(path: Path) -> dict[str, Any]:
     root = label(merkle_root([c.raw_hash for c in payload.chunks]))
     if dist.get("merkle_root") != root:
         raise _integrity(f"merkle_root mismatch: capsule.toml claims {dist.get('merkle_root')}, chunks give {root}")
-    payload_hash = _verify_payload_bytes(opened, payload)
+    payload_hash = scan_of(opened).payload_hash  # every chunk decoded and checked
     sig_payload = opened.signature.get("payload_hash")
     if sig_payload is not None and sig_payload != label(payload_hash):
         raise _integrity("signature.json payload_hash does not match payload.tar.zst")
@@ -241,31 +240,16 @@ def verify_capsule(path: Path) -> dict[str, Any]:
             "artifact_hash": label(payload.artifact_hash), "chunks": len(payload.chunks)}
 
 
-def _verify_payload_bytes(opened: OpenedCapsule, payload: PayloadManifest) -> str:
-    """Decode payload.tar.zst chunk by chunk, checking each chunk's size and BLAKE3."""
+def scan_of(opened: OpenedCapsule) -> PayloadScan:
+    """The one decoding pass over an opened artifact's payload (kept for this process)."""
     try:
-        return _decode_and_check(opened, payload)
-    except zstandard.ZstdError as exc:
-        raise _integrity(f"payload.tar.zst does not decode: {exc}") from None
+        return scan_payload(opened.path, opened.payload_offset, opened.payload_size, opened.payload_manifest)
+    except PayloadCorrupt as exc:
+        raise _integrity(str(exc), **exc.details) from None
+    except OSError as exc:
+        raise _integrity(f"cannot read {opened.path}: {exc.strerror}", path=str(opened.path)) from None
 
 
-def _decode_and_check(opened: OpenedCapsule, payload: PayloadManifest) -> str:
-    hasher = blake3.blake3()
-    with open(opened.path, "rb") as fh:
-        fh.seek(opened.payload_offset)
-        data = fh.read(opened.payload_size)
-    hasher.update(data)
-    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
-    for i, ref in enumerate(payload.chunks):
-        raw = reader.read(ref.raw_size)
-        while len(raw) < ref.raw_size:
-            more = reader.read(ref.raw_size - len(raw))
-            if not more:
-                break
-            raw += more
-        if len(raw) != ref.raw_size or blake3.blake3(raw).hexdigest() != ref.raw_hash:
-            raise _integrity(f"payload chunk {i} (blake3:{ref.raw_hash}) does not match its digest",
-                             chunk=label(ref.raw_hash))
-    if reader.read(1):
-        raise _integrity("payload.tar.zst holds more data than its manifest lists")
-    return hasher.hexdigest()
+def payload_scan(path: Path) -> PayloadScan:
+    """What the payload of the artifact at ``path`` holds: frames, entry safety, root sidecars."""
+    return scan_of(open_capsule(path))

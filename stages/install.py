@@ -42,7 +42,9 @@ import sys
 import tarfile
 import threading
 import tomllib
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,19 +60,18 @@ from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.registry import names
 from pipeline.registry.client import RegistryClient, RegistryHttpError
-from pipeline.registry.frames import (
-    FrameError,
+from stages.artifact import open_capsule, payload_scan, verify_capsule
+from stages.payload_frames import (
     FrameRef,
-    NotSpliceable,
+    PayloadCorrupt,
     UnsafePayload,
-    check_frame,
     split_payload,
 )
-from stages.artifact import open_capsule, verify_capsule
 
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
 WRITE_BATCH = 4 << 20
+STAGING_THREADS = 4
 
 # Trust hook (issue 6): ``verify(path, scoped_id)`` checks digests, signature and the trust decision
 # (pipeline.trust.verify, which stages may not import) and returns {"signed", "signer", "trust"} for the
@@ -164,32 +165,54 @@ class _FrameStream:
 
 
 class _Staging:
-    """Downloaded chunks as temp objects beside their final CAS names; published together at the end."""
+    """Verified frames as temp objects beside their final CAS names; published together at the end.
+
+    The temp files are written by a few threads: creating thousands of small files and their
+    fan-out directories is kernel work that overlaps well, and the GIL is free meanwhile.
+    """
+
+    IN_FLIGHT = 64
 
     def __init__(self, cas: CasStore) -> None:
         self.cas = cas
         self.staged: dict[str, Path] = {}
-        self._dirs: set[Path] = set()
+        self._pending: deque[tuple[str, Future[Path]]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
 
     def add(self, raw_hash: str, frame: bytes) -> None:
-        if raw_hash in self.staged:
+        if raw_hash in self.staged or any(h == raw_hash for h, _f in self._pending):
             return
-        target = self.cas.objects.path(raw_hash)
-        if target.parent not in self._dirs:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(target.parent)
-        # the temp naming of cas.objects.write_temp (gc sweeps stale ``.*.tmp``)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(frame)
-        self.staged[raw_hash] = tmp
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="ato-stage")
+        self._pending.append((raw_hash, self._pool.submit(self.cas.objects.write_temp, raw_hash, frame)))
+        if len(self._pending) >= self.IN_FLIGHT:
+            self._settle(self.IN_FLIGHT // 2)
+
+    def _settle(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            raw_hash, fut = self._pending.popleft()
+            self.staged[raw_hash] = fut.result()
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def publish(self) -> int:
+        try:
+            self._settle()
+        finally:
+            self._close()
         items = list(self.staged.items())
         self.staged = {}
         return self.cas.objects.publish_temps(items)
 
     def discard(self) -> None:
+        self._close()
+        for _h, fut in self._pending:
+            with contextlib.suppress(BaseException):
+                self.staged.setdefault(_h, fut.result())
+        self._pending.clear()
         for tmp in self.staged.values():
             tmp.unlink(missing_ok=True)
         self.staged = {}
@@ -264,13 +287,13 @@ def _batched_fetch(client: RegistryClient, hexes: list[str]) -> Iterator[bytes]:
         yield from client.fetch_chunks(hexes[i:i + FETCH_BATCH])
 
 
-def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Path, transfer: Transfer,
-            staging: _Staging) -> tuple[str, str, int]:
+def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Path,
+            transfer: Transfer) -> tuple[str, str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
-    A reused frame is accepted when its bytes hash to the published frame digest; a downloaded
-    frame must decode to exactly its chunk (size and BLAKE3) before it is staged for the CAS.
-    The caller then compares the whole file with the published BLAKE3 and SHA-256.
+    Every frame, reused or downloaded, must hash to the published frame digest. The caller then
+    compares the whole file with the published BLAKE3 and SHA-256, and decodes the payload once
+    (:func:`_check_frames`), proving each frame is its chunk before anything is staged for good.
     """
     prefix = base64.b64decode(skel["prefix"])
     suffix = base64.b64decode(skel["suffix"])
@@ -299,19 +322,16 @@ def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Pa
         writer = _Worker()
         pending: list[bytes] = []
         pending_size = 0
-        to_stage: list[tuple[str, bytes]] = []
 
         def flush() -> None:
-            nonlocal pending, pending_size, to_stage
-            data, items = b"".join(pending), to_stage
-            pending, pending_size, to_stage = [], 0, []
+            nonlocal pending, pending_size
+            data = b"".join(pending)
+            pending, pending_size = [], 0
 
-            def job() -> None:  # big writes and hash updates: both release the GIL
+            def job() -> None:  # a few big writes and hash updates: each releases the GIL for long
                 fh.write(data)
                 sha.update(data)
                 b3.update(data)
-                for raw_hash, frame in items:
-                    staging.add(raw_hash, frame)
             writer.submit(job)
 
         def put(data: bytes) -> None:
@@ -342,11 +362,8 @@ def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Pa
                     data = stream.take(f.frame_size)
                     transfer.chunks_downloaded += 1
                     transfer.bytes_downloaded += len(data)
-                    try:
-                        check_frame(data, h, f.raw_size)
-                    except FrameError as exc:
-                        raise integrity(f"chunk blake3:{h} from the registry is corrupt: {exc}") from None
-                    to_stage.append((h, data))
+                    if len(data) != f.frame_size or blake3.blake3(data).hexdigest() != f.frame_blake3:
+                        raise integrity(f"chunk blake3:{h} from the registry is not the published frame")
                     if counts[h] > 1:
                         kept[h] = data
                 put(data)
@@ -361,6 +378,16 @@ def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Pa
     if stream is not None and not stream.exhausted():
         raise integrity("registry sent more chunk bytes than requested")
     return sha.hexdigest(), b3.hexdigest(), size
+
+
+def _check_frames(path: Path, skel: dict[str, Any] | None) -> None:
+    """The verifying pass over the payload (shared with the trust check): safe entries, and when
+    the artifact was spliced, frames that are the published ones, each decoding to its chunk."""
+    scan = payload_scan(path)
+    if scan.unsafe is not None:
+        raise integrity(f"artifact payload is unsafe: {scan.unsafe}")
+    if skel is not None and scan.frames != tuple(FrameRef.from_json(f) for f in skel["frames"]):
+        raise integrity("the published frames are not the artifact's chunks", reason=scan.reason)
 
 
 def _local_frame(client: RegistryClient, objects: Any, f: FrameRef) -> bytes | None:
@@ -386,21 +413,22 @@ def _download(client: RegistryClient, url: str, out: Path, transfer: Transfer) -
 
 
 def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer: Transfer) -> None:
-    """After a whole download: put the artifact's chunks into the CAS (so the next version is a delta)."""
+    """Stage the verified artifact's frames that the CAS lacks (so the next version is a delta).
+
+    Done after every check, from the file itself, on this thread: staging during the download
+    made a writer thread wait on the GIL around each of its thousands of small writes.
+    """
     opened = open_capsule(path)
 
     def sink(ref: FrameRef, frame: bytes, _offset: int) -> None:
         if not cas.objects.has(ref.raw_hash):
             staging.add(ref.raw_hash, frame)
     try:
-        layout = split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest, sink)
+        split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest, sink)
     except UnsafePayload as exc:
         raise integrity(f"artifact payload is unsafe: {exc}") from None
-    except NotSpliceable:
-        staging.discard()
-        return
-    if layout.frames is None:
-        staging.discard()
+    except PayloadCorrupt as exc:
+        raise integrity(str(exc)) from None
     transfer.chunks_total = len(opened.payload_manifest.chunks)
 
 
@@ -526,7 +554,7 @@ def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: 
             if skel is not None:
                 if parse(skel["blake3"]) != expect.blake3:
                     raise integrity("skeleton and distribution disagree about the artifact digest")
-                sha, b3, size = _splice(client, skel, cas, tmp, transfer, staging)
+                sha, b3, size = _splice(client, skel, cas, tmp, transfer)
                 transfer.artifact_bytes = size
             else:
                 sha, b3, size = _download(client, dist["artifact_url"], tmp, transfer)
@@ -546,8 +574,8 @@ def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: 
                 trust = None
                 if full_verify:
                     verify_capsule(tmp)
-            if skel is None:
-                _stage_from_artifact(tmp, cas, staging, transfer)
+            _check_frames(tmp, skel)
+            _stage_from_artifact(tmp, cas, staging, transfer)
             staging.publish()
             if not cas.manifest_path(payload.artifact_hash).exists():
                 cas.put_manifest(payload)

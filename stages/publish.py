@@ -71,8 +71,8 @@ from pipeline.envelope import validate
 from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, E_VERSION_CONFLICT, AtoError, Problem
 from pipeline.registry import names
 from pipeline.registry.client import RegistryClient, VersionConflict, parse_registry
-from pipeline.registry.frames import FrameRef, UnsafePayload, split_payload
 from stages.artifact import open_capsule, verify_capsule
+from stages.payload_frames import FrameRef, UnsafePayload, split_payload
 
 SCHEMA_VERSION = "1"
 PHASES = ("prepare", "build", "deploy")

@@ -58,7 +58,8 @@ from cas.payload_manifest import PayloadManifest
 from cas.store import CasStore
 from pipeline.errors import AtoError
 from pipeline.registry import names
-from pipeline.registry.frames import (
+from stages.artifact import open_capsule
+from stages.payload_frames import (
     FrameError,
     FrameRef,
     UnsafePayload,
@@ -67,7 +68,6 @@ from pipeline.registry.frames import (
     read_frame,
     split_payload,
 )
-from stages.artifact import open_capsule
 from stages.sign import check_artifact
 
 SCHEMA_VERSION = "ato-local-registry-2"

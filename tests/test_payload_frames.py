@@ -1,4 +1,4 @@
-"""zstd frame walking, payload splitting and tar-entry safety (pipeline.registry.frames)."""
+"""zstd frame walking, payload splitting and tar-entry safety (stages.payload_frames)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import zstandard
 
 from cas.objects import compress
-from pipeline.registry import frames as fr
+from stages import payload_frames as fr
 from stages.artifact import open_capsule
 from tests.e2e.registry_support import forge_capsule
 
@@ -110,3 +110,48 @@ def test_unsafe_entry_is_found_whatever_the_frame_layout(tmp_path: Path) -> None
         opened = open_capsule(art)
         with pytest.raises(fr.UnsafePayload, match="climbs out"):
             fr.split_payload(str(art), opened.payload_offset, opened.payload_size, opened.payload_manifest)
+
+
+def _scan(art: Path) -> fr.PayloadScan:
+    opened = open_capsule(art)
+    return fr.scan_payload(art, opened.payload_offset, opened.payload_size, opened.payload_manifest)
+
+
+def test_scan_hashes_the_payload_member_and_captures_the_delivery_sidecar(tmp_path: Path) -> None:
+    sidecar = b'schema_version = "0.1"\n'
+    for single in (False, True):
+        art = forge_capsule(tmp_path / f"s{single}.capsule", "s", "1.0.0", single_frame=single,
+                            members=[("a.bin", os.urandom(200_000)), (fr.DELIVERY_SIDECAR, sidecar),
+                                     ("sub/ato.delivery.toml", b"not the root one")])
+        opened = open_capsule(art)
+        scan = _scan(art)
+        payload = art.read_bytes()[opened.payload_offset:opened.payload_offset + opened.payload_size]
+        assert scan.payload_hash == blake3.blake3(payload).hexdigest()
+        assert scan.sidecars == {fr.DELIVERY_SIDECAR: sidecar}
+        assert scan.entries == 3 and scan.unsafe is None
+        assert (scan.frames is None) is single
+
+
+def test_scan_is_one_pass_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second caller gets the first pass's facts; any write to the file makes the next caller decode again."""
+    art = forge_capsule(tmp_path / "m-1.0.0.capsule", "m", "1.0.0", members=[("a.bin", os.urandom(200_000))])
+    passes = []
+    real = fr._scan_pass
+    monkeypatch.setattr(fr, "_scan_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    first = _scan(art)
+    assert _scan(art) is first and len(passes) == 1
+    opened = open_capsule(art)
+    data = bytearray(art.read_bytes())
+    data[opened.payload_offset + 100] ^= 0xFF  # same size, same path, different bytes
+    with open(art, "r+b") as fh:
+        fh.write(data)
+    with pytest.raises(fr.PayloadCorrupt, match="does not match its digest"):
+        _scan(art)
+    assert len(passes) == 3  # the frame pass found a bad frame, the layout-agnostic pass named the chunk
+
+
+def test_scan_records_an_unsafe_entry_but_still_checks_every_chunk(tmp_path: Path) -> None:
+    art = forge_capsule(tmp_path / "u.capsule", "u", "1.0.0", members=[("../evil", b"x"), ("a.bin", os.urandom(9))])
+    scan = _scan(art)
+    assert scan.unsafe is not None and "climbs out" in scan.unsafe
+    assert scan.frames is not None

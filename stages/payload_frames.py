@@ -19,10 +19,12 @@ up with its chunks is still a valid capsule; it is just not spliceable
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 import tarfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 import blake3
@@ -33,6 +35,9 @@ from cas.payload_manifest import PayloadManifest
 from cas.streams import ChunkStream, FileSlice
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+DELIVERY_SIDECAR = "ato.delivery.toml"
+SIDECARS = frozenset({DELIVERY_SIDECAR})  # payload-root files install reads before anything is unpacked
+MAX_SIDECAR = 1 << 20
 MAX_FRAME_CONTENT = 16 << 20  # far above FastCDC's max chunk; refuses decompression bombs
 BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2
 
@@ -47,6 +52,14 @@ class NotSpliceable(ValueError):
 
 class UnsafePayload(ValueError):
     """The payload tar holds an entry that must never be unpacked."""
+
+
+class PayloadCorrupt(ValueError):
+    """A payload chunk does not decode to the size and BLAKE3 its manifest lists."""
+
+    def __init__(self, message: str, **details: str) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 @dataclass(frozen=True)
@@ -160,51 +173,152 @@ def check_tar_member(info: tarfile.TarInfo) -> None:
         raise UnsafePayload(f"payload entry {name!r} is not a regular file, directory or symlink")
 
 
-def scan_tar(stream: io.RawIOBase) -> int:
-    """Walk a payload tar from a stream, checking every entry; returns the entry count."""
+def scan_tar(stream: io.RawIOBase, sidecars: dict[str, bytes] | None = None) -> int:
+    """Walk a payload tar from a stream, checking every entry; returns the entry count.
+
+    Payload-root files named in :data:`SIDECARS` are copied into ``sidecars`` on the way.
+    """
     count = 0
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream, 1 << 20), mode="r|") as tf:
             for info in tf:
                 check_tar_member(info)
                 count += 1
+                if sidecars is not None and info.isreg() and info.size <= MAX_SIDECAR:
+                    name = info.name[2:] if info.name.startswith("./") else info.name
+                    if name in SIDECARS:
+                        fh = tf.extractfile(info)
+                        if fh is not None:
+                            sidecars[name] = fh.read()
     except tarfile.TarError as exc:
         raise UnsafePayload(f"payload is not a readable tar: {exc}") from None
     return count
 
 
-def scan_payload_stream(fh: BinaryIO, offset: int, size: int) -> int:
-    """Scan ``payload.tar.zst`` (any frame layout) for unsafe tar entries."""
-    reader = zstandard.ZstdDecompressor().stream_reader(FileSlice(fh, offset, size), read_across_frames=True)
+def iter_frames(window: BinaryIO, manifest: PayloadManifest,
+                hasher: blake3.blake3) -> Iterator[tuple[FrameRef, bytes, bytes]]:
+    """Yield ``(ref, frame, raw)`` for each chunk of the payload read from ``window``.
 
-    def pieces() -> Iterator[bytes]:
-        while data := reader.read(1 << 20):
-            yield data
-
-    try:
-        return scan_tar(ChunkStream(pieces()))
-    except zstandard.ZstdError as exc:
-        raise UnsafePayload(f"payload.tar.zst does not decode: {exc}") from None
-
-
-def iter_frames(fh: BinaryIO, offset: int, size: int,
-                manifest: PayloadManifest) -> Iterator[tuple[FrameRef, bytes, bytes]]:
-    """Yield ``(ref, frame, raw)`` for each chunk of the payload at ``[offset, offset+size)``.
-
-    Raises :class:`NotSpliceable` when the frames do not match the chunks one to one.
+    Every frame's bytes also go into ``hasher``. Raises :class:`NotSpliceable` when the
+    frames do not match the chunks one to one.
     """
-    window = io.BufferedReader(FileSlice(fh, offset, size), 1 << 20)
     for i, chunk in enumerate(manifest.chunks):
         try:
             frame = read_frame(window)
             if frame is None:
                 raise FrameError("payload ends before its last chunk")
+            hasher.update(frame)
             raw = check_frame(frame, chunk.raw_hash, chunk.raw_size)
         except FrameError as exc:
             raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
         yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), blake3.blake3(frame).hexdigest()), frame, raw
     if window.read(1):
         raise NotSpliceable("payload.tar.zst holds bytes after its last chunk's frame")
+
+
+def iter_chunks(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3) -> Iterator[bytes]:
+    """Decode a payload of any frame layout, yielding each chunk after checking its size and BLAKE3.
+
+    Raises :class:`PayloadCorrupt` naming the first chunk that does not match.
+    """
+    def hashed() -> Iterator[bytes]:
+        while data := window.read(1 << 20):
+            hasher.update(data)
+            yield data
+
+    source = hashed()
+    reader = zstandard.ZstdDecompressor().stream_reader(ChunkStream(source), read_across_frames=True)
+    try:
+        for i, ref in enumerate(manifest.chunks):
+            raw = reader.read(ref.raw_size)
+            while len(raw) < ref.raw_size:
+                more = reader.read(ref.raw_size - len(raw))
+                if not more:
+                    break
+                raw += more
+            if len(raw) != ref.raw_size or blake3.blake3(raw).hexdigest() != ref.raw_hash:
+                raise PayloadCorrupt(f"payload chunk {i} (blake3:{ref.raw_hash}) does not match its digest",
+                                     chunk="blake3:" + ref.raw_hash)
+            yield raw
+        if reader.read(1):
+            raise PayloadCorrupt("payload.tar.zst holds more data than its manifest lists")
+        for _data in source:  # hash whatever the decoder did not need to read
+            pass
+    except zstandard.ZstdError as exc:
+        raise PayloadCorrupt(f"payload.tar.zst does not decode: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PayloadScan:
+    """What one pass over ``payload.tar.zst`` established.
+
+    Every chunk decoded to its manifest digest (or the scan raised); ``frames`` is None when the
+    frames are not the chunks one to one (a valid capsule that cannot be spliced, ``reason`` says
+    why); ``unsafe`` says why the tar must never be unpacked, or is None.
+    """
+
+    payload_hash: str  # hex BLAKE3 of the payload member's bytes
+    frames: tuple[FrameRef, ...] | None
+    entries: int
+    unsafe: str | None = None
+    reason: str | None = None
+    sidecars: dict[str, bytes] = field(default_factory=dict)
+
+
+def _scan_pass(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, spliced: bool) -> PayloadScan:
+    fh.seek(0)
+    window = io.BufferedReader(FileSlice(fh, offset, size), 1 << 20)
+    hasher = blake3.blake3()
+    refs: list[FrameRef] = []
+    if spliced:
+        def raws() -> Iterator[bytes]:
+            for ref, _frame, raw in iter_frames(window, manifest, hasher):
+                refs.append(ref)
+                yield raw
+        gen = raws()
+    else:
+        gen = iter_chunks(window, manifest, hasher)
+    sidecars: dict[str, bytes] = {}
+    unsafe = None
+    entries = 0
+    try:
+        entries = scan_tar(ChunkStream(gen), sidecars)
+    except UnsafePayload as exc:
+        unsafe = str(exc)
+    for _raw in gen:  # the tar scanner stops at the end-of-archive marker: every chunk is still checked
+        pass
+    return PayloadScan(hasher.hexdigest(), tuple(refs) if spliced else None, entries, unsafe, None, sidecars)
+
+
+_SCANS: OrderedDict[tuple[object, ...], PayloadScan] = OrderedDict()
+_SCAN_MEMO = 8
+
+
+def scan_payload(path: str | os.PathLike[str], offset: int, size: int, manifest: PayloadManifest) -> PayloadScan:
+    """Decode the payload at ``[offset, offset+size)`` of ``path`` once: every chunk, every frame, every entry.
+
+    Publish, the registry, install and the trust check all need these facts about the same
+    file; they are kept for this process, keyed by the file's identity and change time
+    (ctime moves on any write and cannot be set back) plus the manifest, so a second caller
+    gets them without decoding again.
+    Raises :class:`PayloadCorrupt` when a chunk does not match the manifest.
+    """
+    with open(path, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+               offset, size, manifest.artifact_hash)
+        found = _SCANS.get(key)
+        if found is not None:
+            _SCANS.move_to_end(key)
+            return found
+        try:
+            scan = _scan_pass(fh, offset, size, manifest, spliced=True)
+        except NotSpliceable as exc:
+            scan = replace(_scan_pass(fh, offset, size, manifest, spliced=False), reason=str(exc))
+    _SCANS[key] = scan
+    while len(_SCANS) > _SCAN_MEMO:
+        _SCANS.popitem(last=False)
+    return scan
 
 
 @dataclass
@@ -216,29 +330,25 @@ class PayloadLayout:
 
 def split_payload(path: str, offset: int, size: int, manifest: PayloadManifest,
                   sink: Callable[[FrameRef, bytes, int], None] | None = None) -> PayloadLayout:
-    """Check a payload's frames and its tar entries in one pass.
+    """The frames of a payload (checked by :func:`scan_payload`), refusing a dangerous tar entry.
 
-    ``sink(ref, frame, frame_offset)`` sees each frame as it is verified; when the
-    payload turns out not to be spliceable the caller must discard what it saw.
-    Raises :class:`UnsafePayload` for a dangerous tar entry, whatever the frame layout.
+    ``sink(ref, frame, frame_offset)`` then sees each verified frame in order.
+    Raises :class:`UnsafePayload` for a dangerous tar entry, whatever the frame layout, and
+    :class:`PayloadCorrupt` for a chunk that does not match the manifest.
     """
-    refs: list[FrameRef] = []
-    with open(path, "rb") as fh:
-        def raws() -> Iterator[bytes]:
+    scan = scan_payload(path, offset, size, manifest)
+    if scan.unsafe is not None:
+        raise UnsafePayload(scan.unsafe)
+    if scan.frames is None:
+        return PayloadLayout(None, scan.entries, scan.reason)
+    if sink is not None:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
             pos = offset
-            for ref, frame, raw in iter_frames(fh, offset, size, manifest):
-                refs.append(ref)
-                if sink is not None:
-                    sink(ref, frame, pos)
+            for ref in scan.frames:
+                frame = fh.read(ref.frame_size)
+                if len(frame) != ref.frame_size or blake3.blake3(frame).hexdigest() != ref.frame_blake3:
+                    raise PayloadCorrupt(f"payload frame of chunk blake3:{ref.raw_hash} changed after it was checked")
+                sink(ref, frame, pos)
                 pos += len(frame)
-                yield raw
-
-        gen = raws()
-        try:
-            entries = scan_tar(ChunkStream(gen))
-            for _raw in gen:  # the tar scanner stops at the end-of-archive marker
-                pass
-        except NotSpliceable as exc:
-            fh.seek(0)
-            return PayloadLayout(None, scan_payload_stream(fh, offset, size), str(exc))
-    return PayloadLayout(refs, entries)
+    return PayloadLayout(list(scan.frames), scan.entries)
