@@ -6,7 +6,8 @@ Measured on one machine, against real ``ato registry serve`` processes on loopba
     (``PUT /v1/local/capsules/...``, which runs the same checks and commit);
   * ``ato install`` into an empty ``ATO_HOME`` (every chunk downloaded, verified,
     stored in the CAS and spliced), next to a plain ``curl -o`` download of the
-    same artifact from the raw artifact route; plus ``ato install`` of v2 (one
+    same artifact from the raw artifact route, and next to that download followed by
+    what a careful script adds (``sha256sum -c``, ``b3sum -c``, ``sync``); plus ``ato install`` of v2 (one
     file changed) on top of v1, and an install whose chunks are all local;
   * requests/s for the detail route and for downloading a small artifact under
     32 concurrent keep-alive clients (``wrk -c32``; a Python client when wrk is absent).
@@ -177,7 +178,7 @@ def main() -> int:
     sha, b3 = file_digests(artifact)
     flags = install_flags()
 
-    publish_s, curl_up_s, install_s, curl_down_s, warm_install_s = [], [], [], [], []
+    publish_s, curl_up_s, install_s, curl_down_s, warm_install_s, verified_down_s = [], [], [], [], [], []
     for i in range(RUNS):
         # plain curl upload to the raw upload route of a fresh registry
         srv = Server(WORK / f"data-curl-{i}", env_for(WORK / "srv"))
@@ -197,6 +198,11 @@ def main() -> int:
         dest = WORK / "curl-download.capsule"
         t, _ = run(["curl", "-sS", "-f", "-o", str(dest), url])
         curl_down_s.append(t)
+        dest.unlink()
+        # the same download, then what a careful script adds: both digests checked, the file made durable
+        t, _ = run(f"curl -sS -f -o {dest} {url} && echo '{sha}  {dest}' | sha256sum -c --quiet - && "
+                   f"echo '{b3}  {dest}' | b3sum -c --quiet - && sync {dest}", shell=True)
+        verified_down_s.append(t)
         dest.unlink()
         # ato install into an empty ATO_HOME: every chunk downloaded, verified, stored, spliced
         consumer = WORK / f"consumer-{i}"
@@ -250,6 +256,8 @@ def main() -> int:
         "install_s": med(install_s), "install_runs_s": install_s,
         "curl_download_s": med(curl_down_s), "curl_download_runs_s": curl_down_s,
         "install_vs_curl_download": med(install_s) / med(curl_down_s),
+        "curl_verified_durable_download_s": med(verified_down_s), "curl_verified_durable_download_runs_s": verified_down_s,
+        "install_vs_verified_durable_download": med(install_s) / med(verified_down_s),
         "install_all_chunks_local_s": med(warm_install_s),
         "install_transfer": transfer,
         "v2_one_blob_changed": {"publish_s": t_pub2, "publish_transfer": pub2, "install_s": t_inst2,
@@ -272,6 +280,9 @@ def main() -> int:
         f"| `ato install` (empty ATO_HOME) | {med(install_s):.2f} s | |",
         f"| `curl -o` from the raw artifact route | {med(curl_down_s):.2f} s | |",
         f"| install / curl download | {result['install_vs_curl_download']:.2f}x | ≤ 1.5x |",
+        f"| `curl -o` + `sha256sum -c` + `b3sum -c` + `sync` (verified, durable) | "
+        f"{med(verified_down_s):.2f} s | |",
+        f"| install / verified durable download | {result['install_vs_verified_durable_download']:.2f}x | |",
         f"| `ato install`, all chunks already local | {med(warm_install_s):.2f} s | |",
         f"| v2 (one 4 MB blob changed): publish uploads | {pub2['chunks_uploaded']} chunks, "
         f"{pub2['bytes_uploaded'] / 1e6:.2f} MB in {t_pub2:.2f} s | |",
