@@ -155,3 +155,15 @@ def test_scan_records_an_unsafe_entry_but_still_checks_every_chunk(tmp_path: Pat
     scan = _scan(art)
     assert scan.unsafe is not None and "climbs out" in scan.unsafe
     assert scan.frames is not None
+
+
+def test_install_refuses_an_artifact_whose_payload_is_unsafe(tmp_path: Path) -> None:
+    """The install's verifying pass refuses ``..`` entries even when every digest is right."""
+    from pipeline.errors import AtoError
+    from stages import install
+
+    art = forge_capsule(tmp_path / "e-1.0.0.capsule", "e", "1.0.0", members=[("../evil", b"x")])
+    with pytest.raises(AtoError, match="unsafe.*climbs out"):
+        install._check_frames(art, None)
+    safe = forge_capsule(tmp_path / "f-1.0.0.capsule", "f", "1.0.0", members=[("ok.txt", b"x")])
+    install._check_frames(safe, None)
