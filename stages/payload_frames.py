@@ -22,6 +22,7 @@ import io
 import os
 import posixpath
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -292,6 +293,7 @@ def _scan_pass(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, 
 
 _SCANS: OrderedDict[tuple[object, ...], PayloadScan] = OrderedDict()
 _SCAN_MEMO = 8
+_SCANS_LOCK = threading.Lock()
 
 
 def scan_payload(path: str | os.PathLike[str], offset: int, size: int, manifest: PayloadManifest) -> PayloadScan:
@@ -307,17 +309,19 @@ def scan_payload(path: str | os.PathLike[str], offset: int, size: int, manifest:
         st = os.fstat(fh.fileno())
         key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                offset, size, manifest.artifact_hash)
-        found = _SCANS.get(key)
-        if found is not None:
-            _SCANS.move_to_end(key)
-            return found
+        with _SCANS_LOCK:
+            found = _SCANS.get(key)
+            if found is not None:
+                _SCANS.move_to_end(key)
+                return found
         try:
             scan = _scan_pass(fh, offset, size, manifest, spliced=True)
         except NotSpliceable as exc:
             scan = replace(_scan_pass(fh, offset, size, manifest, spliced=False), reason=str(exc))
-    _SCANS[key] = scan
-    while len(_SCANS) > _SCAN_MEMO:
-        _SCANS.popitem(last=False)
+    with _SCANS_LOCK:  # the registry server scans uploads on several threads
+        _SCANS[key] = scan
+        while len(_SCANS) > _SCAN_MEMO:
+            _SCANS.popitem(last=False)
     return scan
 
 
