@@ -21,9 +21,10 @@ import sysconfig
 import time
 from pathlib import Path
 
+from report import save, table
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
-RESULTS = HERE / "results"
 ATO = str(Path(sys.executable).parent / "ato")
 TARGET_FILES = 10_000
 TARGET_BYTES = 150 * 1024 * 1024
@@ -146,23 +147,16 @@ def main() -> int:
                             "fraction_of_artifact": cas_added / changed["size"]},
         "targets": {"cold_vs_tar_zstd": 1.5, "noop_rebuild_s": 1.0, "one_file_fraction": 0.01},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "build.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [
-        "# ato build benchmark", "",
+    save("build", result, table(
+        "ato build benchmark",
         f"Tree: {files} files, {size / 1e6:.1f} MB (stdlib + site-packages copy). "
-        f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}. Median of {RUNS} runs.", "",
-        "| measure | value | target |", "| --- | --- | --- |",
-        f"| cold `ato build` | {result['cold_build_s']:.2f} s | |",
-        f"| `tar … \\| zstd -T0 -{ZSTD_LEVEL}` | {result['tar_zstd_s']:.2f} s | |",
-        f"| cold build / tar+zstd | {result['cold_vs_tar_zstd']:.2f}x | ≤ 1.5x |",
-        f"| no-op rebuild | {result['noop_rebuild_s']:.2f} s | < 1 s |",
-        f"| CAS growth after one-file change | {cas_added} B = "
-        f"{100 * result['one_file_change']['fraction_of_artifact']:.3f}% of {changed['size']} B | < 1% |",
-        "",
-    ]
-    (RESULTS / "build.md").write_text("\n".join(md))
-    print("\n".join(md))
+        f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}. Median of {RUNS} runs.",
+        [("cold `ato build`", f"{result['cold_build_s']:.2f} s", ""),
+         (f"`tar … \\| zstd -T0 -{ZSTD_LEVEL}`", f"{result['tar_zstd_s']:.2f} s", ""),
+         ("cold build / tar+zstd", f"{result['cold_vs_tar_zstd']:.2f}x", "≤ 1.5x"),
+         ("no-op rebuild", f"{result['noop_rebuild_s']:.2f} s", "< 1 s"),
+         ("CAS growth after one-file change", f"{cas_added} B = "
+          f"{100 * result['one_file_change']['fraction_of_artifact']:.3f}% of {changed['size']} B", "< 1%")]))
     return 0
 
 

@@ -29,10 +29,11 @@ import threading
 import time
 from pathlib import Path
 
+from report import save, table
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / "work" / "registry"
-RESULTS = HERE / "results"
 ATO = str(Path(sys.executable).parent / "ato")
 RUNS = 3
 TOKEN = "bench-token"
@@ -266,36 +267,28 @@ def main() -> int:
                  "download_small_artifact": {**download_load, "artifact_bytes": small_size}},
         "targets": {"install_vs_curl_download": 1.5},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "registry.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [
-        "# ato registry benchmark", "",
+    save("registry", result, table(
+        "ato registry benchmark",
         f"Artifact: {size / 1e6:.1f} MB, {transfer['chunks_total']} chunks (90% incompressible blobs, 10% text). "
         f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}. Loopback, median of {RUNS} runs; "
-        "`ato` timings include process start-up.", "",
-        "| measure | value | target |", "| --- | --- | --- |",
-        f"| `ato publish --artifact` (empty registry) | {med(publish_s):.2f} s | |",
-        f"| `curl -T` to the raw upload route | {med(curl_up_s):.2f} s | |",
-        f"| publish / curl upload | {result['publish_vs_curl_upload']:.2f}x | |",
-        f"| `ato install` (empty ATO_HOME) | {med(install_s):.2f} s | |",
-        f"| `curl -o` from the raw artifact route | {med(curl_down_s):.2f} s | |",
-        f"| install / curl download | {result['install_vs_curl_download']:.2f}x | ≤ 1.5x |",
-        f"| `curl -o` + `sha256sum -c` + `b3sum -c` + `sync` (verified, durable) | "
-        f"{med(verified_down_s):.2f} s | |",
-        f"| install / verified durable download | {result['install_vs_verified_durable_download']:.2f}x | |",
-        f"| `ato install`, all chunks already local | {med(warm_install_s):.2f} s | |",
-        f"| v2 (one 4 MB blob changed): publish uploads | {pub2['chunks_uploaded']} chunks, "
-        f"{pub2['bytes_uploaded'] / 1e6:.2f} MB in {t_pub2:.2f} s | |",
-        f"| v2 on top of v1: install downloads | {inst2['chunks_downloaded']} chunks, "
-        f"{inst2['bytes_downloaded'] / 1e6:.2f} MB in {t_inst2:.2f} s | |",
-        f"| detail route, {CONCURRENCY} clients | {detail_load['requests_per_s']:.0f} req/s "
-        f"(p99 {detail_load['p99_latency'] or 'n/a'}) | |",
-        f"| download {small_size / 1e3:.0f} KB artifact, {CONCURRENCY} clients | "
-        f"{download_load['requests_per_s']:.0f} req/s (p99 {download_load['p99_latency'] or 'n/a'}) | |",
-        "",
-    ]
-    (RESULTS / "registry.md").write_text("\n".join(md))
-    print("\n".join(md))
+        "`ato` timings include process start-up.",
+        [("`ato publish --artifact` (empty registry)", f"{med(publish_s):.2f} s", ""),
+         ("`curl -T` to the raw upload route", f"{med(curl_up_s):.2f} s", ""),
+         ("publish / curl upload", f"{result['publish_vs_curl_upload']:.2f}x", ""),
+         ("`ato install` (empty ATO_HOME)", f"{med(install_s):.2f} s", ""),
+         ("`curl -o` from the raw artifact route", f"{med(curl_down_s):.2f} s", ""),
+         ("install / curl download", f"{result['install_vs_curl_download']:.2f}x", "≤ 1.5x"),
+         ("`curl -o` + `sha256sum -c` + `b3sum -c` + `sync` (verified, durable)", f"{med(verified_down_s):.2f} s", ""),
+         ("install / verified durable download", f"{result['install_vs_verified_durable_download']:.2f}x", ""),
+         ("`ato install`, all chunks already local", f"{med(warm_install_s):.2f} s", ""),
+         ("v2 (one 4 MB blob changed): publish uploads",
+          f"{pub2['chunks_uploaded']} chunks, {pub2['bytes_uploaded'] / 1e6:.2f} MB in {t_pub2:.2f} s", ""),
+         ("v2 on top of v1: install downloads",
+          f"{inst2['chunks_downloaded']} chunks, {inst2['bytes_downloaded'] / 1e6:.2f} MB in {t_inst2:.2f} s", ""),
+         (f"detail route, {CONCURRENCY} clients",
+          f"{detail_load['requests_per_s']:.0f} req/s (p99 {detail_load['p99_latency'] or 'n/a'})", ""),
+         (f"download {small_size / 1e3:.0f} KB artifact, {CONCURRENCY} clients",
+          f"{download_load['requests_per_s']:.0f} req/s (p99 {download_load['p99_latency'] or 'n/a'})", "")]))
     return 0
 
 

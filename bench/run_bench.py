@@ -14,7 +14,6 @@ Each timing is the median of several runs (after one warm-up of each). Target
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,8 +26,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from report import save
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 RUNS = int(os.environ.get("RUN_BENCH_RUNS", "15"))
 ATO = str(Path(sys.executable).parent / "ato")
 SERVER = """\
@@ -138,9 +138,7 @@ def main() -> int:
         "python": sys.version.split()[0],
         "node": subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "run.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "run.md").write_text(f"""\
+    save("run", doc, f"""\
 # `ato run` startup benchmark
 
 Time from spawning the process until an HTTP GET on the service's port first answers 200
@@ -154,7 +152,6 @@ Time from spawning the process until an HTTP GET on the service's port first ans
 Overhead {doc['overhead_ms']} ms ({doc['ratio']}x). Target: ato within 1.5x node + 300 ms =
 {doc['target_ms']} ms: {'met' if doc['within_target'] else 'NOT met'}.
 """)
-    print(json.dumps(doc, indent=2))
     return 0
 
 
