@@ -177,11 +177,13 @@ class _Staging:
         self.cas = cas
         self.staged: dict[str, Path] = {}
         self._pending: deque[tuple[str, Future[Path]]] = deque()
+        self._submitted: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
 
     def add(self, raw_hash: str, frame: bytes) -> None:
-        if raw_hash in self.staged or any(h == raw_hash for h, _f in self._pending):
+        if raw_hash in self._submitted:
             return
+        self._submitted.add(raw_hash)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="ato-stage")
         self._pending.append((raw_hash, self._pool.submit(self.cas.objects.write_temp, raw_hash, frame)))
@@ -204,7 +206,7 @@ class _Staging:
         finally:
             self._close()
         items = list(self.staged.items())
-        self.staged = {}
+        self.staged, self._submitted = {}, set()
         return self.cas.objects.publish_temps(items)
 
     def discard(self) -> None:
@@ -215,7 +217,7 @@ class _Staging:
         self._pending.clear()
         for tmp in self.staged.values():
             tmp.unlink(missing_ok=True)
-        self.staged = {}
+        self.staged, self._submitted = {}, set()
 
 
 class _Worker(threading.Thread):
