@@ -95,7 +95,7 @@ def identify(api_url: str, token: str) -> dict[str, Any]:
             raise
         base = client.base
     if not isinstance(doc, dict) or not isinstance(doc.get("handle"), str) or not doc["handle"]:
-        raise AtoError("E999", f"the Store at {base} answered whoami without a handle", exit_code=2)
+        raise AtoError("E999", f"the Store at {base} answered whoami without a handle")
     return {"handle": doc["handle"], "api_url": base}
 
 

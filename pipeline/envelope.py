@@ -15,7 +15,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from pipeline.errors import E_INTERNAL, EXIT_INTERNAL, AtoError
+from pipeline.errors import E_INTERNAL, AtoError
 
 SCHEMA_BASE = "https://ato.run/schemas/"
 
@@ -41,7 +41,7 @@ def validator(name: str) -> Draft202012Validator:
     try:
         schema = _schemas()[name]
     except KeyError:
-        raise AtoError(E_INTERNAL, f"no schema named {name!r} in schemas/", exit_code=EXIT_INTERNAL) from None
+        raise AtoError(E_INTERNAL, f"no schema named {name!r} in schemas/") from None
     return Draft202012Validator(schema, registry=_registry())
 
 
@@ -62,7 +62,6 @@ def validate(doc: Any, name: str) -> Any:
         raise AtoError(
             E_INTERNAL,
             f"internal error: {name} document failed its schema: {problems[0]}",
-            exit_code=EXIT_INTERNAL,
             details={"schema": name, "problems": problems[:20]},
         )
     return doc

@@ -3,10 +3,15 @@
 Every failure the user can cause is an :class:`AtoError`. The CLI turns it into a
 one-line message on stderr (plus JSONL ``ATO_ERR_*`` lines or a JSON error object),
 and an exit code; nothing else in the program decides how failures look.
+
+:data:`CODES` is the one table of codes: each E-code and ``ATO_ERR_*`` name maps to
+its exit status and a one-line meaning (the README's table is checked against it).
+Raise sites name a code; the exit status follows from the table, never from the site.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,26 +22,108 @@ EXIT_INTERNAL = 2
 EXIT_NETWORK = 3
 EXIT_RUNTIME = 5
 
-# Diagnostic E-codes (CONTRACTS.md §6).
-E_LOCKFILE = "E102"
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One row of the code table."""
+
+    code: str
+    exit: int
+    meaning: str
+    diagnostic: str | None = None  # the E-code an ATO_ERR_* name is reported under
+
+
+_ROWS = [
+    # manifest and input
+    ErrorCode("E001", EXIT_USER, "`capsule.toml` is not valid TOML"),
+    ErrorCode("E002", EXIT_USER, "a manifest value has the wrong type or breaks a rule"),
+    ErrorCode("E003", EXIT_USER, "a required manifest key is missing"),
+    ErrorCode("E100", EXIT_USER, "the command line is wrong, or what it names does not exist"),
+    ErrorCode("E101", EXIT_USER, "the entrypoint is missing or not a safe relative path"),
+    ErrorCode("E102", EXIT_USER, "packing or a build/finalize command needs manual intervention "
+                                 "(unsafe symlink, file changed while packing, a command failed)"),
+    ErrorCode("E106", EXIT_USER, "`--strict-v3` refused a fallback"),
+    ErrorCode("CAPSULE_TOML_NOT_FOUND", EXIT_USER, "no `capsule.toml` where one was expected"),
+    ErrorCode("TARGET_NOT_FOUND", EXIT_USER, "the manifest has no target of that name"),
+    # registry, store and trust
+    ErrorCode("E201", EXIT_USER, "a registry write needs a token (`ATO_TOKEN`), or the token was rejected"),
+    ErrorCode("E202", EXIT_USER, "that version is already published (next actions are in the message)"),
+    ErrorCode("E207", EXIT_USER, "a lockfile does not match what it locks"),
+    ErrorCode("E208", EXIT_USER, "an artifact or CAS object failed an integrity check"),
+    ErrorCode("E212", EXIT_USER, "the payload is over the size ceiling (200 MiB unless raised)"),
+    ErrorCode("E220", EXIT_USER, "a source sync run failed, or `ato source rebuild --wait` timed out"),
+    ErrorCode("E301", EXIT_USER, "a security policy refused the operation (unsigned artifact, consent, "
+                                 "non-loopback host)"),
+    ErrorCode("E900", EXIT_NETWORK, "a registry, Store or download host could not be reached"),
+    ErrorCode("E901", EXIT_NETWORK, "a registry or Store answered with a server error (HTTP 5xx)"),
+    ErrorCode("E999", EXIT_INTERNAL, "internal error (a bug: please report it)"),
+    # cap
+    ErrorCode("CAP_MANIFEST_NOT_FOUND", EXIT_USER, "no `capability.json` where one was expected"),
+    ErrorCode("CAP_MANIFEST_EXISTS", EXIT_USER, "`cap init` would overwrite an existing `capability.json`"),
+    ErrorCode("CAP_IO", EXIT_USER, "a cap manifest or registry file cannot be read or written"),
+    # policy problems and unmet requirements (ATO_ERR_* lines)
+    ErrorCode("ATO_ERR_MISSING_REQUIRED_ENV", EXIT_USER, "a variable in `required_env` is not set", "E103"),
+    ErrorCode("ATO_ERR_POLICY_VIOLATION", EXIT_USER, "the run policy refused the target", "E301"),
+    ErrorCode("ATO_ERR_CONSENT_REQUIRED", EXIT_USER, "the run needs consent (`--yes` when not on a TTY)",
+              "E301"),
+    ErrorCode("ATO_ERR_PROVISIONING_LOCK_INCOMPLETE", EXIT_USER, "a lockfile the runtime needs is missing",
+              "E104"),
+    ErrorCode("ATO_ERR_PROVISIONING_FAILED", EXIT_RUNTIME, "installing the target's dependencies failed", "E104"),
+    ErrorCode("ATO_ERR_ENGINE_MISSING", EXIT_USER, "the sandbox or container engine the target needs is "
+                                                   "not available", "E205"),
+    ErrorCode("ATO_ERR_SKILL_NOT_FOUND", EXIT_USER, "the named skill does not exist", "E206"),
+    ErrorCode("ATO_ERR_AUTH_REQUIRED", EXIT_USER, "the operation needs a token, or the token was rejected",
+              "E201"),
+    ErrorCode("ATO_ERR_INTEGRITY_FAILURE", EXIT_USER, "a digest or signature does not match", "E208"),
+    ErrorCode("ATO_ERR_EXECUTION_CONTRACT_INVALID", EXIT_USER, "the target's execution contract is invalid "
+                                                               "(probe, depends_on, ports)", "E302"),
+    ErrorCode("ATO_ERR_RUNTIME_NOT_RESOLVED", EXIT_USER, "no runtime could be resolved for the target", "E303"),
+    ErrorCode("ATO_ERR_COMPAT_HARDWARE", EXIT_USER, "the target does not run on this host's OS/CPU", "E304"),
+    ErrorCode("ATO_ERR_RUNTIME_LAUNCH_FAILED", EXIT_RUNTIME, "a process of the capsule could not start or "
+                                                             "failed before it was ready", "E305"),
+    ErrorCode("ATO_ERR_TASK_FAILED", EXIT_RUNTIME, "a task or service of the capsule exited with an error",
+              "E305"),
+    ErrorCode("ATO_ERR_PROCESS_STUCK", EXIT_RUNTIME, "a capsule process did not stop when asked", "E305"),
+    ErrorCode("ATO_ERR_PORT_IN_USE", EXIT_USER, "the port the capsule needs is already in use", "E301"),
+    ErrorCode("ATO_ERR_NETWORK", EXIT_NETWORK, "a download host could not be reached", "E900"),
+]
+
+CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}
+
+# Names the raise sites use.
+E_TOML_PARSE = "E001"
+E_MANIFEST = "E002"
+E_MANIFEST_MISSING = "E003"
+E_USAGE = "E100"
+E_ENTRYPOINT = "E101"
+E_LOCKFILE = "E102"  # manual intervention needed (also: a build or finalize command failed)
 E_STRICT_FALLBACK = "E106"
+E_NOT_FOUND = "CAPSULE_TOML_NOT_FOUND"
+E_TARGET_NOT_FOUND = "TARGET_NOT_FOUND"
 E_AUTH_REQUIRED = "E201"
 E_VERSION_CONFLICT = "E202"
 E_LOCK_TAMPERED = "E207"
 E_INTEGRITY = "E208"
 E_PAYLOAD_TOO_LARGE = "E212"
-E_SOURCE_RUN = "E220"  # a registry source sync run failed, or --wait ran out of time
+E_SOURCE_RUN = "E220"
 E_POLICY = "E301"
-E_NETWORK = "E900"  # a registry, Store or download host could not be reached (exit 3)
+E_NETWORK = "E900"
+E_SERVER = "E901"
 E_INTERNAL = "E999"
 
-# Manifest and input problems (codes follow the reference implementation's table).
-E_TOML_PARSE = "E001"  # capsule.toml is not valid TOML
-E_MANIFEST = "E002"  # a value has the wrong type/shape or breaks a rule
-E_MANIFEST_MISSING = "E003"  # a required key is missing
-E_USAGE = "E100"  # the command line itself is wrong
-E_ENTRYPOINT = "E101"  # entrypoint missing / not a safe relative path
-E_NOT_FOUND = "CAPSULE_TOML_NOT_FOUND"
+
+def exit_status(code: str) -> int:
+    """The exit status of a code; an unknown code is a bug and exits as internal."""
+    row = CODES.get(code)
+    return row.exit if row else EXIT_INTERNAL
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Escape control characters so an echoed value cannot forge or garble terminal output."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 @dataclass
@@ -52,14 +139,13 @@ class Problem:
 
 
 class AtoError(Exception):
-    """A failure with a documented code, a one-line message and an exit code."""
+    """A failure with a documented code and a one-line message; the code decides the exit status."""
 
     def __init__(
         self,
         code: str,
         message: str,
         *,
-        exit_code: int = EXIT_USER,
         details: dict[str, Any] | None = None,
         hint: str | None = None,
         problems: list[Problem] | None = None,
@@ -67,10 +153,13 @@ class AtoError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.exit_code = exit_code
         self.details = dict(details or {})
         self.hint = hint
         self.problems = list(problems or [])
+
+    @property
+    def exit_code(self) -> int:
+        return exit_status(self.code)
 
     def to_json(self) -> dict[str, Any]:
         """The structured failure object printed on stderr under ``--json``."""
@@ -83,7 +172,7 @@ class AtoError(Exception):
         line = f"error[{self.code}]: {self.message}"
         if self.hint:
             line += f" ({self.hint})"
-        return " ".join(line.split("\n"))
+        return printable(" ".join(line.split("\n")))
 
 
 def manifest_error(path: str, key: str, expected: str, *, code: str = E_MANIFEST) -> AtoError:

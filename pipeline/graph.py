@@ -22,7 +22,7 @@ from doit.doit_cmd import DoitMain
 from doit.task import dict_to_task
 
 from cas.filelock import flocked
-from pipeline.errors import E_INTERNAL, EXIT_INTERNAL, AtoError
+from pipeline.errors import E_INTERNAL, AtoError
 from stages import build as build_stage
 
 
@@ -154,8 +154,7 @@ def run_chain(steps: list[Step], state_dir: Path) -> list[StepReport]:
     if errors:
         raise errors[0]
     if code != 0:
-        raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {sink.getvalue().strip()[:300]}",
-                       exit_code=EXIT_INTERNAL)
+        raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {sink.getvalue().strip()[:300]}")
     return [reports[s.name] for s in steps]
 
 

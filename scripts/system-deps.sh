@@ -16,5 +16,7 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)  # registry load benchmark
 if [ "$(id -u)" = "0" ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
   echo "system-deps: missing ${need[*]} and no root/sudo to install them" >&2; exit 1; fi
 echo "system-deps: installing ${need[*]}" >&2
-$SUDO apt-get update -qq >/dev/null
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Several checkouts on one machine may run this at once: wait for dpkg's lock instead of failing.
+APT=(apt-get -o DPkg::Lock::Timeout=900 -o Acquire::Retries=3)
+$SUDO "${APT[@]}" update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO "${APT[@]}" install -y -qq --no-install-recommends "${need[@]}" >/dev/null

@@ -40,7 +40,7 @@ from cas.atomic import fsync_dir, write_bytes_atomic
 from cas.canonical import canonical_json
 from cas.digest import label, parse
 from pipeline import paths
-from pipeline.errors import E_POLICY, E_USAGE, EXIT_RUNTIME, AtoError, Problem
+from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.manifest import SIDECAR_NAME, DeliveryMeta
 from pipeline.manifest.delivery import LINUX_TOOL
 from pipeline.manifest.tomlfile import parse_toml, read_text
@@ -172,21 +172,19 @@ def rebase_args(delivery: DeliveryMeta) -> list[str]:
 def _run_external(tool: str, args: list[str], cwd: Path) -> None:
     found = shutil.which(tool)
     if found is None:
-        raise AtoError(E_TOOL, f"finalize tool {tool!r} was not found on PATH", exit_code=EXIT_RUNTIME,
+        raise AtoError(E_TOOL, f"finalize tool {tool!r} was not found on PATH",
                        details={"tool": tool}, hint=f"install {tool} or run finalize on a host that has it",
                        problems=[Problem("ATO_ERR_ENGINE_MISSING", f"finalize tool {tool} is not installed",
                                          {"tool": tool})])
     try:
         proc = subprocess.run([found, *args], cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, check=False)
     except OSError as exc:
-        raise AtoError(E_TOOL, f"failed to execute {tool} in {cwd}: {exc.strerror or exc}",
-                       exit_code=EXIT_RUNTIME, details={"tool": tool}) from None
+        raise AtoError(E_TOOL, f"failed to execute {tool} in {cwd}: {exc.strerror or exc}", details={"tool": tool}) from None
     if proc.returncode != 0:
         out = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
         status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
         text = " ".join(out.split())[:OUTPUT_LIMIT]
-        raise AtoError(E_TOOL, f"{tool} failed with {status}" + (f": {text}" if text else ""),
-                       exit_code=EXIT_RUNTIME, details={"tool": tool, "args": args, "output": out[-4000:]})
+        raise AtoError(E_TOOL, f"{tool} failed with {status}" + (f": {text}" if text else ""), details={"tool": tool, "args": args, "output": out[-4000:]})
 
 
 def local_key_path() -> Path:

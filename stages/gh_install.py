@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from cas.digest import label
 from pipeline import paths
 from pipeline.envelope import validate
-from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, EXIT_NETWORK, AtoError
+from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError
 from pipeline.registry import names
 
 DEFAULT_GITHUB_API = "https://api.github.com"
@@ -62,8 +62,7 @@ def download_archive(repo: str, dest: Path) -> str:
                     if resp.status_code == 404:
                         raise AtoError(E_USAGE, f"GitHub repository {repo} was not found at {base}")
                     if resp.status_code != 200:
-                        raise AtoError(E_NETWORK, f"downloading {repo} from {base} failed (HTTP {resp.status_code})",
-                                       exit_code=EXIT_NETWORK)
+                        raise AtoError(E_NETWORK, f"downloading {repo} from {base} failed (HTTP {resp.status_code})")
                     size = 0
                     with open(dest, "wb") as fh:
                         for piece in resp.iter_bytes():
@@ -73,9 +72,8 @@ def download_archive(repo: str, dest: Path) -> str:
                             fh.write(piece)
                     return url
     except httpx.HTTPError as exc:
-        raise AtoError(E_NETWORK, f"network error: cannot download {repo} from {base}: {exc}",
-                       exit_code=EXIT_NETWORK) from None
-    raise AtoError(E_NETWORK, f"too many redirects downloading {repo}", exit_code=EXIT_NETWORK)
+        raise AtoError(E_NETWORK, f"network error: cannot download {repo} from {base}: {exc}") from None
+    raise AtoError(E_NETWORK, f"too many redirects downloading {repo}")
 
 
 def extract(archive: Path, into: Path) -> Path:

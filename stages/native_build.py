@@ -23,7 +23,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from pipeline.errors import E_ENTRYPOINT, E_MANIFEST, EXIT_RUNTIME, AtoError
+from pipeline.errors import E_ENTRYPOINT, E_MANIFEST, AtoError
 from pipeline.manifest import DeliveryMeta, Manifest
 from pipeline.manifest import relpath as relpaths
 
@@ -77,14 +77,14 @@ def run_build_command(manifest: Manifest) -> dict[str, object] | None:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
     except OSError as exc:
         raise AtoError(E_BUILD_COMMAND, f"cannot run the native delivery build command '{shown}' in {workdir}: "
-                                        f"{exc.strerror or exc}", exit_code=EXIT_RUNTIME,
+                                        f"{exc.strerror or exc}",
                        details={"command": [program, *args], "working_dir": str(workdir)}) from None
     if proc.returncode != 0:
         output = proc.stdout.decode("utf-8", "replace")
         last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
         status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
         raise AtoError(E_BUILD_COMMAND, f"native delivery build command failed with {status}: {shown}"
-                                        + (f": {last}" if last else ""), exit_code=EXIT_RUNTIME,
+                                        + (f": {last}" if last else ""),
                        details={"command": [program, *args], "working_dir": str(workdir),
                                 "output_tail": output[-OUTPUT_TAIL:]})
     return {"command": [program, *args], "working_dir": str(workdir)}

@@ -148,7 +148,7 @@ def test_build_command_gets_a_clean_environment(tmp_path: Path, monkeypatch: pyt
 def test_failed_build_command_is_reported_with_its_last_line_and_writes_nothing(tmp_path: Path) -> None:
     project = native_project(tmp_path / "proj", build_sh="echo compiling\necho 'hello.c:1: syntax error' >&2\nexit 3\n")
     err = refused(build_in_process, project)
-    assert err.code == "E102" and err.exit_code == 5
+    assert err.code == "E102" and err.exit_code == 1
     assert err.message == "native delivery build command failed with status 3: sh build.sh: hello.c:1: syntax error"
     assert "compiling" in err.details["output_tail"]
     assert not list(project.glob("*.capsule"))

@@ -92,7 +92,7 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
         sys.stderr.write("error: aborted\n")
         return EXIT_USER
     except click.ClickException as exc:
-        err = AtoError(E_USAGE, exc.format_message(), exit_code=EXIT_USER)
+        err = AtoError(E_USAGE, exc.format_message())
         report_error(err, as_json)
         return EXIT_USER
     except click.exceptions.Exit as exc:
@@ -105,6 +105,6 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if os.environ.get("ATO_DEBUG") == "1":
             traceback.print_exc()
-        err = AtoError(E_INTERNAL, f"internal error: {type(exc).__name__}: {exc}", exit_code=EXIT_INTERNAL)
+        err = AtoError(E_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         report_error(err, as_json)
         return EXIT_INTERNAL

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, info, json_option, warn
-from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, EXIT_NETWORK, AtoError
+from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, AtoError
 
 WORKFLOW_PATH = Path(".github/workflows/ato-publish.yml")
 ASSET = "ato-cli-x86_64-unknown-linux-gnu.tar.xz"
@@ -73,16 +73,14 @@ def fetch_checksum(version: str) -> str:
     try:
         resp = httpx.get(url, timeout=15, follow_redirects=False)
     except httpx.HTTPError as exc:
-        raise AtoError(E_NETWORK, f"network error: cannot fetch release checksums {url}: {exc}",
-                       exit_code=EXIT_NETWORK, hint="pass --checksum <sha256> to skip the download") from None
+        raise AtoError(E_NETWORK, f"network error: cannot fetch release checksums {url}: {exc}", hint="pass --checksum <sha256> to skip the download") from None
     if resp.status_code != 200:
-        raise AtoError(E_NETWORK, f"release checksums not available at {url} (HTTP {resp.status_code})",
-                       exit_code=EXIT_NETWORK, hint="pass --checksum <sha256> to skip the download")
+        raise AtoError(E_NETWORK, f"release checksums not available at {url} (HTTP {resp.status_code})", hint="pass --checksum <sha256> to skip the download")
     for line in resp.text.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].lstrip("*") == ASSET and _HEX64.match(parts[0]):
             return parts[0].lower()
-    raise AtoError(E_NETWORK, f"{url} has no checksum for {ASSET}", exit_code=EXIT_NETWORK)
+    raise AtoError(E_NETWORK, f"{url} has no checksum for {ASSET}")
 
 
 def render_workflow(version: str, checksum: str) -> str:

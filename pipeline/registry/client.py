@@ -26,11 +26,10 @@ import httpx
 from pipeline.errors import (
     E_AUTH_REQUIRED,
     E_INTEGRITY,
-    E_INTERNAL,
     E_NETWORK,
     E_PAYLOAD_TOO_LARGE,
+    E_SERVER,
     E_USAGE,
-    EXIT_NETWORK,
     AtoError,
     Problem,
 )
@@ -57,7 +56,7 @@ class VersionConflict(RegistryHttpError):
 
 def network_error(url: str, exc: Exception) -> AtoError:
     reason = str(exc) or type(exc).__name__
-    return AtoError(E_NETWORK, f"network error: cannot reach registry {url}: {reason}", exit_code=EXIT_NETWORK,
+    return AtoError(E_NETWORK, f"network error: cannot reach registry {url}: {reason}",
                     details={"registry": url}, hint="is the registry running and the URL right?")
 
 
@@ -147,7 +146,7 @@ class RegistryClient:
             return RegistryHttpError(E_USAGE, f"not found in registry {self.base}: {message}", **common)
         if status == 400:
             return RegistryHttpError(E_USAGE, f"registry refused the request ({error}): {message}", **common)
-        return RegistryHttpError(E_INTERNAL, f"registry error ({status} {error}): {message}", exit_code=2, **common)
+        return RegistryHttpError(E_SERVER, f"registry error ({status} {error}): {message}", **common)
 
     # ---------------------------------------------------------------- reads
 

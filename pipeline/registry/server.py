@@ -73,7 +73,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from cas.digest import DigestError, label, parse
-from pipeline.errors import E_NETWORK, E_POLICY, EXIT_NETWORK, AtoError, Problem
+from pipeline.errors import E_NETWORK, E_POLICY, AtoError, Problem
 from pipeline.registry.names import normalize_segment
 from pipeline.registry.storage import (
     RegistryError,
@@ -785,7 +785,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(target, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         raise AtoError(E_NETWORK, f"Invalid listen address {host}:{port}: cannot resolve host {host!r} "
-                                  f"({getattr(exc, 'strerror', None) or exc})", exit_code=EXIT_NETWORK) from None
+                                  f"({getattr(exc, 'strerror', None) or exc})") from None
     family, stype, proto, _canon, addr = infos[0]
     sock = socket.socket(family, stype, proto)
     try:
@@ -803,7 +803,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
             message += ". The requested host is not available on this machine."
         elif exc.errno == errno.EACCES:
             message += ". Permission was denied while opening the socket."
-        raise AtoError(E_NETWORK, message, exit_code=EXIT_NETWORK) from None
+        raise AtoError(E_NETWORK, message) from None
     sock.setblocking(False)
     return sock
 

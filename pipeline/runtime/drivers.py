@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.errors import EXIT_RUNTIME, AtoError, Problem
+from pipeline.errors import AtoError, Problem
 from pipeline.manifest import Manifest
 from pipeline.runtime.lifecycle import Unit
 from pipeline.runtime.resolve import Overrides
@@ -551,4 +551,4 @@ def check_runtime_available(route: Route) -> None:
 
 
 def ensure_runtime_error(exc: Exception) -> AtoError:
-    return AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", str(exc), exit_code=EXIT_RUNTIME)
+    return AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", str(exc))

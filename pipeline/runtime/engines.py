@@ -29,7 +29,7 @@ import tomli_w
 
 from cas.atomic import write_bytes_atomic
 from pipeline import paths
-from pipeline.errors import EXIT_NETWORK, AtoError, Problem
+from pipeline.errors import AtoError, Problem
 
 ENGINE_MISSING = "ATO_ERR_ENGINE_MISSING"
 COMPAT_HARDWARE = "ATO_ERR_COMPAT_HARDWARE"
@@ -249,19 +249,17 @@ def install_engine(engine: str = "nacelle", version: str | None = None) -> dict[
         try:
             return client.get(url)
         except httpx.HTTPError as exc:
-            raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}",
-                           exit_code=EXIT_NETWORK, details={"url": url}) from None
+            raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}", details={"url": url}) from None
 
     with httpx.Client(timeout=60, follow_redirects=True) as client:
         if not version or version == "latest":
             resp = get(client, f"{base}/latest.txt")
             if resp.status_code != 200:
                 raise AtoError("ATO_ERR_NETWORK", f"latest nacelle version download failed with status "
-                                                  f"{resp.status_code}", exit_code=EXIT_NETWORK)
+                                                  f"{resp.status_code}")
             version = resp.text.strip()
             if not version:
-                raise AtoError("ATO_ERR_NETWORK", "latest nacelle version response was empty",
-                               exit_code=EXIT_NETWORK)
+                raise AtoError("ATO_ERR_NETWORK", "latest nacelle version response was empty")
         if not _VERSION.match(version):
             raise AtoError("E100", f"invalid engine version {version!r}")
         binary = f"nacelle-{version}-{os_name}-{arch}"
@@ -287,8 +285,7 @@ def install_engine(engine: str = "nacelle", version: str | None = None) -> dict[
         url = f"{base}/{version}/{binary}"
         resp = get(client, url)
         if resp.status_code != 200:
-            raise AtoError("ATO_ERR_NETWORK", f"engine download failed with status {resp.status_code}: {url}",
-                           exit_code=EXIT_NETWORK, details={"url": url})
+            raise AtoError("ATO_ERR_NETWORK", f"engine download failed with status {resp.status_code}: {url}", details={"url": url})
         data = resp.content
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:

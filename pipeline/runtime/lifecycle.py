@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.errors import EXIT_RUNTIME, AtoError
+from pipeline.errors import AtoError
 from pipeline.runtime import probes
 
 POLL = 0.05
@@ -158,8 +158,7 @@ class Runner:
                                     else None, stdout=stdout, stderr=stderr, preexec_fn=preexec,
                                     process_group=None if preexec else 0)
         except OSError as exc:
-            raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", f"cannot start {unit.kind} '{unit.name}': {exc}",
-                           exit_code=EXIT_RUNTIME, details={"unit": unit.name, "argv": unit.argv[:1]}) from None
+            raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", f"cannot start {unit.kind} '{unit.name}': {exc}", details={"unit": unit.name, "argv": unit.argv[:1]}) from None
         if preexec:
             try:  # the parent side of the terminal hand-over (whichever runs first wins)
                 old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
@@ -228,7 +227,7 @@ class Runner:
 
     def _fail(self, code: str, message: str, **details: Any) -> AtoError:
         self.stop_all()
-        return AtoError(code, message, exit_code=EXIT_RUNTIME, details=details)
+        return AtoError(code, message, details=details)
 
     def run(self) -> int:
         pending = [n for n in self.units]
@@ -276,7 +275,7 @@ class Runner:
                                                 "url": r.unit.url})
                     if not r.ready:
                         if r.code is not None:
-                            raise self._fail("ATO_ERR_EXECUTION_CONTRACT_INVALID",
+                            raise self._fail("ATO_ERR_RUNTIME_LAUNCH_FAILED",
                                              f"service '{name}' exited before readiness check passed (exit code: "
                                              f"{r.code})", service=name, exit_code=r.code)
                         if now < r.next_probe:
@@ -287,7 +286,7 @@ class Runner:
                             self.on_event("ready", {"name": name, "pid": r.proc.pid, "entry": r.unit.entry,
                                                     "url": r.unit.url})
                         elif now - r.started > self._timeout(r.unit):
-                            raise self._fail("ATO_ERR_EXECUTION_CONTRACT_INVALID",
+                            raise self._fail("ATO_ERR_RUNTIME_LAUNCH_FAILED",
                                              f"service '{name}' readiness check timed out after "
                                              f"{self._timeout(r.unit):g}s ({r.probe.describe()})", service=name)
                         else:

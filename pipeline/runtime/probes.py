@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import EXIT_RUNTIME, AtoError
+from pipeline.errors import AtoError
 
 CONTRACT = "ATO_ERR_EXECUTION_CONTRACT_INVALID"
 
@@ -38,10 +38,10 @@ def resolve_probe(spec: dict[str, Any], env: dict[str, str], service: str) -> Pr
         value = (env.get(str(port_ref)) or "").strip()
         if not value:
             raise AtoError(CONTRACT, f"services.{service}.readiness_probe.port '{port_ref}' is not defined in the "
-                                     "service env", exit_code=EXIT_RUNTIME, details={"service": service})
+                                     "service env", details={"service": service})
         if not value.isdigit() or not 0 < int(value) < 65536:
             raise AtoError(CONTRACT, f"services.{service}.readiness_probe.port '{port_ref}' resolved to "
-                                     f"non-numeric value '{value}'", exit_code=EXIT_RUNTIME,
+                                     f"non-numeric value '{value}'",
                            details={"service": service})
         port = int(value)
     if spec.get("http_get") is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import blake3
 
 from pipeline import paths
-from pipeline.errors import EXIT_RUNTIME, AtoError, Problem
+from pipeline.errors import AtoError, Problem
 from pipeline.runtime.drivers import which
 
 READY = ".ato-ready"
@@ -54,7 +54,7 @@ def python_environment(project_dir: Path, uv_lock: Path) -> tuple[Path, list[Pat
         proc = subprocess.run([uv, "python", "find"], capture_output=True, text=True, env=_uv_env(), timeout=60)
         if proc.returncode != 0 or not proc.stdout.strip():
             raise AtoError("ATO_ERR_RUNTIME_NOT_RESOLVED", f"no python interpreter found by uv: "
-                                                           f"{proc.stderr.strip()[:300]}", exit_code=EXIT_RUNTIME)
+                                                           f"{proc.stderr.strip()[:300]}")
         return Path(proc.stdout.strip()), []
     hasher = blake3.blake3(uv_lock.read_bytes())
     hasher.update(b"\0" + pyproject.read_bytes() + b"\0" + str(uv_lock.parent.resolve()).encode())
@@ -73,7 +73,7 @@ def python_environment(project_dir: Path, uv_lock: Path) -> tuple[Path, list[Pat
                                   env={**_uv_env(), "UV_PROJECT_ENVIRONMENT": str(env_dir)})
             if proc.returncode != 0:
                 message = f"uv sync --frozen failed for {uv_lock}: {proc.stderr.strip()[-400:]}"
-                raise AtoError("ATO_ERR_PROVISIONING_FAILED", message, exit_code=EXIT_RUNTIME,
+                raise AtoError("ATO_ERR_PROVISIONING_FAILED", message,
                                details={"lockfile": str(uv_lock)},
                                problems=[Problem("ATO_ERR_PROVISIONING_FAILED", message,
                                                  {"lockfile": str(uv_lock)})])

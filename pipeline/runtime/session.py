@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import EXIT_RUNTIME, AtoError
+from pipeline.errors import AtoError
 from pipeline.runtime import drivers, engines, policy, table
 from pipeline.runtime.lifecycle import Runner
 from pipeline.runtime.resolve import Resolved, resolve
@@ -210,7 +210,7 @@ def run_background(prep: Prepared) -> dict[str, Any]:
         raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED",
                        f"background capsule failed before readiness (ID: {run_id}): "
                        f"{current.get('last_error') or 'exit code ' + str(current.get('exit_code'))}. "
-                       f"See logs at {log_path}", exit_code=EXIT_RUNTIME,
+                       f"See logs at {log_path}",
                        details={"id": run_id, "log_path": str(log_path)})
     return current
 
@@ -257,7 +257,7 @@ def stop(record: dict[str, Any], *, force: bool, wait: float = 10.0) -> bool:
             break
         time.sleep(0.05)
     else:
-        raise AtoError("E999", f"process {sup} did not exit within {wait:g} seconds", exit_code=EXIT_RUNTIME)
+        raise AtoError("ATO_ERR_PROCESS_STUCK", f"process {sup} did not exit within {wait:g} seconds")
     current = table.read(record["id"]) or record
     if current.get("status") in table.ACTIVE or force:
         table.update(record["id"], status="stopped", ended_at=current.get("ended_at") or table.now(),

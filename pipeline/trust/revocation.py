@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import E_USAGE, EXIT_NETWORK, AtoError
+from pipeline.errors import E_NETWORK, E_USAGE, AtoError
 from pipeline.trust.store import TrustStore
 from stages.sign import is_did, parse_rfc3339
 
@@ -45,11 +45,10 @@ def fetch(source: str) -> bytes:
             with httpx.Client(timeout=TIMEOUT, follow_redirects=True) as client:
                 resp = client.get(source)
         except httpx.HTTPError as exc:
-            raise AtoError(E_USAGE, f"cannot fetch revocation list {source}: {exc}", exit_code=EXIT_NETWORK,
+            raise AtoError(E_NETWORK, f"cannot fetch revocation list {source}: {exc}",
                            details={"source": source}) from None
         if resp.status_code != 200:
-            raise AtoError(E_USAGE, f"cannot fetch revocation list {source}: HTTP {resp.status_code}",
-                           exit_code=EXIT_NETWORK, details={"source": source, "status": resp.status_code})
+            raise AtoError(E_NETWORK, f"cannot fetch revocation list {source}: HTTP {resp.status_code}", details={"source": source, "status": resp.status_code})
         if len(resp.content) > MAX_BYTES:
             raise AtoError(E_USAGE, f"revocation list {source} is larger than {MAX_BYTES} bytes")
         return resp.content

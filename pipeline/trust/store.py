@@ -33,7 +33,7 @@ from typing import Any
 from cas.atomic import write_bytes_atomic
 from pipeline import paths
 from pipeline.envelope import validation_errors
-from pipeline.errors import E_INTEGRITY, E_INTERNAL, E_USAGE, EXIT_INTERNAL, AtoError
+from pipeline.errors import E_INTEGRITY, E_INTERNAL, E_USAGE, AtoError
 from stages.sign import did_fingerprint, is_did, rfc3339, short_fingerprint
 
 SCHEMA = "trust-store"
@@ -247,8 +247,7 @@ def save(store: TrustStore) -> None:
     """Validate and atomically replace the store file (0600 in a 0700 directory)."""
     problems = validation_errors(store.data, SCHEMA)
     if problems:  # pragma: no cover - a bug here, not bad input
-        raise AtoError(E_INTERNAL, f"internal error: trust store would be invalid: {problems[0]}",
-                       exit_code=EXIT_INTERNAL)
+        raise AtoError(E_INTERNAL, f"internal error: trust store would be invalid: {problems[0]}")
     store.path.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
     data = (json.dumps(store.data, indent=2, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
     write_bytes_atomic(store.path, data, mode=0o600)

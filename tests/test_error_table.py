@@ -1,0 +1,75 @@
+"""The one table of error codes: every code the program can raise is in it, and the README shows it."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import errors
+from pipeline.errors import CODES, AtoError, exit_status, printable
+
+ROOT = Path(__file__).resolve().parents[1]
+CODE_LIKE = re.compile(r"^(E\d{3}|ATO_ERR_[A-Z_]+)$")
+
+
+def _source_files() -> list[Path]:
+    return [p for top in ("pipeline", "stages", "cas") for p in (ROOT / top).rglob("*.py")]
+
+
+def test_every_code_string_in_the_source_is_in_the_table() -> None:
+    known = set(CODES) | {row.diagnostic for row in CODES.values() if row.diagnostic}
+    unknown = set()
+    for path in _source_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and CODE_LIKE.match(node.value):
+                if node.value not in known:
+                    unknown.add(f"{path.relative_to(ROOT)}: {node.value}")
+    assert not unknown, sorted(unknown)
+
+
+def test_every_named_code_constant_is_in_the_table() -> None:
+    names = {n: v for n, v in vars(errors).items() if n.startswith("E_") and isinstance(v, str)}
+    assert names
+    assert {n: v for n, v in names.items() if v not in CODES} == {}
+
+
+def test_raise_sites_never_name_an_exit_status() -> None:
+    offenders = []
+    for path in _source_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and any(k.arg == "exit_code" for k in node.keywords):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                if name.endswith("Error"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+    with pytest.raises(TypeError):
+        AtoError("E002", "x", exit_code=5)  # type: ignore[call-arg]
+
+
+def test_exit_status_follows_the_code() -> None:
+    assert AtoError("E900", "down").exit_code == 3
+    assert AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", "x").exit_code == 5
+    assert AtoError("E999", "bug").exit_code == 2
+    assert AtoError("E002", "bad").exit_code == 1
+    assert exit_status("NOT_A_CODE") == 2  # an unknown code is a bug, never a silent user error
+
+
+def test_readme_table_is_the_code_table() -> None:
+    text = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in CODES:
+            rows[cells[0]] = int(cells[1])
+    assert rows == {code: row.exit for code, row in CODES.items()}
+
+
+def test_control_characters_in_messages_are_escaped() -> None:
+    line = AtoError("E002", "name 'a\x00b\x1b[31m' is invalid").human_line()
+    assert "\x00" not in line and "\x1b" not in line
+    assert "a\\x00b\\x1b[31m" in line
+    assert printable("tab\tok") == "tab\tok"
