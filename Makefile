@@ -21,8 +21,7 @@ system-deps:
 demo: $(STAMP)
 	@bash demo/run.sh
 
-test: $(STAMP) system-deps
-	$(BIN)/ruff check .
+test: lint system-deps
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
@@ -31,11 +30,13 @@ test-fast: $(STAMP)
 bench: $(STAMP) system-deps
 	$(BIN)/python bench/run.py
 
+# ruff, then the layers contract in pyproject.toml ([tool.importlinter]): no import goes up a layer.
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache bench/work
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .import_linter_cache .hypothesis bench/work

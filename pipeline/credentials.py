@@ -9,9 +9,12 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
+
+if TYPE_CHECKING:
+    from stages.publish import DockTarget
 
 DEFAULT_STORE_API = "https://api.ato.run"
 DEFAULT_STORE_SITE = "https://store.ato.run"
@@ -81,7 +84,8 @@ def session() -> Session | None:
 def identify(api_url: str, token: str) -> dict[str, Any]:
     """``GET {api}/v1/auth/whoami`` with the token → ``{handle, api_url}``; a refusal is one E201 line."""
     from pipeline.errors import E_AUTH_REQUIRED, AtoError, Problem
-    from pipeline.registry.client import RegistryClient, RegistryHttpError
+    from pipeline.registry.client import RegistryClient
+    from stages.registry_port import RegistryHttpError
 
     with RegistryClient(api_url, timeout=30) as client:
         try:
@@ -97,6 +101,28 @@ def identify(api_url: str, token: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or not isinstance(doc.get("handle"), str) or not doc["handle"]:
         raise AtoError("E999", f"the Store at {base} answered whoami without a handle")
     return {"handle": doc["handle"], "api_url": base}
+
+
+def personal_dock(dry_run: bool) -> DockTarget:
+    """The logged-in user's Personal Dock on the Store (seed 000), else a clear refusal.
+
+    A dry run trusts the handle stored at login; a real upload re-checks the session first
+    (it must still be valid, and an ``ATO_TOKEN`` says nothing about its handle).
+    """
+    from pipeline.errors import E_USAGE, AtoError
+    from stages.publish import DockTarget
+
+    sess = session()
+    if sess is None:
+        raise AtoError(E_USAGE, "No default publish target found. Run `ato login` to publish to your Personal "
+                       "Dock, or pass --registry <url> (for example http://127.0.0.1:18787 for `ato registry "
+                       "serve`), or --registry https://api.ato.run / --ci for the official Store.")
+    api = session_api_url(sess)
+    handle = sess.handle if sess.source == "credentials" and sess.handle else None
+    if handle is None or not dry_run:
+        ident = identify(api, sess.token)
+        handle, api = ident["handle"], ident["api_url"]
+    return DockTarget(api_url=api, token=sess.token, handle=handle, url=f"{store_site_url()}/d/{handle}")
 
 
 def session_api_url(sess: Session) -> str:

@@ -87,8 +87,8 @@ def fetch_local(path: Path, *, scoped_id: str | None = None, version: str | None
 
 def fetch_registry(ref: fetch_stage.FetchRef, client: Any) -> dict[str, Any]:
     """``ato fetch <publisher>/<slug>[@version] --registry URL`` through a registry client
-    (``detail``/``distribution``/``download``, :class:`pipeline.registry.client.RegistryClient`)."""
-    from pipeline.registry.client import RegistryHttpError
+    (``detail``/``distribution``/``download``, :class:`stages.registry_port.RegistryPort`)."""
+    from stages.registry_port import RegistryHttpError
 
     assert ref.publisher and ref.slug
     scoped = ref.scoped_id

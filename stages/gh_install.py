@@ -20,10 +20,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cas.digest import label
-from pipeline import paths
+from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError
-from pipeline.registry import names
 
 DEFAULT_GITHUB_API = "https://api.github.com"
 MAX_ARCHIVE_BYTES = 512 << 20

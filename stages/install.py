@@ -55,11 +55,9 @@ from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
-from pipeline import paths
+from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
-from pipeline.registry import names
-from pipeline.registry.client import RegistryClient, RegistryHttpError
 from stages.artifact import open_capsule, payload_scan, verify_capsule
 from stages.payload_frames import (
     FrameRef,
@@ -67,6 +65,7 @@ from stages.payload_frames import (
     UnsafePayload,
     split_payload,
 )
+from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
 
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
@@ -284,12 +283,12 @@ def _prefetch(pieces: Iterator[bytes], depth: int = 32) -> Iterator[bytes]:
         stop.set()
 
 
-def _batched_fetch(client: RegistryClient, hexes: list[str]) -> Iterator[bytes]:
+def _batched_fetch(client: RegistryPort, hexes: list[str]) -> Iterator[bytes]:
     for i in range(0, len(hexes), FETCH_BATCH):
         yield from client.fetch_chunks(hexes[i:i + FETCH_BATCH])
 
 
-def _splice(client: RegistryClient, skel: dict[str, Any], cas: CasStore, out: Path,
+def _splice(client: RegistryPort, skel: dict[str, Any], cas: CasStore, out: Path,
             transfer: Transfer) -> tuple[str, str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
@@ -392,7 +391,7 @@ def _check_frames(path: Path, skel: dict[str, Any] | None) -> None:
         raise integrity("the published frames are not the artifact's chunks", reason=scan.reason)
 
 
-def _local_frame(client: RegistryClient, objects: Any, f: FrameRef) -> bytes | None:
+def _local_frame(client: RegistryPort, objects: Any, f: FrameRef) -> bytes | None:
     try:
         data = objects.path(f.raw_hash).read_bytes()
     except OSError:
@@ -400,14 +399,14 @@ def _local_frame(client: RegistryClient, objects: Any, f: FrameRef) -> bytes | N
     return data if blake3.blake3(data).hexdigest() == f.frame_blake3 else None
 
 
-def _fetch_one(client: RegistryClient, f: FrameRef) -> bytes:
+def _fetch_one(client: RegistryPort, f: FrameRef) -> bytes:
     data = b"".join(client.fetch_chunks([f.raw_hash]))
     if blake3.blake3(data).hexdigest() != f.frame_blake3:
         raise integrity(f"frame of chunk blake3:{f.raw_hash} does not match the published frame digest")
     return data
 
 
-def _download(client: RegistryClient, url: str, out: Path, transfer: Transfer) -> tuple[str, str, int]:
+def _download(client: RegistryPort, url: str, out: Path, transfer: Transfer) -> tuple[str, str, int]:
     transfer.mode = "full"
     sha, b3, size = write_hashed(out, client.download(url))
     transfer.bytes_downloaded = transfer.artifact_bytes = size
@@ -434,12 +433,12 @@ def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer:
     transfer.chunks_total = len(opened.payload_manifest.chunks)
 
 
-def install(ref: str, registry: str, version: str | None, *, token: str | None = None,
-            progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True,
+def install(ref: str, registry: str, version: str | None, *, connect: RegistryConnect,
+            token: str | None = None, progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True,
             verify: Verifier | None = None) -> dict[str, Any]:
     publisher, slug, wanted = parse_ref(ref, version)
     scoped = f"{publisher}/{slug}"
-    with RegistryClient(registry, token) as client:
+    with connect(registry, token) as client:
         try:
             detail = client.detail(publisher, slug)
         except RegistryHttpError as exc:
@@ -543,7 +542,7 @@ def _ensure_manifest(cas: CasStore, path: Path) -> None:
         cas.put_manifest(manifest)
 
 
-def _fetch(client: RegistryClient, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
+def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
            transfer: Transfer, slug: str, version: str, full_verify: bool, verify: Verifier | None = None,
            scoped: str = "") -> dict[str, Any] | None:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]

@@ -34,10 +34,10 @@ import zstandard
 from cas.digest import parse
 from cas.payload_manifest import PayloadManifest
 from cas.streams import ChunkStream, FileSlice
+from pipeline.manifest.delivery import SIDECAR_NAME
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-DELIVERY_SIDECAR = "ato.delivery.toml"
-SIDECARS = frozenset({DELIVERY_SIDECAR})  # payload-root files install reads before anything is unpacked
+SIDECARS = frozenset({SIDECAR_NAME})  # payload-root files install reads before anything is unpacked
 MAX_SIDECAR = 1 << 20
 MAX_FRAME_CONTENT = 16 << 20  # far above FastCDC's max chunk; refuses decompression bombs
 BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2

@@ -52,7 +52,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import time
@@ -67,12 +66,13 @@ import blake3
 
 from cas.digest import label
 from cas.payload_manifest import PayloadManifest
+from pipeline import names
 from pipeline.envelope import validate
 from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, E_VERSION_CONFLICT, AtoError, Problem
-from pipeline.registry import names
-from pipeline.registry.client import RegistryClient, VersionConflict, parse_registry
+from pipeline.names import parse_registry
 from stages.artifact import open_capsule, verify_capsule
 from stages.payload_frames import FrameRef, UnsafePayload, split_payload
+from stages.registry_port import RegistryConnect, RegistryPort, VersionConflict
 
 SCHEMA_VERSION = "1"
 PHASES = ("prepare", "build", "deploy")
@@ -101,6 +101,27 @@ class PublishRequest:
     @property
     def phase_flags(self) -> bool:
         return self.prepare or self.build or self.deploy
+
+
+@dataclass(frozen=True)
+class DockTarget:
+    """The logged-in user's Personal Dock: where to upload, with which token, under which handle."""
+
+    api_url: str
+    token: str
+    handle: str
+    url: str
+
+
+@dataclass(frozen=True)
+class PublishPorts:
+    """What publish needs from the layers above it; the CLI passes them in (ARCHITECTURE.md §3)."""
+
+    connect: RegistryConnect  # connect(base_url, token=None) -> an open registry client
+    build: Callable[[Path, bool], dict[str, Any]]  # the build phase: (project_dir, force_large_payload) -> envelope
+    personal_dock: Callable[[bool], DockTarget]  # the Store session's dock (argument: dry_run); refuses when none
+    store_api_url: Callable[[], str]  # where `--ci` uploads
+    fix_workflow: Callable[[Path], tuple[dict[str, Any], int]]  # write the CI workflow -> (fix doc, requests)
 
 
 @dataclass
@@ -341,25 +362,6 @@ def scoped_for(art: LocalArtifact, explicit: str | None, handle: str | None = No
     return (handle or default_publisher(art.manifest)), name
 
 
-def _personal_dock(req: PublishRequest) -> tuple[str, dict[str, str]]:
-    """No registry given: the logged-in user's Personal Dock on the Store (seed 000), else a clear refusal."""
-    from pipeline import credentials
-
-    sess = credentials.session()
-    if sess is None:
-        raise usage("No default publish target found. Run `ato login` to publish to your Personal Dock, or pass "
-                    "--registry <url> (for example http://127.0.0.1:18787 for `ato registry serve`), or "
-                    "--registry https://api.ato.run / --ci for the official Store.")
-    api = credentials.session_api_url(sess)
-    handle = sess.handle if sess.source == "credentials" and sess.handle else None
-    if handle is None or not req.dry_run:
-        # the session must still be valid for an upload (and an ATO_TOKEN says nothing about its handle)
-        ident = credentials.identify(api, sess.token)
-        handle, api = ident["handle"], ident["api_url"]
-    req.token = sess.token
-    return parse_registry(api), {"handle": handle, "url": f"{credentials.store_site_url()}/d/{handle}"}
-
-
 def default_publisher(manifest: dict[str, Any]) -> str:
     meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
     for repo in (meta.get("repository"), manifest.get("repository")):
@@ -418,7 +420,7 @@ def negotiate_body(art: LocalArtifact, publisher: str, slug: str, allow_existing
                       [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in art.payload.chunks]}
 
 
-def upload(client: RegistryClient, art: LocalArtifact, publisher: str, slug: str,
+def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
            allow_existing: bool) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer)."""
     file_name = f"{slug}-{art.version}.capsule"
@@ -495,32 +497,8 @@ def workflow_check(project_dir: Path) -> dict[str, Any]:
     return {"stage": "workflow_check", "ok": True, "message": f"{WORKFLOW_FILE} is ready for OIDC publish"}
 
 
-def _apply_fix(project_dir: Path) -> tuple[dict[str, Any], int]:
-    """Write the official workflow once (gen-ci's code path). Reuses the pinned version/checksum of an
-    existing workflow; otherwise fetches the release checksum (the only network request)."""
-    from pipeline.cli import gen_ci
-
-    path = project_dir / WORKFLOW_FILE
-    version = checksum = None
-    try:
-        text = path.read_text("utf-8")
-        v = re.search(r'ATO_VERSION:\s*"?([^"\s]+)"?', text)
-        c = re.search(r'ATO_CHECKSUM:\s*"?([0-9a-fA-F]{64})"?', text)
-        version, checksum = (v.group(1) if v else None), (c.group(1).lower() if c else None)
-    except (OSError, UnicodeDecodeError):
-        pass
-    requests = 0
-    if not version or not checksum:
-        from pipeline.cli.main import _version
-
-        version = _version()
-        checksum = gen_ci.fetch_checksum(version)
-        requests = 1
-    written, state = gen_ci.write_workflow(project_dir, version, checksum)
-    return {"applied": state != "unchanged", "path": str(written), "state": state}, requests
-
-
-def _handoff(registry: str, version: str | None, fix: bool, project_dir: Path | None = None) -> dict[str, Any]:
+def _handoff(registry: str, version: str | None, fix: bool, project_dir: Path | None = None,
+             fix_workflow: Callable[[Path], tuple[dict[str, Any], int]] | None = None) -> dict[str, Any]:
     tag = f"v{version}" if version else "v<version>"
     doc: dict[str, Any] = {
         "kind": "ci_handoff",
@@ -534,8 +512,8 @@ def _handoff(registry: str, version: str | None, fix: bool, project_dir: Path | 
     if project_dir is not None:
         check = workflow_check(project_dir)
         doc["fix"] = None
-        if fix and not check["ok"]:
-            doc["fix"], doc["network_requests"] = _apply_fix(project_dir)
+        if fix and not check["ok"] and fix_workflow is not None:
+            doc["fix"], doc["network_requests"] = fix_workflow(project_dir)
             check = workflow_check(project_dir)  # diagnostics rerun once after the fix
         doc["diagnosis"] = [check]
         if not check["ok"]:
@@ -543,15 +521,17 @@ def _handoff(registry: str, version: str | None, fix: bool, project_dir: Path | 
     return doc
 
 
-def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[str, Any]],
+def run_publish(req: PublishRequest, *, ports: PublishPorts,
                 progress: Callable[[str], None] = lambda _m: None) -> Outcome:
     """Run the selected phases; returns the validated ``publish`` envelope and human lines."""
     check_flags(req)
     if req.ci:
-        return _publish_ci(req, build_fn, progress)
+        return _publish_ci(req, ports, progress)
     dock: dict[str, str] | None = None
     if not req.registry and not _manifest_registry(req.project_dir):
-        registry, dock = _personal_dock(req)
+        target = ports.personal_dock(req.dry_run)
+        req.token = target.token
+        registry, dock = parse_registry(target.api_url), {"handle": target.handle, "url": target.url}
     else:
         registry = resolve_registry(req)
     official = names.is_official(registry) and dock is None
@@ -589,7 +569,7 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
         else:
             def do_build() -> str:
                 nonlocal build_doc, artifact_path
-                build_doc = build_fn(req.project_dir, req.force_large_payload)
+                build_doc = ports.build(req.project_dir, req.force_large_payload)
                 artifact_path = Path(build_doc["artifact"])
                 return f"built {artifact_path.name} ({build_doc['artifact_blake3']})"
             _timed(by["build"], do_build)
@@ -604,21 +584,21 @@ def run_publish(req: PublishRequest, *, build_fn: Callable[[Path, bool], dict[st
                 version = local.version
             else:
                 version = str(_raw_manifest(req.project_dir).get("version") or "") or None
-            handoff = _handoff(registry, version, req.fix, req.project_dir)
+            handoff = _handoff(registry, version, req.fix, req.project_dir, ports.fix_workflow)
             deploy.status, deploy.message = "ok", "CI hand-off: official registries publish from CI (no upload)"
         else:
             def do_deploy() -> str:
                 nonlocal local, publish_doc, dry_report, scoped
                 if artifact_path is None:
                     if req.dry_run:
-                        dry_report = _dry_run_without_artifact(req, registry)
+                        dry_report = _dry_run_without_artifact(req, registry, ports.connect)
                         return "dry-run: would build, then upload"
                     raise usage("deploy needs an artifact: pass --artifact <file.capsule> or run the build "
                                 "phase")
                 local = inspect_local(artifact_path)
                 publisher, slug = scoped_for(local, req.scoped_id, dock["handle"] if dock else None)
                 scoped = f"{publisher}/{slug}"
-                with RegistryClient(registry, req.token) as client:
+                with ports.connect(registry, req.token) as client:
                     if req.dry_run:
                         dry_report = _dry_run(client, local, publisher, slug, registry, req.token)
                         return (f"dry-run: would upload {dry_report['chunks_to_upload']} of "
@@ -699,11 +679,8 @@ def oidc_token() -> str:
     return value
 
 
-def _publish_ci(req: PublishRequest, build_fn: Callable[[Path, bool], dict[str, Any]],
-                progress: Callable[[str], None]) -> Outcome:
+def _publish_ci(req: PublishRequest, ports: PublishPorts, progress: Callable[[str], None]) -> Outcome:
     """``--ci``: build here and upload to the Store with the workflow's OIDC identity (tag == v<version>)."""
-    from pipeline import credentials
-
     if os.environ.get("GITHUB_ACTIONS") != "true":
         raise ci_error("ato publish --ci runs only in GitHub Actions (GITHUB_ACTIONS=true); outside CI publish "
                        "with `ato publish` (Personal Dock) or --registry <url>")
@@ -718,37 +695,28 @@ def _publish_ci(req: PublishRequest, build_fn: Callable[[Path, bool], dict[str, 
         raise usage(f"ato publish --ci publishes from a tag: expected ref v{version} (tag), got "
                     f"{os.environ.get('GITHUB_REF_NAME') or '-'} ({os.environ.get('GITHUB_REF_TYPE') or '-'})")
     token = oidc_token()
-    registry = parse_registry(credentials.store_api_url())
+    registry = parse_registry(ports.store_api_url())
     phases = [Phase(n, True) for n in PHASES]
     phases[0].status, phases[0].skipped_reason, phases[0].message = "skipped", "ci", "prepare runs in the workflow"
     build_doc: dict[str, Any] = {}
 
     def do_build() -> str:
-        build_doc.update(build_fn(req.project_dir, req.force_large_payload))
+        build_doc.update(ports.build(req.project_dir, req.force_large_payload))
         return f"built {Path(build_doc['artifact']).name}"
     _timed(phases[1], do_build)
     progress(f"PHASE build   OK   {phases[1].message}")
     local = inspect_local(Path(build_doc["artifact"]))
     file_name = f"{local.name}-{local.version}.capsule"
-
-    def pieces() -> Iterator[bytes]:
-        with open(local.path, "rb") as fh:
-            while data := fh.read(1 << 20):
-                yield data
     resp_doc: dict[str, Any] = {}
 
     def do_deploy() -> str:
-        with RegistryClient(registry) as client:
+        with ports.connect(registry) as client:
             try:
-                resp = client.request(
-                    "POST", "/v1/publish/ci", ok=(200, 201), content=pieces(),
-                    params={"slug": local.name, "version": local.version, "file_name": file_name},
-                    headers={"authorization": f"Bearer {token}", "x-ato-repository": repo,
-                             "content-type": "application/octet-stream", "content-length": str(local.size),
-                             "x-ato-sha256": "sha256:" + local.sha256, "x-ato-blake3": label(local.blake3)})
+                resp_doc.update(client.publish_ci(token=token, repository=repo, slug=local.name,
+                                                  version=local.version, file_name=file_name, path=local.path,
+                                                  sha256=local.sha256, blake3_hex=local.blake3))
             except VersionConflict as exc:
                 raise version_conflict(exc, f"{repo.split('/')[0]}/{local.name}", local.version, registry) from None
-        resp_doc.update(resp.json())
         return f"uploaded {file_name}"
     _timed(phases[2], do_deploy)
     progress(f"PHASE deploy  OK   {phases[2].message}")
@@ -780,7 +748,7 @@ def _publish_ci(req: PublishRequest, build_fn: Callable[[Path, bool], dict[str, 
     return out
 
 
-def _dry_run(client: RegistryClient, art: LocalArtifact, publisher: str, slug: str, registry: str,
+def _dry_run(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str, registry: str,
              token: str | None) -> dict[str, Any]:
     known = client.well_known()
     auth_required = bool(known.get("write_auth_required"))
@@ -808,8 +776,8 @@ def _dry_run(client: RegistryClient, art: LocalArtifact, publisher: str, slug: s
     return report
 
 
-def _dry_run_without_artifact(req: PublishRequest, registry: str) -> dict[str, Any]:
-    with RegistryClient(registry, req.token) as client:
+def _dry_run_without_artifact(req: PublishRequest, registry: str, connect: RegistryConnect) -> dict[str, Any]:
+    with connect(registry, req.token) as client:
         known = client.well_known()
     auth_required = bool(known.get("write_auth_required"))
     return {"kind": "direct_preflight", "registry": registry, "reachable": True,

@@ -12,6 +12,7 @@ import pytest
 import zstandard
 
 from cas.objects import compress
+from pipeline.manifest import SIDECAR_NAME
 from stages import payload_frames as fr
 from stages.artifact import open_capsule
 from tests.e2e.registry_support import forge_capsule
@@ -121,13 +122,13 @@ def test_scan_hashes_the_payload_member_and_captures_the_delivery_sidecar(tmp_pa
     sidecar = b'schema_version = "0.1"\n'
     for single in (False, True):
         art = forge_capsule(tmp_path / f"s{single}.capsule", "s", "1.0.0", single_frame=single,
-                            members=[("a.bin", os.urandom(200_000)), (fr.DELIVERY_SIDECAR, sidecar),
+                            members=[("a.bin", os.urandom(200_000)), (SIDECAR_NAME, sidecar),
                                      ("sub/ato.delivery.toml", b"not the root one")])
         opened = open_capsule(art)
         scan = _scan(art)
         payload = art.read_bytes()[opened.payload_offset:opened.payload_offset + opened.payload_size]
         assert scan.payload_hash == blake3.blake3(payload).hexdigest()
-        assert scan.sidecars == {fr.DELIVERY_SIDECAR: sidecar}
+        assert scan.sidecars == {SIDECAR_NAME: sidecar}
         assert scan.entries == 3 and scan.unsafe is None
         assert (scan.frames is None) is single
 

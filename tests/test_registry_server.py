@@ -15,7 +15,7 @@ with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what this
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from pipeline.registry import names
+from pipeline import names
 from pipeline.registry.server import create_app, is_loopback, tokens_equal
 from pipeline.registry.storage import RegistryError, RegistryStore, normalize_runtime_config
 from tests.e2e.registry_support import forge_capsule, snapshot

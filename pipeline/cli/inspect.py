@@ -55,7 +55,8 @@ def _inspect_remote(target: str, registry: str | None) -> tuple[dict[str, Any], 
 
     from pipeline.cli.install import default_registry
     from pipeline.manifest.reader import load_manifest
-    from pipeline.registry.client import RegistryClient, RegistryHttpError
+    from pipeline.registry.client import RegistryClient
+    from stages.registry_port import RegistryHttpError
 
     ref = target.lstrip("@").split("@", 1)[0]
     publisher, slug = ref.split("/", 1)

@@ -7,7 +7,7 @@ import os
 import click
 
 from pipeline.cli.common import emit, info, json_mode, json_option
-from pipeline.registry.names import DEFAULT_REGISTRY
+from pipeline.names import DEFAULT_REGISTRY
 
 
 def default_registry() -> str:
@@ -54,6 +54,7 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
         raise click.UsageError("missing REF (publisher/slug) or --from-gh-repo owner/repo")
     from pipeline.cli.trust import tty_consent
     from pipeline.native_delivery import NativeInstall
+    from pipeline.registry.client import RegistryClient
     from pipeline.trust.verify import installer_verifier
     from stages.install import install
 
@@ -62,8 +63,8 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
     native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
     # issue 6: digests, signature and trust are checked before the artifact enters the store
     verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
-    doc = install(ref, registry or default_registry(), version, token=os.environ.get("ATO_TOKEN"), progress=info,
-                  verify=native.wrap(verify))
+    doc = install(ref, registry or default_registry(), version, connect=RegistryClient,
+                  token=os.environ.get("ATO_TOKEN"), progress=info, verify=native.wrap(verify))
     doc = native.complete(doc)
     t = doc["transfer"]
     if doc["up_to_date"]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,6 +23,32 @@ def _build(project_dir: Path, force_large_payload: bool, signing_key=None) -> di
     for w in plan.warnings:
         warn(w)
     return run_build(plan)
+
+
+def _fix_workflow(project_dir: Path) -> tuple[dict[str, Any], int]:
+    """``--fix``: write the official workflow once (gen-ci's code path). Reuses the pinned version/checksum of
+    an existing workflow; otherwise fetches the release checksum (the only network request)."""
+    from pipeline.cli import gen_ci
+    from stages.publish import WORKFLOW_FILE
+
+    path = project_dir / WORKFLOW_FILE
+    version = checksum = None
+    try:
+        text = path.read_text("utf-8")
+        v = re.search(r'ATO_VERSION:\s*"?([^"\s]+)"?', text)
+        c = re.search(r'ATO_CHECKSUM:\s*"?([0-9a-fA-F]{64})"?', text)
+        version, checksum = (v.group(1) if v else None), (c.group(1).lower() if c else None)
+    except (OSError, UnicodeDecodeError):
+        pass
+    requests = 0
+    if not version or not checksum:
+        from pipeline.cli.main import _version
+
+        version = _version()
+        checksum = gen_ci.fetch_checksum(version)
+        requests = 1
+    written, state = gen_ci.write_workflow(project_dir, version, checksum)
+    return {"applied": state != "unchanged", "path": str(written), "state": state}, requests
 
 
 @click.command("publish")
@@ -48,7 +76,9 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
                 prepare_: bool, build_: bool, deploy_: bool, legacy_full_publish: bool, fix: bool, no_tui: bool,
                 force_large_payload: bool, dry_run: bool, ci: bool, key_file: Path | None) -> None:
     """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
-    from stages.publish import PublishRequest, run_publish
+    from pipeline import credentials
+    from pipeline.registry.client import RegistryClient
+    from stages.publish import PublishPorts, PublishRequest, run_publish
 
     if no_tui and (ci or dry_run):
         raise AtoError(E_USAGE, "--no-tui cannot be combined with --ci or --dry-run")
@@ -68,7 +98,10 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     from stages.sign import load_signing_key
 
     signing_key = load_signing_key(key_file) if key_file is not None else None
-    outcome = run_publish(req, build_fn=lambda d, f: _build(d, f, signing_key), progress=info)
+    ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key),
+                         personal_dock=credentials.personal_dock, store_api_url=credentials.store_api_url,
+                         fix_workflow=_fix_workflow)
+    outcome = run_publish(req, ports=ports, progress=info)
     emit(outcome.doc, "publish", "\n".join(outcome.human))
 
 

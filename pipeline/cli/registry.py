@@ -39,7 +39,7 @@ def registry_group() -> None:
 def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | None, store_users: tuple[str, ...],
               oidc_tokens: tuple[str, ...], log_level: str) -> None:
     """Serve the registry API and web UI until interrupted (Ctrl-C)."""
-    from pipeline.registry.names import parse_scoped_id
+    from pipeline.names import parse_scoped_id
     from pipeline.registry.server import serve
 
     users: dict[str, str] = {}

@@ -46,7 +46,7 @@ class SourceApi:
         self.client.close()
 
     def call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
-        from pipeline.registry.client import RegistryHttpError
+        from stages.registry_port import RegistryHttpError
 
         try:
             return self.client.request(method, path, write=True, ok=(200, 201, 202), **kwargs).json()

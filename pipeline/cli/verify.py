@@ -11,11 +11,10 @@ from pathlib import Path
 
 import click
 
-from pipeline import paths
+from pipeline import names, paths
 from pipeline.cli.common import emit, json_mode, json_option
 from pipeline.cli.trust import tty_consent
 from pipeline.errors import E_USAGE, AtoError
-from pipeline.registry import names
 from pipeline.trust import revocation
 from pipeline.trust.verify import VerifyOptions, verify_artifact
 

@@ -20,8 +20,8 @@ from pipeline.errors import E_MANIFEST_MISSING
 from pipeline.manifest import relpath
 from pipeline.manifest.keypath import describe, fail, quote
 from pipeline.manifest.tomlfile import parse_toml
-from stages.payload_frames import DELIVERY_SIDECAR as SIDECAR_NAME
 
+SIDECAR_NAME = "ato.delivery.toml"  # at the payload root of a native artifact, and beside capsule.toml
 SCHEMA_VERSION = "0.1"
 ACCEPTED_SCHEMA_VERSIONS = ("0.1", "exp-0.1")  # exp-0.1 is the legacy spelling, still read
 DEFAULT_FRAMEWORK = "tauri"

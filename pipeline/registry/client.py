@@ -33,25 +33,11 @@ from pipeline.errors import (
     AtoError,
     Problem,
 )
-from pipeline.registry.names import RegistryUrlError, normalize_registry_url
+from pipeline.names import parse_registry
+from stages.registry_port import RegistryHttpError, VersionConflict
 
 USER_AGENT = "ato-cli (python)"
 COPY = 1 << 20
-
-
-class RegistryHttpError(AtoError):
-    """A registry answered with an error status."""
-
-    def __init__(self, code: str, message: str, *, status: int, error: str, body: dict[str, Any],
-                 **kwargs: Any) -> None:
-        super().__init__(code, message, **kwargs)
-        self.status = status
-        self.error = error
-        self.body = body
-
-
-class VersionConflict(RegistryHttpError):
-    pass
 
 
 def network_error(url: str, exc: Exception) -> AtoError:
@@ -60,14 +46,9 @@ def network_error(url: str, exc: Exception) -> AtoError:
                     details={"registry": url}, hint="is the registry running and the URL right?")
 
 
-def parse_registry(value: str) -> str:
-    try:
-        return normalize_registry_url(value)
-    except RegistryUrlError as exc:
-        raise AtoError(E_USAGE, str(exc)) from None
-
-
 class RegistryClient:
+    """The HTTP registry behind :class:`stages.registry_port.RegistryPort`."""
+
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 300.0) -> None:
         self.base = parse_registry(base_url)
         self.token = (token or "").strip() or None
@@ -209,20 +190,33 @@ class RegistryClient:
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool) -> tuple[int, dict[str, Any]]:
         size = path.stat().st_size
-
-        def pieces() -> Iterator[bytes]:
-            with open(path, "rb") as fh:
-                while data := fh.read(COPY):
-                    yield data
         params = {"file_name": file_name}
         if allow_existing:
             params["allow_existing"] = "true"
         resp = self.request(
             "PUT", f"/v1/local/capsules/{quote(publisher)}/{quote(slug)}/{quote(version)}", write=True,
-            params=params, content=pieces(),
+            params=params, content=_file_pieces(path),
             headers={"content-type": "application/octet-stream", "content-length": str(size),
                      "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
         return resp.status_code, resp.json()
 
+    def publish_ci(self, *, token: str, repository: str, slug: str, version: str, file_name: str, path: Path,
+                   sha256: str, blake3_hex: str) -> dict[str, Any]:
+        """``POST /v1/publish/ci``: the Store's OIDC upload (the token is the workflow's identity)."""
+        size = path.stat().st_size
+        resp = self.request(
+            "POST", "/v1/publish/ci", content=_file_pieces(path),
+            params={"slug": slug, "version": version, "file_name": file_name},
+            headers={"authorization": f"Bearer {token}", "x-ato-repository": repository,
+                     "content-type": "application/octet-stream", "content-length": str(size),
+                     "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
+        return resp.json()
+
     def runtime_config(self, publisher: str, slug: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config").json()
+
+
+def _file_pieces(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while data := fh.read(COPY):
+            yield data

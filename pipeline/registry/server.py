@@ -74,7 +74,7 @@ from starlette.routing import Route
 
 from cas.digest import DigestError, label, parse
 from pipeline.errors import E_NETWORK, E_POLICY, AtoError, Problem
-from pipeline.registry.names import normalize_segment
+from pipeline.names import normalize_segment
 from pipeline.registry.storage import (
     RegistryError,
     RegistryStore,

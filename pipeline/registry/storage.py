@@ -56,8 +56,8 @@ from cas.atomic import fsync_dir
 from cas.digest import DigestError, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest
 from cas.store import CasStore
+from pipeline import names
 from pipeline.errors import AtoError
-from pipeline.registry import names
 from stages.artifact import open_capsule
 from stages.payload_frames import (
     FrameError,

@@ -144,11 +144,12 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
     The download is verified (digests, signature, trust decision) before it is stored, and
     the stored artifact then goes through :func:`trust_gate` like every other artifact that runs.
     """
+    from pipeline.registry.client import RegistryClient
     from pipeline.trust import gate
     from stages.install import install
 
     # The same check as `ato install`: nothing unverified lands in the store.
-    envelope = install(scoped_id, registry, version, token=os.environ.get("ATO_TOKEN"),
+    envelope = install(scoped_id, registry, version, connect=RegistryClient, token=os.environ.get("ATO_TOKEN"),
                        verify=gate.verify_before_run)
     path = _installed_path(envelope)
     if path is None:

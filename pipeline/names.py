@@ -1,5 +1,8 @@
 """Names the registry accepts: scopes, versions, file names, registry URLs; version order.
 
+Kernel vocabulary: the registry server, its client and the stages (install, publish)
+all check names the same way, so the rules live below all of them.
+
 Publisher and slug segments follow the reference server: 1–63 characters of
 ``[a-z0-9-]``, starting with a letter or digit, no ``--`` and no trailing ``-``
 (unlike the reference, the original case is never used after the check: a
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit
+
+from pipeline.errors import E_USAGE, AtoError
 
 _SEGMENT = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){0,62}$")
 _VERSION = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_~-]{0,127}$")
@@ -83,6 +88,14 @@ def normalize_registry_url(value: str) -> str:
     if not parts.hostname:
         raise RegistryUrlError(f"Registry URL has no host: {value!r}")
     return text.rstrip("/")
+
+
+def parse_registry(value: str) -> str:
+    """:func:`normalize_registry_url`, with a bad URL reported as a usage error (E100)."""
+    try:
+        return normalize_registry_url(value)
+    except RegistryUrlError as exc:
+        raise AtoError(E_USAGE, str(exc)) from None
 
 
 def is_official(url: str) -> bool:
