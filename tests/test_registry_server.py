@@ -80,9 +80,16 @@ def test_well_known_search_detail_distributions_download(client: TestClient, tmp
         assert upload(client, forged(tmp_path, f"other-{i}", "0.1.0", 1000), "acme", f"other-{i}", "0.1.0") \
             .status_code == 201
     page = client.get("/v1/capsules", params={"q": "other", "limit": 2}).json()
-    assert len(page["capsules"]) == 2 and page["next_cursor"] == "2"
+    assert len(page["capsules"]) == 2 and page["total"] == 3 and isinstance(page["next_cursor"], str)
     rest = client.get("/v1/capsules", params={"q": "other", "limit": 2, "cursor": page["next_cursor"]}).json()
-    assert len(rest["capsules"]) == 1 and rest["next_cursor"] is None
+    assert len(rest["capsules"]) == 1 and rest["next_cursor"] is None and rest["total"] == 3
+    assert {c["scoped_id"] for c in page["capsules"] + rest["capsules"]} == {f"acme/other-{i}" for i in range(3)}
+    # the cursor is bound to its query, and a forged one is refused rather than read as "from the start"
+    for bad in ({"q": "app", "cursor": page["next_cursor"]}, {"q": "other", "cursor": "not-a-cursor"}):
+        r = client.get("/v1/capsules", params=bad)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_cursor"
+    # the reference server's decimal offsets still work
+    assert len(client.get("/v1/capsules", params={"q": "other", "cursor": "2"}).json()["capsules"]) == 1
     assert client.get("/v1/capsules", params={"q": "100%_"}).json()["capsules"] == []
 
 

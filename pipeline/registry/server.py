@@ -7,7 +7,7 @@ Routes (CONTRACTS.md §5 plus the delta-transfer routes; errors are always
 method path                                               auth  purpose
 ====== ================================================== ===== ===========================================
 GET    /.well-known/capsule.json                          —     ``{url, name, version, write_auth_required}``
-GET    /v1/capsules?q=&limit=&cursor=                     —     search ``{capsules[], next_cursor}``
+GET    /v1/capsules?q=&limit=&cursor=                     —     search ``{capsules[], total, next_cursor}``
 GET    /v1/capsules/by/{p}/{s}                            —     detail: releases, manifest, readme, runtime_config
 GET    /v1/capsules/by/{p}/{s}/distributions?version=     —     ``{version, artifact_url, sha256, blake3, ...}``
 GET    /v1/capsules/by/{p}/{s}/download?version=          —     302 to the artifact URL
@@ -16,6 +16,7 @@ PUT    /v1/local/capsules/{p}/{s}/{v}?file_name=&allow_existing=  W  whole-artif
 GET    /v1/local/capsules/by/{p}/{s}/runtime-config       —     per-target ``{port, env, permission_mode}``
 PUT    /v1/local/capsules/by/{p}/{s}/runtime-config       W     save it (normalised; returned)
 DELETE /v1/local/capsules/by/{p}/{s}?confirmed=true[&version=]  W  remove a release or the capsule
+POST   /v1/local/capsules/by/{p}/{s}/yank                 W     ``{version, yanked}``: yank or restore a version
 POST   /v1/sync/negotiate                                 W     which chunks the registry lacks (+ session_id)
 POST   /v1/sync/chunks?session=                           W     many frames in one body, staged in the session
 PUT    /v1/chunks/{hash}?session=                         W     one frame (``x-raw-size``)
@@ -75,7 +76,9 @@ from starlette.routing import Route
 from cas.digest import DigestError, label, parse
 from pipeline.errors import E_NETWORK, E_POLICY, AtoError, Problem
 from pipeline.names import normalize_segment
+from pipeline.registry.readme import render_readme
 from pipeline.registry.storage import (
+    SEARCH_LIMIT_MAX,
     RegistryError,
     RegistryStore,
     Upload,
@@ -84,6 +87,7 @@ from pipeline.registry.storage import (
     check_scope,
     check_version,
 )
+from stages.sign import did_fingerprint, short_fingerprint
 
 log = logging.getLogger("ato.registry")
 
@@ -93,6 +97,11 @@ MAX_UPLOAD_BYTES = 1 << 30
 MAX_JSON_BYTES = 64 << 20
 MAX_FETCH_CHUNKS = 8192
 WRITE_BUFFER = 4 << 20
+# The web page runs only its own script; README HTML (already sanitised) may show remote images and
+# keep Markdown's table alignment (a style attribute nh3 limits to text-align).
+UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
+          "img-src 'self' data: https: http:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
+          "form-action 'self'")
 
 
 class BigFileResponse(FileResponse):
@@ -178,6 +187,39 @@ async def receive_to_file(request: Request, path: Path, limit: int) -> tuple[str
         if not ok:
             path.unlink(missing_ok=True)
     return writer.sha.hexdigest(), writer.b3.hexdigest(), writer.size
+
+
+def signature_fields(rel: Any) -> dict[str, Any]:
+    """How a release was signed, as its upload check found it: ``signature_status`` is ``verified`` (an
+    Ed25519 signature that verified at upload; trust in the key is the installer's decision) or
+    ``unsigned``; ``signer`` names the key and its fingerprint."""
+    if not rel["signed"] or not rel["signer_key_id"]:
+        return {"signature_status": "unsigned", "signer": None}
+    fp = did_fingerprint(rel["signer_key_id"])
+    return {"signature_status": "verified", "signer": {"key_id": rel["signer_key_id"], "fingerprint": fp,
+                                                       "short_fingerprint": short_fingerprint(fp),
+                                                       "signed_at": rel["signed_at"]}}
+
+
+def release_metadata(rel: Any) -> dict[str, Any]:
+    """The ``[metadata]`` table of a release (from its summary row), or {}."""
+    raw = rel["metadata_json"] if rel is not None and "metadata_json" in rel.keys() else None
+    with contextlib.suppress(ValueError, TypeError):
+        doc = json.loads(raw) if raw else {}
+        return doc if isinstance(doc, dict) else {}
+    return {}
+
+
+LINK_KEYS = ("homepage", "repository", "documentation", "source", "issues", "website")
+
+
+def metadata_doc(meta: dict[str, Any]) -> dict[str, Any]:
+    """``[metadata]`` for the page: author, tags, and the http(s) links it names (nothing else is a link)."""
+    links = {k: v for k in LINK_KEYS if isinstance(v := meta.get(k), str) and v.startswith(("https://", "http://"))}
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    return {"display_name": meta.get("display_name") if isinstance(meta.get("display_name"), str) else None,
+            "author": meta.get("author") if isinstance(meta.get("author"), str) else None,
+            "tags": [t for t in tags if isinstance(t, str)], "links": links}
 
 
 def tokens_equal(expected: str, presented: str) -> bool:
@@ -289,15 +331,27 @@ class RegistryApp:
             "chunks": rel["chunk_count"], "spliceable": spliceable,
             "created_at": rel["created_at"],
             "artifact_url": self.artifact_url(request, rel["scoped_id"], rel["version"], rel["file_name"]),
+            **signature_fields(rel), "yanked": rel["yanked_at"] is not None, "yanked_at": rel["yanked_at"],
         }
 
     def search_row(self, pkg: Any, latest: Any) -> dict[str, Any]:
+        """One capsule as search and detail list it: snake_case keys, plus the camelCase aliases the
+        reference server's rows carry (``scopedId``, ``latestVersion``, ``latestSizeBytes``, ``createdAt``,
+        ``updatedAt``), kept for its clients."""
+        size = latest["size_bytes"] if latest is not None else 0
+        meta = release_metadata(latest)
         return {
             "id": f"local-{pkg['publisher']}-{pkg['slug']}", "slug": pkg["slug"], "scoped_id": pkg["scoped_id"],
-            "scopedId": pkg["scoped_id"], "name": pkg["name"], "description": pkg["description"],
+            "name": pkg["name"], "description": pkg["description"],
             "category": "tools", "type": "app", "price": 0, "currency": "usd",
-            "publisher": self.publisher_doc(pkg["publisher"]), "latestVersion": pkg["latest_version"],
-            "latestSizeBytes": latest["size_bytes"] if latest is not None else 0, "downloads": 0,
+            "publisher": self.publisher_doc(pkg["publisher"]), "latest_version": pkg["latest_version"],
+            "latest_size_bytes": size, "downloads": 0, "created_at": pkg["created_at"],
+            "updated_at": pkg["updated_at"],
+            "author": meta.get("author") if isinstance(meta.get("author"), str) else None,
+            "tags": [t for t in meta.get("tags") or [] if isinstance(t, str)] if isinstance(meta.get("tags"), list)
+            else [],
+            **(signature_fields(latest) if latest is not None else {"signature_status": "unknown", "signer": None}),
+            "scopedId": pkg["scoped_id"], "latestVersion": pkg["latest_version"], "latestSizeBytes": size,
             "createdAt": pkg["created_at"], "updatedAt": pkg["updated_at"],
         }
 
@@ -314,14 +368,14 @@ class RegistryApp:
             limit = int(request.query_params.get("limit") or 20)
         except ValueError:
             limit = 20
-        limit = max(1, min(limit, 50))
-        raw_cursor = request.query_params.get("cursor") or "0"
-        cursor = int(raw_cursor) if raw_cursor.isdigit() else 0
+        limit = max(1, min(limit, SEARCH_LIMIT_MAX))
+        cursor = request.query_params.get("cursor") or None
 
         def run() -> dict[str, Any]:
-            rows, nxt = self.store.search(q, limit, cursor)
-            out = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True)) for r in rows]
-            return {"capsules": out, "next_cursor": str(nxt) if nxt is not None else None}
+            page = self.store.search(q, limit, cursor)
+            out = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True))
+                   for r in page.rows]
+            return {"capsules": out, "total": page.total, "next_cursor": page.next_cursor}
         return json_response(await run_in_threadpool(run))
 
     async def detail(self, request: Request) -> Response:
@@ -342,7 +396,10 @@ class RegistryApp:
                 doc["manifest"] = json.loads(latest["manifest_json"])
                 doc["manifest_toml"] = latest["manifest_toml"]
                 doc["readme_markdown"] = latest["readme"]
+                doc["readme_html"] = render_readme(latest["readme"]) if latest["readme"] is not None else None
                 doc["readme_source"] = "artifact" if latest["readme"] is not None else "none"
+                meta = doc["manifest"].get("metadata")
+                doc["metadata"] = metadata_doc(meta if isinstance(meta, dict) else {})
                 doc["targets"] = sorted((doc["manifest"].get("targets") or {}).keys()) \
                     if isinstance(doc["manifest"].get("targets"), dict) else []
             doc["runtime_config"] = self.store.runtime_config(scoped) or {"targets": {}}
@@ -358,7 +415,8 @@ class RegistryApp:
                                                                          rel["file_name"]),
             "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]), "file_name": rel["file_name"],
             "size_bytes": rel["size_bytes"], "manifest_hash": rel["manifest_hash"],
-            "spliceable": rel["layout"] is not None,
+            "spliceable": rel["layout"] is not None, **signature_fields(rel),
+            "yanked": rel["yanked_at"] is not None,
             "skeleton_url": (f"{base}/v1/releases/{quote(p)}/{quote(s)}/{quote(rel['version'])}/skeleton"
                              if rel["layout"] is not None else None),
         }
@@ -611,6 +669,18 @@ class RegistryApp:
         doc["artifact_url"] = self.artifact_url(request, scoped, doc["version"], doc["file_name"])
         return json_response(doc, status)
 
+    async def yank(self, request: Request) -> Response:
+        """``POST .../yank {"version", "yanked": true|false}``: yank a version, or restore it."""
+        self.require_write(request)
+        p, s, _scoped = self.scope(request)
+        body = await self.read_json(request, 1 << 16)
+        if not isinstance(body, dict) or not isinstance(body.get("version"), str):
+            raise RegistryError(400, "invalid_request", 'body must be {"version": "<version>", "yanked": true|false}')
+        yanked = body.get("yanked", True)
+        if not isinstance(yanked, bool):
+            raise RegistryError(400, "invalid_request", "yanked must be true or false")
+        return json_response(await run_in_threadpool(self.store.yank, p, s, body["version"], yanked))
+
     async def delete(self, request: Request) -> Response:
         self.require_write(request)
         p, s, _scoped = self.scope(request)
@@ -632,7 +702,8 @@ class RegistryApp:
             return Response("Web UI assets are missing from this installation of ato", 503,
                             media_type="text/plain")
         cache = "no-cache" if path.name == "index.html" else "public, max-age=300"
-        return FileResponse(path, headers={"cache-control": cache})
+        return FileResponse(path, headers={"cache-control": cache, "content-security-policy": UI_CSP,
+                                           "x-content-type-options": "nosniff"})
 
     # ---------------------------------------------------------------- Store API subset (issue 8)
 
@@ -683,12 +754,8 @@ class RegistryApp:
         handle = request.path_params["handle"]
 
         def run() -> dict[str, Any]:
-            rows: list[dict[str, Any]] = []
-            cursor: int | None = 0
-            while cursor is not None:
-                page, cursor = self.store.search("", 50, cursor)
-                rows += [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True))
-                         for r in page if r["publisher"] == handle]
+            rows = [self.search_row(r, self.store.release(r["scoped_id"], r["latest_version"], summary=True))
+                    for r in self.store.search_all() if r["publisher"] == handle]
             return {"handle": handle, "capsules": rows}
         return json_response(await run_in_threadpool(run))
 
@@ -720,6 +787,7 @@ def create_app(store: RegistryStore, token: str | None, listen_url: str,
         Route("/v1/local/capsules/by/{publisher}/{slug}/runtime-config", api(h.runtime_config),
               methods=["GET", "PUT"]),
         Route("/v1/local/capsules/by/{publisher}/{slug}", api(h.delete), methods=["DELETE"]),
+        Route("/v1/local/capsules/by/{publisher}/{slug}/yank", api(h.yank), methods=["POST"]),
         Route("/v1/sync/negotiate", api(h.negotiate), methods=["POST"]),
         Route("/v1/sync/chunks", api(h.sync_chunks), methods=["POST"]),
         Route("/v1/sync/commit", api(h.commit), methods=["POST"]),

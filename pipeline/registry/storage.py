@@ -33,6 +33,7 @@ nothing is written; anything else for an existing version is 409
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import datetime as dt
 import json
@@ -68,14 +69,21 @@ from stages.payload_frames import (
     read_frame,
     split_payload,
 )
-from stages.sign import check_artifact
+from stages.sign import SignatureInfo, check_artifact, check_signature
 
 SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
 SESSION_TTL_SECONDS = 3600
 RELEASE_SUMMARY = ("scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash, payload_hash, "
-                   "chunk_count, layout IS NOT NULL AS spliceable, created_at")
+                   "chunk_count, layout IS NOT NULL AS spliceable, created_at, signed, signer_key_id, signed_at, "
+                   "yanked_at, json_extract(manifest_json, '$.metadata') AS metadata_json")
+# Columns added after schema ato-local-registry-2 first shipped: added in place by initialize().
+RELEASE_COLUMNS_ADDED = (("signed", "INTEGER"), ("signer_key_id", "TEXT"), ("signed_at", "TEXT"),
+                         ("yanked_at", "TEXT"))
+SEARCH_LIMIT_MAX = 50
+# A release is visible (searchable, eligible as "latest") unless it is yanked.
+_VISIBLE = "EXISTS (SELECT 1 FROM releases r WHERE r.scoped_id = packages.scoped_id AND r.yanked_at IS NULL)"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -90,7 +98,7 @@ CREATE TABLE IF NOT EXISTS releases(
   prefix_size INTEGER NOT NULL, payload_size INTEGER NOT NULL, suffix_size INTEGER NOT NULL,
   chunk_count INTEGER NOT NULL, layout TEXT,
   manifest_toml TEXT NOT NULL, manifest_json TEXT NOT NULL, readme TEXT, readme_name TEXT,
-  created_at TEXT NOT NULL,
+  created_at TEXT NOT NULL, signed INTEGER, signer_key_id TEXT, signed_at TEXT, yanked_at TEXT,
   PRIMARY KEY(scoped_id, version));
 CREATE TABLE IF NOT EXISTS chunks(
   raw_hash TEXT PRIMARY KEY, raw_size INTEGER NOT NULL, frame_size INTEGER NOT NULL,
@@ -112,6 +120,33 @@ class RegistryError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}
+
+
+@dataclass
+class SearchPage:
+    rows: list[sqlite3.Row]
+    total: int
+    next_cursor: str | None
+
+
+def encode_cursor(updated_at: str, scoped_id: str, query: str) -> str:
+    doc = json.dumps({"u": updated_at, "s": scoped_id, "q": query}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(doc.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, query: str) -> tuple[str, str]:
+    """(updated_at, scoped_id) of the last row of the previous page; 400 ``invalid_cursor`` otherwise."""
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        after = (doc["u"], doc["s"])
+        if not all(isinstance(v, str) for v in after) or not isinstance(doc["q"], str):
+            raise TypeError
+    except (ValueError, TypeError, KeyError, binascii.Error):
+        raise RegistryError(400, "invalid_cursor", "cursor is not one this registry handed out "
+                            "(use the next_cursor of the previous page)") from None
+    if doc["q"] != query:
+        raise RegistryError(400, "invalid_cursor", "cursor belongs to another query; start again without it")
+    return after
 
 
 def now() -> str:
@@ -191,6 +226,7 @@ class Inspection:
     frames: list[FrameRef] | None
     readme: str | None
     readme_name: str | None
+    signature: SignatureInfo
 
 
 @dataclass
@@ -224,7 +260,8 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Ins
         opened = open_capsule(path)
         # The complete check (tar framing, every member's digest, payload, signature), the same
         # one install and run apply, so a registry never holds what a client would refuse.
-        failure = check_artifact(path).error()
+        checked = check_artifact(path)
+        failure = checked.error()
         if failure is not None:
             raise failure
     except AtoError as exc:
@@ -252,7 +289,8 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Ins
     readme = opened.readme[:README_LIMIT] if opened.readme is not None else None
     return Inspection(manifest, toml_text, json.dumps(display, sort_keys=True),
                       str(manifest["distribution"]["manifest_hash"]), opened.payload_manifest,
-                      opened.payload_offset, opened.payload_size, suffix, layout.frames, readme, readme_name)
+                      opened.payload_offset, opened.payload_size, suffix, layout.frames, readme, readme_name,
+                      checked.signature or SignatureInfo(False))
 
 
 class RegistryStore:
@@ -289,7 +327,35 @@ class RegistryStore:
         elif row[0] != SCHEMA_VERSION:
             raise AtoError("E100", f"{self.db_path} has index schema {row[0]!r}; this ato expects "
                                    f"{SCHEMA_VERSION!r}", hint="use another --data-dir or remove the old one")
+        self._add_release_columns(conn)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _add_release_columns(self, conn: sqlite3.Connection) -> None:
+        """Bring an index written before signer and yank columns existed up to date, in one transaction:
+        add the columns, then record each release's signature from its artifact's signature.json."""
+        have = {r[1] for r in conn.execute("PRAGMA table_info(releases)")}
+        missing = [(n, t) for n, t in RELEASE_COLUMNS_ADDED if n not in have]
+        unknown = conn.execute("SELECT scoped_id, version, file_name FROM releases WHERE signed IS NULL").fetchall() \
+            if not missing else conn.execute("SELECT scoped_id, version, file_name FROM releases").fetchall()
+        if not missing and not unknown:
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for col, kind in missing:
+                conn.execute(f"ALTER TABLE releases ADD COLUMN {col} {kind}")
+            for rel in unknown:
+                info = SignatureInfo(False)
+                with contextlib.suppress(AtoError, OSError):
+                    path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
+                    info = check_signature(open_capsule(path).signature)
+                conn.execute("UPDATE releases SET signed=?, signer_key_id=?, signed_at=? WHERE scoped_id=? AND "
+                             "version=?", (int(info.signed), info.key_id, info.signed_at, rel["scoped_id"],
+                                           rel["version"]))
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
 
     def conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -331,25 +397,55 @@ class RegistryStore:
         rel = self.release(scoped, wanted)
         if rel is None:
             raise RegistryError(404, "version_not_found", "Version not found")
+        if not version and rel["yanked_at"] is not None:
+            raise RegistryError(410, "version_yanked", f"every version of {scoped} is yanked; ask for an exact "
+                                "version (yanked versions stay downloadable by exact version)", yanked=True)
         return rel
 
     def artifact_path(self, scoped_id: str, version: str, file_name: str) -> Path:
         publisher, slug = scoped_id.split("/")
         return self.artifacts / publisher / slug / version / file_name
 
-    def search(self, q: str, limit: int, cursor: int) -> tuple[list[sqlite3.Row], int | None]:
-        sql = "SELECT * FROM packages"
-        args: list[Any] = []
+    def search(self, q: str, limit: int, cursor: str | None = None) -> SearchPage:
+        """One page of the capsules matching ``q`` (newest update first), the total count, and the opaque
+        cursor of the next page. Capsules whose every version is yanked are not listed.
+
+        The cursor names the last row shown (keyset paging), so a publish between two pages neither
+        repeats nor skips a row; it is bound to its query. A plain decimal cursor (what the reference
+        server hands out) is still read as an offset."""
         text = q.strip().lower()
+        where = [_VISIBLE]
+        args: list[Any] = []
         if text:
             like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            sql += (" WHERE lower(slug) LIKE ? ESCAPE '\\' OR lower(name) LIKE ? ESCAPE '\\'"
-                    " OR lower(description) LIKE ? ESCAPE '\\' OR lower(scoped_id) LIKE ? ESCAPE '\\'")
+            where.append("(lower(slug) LIKE ? ESCAPE '\\' OR lower(name) LIKE ? ESCAPE '\\'"
+                         " OR lower(description) LIKE ? ESCAPE '\\' OR lower(scoped_id) LIKE ? ESCAPE '\\')")
             args = [like, like, like, like]
-        sql += " ORDER BY updated_at DESC, scoped_id ASC LIMIT ? OFFSET ?"
-        rows = self.conn().execute(sql, (*args, limit + 1, cursor)).fetchall()
-        more = len(rows) > limit
-        return rows[:limit], (cursor + limit if more else None)
+        conn = self.conn()
+        total = conn.execute(f"SELECT COUNT(*) FROM packages WHERE {' AND '.join(where)}", args).fetchone()[0]
+        offset = 0
+        if cursor and cursor.isdigit():
+            offset = int(cursor)
+        elif cursor:
+            after = decode_cursor(cursor, text)
+            where.append("(updated_at < ? OR (updated_at = ? AND scoped_id > ?))")
+            args += [after[0], after[0], after[1]]
+        sql = (f"SELECT * FROM packages WHERE {' AND '.join(where)} ORDER BY updated_at DESC, scoped_id ASC "
+               "LIMIT ? OFFSET ?")
+        rows = conn.execute(sql, (*args, limit + 1, offset)).fetchall()
+        page = rows[:limit]
+        nxt = encode_cursor(page[-1]["updated_at"], page[-1]["scoped_id"], text) if len(rows) > limit else None
+        return SearchPage(page, total, nxt)
+
+    def search_all(self) -> Iterator[sqlite3.Row]:
+        """Every listed capsule, page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.search("", SEARCH_LIMIT_MAX, cursor)
+            yield from page.rows
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def runtime_config(self, scoped_id: str) -> dict[str, Any] | None:
         row = self.conn().execute("SELECT doc FROM runtime_configs WHERE scoped_id=?", (scoped_id,)).fetchone()
@@ -655,11 +751,13 @@ class RegistryStore:
                 conn.execute(
                     "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash,"
                     " payload_hash, prefix_size, payload_size, suffix_size, chunk_count, layout, manifest_toml,"
-                    " manifest_json, readme, readme_name, created_at) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " manifest_json, readme, readme_name, created_at, signed, signer_key_id, signed_at)"
+                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (scoped, upload.version, upload.file_name, upload.sha256, upload.blake3, upload.size,
                      insp.manifest_hash, insp.payload.artifact_hash, insp.prefix_size, insp.payload_size,
                      insp.suffix_size, len(insp.payload.chunks), layout, insp.manifest_toml, insp.manifest_json, insp.readme,
-                     insp.readme_name, stamp))
+                     insp.readme_name, stamp, int(insp.signature.signed), insp.signature.key_id,
+                     insp.signature.signed_at))
                 self._upsert_package(conn, upload, insp, stamp)
                 conn.execute("COMMIT")
             except BaseException:
@@ -684,12 +782,46 @@ class RegistryStore:
                          (upload.scoped_id, upload.publisher, upload.slug, name, description, upload.version,
                           stamp, stamp))
             return
-        latest = names.latest([pkg["latest_version"], upload.version])
+        latest = self._refresh_latest(conn, upload.scoped_id, stamp)
         if latest == upload.version:
-            conn.execute("UPDATE packages SET name=?, description=?, latest_version=?, updated_at=? "
-                         "WHERE scoped_id=?", (name, description, latest, stamp, upload.scoped_id))
-        else:
-            conn.execute("UPDATE packages SET updated_at=? WHERE scoped_id=?", (stamp, upload.scoped_id))
+            conn.execute("UPDATE packages SET name=?, description=? WHERE scoped_id=?",
+                         (name, description, upload.scoped_id))
+
+    @staticmethod
+    def _refresh_latest(conn: sqlite3.Connection, scoped_id: str, stamp: str) -> str | None:
+        """Set a capsule's ``latest_version``: its newest version that is not yanked (the newest of all when
+        every one is yanked, so the capsule still has a detail page). Returns it (None: no release left)."""
+        rows = conn.execute("SELECT version, yanked_at FROM releases WHERE scoped_id=?", (scoped_id,)).fetchall()
+        latest = names.latest([r[0] for r in rows if r[1] is None]) or names.latest([r[0] for r in rows])
+        if latest is not None:
+            conn.execute("UPDATE packages SET latest_version=?, updated_at=? WHERE scoped_id=?",
+                         (latest, stamp, scoped_id))
+        return latest
+
+    def yank(self, publisher: str, slug: str, version: str, yanked: bool = True) -> dict[str, Any]:
+        """Yank (or, with ``yanked=False``, restore) one version, as ``cargo yank`` does: a yanked version is
+        not listed by search and never chosen as "latest", but its exact version stays downloadable."""
+        scoped = check_scope(publisher, slug)
+        check_version(version)
+        with self._lock:
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                rel = self.release(scoped, version, summary=True)
+                if rel is None:
+                    raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
+                stamp = now()
+                when = (rel["yanked_at"] or stamp) if yanked else None
+                conn.execute("UPDATE releases SET yanked_at=? WHERE scoped_id=? AND version=?",
+                             (when, scoped, version))
+                latest = self._refresh_latest(conn, scoped, stamp)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        return {"scoped_id": scoped, "version": version, "yanked": yanked, "yanked_at": when,
+                "latest_version": latest}
 
     # ------------------------------------------------------------------ runtime config, delete
 
@@ -738,8 +870,7 @@ class RegistryStore:
                     conn.execute("DELETE FROM packages WHERE scoped_id=?", (scoped,))
                     conn.execute("DELETE FROM runtime_configs WHERE scoped_id=?", (scoped,))
                 else:
-                    conn.execute("UPDATE packages SET latest_version=?, updated_at=? WHERE scoped_id=?",
-                                 (names.latest(remaining), now(), scoped))
+                    self._refresh_latest(conn, scoped, now())
                 live_chunks: set[str] = set()
                 live_payloads: set[str] = set()
                 for row in conn.execute("SELECT layout, payload_hash FROM releases"):

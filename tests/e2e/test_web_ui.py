@@ -81,7 +81,7 @@ def test_catalog_search_detail_and_runtime_config(registry: Registry, browser, t
     detail = httpx.get(registry.url + "/v1/capsules/by/local/web-alpha", timeout=10).json()
     assert browser.find_element(By.ID, "latest-blake3").text == detail["releases"][0]["blake3"]
     assert browser.find_element(By.CSS_SELECTOR, '#versions tr[data-version="1.2.0"]')
-    assert 'name = "web-alpha"' in browser.find_element(By.ID, "manifest").text
+    assert 'name = "web-alpha"' in browser.find_element(By.ID, "manifest").get_attribute("textContent")  # collapsed
     assert "The web-alpha capsule." in browser.find_element(By.ID, "readme").text
     browser.save_screenshot(str(tmp_path / "detail.png"))
 
