@@ -52,6 +52,8 @@ _ROWS = [
     ErrorCode("E208", EXIT_USER, "an artifact or CAS object failed an integrity check"),
     ErrorCode("E212", EXIT_USER, "the payload is over the size ceiling (200 MiB unless raised)"),
     ErrorCode("E220", EXIT_USER, "a source sync run failed, or `ato source rebuild --wait` timed out"),
+    ErrorCode("E230", EXIT_USER, "an official-registry publish check failed (a missing or broken CI workflow: "
+                                 "`ato publish --fix` writes it)"),
     ErrorCode("E301", EXIT_USER, "a security policy refused the operation (unsigned artifact, consent, "
                                  "non-loopback host)"),
     ErrorCode("E900", EXIT_NETWORK, "a registry, Store or download host could not be reached"),
@@ -106,6 +108,7 @@ E_LOCK_TAMPERED = "E207"
 E_INTEGRITY = "E208"
 E_PAYLOAD_TOO_LARGE = "E212"
 E_SOURCE_RUN = "E220"
+E_PUBLISH_CHECK = "E230"
 E_POLICY = "E301"
 E_NETWORK = "E900"
 E_SERVER = "E901"

@@ -174,7 +174,7 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     if manifest.is_native() and manifest.delivery is not None:
         native_build.check_payload_input(manifest.delivery, {e.relpath: e.mode for e in entries})
     strategy, target, derived_from = _strategy(manifest)
-    out_path = (options.out or manifest.project_dir / f"{manifest.name}-{manifest.version}.capsule").absolute()
+    out_path = (options.out or manifest.project_dir / f"{manifest.name}.capsule").absolute()
     readme = next((manifest.project_dir / n for n in capsule.README_NAMES
                    if (manifest.project_dir / n).is_file()), None)
     normalized = manifest.normalized()

@@ -68,7 +68,15 @@ from cas.digest import label
 from cas.payload_manifest import PayloadManifest
 from pipeline import names
 from pipeline.envelope import validate
-from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, E_VERSION_CONFLICT, AtoError, Problem
+from pipeline.errors import (
+    E_AUTH_REQUIRED,
+    E_INTEGRITY,
+    E_PUBLISH_CHECK,
+    E_USAGE,
+    E_VERSION_CONFLICT,
+    AtoError,
+    Problem,
+)
 from pipeline.names import parse_registry
 from stages.artifact import open_capsule, verify_capsule
 from stages.payload_frames import FrameRef, UnsafePayload, split_payload
@@ -635,8 +643,9 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                                       "Published to Personal Dock." if dock else "Published to private registry.")
     else:
         code, message = "PUBLISH_PHASES_COMPLETED", "Selected publish phases completed."
+    failed_checks = [c for c in (handoff or {}).get("diagnosis") or [] if not c["ok"]]
     doc = {
-        "schema_version": SCHEMA_VERSION, "ok": True, "code": code, "message": message,
+        "schema_version": SCHEMA_VERSION, "ok": not failed_checks, "code": code, "message": message,
         "registry": registry, "route": "official" if official else "personal_dock" if dock else "private",
         "dock": dock, "dry_run": req.dry_run,
         "scoped_id": scoped, "version": local.version if local else None,
@@ -650,6 +659,16 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
     out.doc = validate(doc, "publish")
     out.human = _human(doc)
     return out
+
+
+def failed_check_error(doc: dict[str, Any]) -> AtoError | None:
+    """The error an official hand-off ends with when one of its diagnostics failed (None when all passed)."""
+    failed = [c for c in (doc.get("handoff") or {}).get("diagnosis") or [] if not c["ok"]]
+    if not failed:
+        return None
+    return AtoError(E_PUBLISH_CHECK, f"publish diagnostics failed: {'; '.join(c['message'] for c in failed)}",
+                    details={"failed": [c["stage"] for c in failed]},
+                    hint="`ato publish --fix` writes the workflow (or `ato gen-ci`), then run this again")
 
 
 def ci_error(message: str) -> AtoError:

@@ -25,7 +25,7 @@ def _explain(doc: dict) -> str:
 @click.command("build")
 @click.argument("directory", required=False, default=".", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the .capsule (default <dir>/<name>-<version>.capsule).")
+              help="Where to write the .capsule (default <dir>/<name>.capsule).")
 @click.option("--strict-v3", is_flag=True, help="Forbid every fallback: the payload must come from source_digest in the CAS.")
 @click.option("--force-large-payload", is_flag=True, help="Allow an artifact over 200 MiB.")
 @click.option("--explain", is_flag=True, help="Show the task graph: inputs digests and which tasks ran.")

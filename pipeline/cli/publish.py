@@ -78,7 +78,7 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
     from pipeline import credentials
     from pipeline.registry.client import RegistryClient
-    from stages.publish import PublishPorts, PublishRequest, run_publish
+    from stages.publish import PublishPorts, PublishRequest, failed_check_error, run_publish
 
     if no_tui and (ci or dry_run):
         raise AtoError(E_USAGE, "--no-tui cannot be combined with --ci or --dry-run")
@@ -103,6 +103,9 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
                          fix_workflow=_fix_workflow)
     outcome = run_publish(req, ports=ports, progress=info)
     emit(outcome.doc, "publish", "\n".join(outcome.human))
+    failed = failed_check_error(outcome.doc)
+    if failed is not None:
+        raise failed  # the hand-off is printed above; a failing diagnostic still fails the command
 
 
 def register(group: click.Group) -> None:

@@ -68,7 +68,7 @@ def test_build_envelope_layout_and_independent_digest(ato, tmp_path: Path) -> No
     project = make_project(tmp_path / "p")
     doc = build_json(ato, project)
     capsule = Path(doc["artifact"])
-    assert capsule == project / "sample-1.2.3.capsule"
+    assert capsule == project / "sample.capsule"
     assert doc["build_strategy"] == "source" and doc["schema_version"] == "0.1" and doc["target"] == "default"
     data = capsule.read_bytes()
     assert doc["artifact_blake3"] == "blake3:" + blake3.blake3(data).hexdigest()
@@ -83,7 +83,7 @@ def test_build_envelope_layout_and_independent_digest(ato, tmp_path: Path) -> No
     inner = payload_names(capsule)
     assert inner == sorted(inner, key=lambda n: n.encode())
     assert "src/main.py" in inner and "src/alias.py" in inner and ".env.example" in inner
-    for excluded in (".env", "node_modules/x/index.js", "id_rsa", "capsule.toml", "sample-1.2.3.capsule"):
+    for excluded in (".env", "node_modules/x/index.js", "id_rsa", "capsule.toml", "sample.capsule"):
         assert excluded not in inner
     with tarfile.open(capsule) as tf:
         sig = json.loads(tf.extractfile("signature.json").read())

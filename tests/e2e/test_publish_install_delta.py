@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def test_v2_after_v1_transfers_only_changed_chunks(ato, tmp_path: Path, registry
     reg, proxy = registry
     files = {f"assets/blob{i}.bin": os.urandom(400_000) for i in range(6)}
     project = make_project(tmp_path / "app", "delta-app", "1.0.0", files=files)
-    v1 = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
+    built = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
+    v1 = tmp_path / "v1.capsule"  # the v2 build writes the same <name>.capsule: keep v1's bytes aside
+    shutil.copyfile(built, v1)
     pub1 = ato(["publish", "--artifact", str(v1), "--registry", proxy.url, "--json"], cwd=project,
                env={"ATO_TOKEN": TOKEN})
     assert pub1.code == 0, pub1.stderr

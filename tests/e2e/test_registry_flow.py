@@ -38,7 +38,7 @@ def test_seed_flow_serve_build_publish_install_search_detail_download(ato, tmp_p
     built = ato(["build", ".", "--json"], cwd=project)
     assert built.code == 0, built.stderr
     artifact = Path(built.json()["artifact"])
-    assert artifact.name == "seed-app-0.1.0.capsule"
+    assert artifact.name == "seed-app.capsule"
 
     pub = ato(["publish", "--artifact", f"./{artifact.name}", "--registry", registry.url, "--json"], cwd=project,
               env={"ATO_TOKEN": TOKEN})
@@ -161,7 +161,7 @@ def test_publish_runs_all_phases_from_a_project(ato, tmp_path: Path, registry: R
     assert [(p["name"], p["status"]) for p in doc["phases"]] == [("prepare", "ok"), ("build", "ok"),
                                                                  ("deploy", "ok")]
     assert (project / "prepared.txt").read_text().strip() == "prepared"
-    assert doc["build"]["artifact"].endswith("phases-app-1.0.0.capsule")
+    assert doc["build"]["artifact"].endswith("phases/phases-app.capsule")
     assert doc["scoped_id"] == "team-x/phases-app"
     assert registry.get("/v1/capsules/by/team-x/phases-app").status_code == 200
 
@@ -222,13 +222,21 @@ def test_publish_flag_rules(ato, tmp_path: Path, args: list[str], needle: str) -
     assert needle in stderr_error(res)["message"]
 
 
+def handoff_without_workflow(res) -> dict:
+    """The project has no CI workflow: the full hand-off is printed, and the failing check fails the command."""
+    assert res.code == 1, res.stderr
+    assert stderr_error(res)["code"] == "E230"
+    doc = res.json()
+    assert doc["ok"] is False and doc["handoff"]["diagnosis"][0]["ok"] is False
+    return doc
+
+
 def test_official_registry_is_a_ci_handoff_without_network(ato, tmp_path: Path) -> None:
     project = make_project(tmp_path / "official", "official-app", "2.0.0")
     # any request would fail here (no network, and the proxy points nowhere)
     env = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     res = ato(["publish", "--registry", "https://api.ato.run", "--json"], cwd=project, env=env)
-    assert res.code == 0, res.stderr
-    doc = res.json()
+    doc = handoff_without_workflow(res)
     assert_schema(doc, "publish")
     assert doc["code"] == "CI_HANDOFF" and doc["route"] == "official"
     assert [(p["name"], p["selected"]) for p in doc["phases"]] == [("prepare", False), ("build", False),
@@ -236,17 +244,16 @@ def test_official_registry_is_a_ci_handoff_without_network(ato, tmp_path: Path) 
     assert doc["handoff"]["network_requests"] == 0 and "git tag v2.0.0" in doc["handoff"]["next_steps"]
     assert not list(project.glob("*.capsule"))
     human = ato(["publish", "--registry", "https://staging.api.ato.run"], cwd=project, env=env)
-    assert human.code == 0 and "CI hand-off" in human.stdout
+    assert human.code == 1 and "CI hand-off" in human.stdout and "FAIL workflow_check" in human.stdout
+    assert "error[E230]" in human.stderr
     # explicit --build: a local build check, then the hand-off
     built = ato(["publish", "--registry", "https://api.ato.run", "--build", "--deploy", "--json"], cwd=project,
                 env=env)
-    assert built.code == 0, built.stderr
-    assert [p["status"] for p in built.json()["phases"]] == ["skipped", "ok", "ok"]
+    assert [p["status"] for p in handoff_without_workflow(built)["phases"]] == ["skipped", "ok", "ok"]
     # legacy full publish: all phases, a deprecation warning, still no upload
     legacy = ato(["publish", "--registry", "https://api.ato.run", "--legacy-full-publish", "--json"], cwd=project,
                  env=env)
-    assert legacy.code == 0, legacy.stderr
-    ldoc = legacy.json()
+    ldoc = handoff_without_workflow(legacy)
     assert "deprecated" in legacy.stderr and ldoc["warnings"] and "deprecated" in ldoc["warnings"][0]
     assert all(p["selected"] for p in ldoc["phases"]) and ldoc["handoff"] is not None
 

@@ -57,9 +57,9 @@ def test_seed_flow_exactly_as_written(ato, tmp_path: Path, registry: Registry) -
 
     built = ato(["build", "."], cwd=project)
     assert built.code == 0, built.stderr
-    assert (project / "seed-hello-0.1.0.capsule").is_file()
+    assert (project / "seed-hello.capsule").is_file()
 
-    pub = ato(["publish", "--artifact", "./seed-hello-0.1.0.capsule", "--registry", registry.url], cwd=project,
+    pub = ato(["publish", "--artifact", "./seed-hello.capsule", "--registry", registry.url], cwd=project,
               env={"ATO_TOKEN": TOKEN})
     assert pub.code == 0, pub.stderr
 

@@ -139,12 +139,13 @@ def test_official_handoff_diagnoses_and_fix_writes_the_workflow(ato, tmp_path: P
         project = make_project(tmp_path / "official", "official-app", "2.0.0")
         no_net = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}
         res = ato(["publish", "--registry", "https://api.ato.run", "--json"], cwd=project, env=no_net)
-        assert res.code == 0, res.stderr
+        assert res.code == 1, res.stderr  # a failing diagnostic fails the command, after printing the hand-off
+        assert res.json()["ok"] is False and res.stderr_json_lines()[-1]["error"]["code"] == "E230"
         h = res.json()["handoff"]
         assert h["network_requests"] == 0 and h["diagnosis"][0]["ok"] is False and h["fix"] is None
         assert h["next_steps"][0].startswith("ato publish --fix")
         text = ato(["publish", "--registry", "https://api.ato.run", "--no-tui"], cwd=project, env=no_net)
-        assert text.code == 0 and "FAIL workflow_check" in text.stdout
+        assert text.code == 1 and "FAIL workflow_check" in text.stdout and "error[E230]" in text.stderr
         assert ato(["publish", "--no-tui", "--ci"], cwd=project).code == 1
 
         env = {**no_net, "ATO_RELEASE_BASE_URL": base}
@@ -152,6 +153,7 @@ def test_official_handoff_diagnoses_and_fix_writes_the_workflow(ato, tmp_path: P
         assert res.code == 0, res.stderr
         doc = res.json()
         assert_schema(doc, "publish")
+        assert doc["ok"] is True
         h = doc["handoff"]
         assert h["fix"]["state"] == "generated" and h["network_requests"] == 1 and h["diagnosis"][0]["ok"] is True
         wf = project / ".github" / "workflows" / "ato-publish.yml"
