@@ -12,20 +12,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import paths
+from pipeline.config import resolve, store_api_url, store_site_url  # noqa: F401 - the Store URLs (flag > env > config)
 
 if TYPE_CHECKING:
     from stages.publish import DockTarget
-
-DEFAULT_STORE_API = "https://api.ato.run"
-DEFAULT_STORE_SITE = "https://store.ato.run"
-
-
-def store_api_url() -> str:
-    return (os.environ.get("ATO_STORE_API_URL") or DEFAULT_STORE_API).rstrip("/")
-
-
-def store_site_url() -> str:
-    return (os.environ.get("ATO_STORE_SITE_URL") or DEFAULT_STORE_SITE).rstrip("/")
 
 
 @dataclass
@@ -116,7 +106,8 @@ def personal_dock(dry_run: bool) -> DockTarget:
     if sess is None:
         raise AtoError(E_USAGE, "No default publish target found. Run `ato login` to publish to your Personal "
                        "Dock, or pass --registry <url> (for example http://127.0.0.1:18787 for `ato registry "
-                       "serve`), or --registry https://api.ato.run / --ci for the official Store.")
+                       "serve`; `ato config set registry <url>` makes it the default), or --registry "
+                       "https://api.ato.run / --ci for the official Store.")
     api = session_api_url(sess)
     handle = sess.handle if sess.source == "credentials" and sess.handle else None
     if handle is None or not dry_run:
@@ -126,7 +117,8 @@ def personal_dock(dry_run: bool) -> DockTarget:
 
 
 def session_api_url(sess: Session) -> str:
-    """Where a session is checked: the URL it was created against, unless ATO_STORE_API_URL says otherwise."""
-    if sess.source == "credentials" and sess.api_url and not os.environ.get("ATO_STORE_API_URL"):
+    """Where a session is checked: the URL it was created against, unless ATO_STORE_API_URL or
+    ``store_url`` in config.toml says otherwise."""
+    if sess.source == "credentials" and sess.api_url and resolve("store_url").origin == "default":
         return sess.api_url
     return store_api_url()

@@ -433,31 +433,59 @@ def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer:
     transfer.chunks_total = len(opened.payload_manifest.chunks)
 
 
+@dataclass
+class _Release:
+    """What a registry publishes for one version: its detail, distribution and digests."""
+
+    detail: dict[str, Any]
+    version: str
+    dist: dict[str, Any]
+    expect: _Expect
+
+
+def _release(client: RegistryPort, publisher: str, slug: str, wanted: str | None) -> _Release:
+    scoped = f"{publisher}/{slug}"
+    try:
+        detail = client.detail(publisher, slug)
+    except RegistryHttpError as exc:
+        if exc.status == 404:
+            raise AtoError(E_USAGE, f"capsule {scoped} was not found in registry {client.base}") from None
+        raise
+    target_version = wanted or str(detail.get("latestVersion") or detail.get("latest_version") or "")
+    if not target_version:
+        raise AtoError(E_USAGE, f"No installable version available for {scoped!r}")
+    try:
+        dist = client.distribution(publisher, slug, target_version)
+    except RegistryHttpError as exc:
+        if exc.status == 404:
+            raise AtoError(E_USAGE, f"Version {target_version} of {scoped} not found in registry "
+                                    f"{client.base}") from None
+        raise
+    if dist.get("version") != target_version:
+        raise integrity(f"registry answered version {dist.get('version')!r} for {target_version!r}")
+    expect = _Expect(int(dist.get("size_bytes") or 0), parse_sha(dist["sha256"]), parse(dist["blake3"]))
+    return _Release(detail, target_version, dist, expect)
+
+
+def installed_release(ref: str, registry: str, version: str | None, *, connect: RegistryConnect,
+                      token: str | None = None) -> Path | None:
+    """The stored ``.capsule`` of ``ref`` when it is byte-identical (BLAKE3) to what ``registry`` publishes
+    for that version (the latest unless one is named); None when it is not installed or differs."""
+    publisher, slug, wanted = parse_ref(ref, version)
+    with connect(registry, token) as client:
+        release = _release(client, publisher, slug, wanted)
+    target = store_path(publisher, slug, release.version)
+    return target if target.is_file() and blake3_file(target) == release.expect.blake3 else None
+
+
 def install(ref: str, registry: str, version: str | None, *, connect: RegistryConnect,
             token: str | None = None, progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True,
             verify: Verifier | None = None) -> dict[str, Any]:
     publisher, slug, wanted = parse_ref(ref, version)
     scoped = f"{publisher}/{slug}"
     with connect(registry, token) as client:
-        try:
-            detail = client.detail(publisher, slug)
-        except RegistryHttpError as exc:
-            if exc.status == 404:
-                raise AtoError(E_USAGE, f"capsule {scoped} was not found in registry {client.base}") from None
-            raise
-        target_version = wanted or str(detail.get("latestVersion") or detail.get("latest_version") or "")
-        if not target_version:
-            raise AtoError(E_USAGE, f"No installable version available for {scoped!r}")
-        try:
-            dist = client.distribution(publisher, slug, target_version)
-        except RegistryHttpError as exc:
-            if exc.status == 404:
-                raise AtoError(E_USAGE, f"Version {target_version} of {scoped} not found in registry "
-                                        f"{client.base}") from None
-            raise
-        if dist.get("version") != target_version:
-            raise integrity(f"registry answered version {dist.get('version')!r} for {target_version!r}")
-        expect = _Expect(int(dist.get("size_bytes") or 0), parse_sha(dist["sha256"]), parse(dist["blake3"]))
+        release = _release(client, publisher, slug, wanted)
+        detail, target_version, dist, expect = release.detail, release.version, release.dist, release.expect
         target = store_path(publisher, slug, target_version)
         cas = CasStore(paths.cas_root())
         transfer = Transfer()

@@ -92,7 +92,8 @@ DEPRECATION = ("--legacy-full-publish is deprecated and will be removed in the n
 @dataclass
 class PublishRequest:
     project_dir: Path
-    registry: str | None = None
+    registry: str | None = None  # --registry (or ATO_REGISTRY): wins over everything
+    configured_registry: str | None = None  # config.toml's `registry`: after the manifest's, before the Dock
     artifact: Path | None = None
     scoped_id: str | None = None
     allow_existing: bool = False
@@ -537,9 +538,12 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
         return _publish_ci(req, ports, progress)
     dock: dict[str, str] | None = None
     if not req.registry and not _manifest_registry(req.project_dir):
-        target = ports.personal_dock(req.dry_run)
-        req.token = target.token
-        registry, dock = parse_registry(target.api_url), {"handle": target.handle, "url": target.url}
+        if req.configured_registry:
+            registry = parse_registry(req.configured_registry)
+        else:
+            target = ports.personal_dock(req.dry_run)
+            req.token = target.token
+            registry, dock = parse_registry(target.api_url), {"handle": target.handle, "url": target.url}
     else:
         registry = resolve_registry(req)
     official = names.is_official(registry) and dock is None

@@ -61,6 +61,8 @@ def isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.delenv("ATO_TOKEN", raising=False)
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     monkeypatch.delenv("ATO_STRICT_MANIFEST", raising=False)
+    for name in ("ATO_REGISTRY", "ATO_COLOR", "ATO_PROGRESS", "NO_COLOR"):  # settings come from each test alone
+        monkeypatch.delenv(name, raising=False)
     return home
 
 

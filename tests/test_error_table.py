@@ -73,3 +73,37 @@ def test_control_characters_in_messages_are_escaped() -> None:
     assert "\x00" not in line and "\x1b" not in line
     assert "a\\x00b\\x1b[31m" in line
     assert printable("tab\tok") == "tab\tok"
+
+
+def _module_constants(tree: ast.Module) -> dict[str, str]:
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    out[target.id] = node.value.value
+    return out
+
+
+def test_every_code_a_raise_site_names_is_in_the_table() -> None:
+    """The code an AtoError (or a Problem line) carries is what users see: it must be a documented one,
+    whether the site spells it as a literal, a module constant or one of errors.py's names."""
+    named = {n: v for n, v in vars(errors).items() if isinstance(v, str)}
+    unknown = []
+    for path in _source_files():
+        tree = ast.parse(path.read_text(), str(path))
+        consts = {**named, **_module_constants(tree)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in ("AtoError", "Problem", "RegistryHttpError", "VersionConflict"):
+                continue
+            first = node.args[0]
+            code = first.value if isinstance(first, ast.Constant) else \
+                consts.get(first.id) if isinstance(first, ast.Name) else \
+                named.get(first.attr) if isinstance(first, ast.Attribute) else None
+            if isinstance(code, str) and code not in CODES:
+                unknown.append(f"{path.relative_to(ROOT)}:{node.lineno}: {code}")
+    assert unknown == []

@@ -29,18 +29,19 @@ from pipeline.cap.manifest import (
 from pipeline.cap.review import Review, review, review_document
 from pipeline.cap.trials import DEFAULT_TIMEOUT
 from pipeline.cli.common import State, _json_callback, emit, json_mode, json_option, run_cli, warn
+from pipeline.cli.help import AtoGroup, examples
 from pipeline.envelope import dumps, validate
 from pipeline.errors import E_USAGE, AtoError
 
 
 def manifest_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--manifest", "manifest", default=DEFAULT_MANIFEST, show_default=True,
-                        type=click.Path(dir_okay=False, path_type=Path),
+                        type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
                         help="The capability manifest.")(fn)
 
 
 def registry_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--registry", "registry", default=reg.DEFAULT_REGISTRY, show_default=True,
+    return click.option("--registry", "registry", default=reg.DEFAULT_REGISTRY, show_default=True, metavar="FILE",
                         help="The filesystem registry JSON file.")(fn)
 
 
@@ -50,18 +51,23 @@ def _human_warnings(warnings: list[dict[str, str]]) -> None:
             warn(w["message"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AtoGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=examples("cap init acme/my-tool && cap review --run-trials",
+                             "cap publish --local --registry registry/packages.json --json"))
 @click.version_option(None, "-V", "--version", package_name="ato", prog_name="cap", message="%(prog)s %(version)s")
 @click.option("--json", "json_flag", is_flag=True, expose_value=False, is_eager=True,
               callback=_json_callback, help="Print exactly one JSON document on stdout.")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """cap: publish agent tools described by capability.json."""
+    """cap: publish agent tools described by capability.json.
+
+    Run `cap COMMAND --help` for a command's options and examples.
+    """
     ctx.ensure_object(State)
 
 
-@cli.command("init")
-@click.argument("package_id", required=False)
+@cli.command("init", epilog=examples("cap init acme/my-tool", "cap init --force --json"))
+@click.argument("package_id", required=False, metavar="[PUBLISHER/NAME]")
 @manifest_option
 @click.option("--force", is_flag=True, help="Overwrite an existing manifest.")
 @json_option
@@ -107,7 +113,7 @@ def _preview_text(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@cli.command("preview")
+@cli.command("preview", epilog=examples("cap preview", "cap preview --manifest tools/capability.json --json"))
 @manifest_option
 @registry_option
 @json_option
@@ -129,16 +135,20 @@ def _review_text(rv: Review, label: str) -> str:
     return "\n".join(lines)
 
 
-@cli.command("review")
+@cli.command("review", epilog=examples("cap review", "cap review --run-trials --trial-timeout 30 --json"))
 @manifest_option
 @registry_option
 @click.option("--run-trials", "run_trials_flag", is_flag=True,
               help="Run local-bin safe trials in an isolated environment.")
 @click.option("--trial-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT, show_default=True,
+              metavar="SECONDS",
               help="Seconds before a trial is killed.")
 @json_option
 def review_cmd(manifest: Path, registry: str, run_trials_flag: bool, trial_timeout: float) -> None:
-    """Run the local preflight: every blocking check and warning; exit 1 when a check fails."""
+    """Run the local preflight: every blocking check and warning.
+
+    Exit 1 when a blocking check fails.
+    """
     registry_path = reg.registry_path(registry)
     raw = read_manifest(manifest)
     rv, m = review_document(manifest, raw, trial_timeout if run_trials_flag else None)
@@ -165,7 +175,7 @@ def review_cmd(manifest: Path, registry: str, run_trials_flag: bool, trial_timeo
         raise rv.error()
 
 
-@cli.command("publish")
+@cli.command("publish", epilog=examples("cap publish --local --dry-run", "cap publish --local --registry registry/packages.json --json"))
 @click.option("--local", "local", is_flag=True, help="Publish into a filesystem registry (the only kind today).")
 @manifest_option
 @registry_option

@@ -10,17 +10,19 @@ from cas.verify import verify_store
 from pipeline import paths
 from pipeline.cas_roots import live_payloads
 from pipeline.cli.common import emit, json_mode, json_option
+from pipeline.cli.help import examples, group
 from pipeline.errors import E_INTEGRITY, AtoError
+from pipeline.progress import human_bytes
 
 SCHEMA_VERSION = "1"
 
 
-@click.group("cas")
+@group("cas", epilog=examples("ato cas verify", "ato cas gc --dry-run"))
 def cas_group() -> None:
     """Inspect and maintain the local content-addressed store."""
 
 
-@cas_group.command("verify")
+@cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json"))
 @json_option
 def verify_cmd() -> None:
     """Re-hash every object and check every stored payload manifest (fsck)."""
@@ -41,7 +43,7 @@ def verify_cmd() -> None:
                    "`ato cas gc` removes what nothing uses")
 
 
-@cas_group.command("gc")
+@cas_group.command("gc", epilog=examples("ato cas gc --dry-run", "ato cas gc --json"))
 @click.option("--dry-run", is_flag=True, help="Report what would be removed, remove nothing.")
 @json_option
 def gc_cmd(dry_run: bool) -> None:
@@ -49,7 +51,7 @@ def gc_cmd(dry_run: bool) -> None:
     report = collect_garbage(CasStore(paths.cas_root()), live_payloads(), dry_run=dry_run)
     doc = {"schema_version": SCHEMA_VERSION, **report.to_json()}
     verb = "would remove" if dry_run else "removed"
-    emit(doc, "cas-gc", f"{verb} {report.objects_removed} objects ({report.bytes_freed} bytes) and "
+    emit(doc, "cas-gc", f"{verb} {report.objects_removed} objects ({human_bytes(report.bytes_freed)}) and "
                         f"{report.manifests_removed} payload manifests; kept {report.objects_kept} objects")
 
 

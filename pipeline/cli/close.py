@@ -5,17 +5,21 @@ from __future__ import annotations
 import click
 
 from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_USAGE, AtoError
 
 
-@click.command("close")
+@click.command("close", epilog=examples("ato close --name hello-ato", "ato close --all"))
 @click.option("--id", "run_id", metavar="ID", help="The capsule id (from `ato ps`).")
 @click.option("--name", metavar="NAME", help="Stop the capsule with this name (case-insensitive).")
 @click.option("--all", "all_", is_flag=True, help="Every running capsule (or every match of --name).")
 @click.option("--force", is_flag=True, help="SIGKILL at once instead of a graceful stop.")
 @json_option
 def close_cmd(run_id: str | None, name: str | None, all_: bool, force: bool) -> None:
-    """Stop a background capsule: SIGTERM to its supervisor, which stops every service."""
+    """Stop a background capsule and every service it started.
+
+    Its supervisor gets SIGTERM and stops the services in order; --force sends SIGKILL.
+    """
     from pipeline.runtime import session, table
 
     if not run_id and not name and not all_:

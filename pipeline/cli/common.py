@@ -16,8 +16,11 @@ from typing import Any
 
 import click
 
+from pipeline.cli.term import decorated, for_stream
 from pipeline.envelope import render
-from pipeline.errors import E_INTERNAL, E_USAGE, EXIT_INTERNAL, EXIT_USER, AtoError
+from pipeline.errors import E_INTERNAL, E_USAGE, EXIT_INTERNAL, AtoError
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class State:
@@ -56,17 +59,24 @@ def emit(doc: dict[str, Any], schema: str, human: str | None = None) -> None:
     if json_mode():
         sys.stdout.write(text)
     elif human:
-        click.echo(human)
+        say(human)
+
+
+def say(text: str, *, err: bool = False) -> None:
+    """Human text on stdout (or stderr): emoji and colour only where the stream may show them."""
+    stream = sys.stderr if err else sys.stdout
+    click.echo(for_stream(text, stream), file=stream, color=decorated(stream))
 
 
 def info(message: str) -> None:
     """Human progress/notes: stderr, never under --json."""
     if not json_mode():
-        click.echo(message, err=True)
+        say(message, err=True)
 
 
 def warn(message: str) -> None:
-    click.echo(f"warning: {message}", err=True)
+    label = click.style("warning", fg="yellow", bold=True) if decorated(sys.stderr) else "warning"
+    say(f"{label}: {message}", err=True)
 
 
 def report_error(err: AtoError, as_json: bool) -> None:
@@ -74,8 +84,15 @@ def report_error(err: AtoError, as_json: bool) -> None:
         sys.stderr.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
     if as_json:
         sys.stderr.write(json.dumps(err.to_json(), ensure_ascii=False) + "\n")
-    else:
-        sys.stderr.write(err.human_line() + "\n")
+        return
+    line = for_stream(err.human_line(), sys.stderr)
+    if decorated(sys.stderr):
+        line = click.style("error", fg="red", bold=True) + line[len("error"):]
+    sys.stderr.write(line + "\n")
+
+
+def _interrupted(exc: BaseException) -> bool:
+    return isinstance(exc, KeyboardInterrupt) or isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt)
 
 
 def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato") -> int:
@@ -88,18 +105,26 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
     except AtoError as err:
         report_error(err, as_json)
         return err.exit_code
-    except click.exceptions.Abort:
-        sys.stderr.write("error: aborted\n")
-        return EXIT_USER
-    except click.ClickException as exc:
-        err = AtoError(E_USAGE, exc.format_message())
+    except click.exceptions.Abort as exc:
+        if _interrupted(exc):  # Ctrl-C: the exit status says it, nothing more to print
+            return EXIT_INTERRUPTED
+        err = AtoError(E_USAGE, "aborted (no answer was given)")
         report_error(err, as_json)
-        return EXIT_USER
+        return err.exit_code
+    except click.ClickException as exc:
+        no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", None)
+        if no_args_help is not None and isinstance(exc, no_args_help):  # a bare group: its help, exit 0
+            click.echo(exc.ctx.get_help())  # type: ignore[attr-defined]
+            return 0
+        ctx = getattr(exc, "ctx", None)
+        err = AtoError(E_USAGE, _one_line(exc.format_message()),
+                       hint=f"see `{ctx.command_path} --help`" if ctx is not None else None)
+        report_error(err, as_json)
+        return err.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except KeyboardInterrupt:
-        sys.stderr.write("error: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
@@ -108,3 +133,22 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
         err = AtoError(E_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         report_error(err, as_json)
         return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+REGISTRY_HELP = "Registry URL (default: `ato config get registry`: ATO_REGISTRY, config.toml, else the Store)."
+
+
+def registry_option(help: str = REGISTRY_HELP, dest: str = "registry") -> Callable[[Callable[..., Any]], Any]:
+    """``--registry URL``: the same flag, metavar and default resolution on every command that takes it."""
+    return click.option("--registry", dest, metavar="URL", default=None, help=help)
+
+
+def resolve_registry(flag: str | None) -> str:
+    """THE registry resolver: ``--registry`` > ATO_REGISTRY > ``registry`` in config.toml > the Store."""
+    from pipeline import config
+
+    return str(config.registry(flag).value)

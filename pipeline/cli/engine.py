@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.cli.help import examples, group
 from pipeline.errors import E_USAGE, AtoError
 
 
@@ -61,82 +62,61 @@ def _features(path: str | None) -> None:
     emit(doc, "engine-features", human=json.dumps(engine.features, indent=2))
 
 
-ENGINE_CHOICE = click.option("--engine", default="nacelle", show_default=True, help="Engine to install.")
-VERSION = click.option("--version", "version", default=None, metavar="VER", help="Release version (default: latest).")
-
-
-@click.group("config")
-def config_group() -> None:
-    """User configuration (engines)."""
-
-
-@config_group.group("engine")
-def config_engine() -> None:
-    """Sandbox engines for Tier 2 targets."""
-
-
-@config_engine.command("install")
-@ENGINE_CHOICE
-@VERSION
-@json_option
-def config_engine_install(engine: str, version: str | None) -> None:
-    """Download and install an engine, verifying its SHA-256 (fails closed)."""
-    _install(engine, version)
+ENGINE_CHOICE = click.option("--engine", default="nacelle", show_default=True, metavar="NAME",
+                             help="Engine to install.")
+VERSION = click.option("--version", "version", default=None, metavar="VERSION",
+                       help="Release version (default: the latest).")
+NACELLE = click.option("--nacelle", default=None, metavar="PATH",
+                       help="Engine executable to probe (default: the configured one).")
 
 
 def _register_options(fn):
     fn = json_option(fn)
     fn = click.option("--default", "make_default", is_flag=True, help="Make it the default engine.")(fn)
-    fn = click.option("--path", default=None, help="Engine executable (default: NACELLE_PATH, else the bundled "
-                                                   "bubblewrap engine).")(fn)
-    return click.option("--name", default="nacelle", show_default=True)(fn)
+    fn = click.option("--path", default=None, metavar="PATH",
+                      help="Engine executable (default: NACELLE_PATH, else the bundled bubblewrap engine).")(fn)
+    return click.option("--name", default="nacelle", show_default=True, metavar="NAME",
+                        help="Name to register it under.")(fn)
 
 
-@config_engine.command("register")
-@_register_options
-def config_engine_register(name: str, path: str | None, make_default: bool) -> None:
-    """Register an engine executable in config.toml."""
-    _register(name, path, make_default)
+def _engine_commands(prefix: str) -> click.Group:
+    """The engine verbs, once for `ato config engine` and once for its short form `ato engine`."""
+
+    @group("engine", epilog=examples(f"{prefix} register", f"{prefix} features --json"))
+    def engine() -> None:
+        """Install, register and probe the sandbox engines of Tier 2 targets."""
+
+    @engine.command("install", epilog=examples(f"{prefix} install", f"{prefix} install --version 0.3.0"))
+    @ENGINE_CHOICE
+    @VERSION
+    @json_option
+    def install_cmd(engine: str, version: str | None) -> None:
+        """Download and install an engine, verifying its SHA-256 (fails closed)."""
+        _install(engine, version)
+
+    @engine.command("register", epilog=examples(f"{prefix} register",
+                                                f"{prefix} register --path /opt/nacelle --default"))
+    @_register_options
+    def register_cmd(name: str, path: str | None, make_default: bool) -> None:
+        """Register an engine executable in config.toml."""
+        _register(name, path, make_default)
+
+    @engine.command("features", epilog=examples(f"{prefix} features", f"{prefix} features --json"))
+    @NACELLE
+    @json_option
+    def features_cmd(nacelle: str | None) -> None:
+        """Ask the configured engine what it can enforce."""
+        _features(nacelle)
+
+    return engine
 
 
-@config_engine.command("features")
-@click.option("--nacelle", default=None, help="Engine to probe (default: the configured one).")
-@json_option
-def config_engine_features(nacelle: str | None) -> None:
-    """Ask the configured engine what it can enforce."""
-    _features(nacelle)
+config_engine = _engine_commands("ato config engine")
+engine_group = _engine_commands("ato engine")
+engine_group.help = "Sandbox engines (the short form of `ato config engine`)."
 
 
-@click.group("engine")
-def engine_group() -> None:
-    """Sandbox engines (short form of `ato config engine`)."""
-
-
-@engine_group.command("register")
-@_register_options
-def engine_register(name: str, path: str | None, make_default: bool) -> None:
-    """Register an engine executable in config.toml."""
-    _register(name, path, make_default)
-
-
-@engine_group.command("features")
-@click.option("--nacelle", default=None, help="Engine to probe (default: the configured one).")
-@json_option
-def engine_features(nacelle: str | None) -> None:
-    """Ask the configured engine what it can enforce."""
-    _features(nacelle)
-
-
-@engine_group.command("install")
-@ENGINE_CHOICE
-@VERSION
-@json_option
-def engine_install(engine: str, version: str | None) -> None:
-    """Download and install an engine, verifying its SHA-256 (fails closed)."""
-    _install(engine, version)
-
-
-@click.command("setup")
+@click.command("setup", hidden=True, epilog=examples("ato config engine install"))
 @ENGINE_CHOICE
 @VERSION
 @json_option
@@ -146,12 +126,7 @@ def setup_cmd(engine: str, version: str | None) -> None:
     _install(engine, version)
 
 
-def register(group: click.Group) -> None:
-    """Attach this module's commands to the ato group."""
-    existing = group.commands.get("config")
-    if isinstance(existing, click.Group):  # another module owns `config`: add our subgroup to it
-        existing.add_command(config_engine)
-    else:
-        group.add_command(config_group)
-    group.add_command(engine_group)
-    group.add_command(setup_cmd)
+def register(group_: click.Group) -> None:
+    """Attach `ato engine` and the deprecated `ato setup` (`ato config engine` is attached by cli.config)."""
+    group_.add_command(engine_group)
+    group_.add_command(setup_cmd)

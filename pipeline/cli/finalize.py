@@ -7,19 +7,23 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, json_option
+from pipeline.cli.help import examples
 from pipeline.errors import E_POLICY, AtoError, Problem
 
 
-@click.command("finalize")
-@click.argument("fetched_dir", type=click.Path(path_type=Path))
+@click.command("finalize", epilog=examples("ato finalize ~/.ato/fetches/<digest> --output-dir ./derived --json"))
+@click.argument("fetched_dir", metavar="FETCHED_DIR", type=click.Path(path_type=Path))
 @click.option("--allow-external-finalize", is_flag=True,
               help="Approve running the finalize tool (codesign on macOS, the built-in ato-sign on Linux).")
-@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Where to create the fresh derived-<UTC time>-<8hex>/ directory.")
 @json_option
 def finalize_cmd(fetched_dir: Path, allow_external_finalize: bool, output_dir: Path) -> None:
-    """Copy the app of FETCHED_DIR (an `ato fetch` cache dir) into a fresh derived dir, finalize it there
-    and write local-derivation.json. The fetched parent is never modified."""
+    """Finalize a fetched native app in a fresh derived directory.
+
+    FETCHED_DIR is an `ato fetch` cache dir. The app is copied, finalized there and described by local-derivation.json; the fetched
+    parent is never modified.
+    """
     from stages.finalize import finalize
 
     if not allow_external_finalize:

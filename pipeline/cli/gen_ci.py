@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, AtoError
 
 WORKFLOW_PATH = Path(".github/workflows/ato-publish.yml")
@@ -104,12 +105,15 @@ def write_workflow(project_dir: Path, version: str, checksum: str) -> tuple[Path
     return path, "generated" if current is None else "updated"
 
 
-@click.command("gen-ci")
+@click.command("gen-ci", epilog=examples("ato gen-ci", "ato gen-ci --ato-version 0.1.0 --checksum <sha256>"))
 @click.option("--checksum", metavar="SHA256", help=f"sha256 of {ASSET} for this version (skips the download).")
 @click.option("--ato-version", "ato_version", metavar="VERSION", help="ato version to pin (default: this one).")
 @json_option
 def gen_ci_cmd(checksum: str | None, ato_version: str | None) -> None:
-    """Write .github/workflows/ato-publish.yml: pinned, checksum-verified ato; `ato publish --ci` with OIDC."""
+    """Write the GitHub Actions workflow for official (OIDC) publishing.
+
+    .github/workflows/ato-publish.yml installs a pinned, checksum-verified ato and runs `ato publish --ci`.
+    """
     from pipeline.cli.main import _version
 
     cwd = Path.cwd()

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, json_mode, json_option, warn
+from pipeline.cli.common import emit, json_mode, json_option, registry_option, resolve_registry, warn
+from pipeline.cli.help import examples, group
 from pipeline.envelope import validate
 from pipeline.errors import AtoError
 from pipeline.manifest import requirements
@@ -21,18 +22,21 @@ def register(group: click.Group) -> None:
     group.add_command(inspect_group)
 
 
-@click.group("inspect")
+@group("inspect", epilog=examples("ato inspect requirements . --json"))
 def inspect_group() -> None:
     """Inspect a capsule without running it."""
 
 
-@inspect_group.command("requirements")
-@click.argument("target", metavar="<path|publisher/slug>")
-@click.option("--registry", metavar="URL",
-              help="Registry for publisher/slug refs (default $ATO_STORE_API_URL or https://api.ato.run).")
+@inspect_group.command("requirements", epilog=examples("ato inspect requirements . --json",
+                                                       "ato inspect requirements acme/app --registry URL"))
+@click.argument("target", metavar="PATH|PUBLISHER/SLUG")
+@registry_option()
 @json_option
 def requirements_cmd(target: str, registry: str | None) -> None:
-    """Print the secrets, state, env, network, services and consent TARGET needs (from capsule.toml)."""
+    """Print the secrets, state, env, network, services and consent TARGET needs.
+
+    TARGET is a project dir (its capsule.toml) or publisher/slug[@version] (the registry's copy).
+    """
     try:
         if requirements.looks_local(target, Path.cwd()):
             doc, warnings = requirements.inspect_local(target)
@@ -53,14 +57,13 @@ def _inspect_remote(target: str, registry: str | None) -> tuple[dict[str, Any], 
     """The same document for ``publisher/slug[@version]``, from the registry's copy of capsule.toml."""
     import tempfile
 
-    from pipeline.cli.install import default_registry
     from pipeline.manifest.reader import load_manifest
     from pipeline.registry.client import RegistryClient
     from stages.registry_port import RegistryHttpError
 
     ref = target.lstrip("@").split("@", 1)[0]
     publisher, slug = ref.split("/", 1)
-    with RegistryClient(registry or default_registry()) as client:
+    with RegistryClient(resolve_registry(registry)) as client:
         try:
             detail = client.detail(publisher, slug)
         except RegistryHttpError as exc:

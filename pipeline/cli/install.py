@@ -6,21 +6,9 @@ import os
 
 import click
 
-from pipeline.cli.common import emit, info, json_mode, json_option
-from pipeline.names import DEFAULT_REGISTRY
-
-
-def default_registry() -> str:
-    """``--registry``, else ``ATO_STORE_API_URL``, else the official Store (seed 000)."""
-    return os.environ.get("ATO_STORE_API_URL") or DEFAULT_REGISTRY
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, resolve_registry
+from pipeline.cli.help import examples
+from pipeline.progress import human_bytes
 
 
 def _trust_line(doc: dict) -> str:
@@ -30,12 +18,13 @@ def _trust_line(doc: dict) -> str:
     return f"  Signed: {doc['signer']['key_id']} ({doc['signer']['short_fingerprint']}); {doc['trust']['message']}"
 
 
-@click.command("install")
-@click.argument("ref", required=False)
+@click.command("install", epilog=examples("ato install acme/hello --registry http://127.0.0.1:18787",
+                                         "ato install acme/hello@1.2.0 --yes --json"))
+@click.argument("ref", required=False, metavar="PUBLISHER/SLUG[@VERSION]")
 @click.option("--from-gh-repo", "gh_repo", metavar="OWNER/REPO",
               help="Download the GitHub repository archive ($ATO_GITHUB_API_URL), build it and install it.")
-@click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
-@click.option("--version", "version", help="Version to install (default: the latest).")
+@registry_option()
+@click.option("--version", "version", metavar="VERSION", help="Version to install (default: the latest).")
 @click.option("--allow-unsigned", is_flag=True, help="Accept an unsigned artifact (reported as unsigned).")
 @click.option("--yes", "-y", is_flag=True,
               help="Approve without asking: pin a first-seen publisher key (TOFU); for a native app, run the local "
@@ -45,7 +34,11 @@ def _trust_line(doc: dict) -> str:
 @json_option
 def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, version: str | None,
                 allow_unsigned: bool, yes: bool, project: bool | None) -> None:
-    """Install REF (publisher/slug[@version]) into $ATO_HOME/store, downloading only missing chunks."""
+    """Install a capsule from a registry, downloading only missing chunks.
+
+    The artifact is verified (size, SHA-256, BLAKE3, signature, trust) before it is stored
+    under $ATO_HOME/store.
+    """
     if gh_repo is not None:
         if ref or registry or version:
             raise click.UsageError("--from-gh-repo cannot be combined with a REF, --registry or --version")
@@ -63,7 +56,7 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
     native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
     # issue 6: digests, signature and trust are checked before the artifact enters the store
     verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
-    doc = install(ref, registry or default_registry(), version, connect=RegistryClient,
+    doc = install(ref, resolve_registry(registry), version, connect=RegistryClient,
                   token=os.environ.get("ATO_TOKEN"), progress=info, verify=native.wrap(verify))
     doc = native.complete(doc)
     t = doc["transfer"]
@@ -71,9 +64,9 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
         how = "already installed (nothing downloaded)"
     elif t["mode"] == "delta":
         how = (f"downloaded {t['chunks_downloaded']} of {t['chunks_total']} chunks "
-               f"({_size(t['bytes_downloaded'])}), reused {t['chunks_reused']} from the local CAS")
+               f"({human_bytes(t['bytes_downloaded'])}), reused {t['chunks_reused']} from the local CAS")
     else:
-        how = f"downloaded the whole artifact ({_size(t['bytes_downloaded'])})"
+        how = f"downloaded the whole artifact ({human_bytes(t['bytes_downloaded'])})"
     human = "\n".join([
         f"Installed {doc['scoped_id']} {doc['version']}",
         f"  Path: {doc['path']}",

@@ -12,7 +12,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, info, json_option
+from pipeline.cli.common import emit, info, json_option, registry_option
+from pipeline.cli.help import examples
 from pipeline.errors import E_AUTH_REQUIRED, AtoError, Problem
 
 
@@ -27,13 +28,15 @@ def fetch_identity(api_url: str, token: str) -> dict[str, Any]:
     return identify(api_url, token)
 
 
-@click.command("login")
-@click.option("--token", help="Session token (headless; default: $ATO_TOKEN, else prompt on a TTY).")
-@click.option("--registry", "api_url", metavar="URL", help="Store API (default $ATO_STORE_API_URL or "
-              "https://api.ato.run).")
+@click.command("login", epilog=examples("ato login", "ato login --token \"$TOKEN\" --registry http://127.0.0.1:18787"))
+@click.option("--token", metavar="TOKEN", help="Session token (headless; default: $ATO_TOKEN, else prompt on a TTY).")
+@registry_option("Store API URL (default: `ato config get store_url`).", dest="api_url")
 @json_option
 def login_cmd(token: str | None, api_url: str | None) -> None:
-    """Log in to the Store: check the token and store it (0600) under $ATO_HOME."""
+    """Log in to the Store and keep the token under $ATO_HOME.
+
+    The token is checked (GET /v1/auth/whoami) and stored with mode 0600.
+    """
     from pipeline import credentials
 
     api = api_url or credentials.store_api_url()
@@ -57,10 +60,13 @@ def login_cmd(token: str | None, api_url: str | None) -> None:
                        f"  Personal Dock: {doc['dock_url']}")
 
 
-@click.command("whoami")
+@click.command("whoami", epilog=examples("ato whoami", "ato whoami --json"))
 @json_option
 def whoami_cmd() -> None:
-    """Show who the Store session belongs to (ATO_TOKEN wins over `ato login`)."""
+    """Show whose Store session is in use.
+
+    ATO_TOKEN wins over the session `ato login` stored.
+    """
     from pipeline import credentials
 
     sess = credentials.session()
@@ -73,7 +79,7 @@ def whoami_cmd() -> None:
                         f"{'ATO_TOKEN' if sess.source == 'env' else 'ato login'})")
 
 
-@click.command("logout")
+@click.command("logout", epilog=examples("ato logout"))
 @json_option
 def logout_cmd() -> None:
     """Forget the stored Store session."""

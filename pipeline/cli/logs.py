@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import info, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_USAGE, AtoError
 
 
@@ -32,7 +33,7 @@ def _tail(data: bytes, n: int) -> bytes:
     return b"".join(lines[-n:]) if n > 0 else b""
 
 
-@click.command("logs")
+@click.command("logs", epilog=examples("ato logs --name hello-ato", "ato logs --id 3f2a9c --follow --tail 50"))
 @click.option("--id", "run_id", metavar="ID", help="The capsule id (from `ato ps`).")
 @click.option("--name", metavar="NAME", help="The capsule name (case-insensitive).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the capsule stops.")

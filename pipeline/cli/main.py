@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 import click
 
 from pipeline.cli.common import State, _json_callback, run_cli
+from pipeline.cli.help import AtoGroup, examples
 
 # Each module exports ``register(group)`` and adds the commands named here. Modules
 # are imported only when one of their commands runs (or for --help), so `ato ps`
@@ -30,7 +31,7 @@ COMMANDS: dict[str, str] = {
     "ps": "pipeline.cli.ps",
     "logs": "pipeline.cli.logs",
     "close": "pipeline.cli.close",
-    "config": "pipeline.cli.engine",
+    "config": "pipeline.cli.config",
     "engine": "pipeline.cli.engine",
     "setup": "pipeline.cli.engine",
     "fetch": "pipeline.cli.fetch",
@@ -42,12 +43,25 @@ COMMANDS: dict[str, str] = {
     "logout": "pipeline.cli.login",
     "gen-ci": "pipeline.cli.gen_ci",
     "source": "pipeline.cli.source",
+    "completion": "pipeline.cli.completion",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
+# `ato --help` lists the commands under these titles, in this order (deprecated ones are hidden).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "Build & publish": ("build", "publish", "gen-ci"),
+    "Install & run": ("install", "run", "ps", "logs", "close"),
+    "Manage": ("config", "engine", "cas", "completion"),
+    "Registry & Store": ("search", "registry", "login", "whoami", "logout", "source"),
+    "Trust": ("key", "sign", "verify", "trust"),
+    "Advanced": ("inspect", "fetch", "finalize", "project", "unproject"),
+}
 
-class LazyGroup(click.Group):
-    """A click group that imports a command's module the first time it is needed."""
+
+class LazyGroup(AtoGroup):
+    """The root group: imports a command's module the first time it is needed."""
+
+    sections = SECTIONS
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -68,13 +82,20 @@ def _version() -> str:
         return "0.0.0+local"
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=examples("ato build . && ato publish --artifact ./<name>.capsule --registry URL",
+                             "ato install publisher/slug && ato run publisher/slug"))
 @click.version_option(_version(), "-V", "--version", prog_name="ato", message="%(prog)s %(version)s")
 @click.option("--json", "json_flag", is_flag=True, expose_value=False, is_eager=True,
               callback=_json_callback, help="Print exactly one JSON document on stdout.")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """ato: build, publish, install and run capsules (content-addressed, fail-closed)."""
+    """ato: build, publish, install and run capsules.
+
+    Every artifact is content-addressed and byte-reproducible; anything ato cannot verify, it
+    refuses.
+    Run `ato COMMAND --help` for a command's options and examples.
+    """
     ctx.ensure_object(State)
 
 

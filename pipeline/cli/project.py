@@ -7,13 +7,14 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, json_option
+from pipeline.cli.common import emit, json_mode, json_option
+from pipeline.cli.help import AtoGroup, examples
 from pipeline.errors import E_USAGE, AtoError
 
 _VALUE_OPTIONS = ("--launcher-dir",)
 
 
-class _ProjectGroup(click.Group):
+class _ProjectGroup(AtoGroup):
     """``project`` takes either a subcommand (``ls``) or the derived app path."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -44,17 +45,24 @@ def _human_project(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.group("project", cls=_ProjectGroup, invoke_without_command=True, subcommand_metavar="DERIVED_APP | ls")
-@click.option("--launcher-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.group("project", cls=_ProjectGroup, invoke_without_command=True, subcommand_metavar="DERIVED_APP | ls",
+             epilog=examples("ato project ~/.ato/apps/derived-20260101T000000Z-1a2b3c4d", "ato project ls"))
+@click.option("--launcher-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Where the launcher goes (Linux default $XDG_DATA_HOME/applications, macOS ~/Applications).")
 @json_option
 @click.pass_context
 def project_cmd(ctx: click.Context, launcher_dir: Path | None) -> None:
-    """Project DERIVED_APP (an `ato finalize` output) into the desktop launcher, or `ato project ls`."""
+    """Add a desktop launcher for a finalized native app.
+
+    DERIVED_APP is an `ato finalize` output. `ato project ls` lists the projections and their state.
+    """
     if ctx.invoked_subcommand is not None:
         return
     derived = ctx.meta.get("ato.derived_app")
     if not derived:
+        if launcher_dir is None and not json_mode():  # bare `ato project`: its help, like every group
+            click.echo(ctx.get_help())
+            ctx.exit(0)
         raise AtoError(E_USAGE, "ato project requires <DERIVED_APP_PATH> or use `ato project ls` for read-only status")
     from stages.project import project
 
@@ -62,7 +70,7 @@ def project_cmd(ctx: click.Context, launcher_dir: Path | None) -> None:
     emit(doc, "project", _human_project(doc))
 
 
-@project_cmd.command("ls")
+@project_cmd.command("ls", epilog=examples("ato project ls", "ato project ls --json"))
 @json_option
 def project_ls_cmd() -> None:
     """List projections with their state (ok, or broken with problem codes)."""
@@ -78,12 +86,14 @@ def project_ls_cmd() -> None:
     emit(doc, "project-ls", "\n".join(lines) or "No projections found.")
 
 
-@click.command("unproject")
-@click.argument("ref")
+@click.command("unproject", epilog=examples("ato unproject <projection-id>", "ato unproject ~/.local/share/applications/app.desktop"))
+@click.argument("ref", metavar="REF")
 @json_option
 def unproject_cmd(ref: str) -> None:
-    """Remove projection REF (its id, launcher path, derived app path or metadata path): exactly the
-    launcher, command symlink and directories `ato project` created, and its metadata."""
+    """Remove a launcher that `ato project` added.
+
+    Exactly the launcher, command link and directories `ato project` created go. REF is the projection id, its launcher path, the derived app path or the metadata path.
+    """
     from stages.project import unproject
 
     doc = unproject(ref)

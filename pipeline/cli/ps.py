@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from pipeline.cli.common import emit, json_option
+from pipeline.cli.help import examples
+from pipeline.cli.term import decorated
 
-STATUS = {"starting": "🟡 starting", "ready": "🟢 ready", "running": "🟢 running", "exited": "⚪ exited",
-          "failed": "🔴 failed", "stopped": "⚪ stopped"}
+DOTS = {"starting": "🟡", "ready": "🟢", "running": "🟢", "exited": "⚪", "failed": "🔴", "stopped": "⚪"}
 
 
-@click.command("ps")
+def _status(status: str, fancy: bool, width: int = 12) -> str:
+    """The STATUS cell: a coloured dot on a terminal, padded by what the terminal shows (a dot is 2 columns)."""
+    if fancy and status in DOTS:
+        return f"{DOTS[status]} {status}" + " " * max(0, width - len(status) - 3)
+    return f"{status:<{width}}"
+
+
+@click.command("ps", epilog=examples("ato ps", "ato ps --prune --json"))
 @click.option("--all", "show_all", is_flag=True, help="Accepted for compatibility; ps always lists every record.")
 @click.option("--prune", is_flag=True, help="Remove the records of runs that are no longer running.")
 @json_option
@@ -30,10 +40,11 @@ def ps_cmd(show_all: bool, prune: bool) -> None:
         lines.append("No capsules found.")
     else:
         lines.append(f"{'ID':<18} {'NAME':<20} {'PID':>8} {'STATUS':<12} {'EXIT':>5} {'RUNTIME':<16} UPTIME")
+        fancy = decorated(sys.stdout)
         for d in docs:
             exit_code = "" if d["exit_code"] is None else str(d["exit_code"])
             lines.append(f"{d['id']:<18} {str(d['name'])[:20]:<20} {str(d['pid'] or '-'):>8} "
-                         f"{STATUS.get(d['status'], d['status']):<12} {exit_code:>5} {str(d['runtime'])[:16]:<16} "
+                         f"{_status(d['status'], fancy)} {exit_code:>5} {str(d['runtime'])[:16]:<16} "
                          f"{d['uptime']}")
         lines.append(f"Total: {len(docs)} capsule(s)")
     emit({"schema_version": "1", "processes": docs, "total": len(docs),

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.cli.common import emit, info, json_option, registry_option, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_USAGE, AtoError
 
 
@@ -51,11 +52,13 @@ def _fix_workflow(project_dir: Path) -> tuple[dict[str, Any], int]:
     return {"applied": state != "unchanged", "path": str(written), "state": state}, requests
 
 
-@click.command("publish")
-@click.option("--registry", help="Registry URL (private/local: direct upload; api.ato.run: CI hand-off).")
-@click.option("--artifact", type=click.Path(dir_okay=False, path_type=Path),
+@click.command("publish", epilog=examples("ATO_TOKEN=pwd ato publish --artifact ./<name>.capsule --registry http://127.0.0.1:18787",
+                                         "ato publish --registry https://api.ato.run --fix"))
+@registry_option("Registry URL (private/local: direct upload; api.ato.run: CI hand-off). Default: the manifest's "
+                 "[store] registry, else `ato config get registry` when set, else your Personal Dock.")
+@click.option("--artifact", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Publish an existing .capsule (skips build; no capsule.toml needed).")
-@click.option("--scoped-id", help="publisher/slug to publish as (slug must equal the manifest name).")
+@click.option("--scoped-id", metavar="PUBLISHER/SLUG", help="publisher/slug to publish as (slug must equal the manifest name).")
 @click.option("--allow-existing", is_flag=True,
               help="Succeed without writing when the same version with the same digest exists (deploy only).")
 @click.option("--prepare", "prepare_", is_flag=True, help="Run the prepare phase.")
@@ -69,13 +72,16 @@ def _fix_workflow(project_dir: Path) -> tuple[dict[str, Any], int]:
 @click.option("--force-large-payload", is_flag=True, help="Allow building an artifact over 200 MiB.")
 @click.option("--dry-run", is_flag=True, help="Report what would happen and be uploaded; write nothing.")
 @click.option("--ci", is_flag=True, help="Official CI publish (GitHub Actions with OIDC).")
-@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Sign the build with this publisher key (ato key gen); sign an --artifact with `ato sign` first.")
 @json_option
 def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | None, allow_existing: bool,
                 prepare_: bool, build_: bool, deploy_: bool, legacy_full_publish: bool, fix: bool, no_tui: bool,
                 force_large_payload: bool, dry_run: bool, ci: bool, key_file: Path | None) -> None:
-    """Publish a capsule: prepare -> build -> deploy. Writes need ATO_TOKEN when the registry has a token."""
+    """Publish a capsule: prepare, build, then deploy to a registry.
+
+    Writes need ATO_TOKEN when the registry was started with a token.
+    """
     from pipeline import credentials
     from pipeline.registry.client import RegistryClient
     from stages.publish import PublishPorts, PublishRequest, failed_check_error, run_publish
@@ -83,7 +89,14 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     if no_tui and (ci or dry_run):
         raise AtoError(E_USAGE, "--no-tui cannot be combined with --ci or --dry-run")
     # ato never starts an interactive hand-off UI: --no-tui output (plain CI guidance) is the default
-    req = PublishRequest(project_dir=Path.cwd(), registry=registry, artifact=artifact, scoped_id=scoped_id,
+    from pipeline import config
+
+    # flag > ATO_REGISTRY > the manifest's [store] registry > config.toml's `registry` > the Personal Dock
+    chosen = config.registry(registry, fallback=False)
+    explicit = chosen.value if chosen.origin != "config" else None
+    configured = chosen.value if chosen.origin == "config" else None
+    req = PublishRequest(project_dir=Path.cwd(), registry=explicit, configured_registry=configured,
+                         artifact=artifact, scoped_id=scoped_id,
                          allow_existing=allow_existing, prepare=prepare_, build=build_, deploy=deploy_,
                          legacy_full_publish=legacy_full_publish, fix=fix, dry_run=dry_run, ci=ci,
                          force_large_payload=force_large_payload,

@@ -9,24 +9,26 @@ import click
 
 from pipeline import paths
 from pipeline.cli.common import json_mode, json_option
+from pipeline.cli.help import examples, group
 from pipeline.envelope import render
 
 DEFAULT_PORT = 18787
 
 
-@click.group("registry")
+@group("registry", epilog=examples("ato registry serve --port 18787 --auth-token pwd"))
 def registry_group() -> None:
-    """The local HTTP registry."""
+    """Run the embedded HTTP registry (API, web UI and Store routes)."""
 
 
-@registry_group.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True,
+@registry_group.command("serve", epilog=examples("ato registry serve --host 127.0.0.1 --port 18787 --auth-token pwd",
+                                                 "ato registry serve --port 0 --data-dir ./registry --json"))
+@click.option("--host", default="127.0.0.1", show_default=True, metavar="HOST",
               help="Address to bind; anything but loopback needs --auth-token.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, metavar="PORT",
               help="Port to listen on (0 picks a free one and prints it).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Index, CAS and artifacts (default $ATO_HOME/local-registry).")
-@click.option("--auth-token", default=None,
+@click.option("--auth-token", default=None, metavar="TOKEN",
               help="Require `Authorization: Bearer <token>` for writes (publish, runtime config, delete).")
 @click.option("--store-user", "store_users", multiple=True, metavar="HANDLE=TOKEN",
               help="Act as a Store: accept TOKEN as the session of HANDLE (ato login, Personal Dock uploads "

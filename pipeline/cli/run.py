@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, info, json_mode, json_option, warn
+from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_USAGE, AtoError
 
 
@@ -32,7 +33,8 @@ def run_options(fn):
     options = [
         click.argument("input", required=False),
         click.argument("args", nargs=-1, type=click.UNPROCESSED),
-        click.option("--registry", metavar="URL", help="Install/resolve publisher/slug from this registry."),
+        registry_option("Resolve publisher/slug in this registry: the installed copy runs when it is the "
+                        "registry's release, else that release is installed first."),
         click.option("-t", "--target", metavar="LABEL", help="Run this target instead of the default."),
         click.option("-y", "--yes", is_flag=True, help="Approve consent (required in non-interactive runs)."),
         click.option("--allow-unsigned", is_flag=True, help="Run an unsigned .capsule (it is reported as unsigned)."),
@@ -55,9 +57,13 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
              background: bool, watch: bool, nacelle: str | None, unsafe: bool, unsafe_bypass: bool,
              dangerous: bool, skill: str | None = None, from_skill: str | None = None, sandbox: bool = False,
              command: str = "run", allow_unsigned: bool = False) -> None:
+    from pipeline import config
     from pipeline.cli.trust import tty_consent
     from pipeline.runtime import session
     from pipeline.trust import gate
+
+    # --registry, else ATO_REGISTRY / config.toml's `registry` (None: installed copies, else the Store)
+    registry = config.registry(registry, fallback=False).value
 
     # issue 6: every .capsule is verified (digests, signature, pin, revocation) before it is unpacked
     gate.configure(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=_notify)
@@ -121,17 +127,21 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
     sys.exit(code)
 
 
-@click.command("run")
+@click.command("run", epilog=examples("ato run . --yes", "ato run acme/hello --registry http://127.0.0.1:18787 --yes"))
 @run_options
 @click.option("--skill", metavar="NAME", help="Run a skill by name (./.agents/skills, ./.mcp/skills, "
                                                 "~/.config/agents/skills).")
 @click.option("--from-skill", "from_skill", metavar="SKILL.md", help="Run the skill described by this file.")
 def run_cmd(input: str | None, args: tuple[str, ...], **kw: Any) -> None:  # noqa: A002 - click name
-    """Run a capsule: a project dir, a capsule.toml, a .capsule file, or publisher/slug."""
+    """Run a project, a .capsule file or an installed publisher/slug.
+
+    INPUT is a project dir, a capsule.toml, a .capsule file, or publisher/slug. A publisher/slug that is not installed is installed first (with consent). Arguments after
+    `--` go to the capsule.
+    """
     _execute(input, args, **kw)
 
 
-@click.command("open", hidden=False)
+@click.command("open", hidden=True, epilog=examples("ato run . --yes"))
 @run_options
 def open_cmd(input: str | None, args: tuple[str, ...], **kw: Any) -> None:  # noqa: A002 - click name
     """Deprecated alias of `ato run` (kept for compatibility)."""

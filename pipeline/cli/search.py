@@ -8,24 +8,25 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, json_option
+from pipeline.cli.common import emit, json_option, registry_option, resolve_registry
+from pipeline.cli.help import examples
 
 
-@click.command("search")
+@click.command("search", epilog=examples("ato search hello --registry http://127.0.0.1:18787", "ato search --limit 50 --json"))
 @click.argument("query", required=False, default="")
-@click.option("--registry", help="Registry URL (default $ATO_STORE_API_URL or https://api.ato.run).")
-@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 50), help="Results per page.")
-@click.option("--cursor", help="Continue from a previous page's next_cursor (opaque).")
+@registry_option()
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 50), metavar="N",
+              help="Results per page (1-50).")
+@click.option("--cursor", metavar="CURSOR", help="Continue from a previous page's next_cursor (opaque).")
 @json_option
 def search_cmd(query: str, registry: str | None, limit: int, cursor: str | None) -> None:
     """Search a registry's capsules by name, slug or description.
 
     Prints the total number of matches and one page; `next_cursor` continues it.
     """
-    from pipeline.cli.install import default_registry
     from pipeline.registry.client import RegistryClient
 
-    with RegistryClient(registry or default_registry(), os.environ.get("ATO_TOKEN")) as client:
+    with RegistryClient(resolve_registry(registry), os.environ.get("ATO_TOKEN")) as client:
         page = client.search(query, limit, cursor)
         base = client.base
     rows = [search_row(item) for item in page.get("capsules") or []]

@@ -8,21 +8,25 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, json_option
+from pipeline.cli.help import examples
 from stages.build import source_date_epoch
 from stages.sign import load_signing_key, sign_artifact
 
 SCHEMA_VERSION = "1"
 
 
-@click.command("sign")
-@click.argument("artifact", type=click.Path(dir_okay=False, exists=True, path_type=Path))
-@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.command("sign", epilog=examples("ato sign ./app.capsule --key ~/.ato/keys/signing-key.json",
+                                      "ato sign ./app.capsule --key release-key.json --out signed.capsule"))
+@click.argument("artifact", metavar="ARTIFACT", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--key", "key_file", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Ed25519 key file (ato key gen).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Write the signed artifact here instead of replacing ARTIFACT.")
 @json_option
 def sign_cmd(artifact: Path, key_file: Path, out: Path | None) -> None:
-    """Verify ARTIFACT, then rewrite only its signature.json, signed (atomic replace).
+    """Sign an existing .capsule (only its signature.json changes).
+
+    ARTIFACT is verified first; the signed copy replaces it atomically (or goes to --out).
 
     signed_at is SOURCE_DATE_EPOCH when set, else the artifact's build epoch, so signing an
     unsigned build gives the same bytes as building with --key.

@@ -14,7 +14,8 @@ from urllib.parse import quote
 
 import click
 
-from pipeline.cli.common import emit, info, json_option
+from pipeline.cli.common import emit, info, json_option, registry_option
+from pipeline.cli.help import examples, group
 from pipeline.errors import E_AUTH_REQUIRED, E_SOURCE_RUN, E_USAGE, AtoError, Problem
 
 PENDING = ("queued", "running", "awaiting_signature")
@@ -23,9 +24,13 @@ FIELDS = ("sync_run_id", "source_id", "status", "trigger", "ref", "target_commit
           "completed_at")
 
 
-@click.group("source")
+@group("source", epilog=examples("ato source rebuild --source-id SRC --wait",
+                                 "ato source sync-status --source-id SRC --sync-run-id RUN --json"))
 def source_group() -> None:
-    """Source-backed registry workflows (sync runs, rebuilds)."""
+    """Rebuild source-backed capsules and follow their sync runs."""
+
+
+STORE_REGISTRY = "Store API URL (default: your session's Store, else `ato config get store_url`)."
 
 
 class SourceApi:
@@ -88,10 +93,10 @@ def _failed(d: dict[str, Any]) -> AtoError:
                              "status": d["status"], "failure_reason": d["failure_reason"]})
 
 
-@source_group.command("sync-status")
-@click.option("--source-id", required=True, help="Source id.")
-@click.option("--sync-run-id", required=True, help="Sync run id.")
-@click.option("--registry", metavar="URL", help="Store API (default $ATO_STORE_API_URL or https://api.ato.run).")
+@source_group.command("sync-status", epilog=examples("ato source sync-status --source-id SRC --sync-run-id RUN"))
+@click.option("--source-id", required=True, metavar="ID", help="Source id.")
+@click.option("--sync-run-id", required=True, metavar="ID", help="Sync run id.")
+@registry_option(STORE_REGISTRY)
 @json_option
 def sync_status_cmd(source_id: str, sync_run_id: str, registry: str | None) -> None:
     """Show one sync run of a source (read-only)."""
@@ -100,19 +105,25 @@ def sync_status_cmd(source_id: str, sync_run_id: str, registry: str | None) -> N
     emit(doc, "source-sync-run", _line("sync-status", doc))
 
 
-@source_group.command("rebuild")
-@click.option("--source-id", required=True, help="Source id.")
-@click.option("--ref", help="Branch, tag or commit (default: the source's default ref).")
+@source_group.command("rebuild", epilog=examples("ato source rebuild --source-id SRC --ref v1.2.0 --wait",
+                                                 "ato source rebuild --source-id SRC --json"))
+@click.option("--source-id", required=True, metavar="ID", help="Source id.")
+@click.option("--ref", metavar="REF", help="Branch, tag or commit (default: the source's default ref).")
 @click.option("--wait", is_flag=True, help="Poll the resulting sync run until it finishes.")
 @click.option("--timeout", "timeout_s", default=2100.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS",
               help="With --wait: give up after this many seconds.")
 @click.option("--poll-interval", default=5.0, show_default=True, type=click.FloatRange(min=0.05),
+              metavar="SECONDS",
               help="With --wait: seconds between status checks.")
-@click.option("--registry", metavar="URL", help="Store API (default $ATO_STORE_API_URL or https://api.ato.run).")
+@registry_option(STORE_REGISTRY)
 @json_option
 def rebuild_cmd(source_id: str, ref: str | None, wait: bool, timeout_s: float, poll_interval: float,
                 registry: str | None) -> None:
-    """Rebuild and re-sign a source at REF; with --wait, follow the sync run to the end."""
+    """Rebuild and re-sign a source at a ref.
+
+    With --wait, follow the sync run to its end.
+    """
     with SourceApi(registry) as api:
         pre = api.call("POST", f"/v1/sources/{quote(source_id)}/preflight", f"preflight of source {source_id}",
                        json={"operation": "rebuild"})

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from pipeline.cli.common import emit, json_option
+from pipeline.cli.help import examples, group
 from pipeline.errors import E_USAGE, AtoError
 from pipeline.trust import revocation
 from pipeline.trust import store as trust_store
@@ -52,12 +53,15 @@ def _human_listing(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@click.group("trust")
+@group("trust", epilog=examples("ato trust ls", "ato trust revoke did:key:z6Mk... --reason \"key leaked\""))
 def trust_group() -> None:
-    """Pinned signers (TOFU), petnames and revocations in ~/.capsule/trust_store.json."""
+    """Manage pinned signers (TOFU), petnames and revocations.
+
+    The trust store is ~/.capsule/trust_store.json.
+    """
 
 
-@trust_group.command("ls")
+@trust_group.command("ls", epilog=examples("ato trust ls", "ato trust ls --json"))
 @json_option
 def ls_cmd() -> None:
     """List identities with their pinned keys, keys, and revocations."""
@@ -66,14 +70,17 @@ def ls_cmd() -> None:
     emit(doc, SCHEMA, _human_listing(doc))
 
 
-@trust_group.command("pin")
+@trust_group.command("pin", epilog=examples("ato trust pin acme did:key:z6Mk...", "ato trust pin acme did:key:z6Mk... --petname acme-release"))
 @click.argument("identity")
 @click.argument("key")
-@click.option("--petname", help="Also give the key this petname.")
+@click.option("--petname", metavar="NAME", help="Also give the key this petname.")
 @click.option("--replace", is_flag=True, help="Replace a different key already pinned for IDENTITY.")
 @json_option
 def pin_cmd(identity: str, key: str, petname: str | None, replace: bool) -> None:
-    """Pin KEY (did:key, petname or fingerprint) for IDENTITY (a publisher or capsule:<name>)."""
+    """Pin a signing key for an identity.
+
+    KEY is a did:key, petname or fingerprint; IDENTITY a publisher or capsule:<name>.
+    """
     trust_store.check_identity(identity)
     with trust_store.transaction() as store:
         did = store.resolve_key(key)
@@ -95,7 +102,7 @@ def pin_cmd(identity: str, key: str, petname: str | None, replace: bool) -> None
     emit(doc, SCHEMA, message)
 
 
-@trust_group.command("petname")
+@trust_group.command("petname", epilog=examples("ato trust petname did:key:z6Mk... acme-release", "ato trust petname acme-release --clear"))
 @click.argument("key")
 @click.argument("name", required=False)
 @click.option("--clear", is_flag=True, help="Remove the key's petname.")
@@ -112,14 +119,17 @@ def petname_cmd(key: str, name: str | None, clear: bool) -> None:
     emit(doc, SCHEMA, message)
 
 
-@trust_group.command("revoke")
+@trust_group.command("revoke", epilog=examples("ato trust revoke acme-release --reason \"key leaked\"", "ato trust revoke --from https://example.com/revocations.json"))
 @click.argument("key", required=False)
-@click.option("--reason", help="Why (kept with the revocation).")
+@click.option("--reason", metavar="REASON", help="Why (kept with the revocation).")
 @click.option("--from", "sources", multiple=True, metavar="FILE|URL",
               help='Merge a revocation list ({"revoked": [...]}) from a file or an http(s) URL; repeatable.')
 @json_option
 def revoke_cmd(key: str | None, reason: str | None, sources: tuple[str, ...]) -> None:
-    """Revoke KEY (did:key, petname or fingerprint), and/or merge revocation lists with --from."""
+    """Revoke a signing key, and/or merge revocation lists.
+
+    KEY is a did:key, petname or fingerprint; --from merges lists from files or URLs.
+    """
     if key is None and not sources:
         raise AtoError(E_USAGE, "name a KEY to revoke or a list with --from")
     lists = [(_source_name(s), revocation.load_entries(s)) for s in sources]  # fetch before locking
@@ -137,7 +147,7 @@ def revoke_cmd(key: str | None, reason: str | None, sources: tuple[str, ...]) ->
     emit(doc, SCHEMA, message)
 
 
-@trust_group.command("refresh")
+@trust_group.command("refresh", epilog=examples("ato trust refresh", "ato trust refresh --json"))
 @json_option
 def refresh_cmd() -> None:
     """Re-read every revocation list merged before and merge what is new."""
@@ -150,11 +160,14 @@ def refresh_cmd() -> None:
     emit(doc, SCHEMA, message)
 
 
-@trust_group.command("forget")
+@trust_group.command("forget", epilog=examples("ato trust forget acme", "ato trust forget acme-release"))
 @click.argument("name")
 @json_option
 def forget_cmd(name: str) -> None:
-    """Forget an identity's pin, or a key (and the pins to it). Revocations are kept."""
+    """Forget an identity's pin, or a key and the pins to it.
+
+    Revocations are kept.
+    """
     with trust_store.transaction() as store:
         if name in store.identities:
             store.forget_identity(name)

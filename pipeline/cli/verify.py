@@ -13,6 +13,7 @@ import click
 
 from pipeline import names, paths
 from pipeline.cli.common import emit, json_mode, json_option
+from pipeline.cli.help import examples
 from pipeline.cli.trust import tty_consent
 from pipeline.errors import E_USAGE, AtoError
 from pipeline.trust import revocation
@@ -53,11 +54,11 @@ def _human(report: dict) -> str:
     return f"verified {report['artifact']}: signed by {who}; {trust['message']}"
 
 
-@click.command("verify")
-@click.argument("target")
-@click.option("--version", "version", help="With publisher/slug: which installed version (default the latest).")
-@click.option("--identity", help="Check the signer against this identity instead of the publisher / capsule:<name>.")
-@click.option("--signer", help="Accept only this signing key (did:key); nothing is pinned.")
+@click.command("verify", epilog=examples("ato verify ./app.capsule", "ato verify acme/app --json"))
+@click.argument("target", metavar="ARTIFACT|PUBLISHER/SLUG")
+@click.option("--version", "version", metavar="VERSION", help="With publisher/slug: which installed version (default the latest).")
+@click.option("--identity", metavar="IDENTITY", help="Check the signer against this identity instead of the publisher / capsule:<name>.")
+@click.option("--signer", metavar="DID", help="Accept only this signing key (did:key); nothing is pinned.")
 @click.option("--allow-unsigned", is_flag=True, help="Accept an artifact without a signature (reported unsigned).")
 @click.option("--yes", "-y", is_flag=True, help="Pin a first-seen signer without asking (TOFU).")
 @click.option("--revocations", multiple=True, metavar="FILE|URL",
@@ -65,7 +66,10 @@ def _human(report: dict) -> str:
 @json_option
 def verify_cmd(target: str, version: str | None, identity: str | None, signer: str | None, allow_unsigned: bool,
                yes: bool, revocations: tuple[str, ...]) -> None:
-    """Recompute every digest of TARGET, check its signature and whether its signer is trusted."""
+    """Check every digest, the signature and whether the signer is trusted.
+
+    TARGET is a .capsule file or an installed publisher/slug; exit 0 only when everything holds.
+    """
     path, scoped_id = resolve_target(target, version)
     extra = tuple(e.id for src in revocations for e in revocation.load_entries(src))
     if signer is not None and not signer.startswith("did:key:"):

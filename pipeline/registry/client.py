@@ -4,7 +4,8 @@ Failure mapping (what the CLI shows):
 
 - a transport failure (refused, reset, timeout, DNS) → ``E900`` with exit code 3
   and a one-line message naming the registry;
-- 401 → E201 with an ``ATO_ERR_AUTH_REQUIRED`` line (set ``ATO_TOKEN``);
+- 401 → E201 with an ``ATO_ERR_AUTH_REQUIRED`` line: "requires a token" when none was sent
+  (set ``ATO_TOKEN``), "rejected the token" when one was;
 - 409 ``version_exists`` → :class:`VersionConflict` (the publish stage turns it
   into E202 with its next actions);
 - 413 → E212; 422 integrity refusals → E208 with ``ATO_ERR_INTEGRITY_FAILURE``;
@@ -81,7 +82,7 @@ class RegistryClient:
         except httpx.TransportError as exc:
             raise network_error(self.base, exc) from None
         if resp.status_code not in ok:
-            raise self.error_for(resp)
+            raise self.error_for(resp, sent_token="authorization" in {k.lower() for k in headers})
         return resp
 
     @contextlib.contextmanager
@@ -95,7 +96,7 @@ class RegistryClient:
         except httpx.TransportError as exc:
             raise network_error(self.base, exc) from None
 
-    def error_for(self, resp: httpx.Response) -> RegistryHttpError:
+    def error_for(self, resp: httpx.Response, *, sent_token: bool = False) -> RegistryHttpError:
         try:
             body = resp.json()
             if not isinstance(body, dict):
@@ -107,12 +108,18 @@ class RegistryClient:
         status = resp.status_code
         common = {"status": status, "error": error, "body": body,
                   "details": {"registry": self.base, "status": status, "error": error}}
+        if status == 401 and sent_token:
+            return RegistryHttpError(
+                E_AUTH_REQUIRED, f"registry {self.base} rejected the token (ATO_TOKEN): {message}",
+                hint="ATO_TOKEN must be the token the registry was started with (--auth-token)",
+                problems=[Problem("ATO_ERR_AUTH_REQUIRED", "registry rejected the Bearer token",
+                                  {"registry": self.base, "token": "rejected"})], **common)
         if status == 401:
             return RegistryHttpError(
-                E_AUTH_REQUIRED, f"registry {self.base} requires authentication for this operation: {message}",
+                E_AUTH_REQUIRED, f"registry {self.base} requires a token for this operation: {message}",
                 hint="set ATO_TOKEN=<token> (the token the registry was started with)",
                 problems=[Problem("ATO_ERR_AUTH_REQUIRED", "registry write requires a Bearer token",
-                                  {"registry": self.base})], **common)
+                                  {"registry": self.base, "token": "missing"})], **common)
         if status == 409 and (error == "version_exists" or "already published" in message):
             return VersionConflict("E202", message, **common)
         if status == 413:

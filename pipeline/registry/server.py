@@ -288,9 +288,12 @@ class RegistryApp:
         if not self.token:
             return
         presented = self.presented_token(request)
-        if not presented or not tokens_equal(self.token, presented):
+        if not presented:
             raise RegistryError(401, "unauthorized", "Bearer token is required for this write API "
                                 "(ATO_ERR_AUTH_REQUIRED: set ATO_TOKEN)")
+        if not tokens_equal(self.token, presented):
+            raise RegistryError(401, "unauthorized", "the Bearer token was rejected: it is not this registry's "
+                                "write token (ATO_ERR_AUTH_REQUIRED: check ATO_TOKEN)")
 
     def base_url(self, request: Request) -> str:
         proto = request.headers.get("x-forwarded-proto", "").strip().lower()

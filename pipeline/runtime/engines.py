@@ -10,8 +10,6 @@ Nothing found, or a configured engine that does not work, is fail-closed
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -19,15 +17,12 @@ import platform
 import re
 import subprocess
 import sys
-import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from cas.atomic import write_bytes_atomic
+from pipeline import config as config_file
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
 
@@ -53,38 +48,18 @@ def engine_error(message: str, **details: Any) -> AtoError:
 # ------------------------------------------------------------------ config.toml
 
 
-@contextlib.contextmanager
-def _config_lock() -> Iterator[None]:
-    path = paths.config_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name("config.lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def read_config() -> dict[str, Any]:
-    path = paths.config_path()
-    try:
-        return tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise AtoError("E002", f"{path}: not valid TOML: {exc}", details={"file": str(path)}) from None
+    return config_file.read()
 
 
 def register_engine(name: str, path: Path, *, make_default: bool) -> dict[str, Any]:
     """Record ``[engines.<name>] path`` (and ``default_engine``) in config.toml, atomically."""
-    with _config_lock():
-        config = read_config()
+    def change(config: dict[str, Any]) -> None:
         engines = config.setdefault("engines", {})
         engines[name] = {**engines.get(name, {}), "path": str(path)}
         if make_default or not config.get("default_engine"):
             config["default_engine"] = name
-        write_bytes_atomic(paths.config_path(), tomli_w.dumps(config).encode("utf-8"))
-    return config
+    return config_file.update(change)
 
 
 # ------------------------------------------------------------------ discovery

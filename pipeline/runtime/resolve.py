@@ -1,8 +1,9 @@
 """What ``ato run <input>`` names: a project dir, a capsule.toml, a ``.capsule`` file, or publisher/slug.
 
 A ``.capsule`` (given directly, or the one ``ato install`` stored) is verified and
-unpacked (:mod:`pipeline.runtime.unpack`); a publisher/slug that is not installed,
-or is asked for with ``--registry``, is installed first through the install stage.
+unpacked (:mod:`pipeline.runtime.unpack`); a publisher/slug that is not installed is installed
+first through the install stage. With ``--registry`` the installed copy runs when it is
+byte-identical to the registry's release; otherwise that release is installed first.
 Runtime-config overrides saved in the registry UI (per-target env, port,
 permission mode) come along with a registry resolution.
 """
@@ -15,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import paths
+from pipeline import config, paths
 from pipeline.errors import E_NOT_FOUND, AtoError
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 SCOPED_REF = re.compile(r"^@?([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)(?:@([^/\s]+))?$", re.IGNORECASE)
-DEFAULT_REGISTRY = "https://api.ato.run"
 
 
 @dataclass
@@ -57,7 +57,8 @@ def looks_local(raw: str, cwd: Path) -> bool:
 
 def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
             confirm_install: Any = None) -> Resolved:
-    """Resolve ``raw``; ``confirm_install(scoped_id, registry)`` is asked before a registry install."""
+    """Resolve ``raw``; ``confirm_install(scoped_id, registry, other_version_installed)`` is asked before a
+    registry install."""
     base = cwd or Path.cwd()
     if looks_local(raw, base):
         path = (base / Path(raw).expanduser()).resolve()
@@ -71,12 +72,20 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
     assert match is not None
     publisher, slug, version = match.group(1).lower(), match.group(2).lower(), match.group(3)
     scoped = f"{publisher}/{slug}"
-    artifact = None if registry else installed_artifact(publisher, slug, version)
+    if registry:
+        # the installed copy runs when it is exactly what the registry publishes (no download, no consent)
+        from pipeline.registry.client import RegistryClient
+        from stages.install import installed_release
+
+        artifact = installed_release(scoped, registry, version, connect=RegistryClient,
+                                     token=os.environ.get("ATO_TOKEN"))
+    else:
+        artifact = installed_artifact(publisher, slug, version)
     installed_now = False
     if artifact is None:
-        reg = registry or os.environ.get("ATO_STORE_API_URL") or DEFAULT_REGISTRY
+        reg = registry or str(config.registry().value)
         if confirm_install is not None:
-            confirm_install(scoped, reg)
+            confirm_install(scoped, reg, installed_artifact(publisher, slug, version) is not None)
         artifact = install_from_registry(scoped, reg, version)
         installed_now = True
     # install_from_registry ran the trust check on exactly these bytes: no second pass.

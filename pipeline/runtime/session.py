@@ -52,11 +52,13 @@ class Prepared:
 def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[Any], bool] | None) -> Prepared:
     policy.check_dangerous_flag(req.dangerous)
 
-    def confirm_install(scoped: str, registry: str) -> None:
+    def confirm_install(scoped: str, registry: str, other_installed: bool = False) -> None:
         if req.yes:
             return
         if not policy.interactive():
-            raise policy.fail(policy.CONSENT, f"{scoped} is not installed; installing it from {registry} needs "
+            state = (f"the installed {scoped} is not the release {registry} publishes" if other_installed
+                     else f"{scoped} is not installed")
+            raise policy.fail(policy.CONSENT, f"{state}; installing it from {registry} needs "
                                               "consent: re-run with -y/--yes", scoped_id=scoped, registry=registry)
         if prompt is None or not prompt(f"Install {scoped} from {registry}?"):
             raise policy.fail(policy.CONSENT, f"install of {scoped} was not approved", scoped_id=scoped)

@@ -261,13 +261,15 @@ def test_official_registry_is_a_ci_handoff_without_network(ato, tmp_path: Path) 
 def test_auth_and_network_failures(ato, tmp_path: Path, registry: Registry) -> None:
     project = make_project(tmp_path / "auth", "auth-app")
     artifact = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
-    for env in ({}, {"ATO_TOKEN": "wrong"}):
+    for env, says in (({}, "requires a token"), ({"ATO_TOKEN": "wrong"}, "rejected the token")):
         res = ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"], cwd=project,
                   env=env)
         assert res.code == 1
         lines = res.stderr_json_lines()
         assert any(d.get("code") == "ATO_ERR_AUTH_REQUIRED" for d in lines), res.stderr
-        assert stderr_error(res)["code"] == "E201"
+        assert stderr_error(res)["code"] == "E201" and says in stderr_error(res)["message"]
+        human = ato(["publish", "--artifact", str(artifact), "--registry", registry.url], cwd=project, env=env)
+        assert human.code == 1 and says in human.stderr and ("required" in human.stderr) == (not env)
     # reads stay open: search works without a token
     assert ato(["search", "--registry", registry.url, "--json"]).code == 0
     # nothing listens on port 9: exit code 3 and a clear message

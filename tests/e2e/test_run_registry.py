@@ -67,3 +67,14 @@ require('http').createServer((q, s) => s.end('greeting=' + (process.env.GREETING
     assert any(store.rglob("greeter-0.1.0.capsule"))
     os.kill(p.p.pid, signal.SIGTERM)
     assert p.wait() == 128 + signal.SIGTERM
+
+    # installed and byte-identical to the registry's release: the installed copy runs (no --yes, no download)
+    installed = next(store.rglob("greeter-0.1.0.capsule"))
+    before = installed.stat().st_mtime_ns
+    again = procs(["run", "local/greeter", "--registry", registry.url, "--allow-unsigned"])
+    again.wait_line(f"http://127.0.0.1:{port}/", stream="err", timeout=60)
+    assert http_get(f"http://127.0.0.1:{port}/") == "greeting=from-the-ui"
+    assert not any("not installed" in line or "CONSENT" in line for line in again.err), again.err
+    assert installed.stat().st_mtime_ns == before
+    os.kill(again.p.pid, signal.SIGTERM)
+    assert again.wait() == 128 + signal.SIGTERM
