@@ -3,6 +3,7 @@
 The caller supplies the roots (payloads still in use); everything reachable from
 them is kept. Runs under the store's exclusive lock so a concurrent build, which
 holds the shared lock while it writes chunks and its record, is never cut short.
+It also sweeps the temp files killed processes left in the store (:mod:`cas.tempfiles`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from cas.digest import parse
 from cas.payload_manifest import PayloadManifestError
 from cas.store import CasStore
+from cas.tempfiles import is_temp, sweep
 
 STALE_TEMP_SECONDS = 3600
 
@@ -27,6 +29,8 @@ class GcReport:
     objects_removed: int
     objects_kept: int
     bytes_freed: int
+    temps_removed: int = 0
+    temp_bytes_freed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -54,16 +58,19 @@ def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = Fa
                 continue
             removed += 1
             freed += store.objects.path(hex_digest).stat().st_size if dry_run else store.objects.remove(hex_digest)
+        temps = sweep([store.root], recursive=True, dry_run=dry_run)
         if not dry_run:
-            _remove_stale_temps(store)
-    return GcReport(dry_run, len(root_set), manifests_removed, removed, kept, freed)
+            _remove_legacy_temps(store)
+    return GcReport(dry_run, len(root_set), manifests_removed, removed, kept, freed, len(temps.removed),
+                    temps.bytes_freed)
 
 
-def _remove_stale_temps(store: CasStore) -> None:
+def _remove_legacy_temps(store: CasStore) -> None:
+    """``.*.tmp`` files of ato versions before cas.tempfiles named its temps: by age, they carry no owner."""
     cutoff = time.time() - STALE_TEMP_SECONDS
     for p in store.root.rglob(".*.tmp"):
         try:
-            if p.stat().st_mtime < cutoff:
+            if not is_temp(p.name) and p.stat().st_mtime < cutoff:
                 p.unlink()
         except OSError:
             pass

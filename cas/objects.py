@@ -1,7 +1,7 @@
 """CAS objects: zstd frames of raw chunks, keyed by BLAKE3 of the raw bytes.
 
-Layout ``<root>/objects/blake3/<hh>/<hh>/<hex>.zst``. Writes go temp -> fsync ->
-no-clobber link, so concurrent writers of the same chunk are safe and a reader
+Layout ``<root>/objects/blake3/<hh>/<hh>/<hex>.zst``. Writes go temp (in ``<root>/tmp``,
+named by :mod:`cas.tempfiles`) -> fsync -> no-clobber link, so concurrent writers of the same chunk are safe and a reader
 never sees a partial object. Every read re-verifies the BLAKE3 of the raw bytes.
 Each object is one self-contained zstd frame with its content size, so the
 concatenation of a payload's objects is itself a valid ``payload.tar.zst``.
@@ -20,6 +20,8 @@ import zstandard
 
 from cas.atomic import write_bytes_atomic
 from cas.digest import parse
+from cas.stoppoints import stop_point
+from cas.tempfiles import temp_path
 
 COMPRESSION_LEVEL = 3
 _local = threading.local()
@@ -64,6 +66,7 @@ class ObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.objects = self.root / "objects" / "blake3"
+        self.tmp = self.root / "tmp"  # every temp file of the store, so a sweep lists one directory
 
     def path(self, hex_digest: str) -> Path:
         h = parse(hex_digest)
@@ -84,16 +87,17 @@ class ObjectStore:
                 self.read_frame(hex_digest)
                 return False
             except ObjectError:
-                write_bytes_atomic(target, frame)
+                write_bytes_atomic(target, frame, temp_dir=self.tmp)
                 return True
-        return write_bytes_atomic(target, frame, no_clobber=True)
+        return write_bytes_atomic(target, frame, no_clobber=True, temp_dir=self.tmp)
 
     def write_temp(self, hex_digest: str, frame: bytes) -> Path:
-        """First half of a batched put: the frame in a temp file beside its final name, not yet synced."""
+        """First half of a batched put: the frame in a temp file, not yet synced."""
         target = self.path(hex_digest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as fh:
+        self.tmp.mkdir(exist_ok=True)
+        tmp = temp_path(target, self.tmp)
+        with open(tmp, "xb") as fh:
             fh.write(frame)
         return tmp
 
@@ -105,6 +109,7 @@ class ObjectStore:
         are on disk. Returns the number of objects newly inserted.
         """
         inserted = 0
+        stop_point("cas.publish-temps")  # crash tests: frames in temp files, none linked yet
         try:
             if staged:
                 os.sync()

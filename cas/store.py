@@ -39,7 +39,7 @@ class CasStore:
         hex_digest = manifest.artifact_hash
         target = self.manifest_path(hex_digest)
         if not target.exists():
-            write_bytes_atomic(target, manifest.to_bytes(), no_clobber=True)
+            write_bytes_atomic(target, manifest.to_bytes(), no_clobber=True, temp_dir=self.objects.tmp)
         return hex_digest
 
     def get_manifest(self, artifact_hash: str) -> PayloadManifest:

@@ -1,8 +1,11 @@
-"""Which payloads are still in use: the roots ``ato cas gc`` keeps.
+"""What ``ato cas gc`` needs from the rest of ``ATO_HOME``: the roots it keeps, the temp files it sweeps.
 
-Latest build of every project, every installed artifact, every fetched artifact.
+Roots: latest build of every project, every installed artifact, every fetched artifact.
 A root that cannot be read is reported and kept conservative: gc refuses to run
 rather than delete what a damaged record might still need.
+
+Temp files: those killed processes left in every place ato writes (``paths.temp_sites``);
+only entries whose owner process is gone count (``cas.tempfiles``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from pathlib import Path
 
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from cas.tempfiles import SweepReport, sweep
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, AtoError
 from stages.artifact import open_capsule
@@ -47,3 +51,13 @@ def _from_fetches() -> list[str]:
 
 def live_payloads() -> list[str]:
     return sorted(set(_from_build_records() + _from_capsules(paths.store_dir()) + _from_fetches()))
+
+
+def sweep_temps(*, dry_run: bool = False, skip: Path | None = None) -> SweepReport:
+    """Sweep (or, with ``dry_run``, list) the leftover temp files of every site but ``skip``."""
+    report = SweepReport()
+    for site, recursive in paths.temp_sites():
+        if skip is not None and site == skip:
+            continue
+        report.add(sweep([site], recursive=recursive, dry_run=dry_run))
+    return report

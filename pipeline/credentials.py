@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cas.atomic import write_bytes_atomic
 from pipeline import paths
 from pipeline.config import resolve, store_api_url, store_site_url  # noqa: F401 - the Store URLs (flag > env > config)
 
@@ -35,21 +35,8 @@ def load() -> dict[str, Any] | None:
 
 
 def save(token: str, handle: str, api_url: str) -> None:
-    path = paths.credentials_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"schema_version": "1", "token": token, "handle": handle, "api_url": api_url}
-    fd, tmp = tempfile.mkstemp(prefix=".credentials.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(paths.credentials_path(), json.dumps(doc).encode("utf-8"), mode=0o600)
 
 
 def delete() -> bool:

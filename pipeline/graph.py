@@ -172,5 +172,6 @@ def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
 
 def run_build(plan: build_stage.BuildPlan) -> dict:
     """Run a build plan and return its validated envelope."""
+    build_stage.sweep_leftovers(plan)
     reports = run_chain(build_chain(plan), plan.state_dir)
     return build_stage.build_envelope(plan, [r.as_dict() for r in reports])

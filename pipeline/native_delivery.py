@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 from cas.canonical import jcs_digest
 from cas.digest import blake3_file, label, parse
+from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.graph import Step, run_chain
@@ -115,7 +115,7 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any) -> dict[str, Any]:
     def materialize() -> fetch_stage.FetchResult:
         root = paths.fetches_dir()
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".download-{secrets.token_hex(8)}.capsule"
+        tmp = root / temp_name("download.capsule")
         try:
             with open(tmp, "wb") as fh:
                 for piece in client.download(str(dist["artifact_url"])):

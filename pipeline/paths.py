@@ -125,3 +125,16 @@ def capsule_state_dir() -> Path:
 def runtime_envs_dir() -> Path:
     """Provisioned language environments (uv virtualenvs keyed by lockfile digest)."""
     return ato_home() / "runtimes" / "envs"
+
+
+def temp_sites() -> list[tuple[Path, bool]]:
+    """Where ato's writers leave temp files (``(dir, recursive)``): what ``ato cas gc`` sweeps and
+    ``ato cas verify`` reports. Content trees (unpacked payloads, fetched artifacts, capsule state)
+    are never walked: only their parent directories, where their temp dirs are made."""
+    return [
+        (cas_root(), True), (state_dir(), True), (store_dir(), True),
+        (ato_home(), False), (fetches_dir(), False), (unpacked_dir(), False), (apps_dir(), False),
+        (projections_dir(), False), (keys_dir(), False), (engines_dir(), False), (run_dir(), True),
+        (consent_path().parent, False), (trust_store_path().parent, False),
+        (user_bin_dir(), False), (applications_dir(), False),
+    ]

@@ -25,6 +25,7 @@ from cas.canonical import canonical_json, jcs_digest
 from cas.digest import label, parse
 from cas.merkle import merkle_root
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from cas.stoppoints import stop_point
 from cas.store import CasStore
 from pipeline.errors import E_INTEGRITY, AtoError
 from stages import tar_header
@@ -90,9 +91,10 @@ class Member:
         return len(self.data) if self.data is not None else os.path.getsize(self.path)  # type: ignore[arg-type]
 
 
-def write_capsule(out_path: Path, members: list[Member], epoch: int) -> tuple[str, int]:
-    """Write the outer tar atomically; returns (blake3 hex of the file, size)."""
-    with atomic_writer(out_path) as fh:
+def write_capsule(out_path: Path, members: list[Member], epoch: int,
+                  temp_dir: Path | None = None) -> tuple[str, int]:
+    """Write the outer tar atomically (its temp file in ``temp_dir``); returns (blake3 hex of the file, size)."""
+    with atomic_writer(out_path, temp_dir=temp_dir) as fh:
         w = _HashingWriter(fh)
         for m in members:
             w.write(tar_header.header(m.name, size=m.size, mtime=epoch))
@@ -107,6 +109,7 @@ def write_capsule(out_path: Path, members: list[Member], epoch: int) -> tuple[st
         pad = (-w.size) % RECORD
         if pad:
             w.write(b"\0" * pad)
+        stop_point("artifact.written")  # crash tests: the whole artifact in its temp file, not renamed
         return w.hasher.hexdigest(), w.size
 
 

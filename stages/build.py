@@ -8,7 +8,6 @@ do the expensive work only when those digests changed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ from cas.digest import blake3_file, label, parse
 from cas.objects import ObjectError
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
+from cas.tempfiles import sweep, temp_path
 from pipeline import paths
 from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
@@ -250,14 +250,13 @@ def lock_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
 
 def pack(plan: BuildPlan) -> dict[str, Any]:
     """Payload step: pack the source set into CAS chunks (or take the stored source_digest payload)."""
-    remove_stale_scratch(plan.state_dir)
     with plan.store.shared():  # gc waits until the chunks and the record naming them are written
         if plan.source_payload is not None:
             payload, files = plan.source_payload, plan.stored_files or []
             inserted = bytes_inserted = 0
             payload_blake3 = None
         else:
-            frames = plan.state_dir / f".payload.{os.getpid()}.frames"
+            frames = temp_path(payload_cache_path(plan))
             result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames)
             payload_blake3 = blake3_file(frames)
             os.replace(frames, payload_cache_path(plan))
@@ -291,7 +290,7 @@ def _payload_bytes_hash(store: CasStore, payload: PayloadManifest, cache: Path, 
     """BLAKE3 of payload.tar.zst, rebuilding the cached file from the CAS unless it is the recorded one."""
     if recorded and cache.is_file() and blake3_file(cache) == recorded:
         return recorded
-    tmp = cache.with_name(f".payload.{os.getpid()}.frames")
+    tmp = temp_path(cache)
     digest = capsule.materialize_payload(store, payload, tmp)
     os.replace(tmp, cache)
     return digest
@@ -335,7 +334,9 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
                            f"capsule payload is unusually large: {size} bytes ({size / 1e6:.1f} MB), threshold is "
                            f"{MAX_PAYLOAD_BYTES / 1e6:.1f} MB", hint="use --force-large-payload to override intentionally",
                            details={"size": size, "threshold": MAX_PAYLOAD_BYTES})
-        digest, written = capsule.write_capsule(plan.out_path, members, plan.options.epoch)
+        # the temp artifact goes in the build state dir, never in the tree this build packs
+        digest, written = capsule.write_capsule(plan.out_path, members, plan.options.epoch,
+                                                temp_dir=plan.state_dir)
     except BaseException:
         scratch.unlink(missing_ok=True)
         raise
@@ -387,9 +388,11 @@ def _signer(key: sign.SigningKey | None) -> dict[str, Any] | None:
             "previous_key": (key.attached_previous_key(_now()) or {}).get("key_id")}
 
 
-def remove_stale_scratch(state_dir: Path) -> None:
-    """Temp files of a build that was killed are removed by the next build."""
-    if state_dir.is_dir():
-        for p in state_dir.glob(".payload.*"):
-            with contextlib.suppress(OSError):
-                p.unlink()
+def sweep_leftovers(plan: BuildPlan) -> int:
+    """Remove what killed builds left (temp artifacts, payload scratch, CAS temps); returns how many.
+
+    Only temp files whose owner process is gone are removed (cas.tempfiles), so a build running
+    at the same time in another process keeps its own.
+    """
+    report = sweep([plan.state_dir, plan.out_path.parent, plan.store.objects.tmp])
+    return len(report.removed)

@@ -23,7 +23,6 @@ import io
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import stat
 import tarfile
@@ -39,6 +38,7 @@ from cas.canonical import jcs_digest
 from cas.digest import DigestError, blake3_file, label, parse
 from cas.filelock import flocked
 from cas.streams import FileSlice
+from cas.tempfiles import sweep, temp_name, temp_path
 from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
@@ -313,7 +313,8 @@ def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str,
     opened = capsule.open_capsule(path)
     root = paths.fetches_dir()
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-fetch-{secrets.token_hex(8)}"
+    sweep([root])  # what a killed fetch left (only if its process is gone)
+    tmp = root / temp_name("fetch")
     os.mkdir(tmp, 0o755)
     try:
         artifact = tmp / ARTIFACT_DIR
@@ -349,7 +350,7 @@ def _commit(tmp: Path, final: Path, record: dict[str, Any]) -> dict[str, Any]:
             os.replace(tmp / FETCH_RECORD, final / FETCH_RECORD)
             fsync_dir(final)
             return record
-        trash = final.with_name(f".trash-{final.name}-{secrets.token_hex(4)}")
+        trash = temp_path(final)
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.rename(tmp, final)

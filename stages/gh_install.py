@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cas.atomic import atomic_writer
 from cas.digest import label
 from pipeline import names, paths
 from pipeline.envelope import validate
@@ -117,9 +118,8 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
         target = store_path(owner, slug, local.version)
         target.parent.mkdir(parents=True, exist_ok=True)
         trust = verify(artifact, scoped) if verify is not None else None
-        tmp_target = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(artifact, tmp_target)
-        os.replace(tmp_target, target)
+        with open(artifact, "rb") as src, atomic_writer(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
     cas = CasStore(paths.cas_root())
     with cas.shared():
         _ensure_manifest(cas, target)

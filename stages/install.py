@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import queue
-import secrets
 import sys
 import tarfile
 import threading
@@ -54,7 +53,9 @@ import blake3
 from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from cas.stoppoints import stop_point
 from cas.store import CasStore
+from cas.tempfiles import sweep, temp_path
 from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
@@ -488,6 +489,7 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         detail, target_version, dist, expect = release.detail, release.version, release.dist, release.expect
         target = store_path(publisher, slug, target_version)
         cas = CasStore(paths.cas_root())
+        sweep([target.parent, cas.objects.tmp])  # what a killed install left (only if its process is gone)
         transfer = Transfer()
         up_to_date = target.is_file() and blake3_file(target) == expect.blake3
         trust = None
@@ -575,7 +577,7 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
            scoped: str = "") -> dict[str, Any] | None:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    tmp = temp_path(target)
     with cas.shared():
         staging = _Staging(cas)
         try:
@@ -587,6 +589,7 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
                 transfer.artifact_bytes = size
             else:
                 sha, b3, size = _download(client, dist["artifact_url"], tmp, transfer)
+            stop_point("install.downloaded")  # crash tests: the artifact in its temp file, nothing stored
             if b3 != expect.blake3:
                 raise integrity(f"installed artifact blake3:{b3} does not match the published blake3:{expect.blake3}")
             if sha != expect.sha256:

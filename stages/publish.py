@@ -66,6 +66,7 @@ import blake3
 
 from cas.digest import label
 from cas.payload_manifest import PayloadManifest
+from cas.stoppoints import stop_point
 from pipeline import names
 from pipeline.envelope import validate
 from pipeline.errors import (
@@ -476,6 +477,7 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
             "size": art.size, "prefix": base64.b64encode(prefix).decode("ascii"),
             "suffix": base64.b64encode(suffix).decode("ascii"),
             "chunks": [{"raw_hash": label(f.raw_hash), "raw_size": f.raw_size} for f in frames]}
+    stop_point("publish.uploading")  # crash tests: the registry holds the frames in a session, nothing committed
     status, doc = client.commit(session, body)
     transfer["bytes_uploaded"] += len(prefix) + len(suffix) if not doc.get("already_existed") else 0
     return status, doc, transfer

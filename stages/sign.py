@@ -43,7 +43,6 @@ import json
 import os
 import re
 import tarfile
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cas.atomic import atomic_writer
 from cas.canonical import canonical_json
 from cas.digest import label
+from cas.tempfiles import temp_path
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_AUTH_REQUIRED, E_INTEGRITY, E_USAGE, AtoError
 from stages import artifact as capsule
@@ -662,8 +662,8 @@ def sign_artifact(path: Path, key: SigningKey, *, out: Path | None = None, epoch
     target = Path(out) if out is not None else path
     payload_at, payload_size = next((at, size) for n, at, size in layout.members if n == "payload.tar.zst")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".payload", dir=target.parent)
-    tmp_path = Path(tmp)
+    tmp_path = temp_path(target.with_name(target.name + ".payload"))
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
             src.seek(payload_at)

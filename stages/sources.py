@@ -18,6 +18,8 @@ from pathlib import Path
 
 from cas.atomic import write_bytes_atomic
 from cas.digest import blake3_bytes, blake3_file
+from cas.tempfiles import GLOB
+from cas.tempfiles import SUFFIX as TEMP_SUFFIX
 from pipeline.errors import E_LOCKFILE, AtoError
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
@@ -26,6 +28,8 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "**/__pycache__/**", "**/.pytest_cache/**", "**/.mypy_cache/**", "**/.ruff_cache/**",
     "**/.next/cache/**", "**/.turbo/**", "**/.wrangler/**", "**/.DS_Store", "**/Thumbs.db",
     "**/*.capsule", "**/*.sig", "**/.ato/**", "**/.tmp/**",
+    # ato's own temp files and dirs (cas.tempfiles), and the temp artifacts of builds before them
+    f"**/{GLOB}", f"**/{GLOB}/**", "**/.*.capsule.*.tmp",
     "ato.lock.json", "capsule.toml", "capsule.lock.json", "ato.delivery.toml",
     "**/.env", "**/.env.*", "**/.envrc",
     "**/*.pem", "**/*.key", "**/*.p12", "**/*.pfx", "**/id_rsa", "**/id_ed25519", "**/id_ecdsa",
@@ -114,7 +118,7 @@ class PackFilter:
 
     def admits(self, relpath: str) -> bool:
         name = relpath.rsplit("/", 1)[-1]
-        if name in RESERVED_NAMES or name.endswith((".capsule", ".sig")):
+        if name in RESERVED_NAMES or name.endswith((".capsule", ".sig", TEMP_SUFFIX)):
             return False
         if self.include is not None and not self.include.match(relpath):
             return False

@@ -9,6 +9,7 @@ import pytest
 from conftest import assert_schema
 from test_cap_sample import make_package, write_exe
 
+from cas import tempfiles
 from pipeline.cap.infer import infer_manifest
 from pipeline.cap.manifest import normalize
 from pipeline.cap.review import review
@@ -119,4 +120,4 @@ def test_init_writes_to_manifest_path_and_infers_from_its_directory(tmp_path: Pa
     doc = res.json()
     assert_schema(doc, "cap-init")
     assert doc["capability"]["id"] == "acme/my-tool"
-    assert [p.name for p in pkg.iterdir() if p.name.endswith(".tmp")] == []
+    assert list(tempfiles.find(pkg)) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from cas import tempfiles
 from pipeline import native_delivery, paths
 from pipeline.errors import AtoError
 from stages import artifact as capsule
@@ -35,7 +36,7 @@ def native_capsule(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def no_temp_dirs() -> bool:
     root = paths.fetches_dir()
-    return not root.exists() or not [p for p in root.iterdir() if p.name.startswith((".tmp-", ".download-", ".trash-"))]
+    return not root.exists() or not list(tempfiles.find(root))
 
 
 def test_fetch_materializes_the_cache_entry(native_capsule: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cas import tempfiles
 from pipeline import paths
 from pipeline.errors import AtoError
 from pipeline.trust import store as trust_store
@@ -65,14 +66,14 @@ def test_a_writer_killed_mid_write_leaves_the_old_store(stage: str) -> None:
             s.forget_identity("acme")
     """)
     assert proc.returncode == -9, proc.stderr
-    leftovers = list(path.parent.glob(".trust_store.json.*.tmp"))
+    leftovers = list(tempfiles.find(path.parent))
     assert leftovers, "the child should have died with its temp file written"
     assert path.read_bytes() == before  # the old store, byte for byte
     s = trust_store.load()
     assert s.pinned("acme")["key_id"] == did and s.pinned("evil") is None
     with trust_store.transaction() as s:  # the next writer cleans up and works
         s.pin("next", other, "pin")
-    assert not list(path.parent.glob(".trust_store.json.*.tmp"))
+    assert not list(tempfiles.find(path.parent))
     assert trust_store.load().pinned("next")["key_id"] == other
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from cas.atomic import write_text_atomic
 from pipeline.cli.common import emit, info, json_option, warn
 from pipeline.cli.help import examples
 from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, AtoError
@@ -98,10 +99,7 @@ def write_workflow(project_dir: Path, version: str, checksum: str) -> tuple[Path
         current = None
     if current == text:
         return path, "unchanged"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, "utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
     return path, "generated" if current is None else "updated"
 
 

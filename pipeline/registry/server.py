@@ -74,6 +74,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from cas.digest import DigestError, label, parse
+from cas.stoppoints import stop_point
 from pipeline.errors import E_NETWORK, E_POLICY, AtoError, Problem
 from pipeline.names import normalize_segment
 from pipeline.registry.readme import render_readme
@@ -611,6 +612,7 @@ class RegistryApp:
         tmp = self.store.new_temp(".frames")
         try:
             await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
+            stop_point("registry.upload-received")  # crash tests: the frames in a temp file, none staged
             staged = await run_in_threadpool(self.store.stage_frames, session, tmp)
         except RegistryError:
             self.store.drop_session(session)
@@ -909,7 +911,10 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, *,
         on_ready({"url": access, "listen_url": listen_url, "host": host, "port": actual_port,
                   "data_dir": str(store.root), "api": f"{access}/v1/", "web_ui": f"{access}/",
                   "write_auth_required": bool(token)})
-        server.run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        finally:
+            store.close()
     finally:
         with contextlib.suppress(OSError):
             sock.close()

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import blake3
 
+from cas.atomic import write_text_atomic
 from pipeline.registry.storage import RegistryError, RegistryStore, Upload
 
 PENDING = ("queued", "running", "awaiting_signature")
@@ -41,10 +42,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, doc: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2), "utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(doc, indent=2))
 
 
 def _one_line(text: str, limit: int = 400) -> str:

@@ -6,7 +6,8 @@ Layout of ``<data>`` (default ``$ATO_HOME/local-registry``)::
     cas/objects/blake3/..       chunk frames (the same CasStore layout as ``$ATO_HOME/cas``)
     cas/manifests/blake3/..     payload manifests of published releases
     artifacts/<p>/<s>/<v>/<f>   the published ``.capsule`` bytes, verbatim
-    tmp/                        uploads in flight and chunk-upload sessions (emptied at start-up)
+    tmp/                        uploads in flight and chunk-upload sessions (temp names of
+                                cas.tempfiles: swept at start-up once their process is gone)
 
 Index tables: ``packages`` (one row per publisher/slug), ``releases`` (digests,
 sizes, the skeleton geometry and the frame layout used for delta installs, the
@@ -56,7 +57,9 @@ import zstandard
 from cas.atomic import fsync_dir
 from cas.digest import DigestError, label, parse, write_hashed
 from cas.payload_manifest import PayloadManifest
+from cas.stoppoints import stop_point
 from cas.store import CasStore
+from cas.tempfiles import SweepReport, sweep, temp_name, temp_path
 from pipeline import names
 from pipeline.errors import AtoError
 from stages.artifact import open_capsule
@@ -302,22 +305,19 @@ class RegistryStore:
         self.cas = CasStore(self.root / "cas")
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
+        # chunk-upload sessions of this process: a killed server's sessions are swept with its other temps
+        self.sessions = self.tmp / temp_name("sessions")
         self._local = threading.local()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ setup
 
     def initialize(self) -> None:
-        """Create the layout and schema; clear ``tmp/`` of a previous run's leftovers."""
-        for d in (self.root, self.artifacts, self.tmp, self.cas.objects.objects, self.cas.manifest_dir):
+        """Create the layout and schema; sweep the temp files of servers that are no longer running."""
+        for d in (self.root, self.artifacts, self.tmp, self.cas.objects.objects, self.cas.objects.tmp,
+                  self.cas.manifest_dir):
             d.mkdir(parents=True, exist_ok=True)
-        for entry in self.tmp.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
-        (self.tmp / "sessions").mkdir(exist_ok=True)
+        self.sweep_temps()
         conn = self.conn()
         conn.executescript(_SCHEMA)
         row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -368,8 +368,16 @@ class RegistryStore:
             self._local.conn = conn
         return conn
 
+    def close(self) -> None:
+        """On a clean shutdown: drop this server's unfinished chunk-upload sessions (they die with it)."""
+        shutil.rmtree(self.sessions, ignore_errors=True)
+
     def new_temp(self, suffix: str = ".upload") -> Path:
-        return self.tmp / f"{secrets.token_hex(12)}{suffix}"
+        return self.tmp / temp_name("upload" + suffix)
+
+    def sweep_temps(self, *, dry_run: bool = False) -> SweepReport:
+        """Temp files and session dirs whose server process is gone (another live server keeps its own)."""
+        return sweep([self.root, self.tmp, self.cas.objects.tmp], dry_run=dry_run)
 
     # ------------------------------------------------------------------ reads
 
@@ -490,7 +498,7 @@ class RegistryStore:
     def session_dir(self, session: str) -> Path:
         if not SESSION_RE.match(session or ""):
             raise RegistryError(400, "invalid_session", "session must be the session_id negotiate returned")
-        return self.tmp / "sessions" / session
+        return self.sessions / session
 
     def negotiate(self, body: dict[str, Any]) -> dict[str, Any]:
         """Which chunks an uploader must send; also refuses a version conflict before any upload."""
@@ -596,7 +604,7 @@ class RegistryStore:
         target = sdir / f"{raw_hash}.zst"
         inserted = False
         if not target.exists():
-            tmp = sdir / f".{raw_hash}.{secrets.token_hex(4)}.tmp"
+            tmp = temp_path(target)
             tmp.write_bytes(frame)
             os.replace(tmp, target)
             inserted = True
@@ -604,7 +612,7 @@ class RegistryStore:
 
     def _sweep_sessions(self) -> None:
         cutoff = time.time() - SESSION_TTL_SECONDS
-        root = self.tmp / "sessions"
+        root = self.sessions
         for d in root.iterdir() if root.is_dir() else []:
             with contextlib.suppress(OSError):
                 if d.stat().st_mtime < cutoff:
@@ -676,7 +684,7 @@ class RegistryStore:
             for ref, source in items:
                 target = objects.path(ref.raw_hash)
                 undo.mkdirs(target.parent)
-                tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+                tmp = temp_path(target, objects.tmp)
                 if isinstance(source, Path):
                     os.link(source, tmp)
                 else:
@@ -742,7 +750,8 @@ class RegistryStore:
                 dest = self.artifact_path(scoped, upload.version, upload.file_name)
                 undo.mkdirs(dest.parent)
                 if dest.exists():
-                    raise RegistryError(500, "storage_error", f"artifact file {dest.name} exists without a release")
+                    # no release row names it, and commits are serialised: a commit that was killed left it
+                    dest.unlink()
                 os.link(upload.path, dest)
                 undo.files.append(dest)
                 fsync_dir(dest.parent)
@@ -759,6 +768,7 @@ class RegistryStore:
                      insp.readme_name, stamp, int(insp.signature.signed), insp.signature.key_id,
                      insp.signature.signed_at))
                 self._upsert_package(conn, upload, insp, stamp)
+                stop_point("registry.commit")  # crash tests: objects and artifact linked, rows not committed
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
 from pipeline.manifest import Manifest
@@ -504,7 +505,8 @@ def writable_paths(m: Manifest) -> list[Path]:
 
 def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Path]) -> None:
     """Rewrite every unit of ``launch`` into an engine exec request (files in a private 0700 dir)."""
-    request_dir = Path(tempfile.mkdtemp(prefix="requests-", dir=_ensure_private(paths.run_dir() / "requests")))
+    request_dir = _ensure_private(paths.run_dir() / "requests") / temp_name("requests")
+    os.mkdir(request_dir, 0o700)
     launch.request_dir = str(request_dir)
     launch.engine_path = str(engine)
     project = m.project_dir.resolve()

@@ -15,12 +15,12 @@ import os
 import posixpath
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path
 
 import zstandard
 
 from cas.digest import parse
+from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, AtoError
 from stages.artifact import open_capsule, toml_bytes, verify_capsule
@@ -100,7 +100,8 @@ def unpack_capsule(artifact: Path) -> tuple[Path, dict]:
     if (dest / COMPLETE).is_file():
         return dest, summary
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.", dir=dest.parent))
+    tmp = dest.parent / temp_name(key[:16])
+    os.mkdir(tmp, 0o700)
     try:
         with open(artifact, "rb") as fh:
             fh.seek(opened.payload_offset)

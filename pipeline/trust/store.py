@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.atomic import write_bytes_atomic
+from cas.tempfiles import sweep
 from pipeline import paths
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_INTEGRITY, E_INTERNAL, E_USAGE, AtoError
@@ -255,10 +256,8 @@ def save(store: TrustStore) -> None:
 
 
 def _remove_stale_temps(path: Path) -> None:
-    """Temp files of a writer that died before its rename (only called while holding the lock)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    """Temp files of a writer that died before its rename (cas.tempfiles: only those whose owner is gone)."""
+    sweep([path.parent])
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import blake3
 import pytest
 import zstandard
 
+from cas import tempfiles
 from tests.conftest import assert_schema
 
 MANIFEST = """\
@@ -158,7 +159,7 @@ def test_out_path(ato, tmp_path: Path) -> None:
 
 def _no_leftovers(project: Path) -> None:
     assert not list(project.rglob("*.capsule"))
-    assert not [p for p in project.rglob(".*.tmp")]
+    assert not list(tempfiles.find(project, recursive=True))
 
 
 @pytest.mark.parametrize(("manifest", "code", "fragment"), [

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cas import tempfiles
 from tests.conftest import cli_path
 from tests.e2e.registry_support import (
     TOKEN,
@@ -74,7 +75,7 @@ def test_20_concurrent_publishes_then_50_concurrent_installs(tmp_path: Path, reg
         installed = home / ".ato" / "store" / "local" / f"conc-{n:02d}" / "1.0.0" / f"conc-{n:02d}-1.0.0.capsule"
         assert digests(installed) == digests(artifacts[n])
     for home in consumers:  # no temp files left behind in the stores or CAS
-        leftovers = [p for p in (home / ".ato").rglob("*.tmp")]
+        leftovers = list(tempfiles.find(home / ".ato", recursive=True))
         assert leftovers == []
         verify = subprocess.run([cli_path("ato"), "cas", "verify", "--json"], capture_output=True, text=True,
                                 env={**os.environ, "HOME": str(home), "ATO_HOME": str(home / ".ato")})

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cas import tempfiles
 from pipeline import paths
 from tests.conftest import assert_schema, cli_path, forget_local_builds
 from tests.e2e.test_trust_cli import build, failure, gen_key, ok_json
@@ -94,7 +95,7 @@ def test_another_key_for_the_publisher_fails_closed(ato, registry: str, tmp_path
     assert "acme is pinned to" in err["message"] and other["key_id"] in err["message"]
     assert f"ato trust pin acme {other['key_id']} --replace" in err["details"]["hint"]
     assert not installed("1.1.0").exists()
-    assert not list(installed("1.1.0").parent.parent.glob("*/.*.tmp"))
+    assert not list(tempfiles.find(installed("1.1.0").parent.parent, recursive=True))
 
 
 def test_rotation_inside_the_overlap_installs_and_pins_the_new_key(ato, registry: str, tmp_path: Path) -> None:
