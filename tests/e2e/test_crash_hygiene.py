@@ -18,6 +18,7 @@ After the kill: the retry succeeds, ``ato cas verify`` is clean, no temp file is
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -117,7 +118,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     proc = subprocess.run([cli_path("ato"), "build", ".", "--json"], cwd=project, capture_output=True, text=True,
                           env={**os.environ, **home_env(root / "home")}, timeout=DEADLINE)
     assert proc.returncode == 0, proc.stderr
-    return (project / "crashy-0.1.0.capsule").read_bytes()
+    return Path(json.loads(proc.stdout)["artifact"]).read_bytes()
 
 
 @pytest.mark.parametrize("point", ["cas.publish-temps", "artifact.written"])
@@ -129,11 +130,11 @@ def test_build_killed_then_rebuilt_is_byte_identical(ato, tmp_path: Path, refere
     left = temps(ato_home)
     assert left, "the build was killed holding temp files"
     assert temps(project) == [], "the temp artifact is written outside the tree the build packs"
-    assert not (project / "crashy-0.1.0.capsule").exists()
+    assert not list(project.glob("*.capsule"))
 
     res = ato(["build", ".", "--json"], cwd=project, env=env)
     assert res.code == 0, res.stderr
-    assert (project / "crashy-0.1.0.capsule").read_bytes() == reference
+    assert Path(res.json()["artifact"]).read_bytes() == reference
     assert not any(p.exists() for p in left), "the next build sweeps what the killed one left"
     assert_cas_clean(ato, env)
     gc_leaves_no_temps(ato, env, ato_home, project)
@@ -144,10 +145,10 @@ def test_a_killed_builds_temp_artifact_in_the_project_is_never_packed(ato, tmp_p
     """Leftovers of older builds (and anything named like ato's temps) stay out of the payload."""
     project = crash_project(tmp_path / "p")
     (project / ".crashy-0.1.0.capsule.k3j2h1g0.tmp").write_bytes(os.urandom(1 << 20))  # an older ato's name
-    (project / tempfiles.temp_name("crashy-0.1.0.capsule")).write_bytes(os.urandom(1 << 20))
+    (project / tempfiles.temp_name("crashy.capsule")).write_bytes(os.urandom(1 << 20))
     res = ato(["build", ".", "--json"], cwd=project, env=home_env(tmp_path / "home"))
     assert res.code == 0, res.stderr
-    assert (project / "crashy-0.1.0.capsule").read_bytes() == reference
+    assert Path(res.json()["artifact"]).read_bytes() == reference
 
 
 def test_a_live_writers_temp_file_is_never_swept(ato, tmp_path: Path) -> None:
@@ -210,12 +211,12 @@ def test_install_killed_then_retried(ato, tmp_path: Path, registry, point: str) 
     ato_home = Path(env["ATO_HOME"])
     left = temps(ato_home)
     assert left
-    stored = ato_home / "store" / "local" / "crashy" / "0.1.0" / "crashy-0.1.0.capsule"
-    assert not stored.exists()
+    version_dir = ato_home / "store" / "local" / "crashy" / "0.1.0"
+    assert not list(version_dir.glob("*.capsule"))
 
     res = ato([*args, "--json"], env=env)
     assert res.code == 0, res.stderr
-    assert digests(stored) == digests(artifact)
+    assert digests(Path(res.json()["path"])) == digests(artifact)
     assert not any(p.exists() for p in left), "the next install sweeps what the killed one left"
     assert_cas_clean(ato, env)
     gc_leaves_no_temps(ato, env, ato_home)
