@@ -51,6 +51,16 @@ def capability_card(m: CapManifest) -> dict[str, Any]:
     }
 
 
+def publisher_entry(m: CapManifest) -> dict[str, Any] | None:
+    """The publisher as the registry records it: the claimed identity and method, and ``verified``
+    always false. Namespace verification does not exist locally, so a manifest's own
+    ``"verified": true`` is kept only as ``claimedVerified``, never as verified."""
+    if not isinstance(m.publisher, dict):
+        return None
+    claimed = {k: v for k in ("identity", "method") if isinstance(v := m.publisher.get(k), str)}
+    return {**claimed, "verified": False, "claimedVerified": m.publisher.get("verified") is True}
+
+
 def install_plan(m: CapManifest, source: dict[str, Any], files: dict[str, str] | None) -> dict[str, Any]:
     """The steps an installer would take; nothing here is executed."""
     steps: list[dict[str, Any]] = []
@@ -89,7 +99,7 @@ def compile_package(m: CapManifest, registry: Path, rv: Review) -> dict[str, Any
         "skills": list(m.skills),
         "mcp": {"servers": list(m.mcp_servers), "tools": list(m.mcp_tools)},
         "structuredOutput": m.structured_output is True,
-        "publisher": m.publisher,
+        "publisher": publisher_entry(m),
         "capabilityCard": card,
         "installPlan": install_plan(m, source, files),
         "review": rv.record(),

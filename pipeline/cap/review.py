@@ -23,7 +23,10 @@ from pipeline.cap.trials import TrialResult, run_trials
 from pipeline.errors import E_POLICY, AtoError
 
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")
+# Semantic Versioning 2.0.0 (semver.org), without a leading "v".
+SEMVER_RE = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+                       r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
+                       r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$")
 SNAKE_RE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 SUMMARY_MAX = 200
 
@@ -31,7 +34,7 @@ SUMMARY_MAX = 200
 BLOCKING: dict[str, str] = {
     "manifest.shape": "Manifest matches the cap-manifest.v0 shape",
     "package.id": 'Package id looks like "namespace/name"',
-    "package.version": "Package declares a version string",
+    "package.version": "Package version is a semantic version (MAJOR.MINOR.PATCH)",
     "package.summary": "Package declares a short one-line summary",
     "package.tasks": "Capability card declares at least one task",
     "install.backend": "Install metadata uses local-bin or single-file-url",
@@ -43,7 +46,7 @@ BLOCKING: dict[str, str] = {
     "mcp.tools": "MCP tool names use lower snake case",
     "skill.files": "Declared skill files exist with name and description frontmatter",
     "package.digest": "Executable package has a digest",
-    "trials.run": "Safe trials ran in isolation and exited 0",
+    "trials.run": "Safe trials ran in isolation, wrote only what they declare, and exited 0",
 }
 
 # Warnings: id -> message (present only when the warning applies).
@@ -52,6 +55,9 @@ WARNINGS: dict[str, str] = {
     "mcp.missing": "No MCP tools declared",
     "output.structured": "No structured output declaration",
     "pricing.unenforced": "Pricing metadata present but not enforced locally",
+    "trials.unsandboxed": "Safe trials ran without the bubblewrap sandbox (bwrap missing or unusable): undeclared "
+                          "writes to their private HOME, CAP_HOME and package copy were still caught, but the host "
+                          "filesystem and network were not shielded",
 }
 
 
@@ -116,7 +122,9 @@ def _id(m: CapManifest) -> list[str] | str:
 
 
 def _version(m: CapManifest) -> list[str] | str:
-    return [] if VERSION_RE.match(m.version) else ["Package version must be a non-empty version string"]
+    if SEMVER_RE.match(m.version):
+        return []
+    return [f'Package version must be a semantic version like 1.0.0 (MAJOR.MINOR.PATCH), not "{m.version}"']
 
 
 def _summary(m: CapManifest) -> list[str] | str:
@@ -233,12 +241,14 @@ def _trials_check(trials: list[TrialResult] | None) -> Check:
     if trials is None:
         return Check("trials.run", "skip", "skipped: not requested (pass --run-trials)")
     failed = [f'Safe trial "{t.command}" failed: {t.reason}' for t in trials if t.status == "failed"]
-    ran = sum(t.status == "passed" for t in trials)
+    ran = [t for t in trials if t.status == "passed"]
     if failed:
         return Check("trials.run", "fail", failed[0], failed)
     if not ran:
         return Check("trials.run", "skip", "skipped: no trial could run locally")
-    return Check("trials.run", "pass", f"{ran} safe trial(s) ran in isolation and exited 0")
+    how = "in the bubblewrap sandbox" if all(t.sandbox == "bubblewrap" for t in ran) else "in isolation (no sandbox)"
+    return Check("trials.run", "pass", f"{len(ran)} safe trial(s) ran {how}, wrote only what they declare, "
+                                        "and exited 0")
 
 
 def warnings_for(m: CapManifest) -> list[str]:
@@ -247,6 +257,7 @@ def warnings_for(m: CapManifest) -> list[str]:
         "mcp.missing": not m.mcp_tools,
         "output.structured": m.structured_output is not True,
         "pricing.unenforced": m.has_pricing,
+        "trials.unsandboxed": False,  # added by review() when trials ran without the sandbox
     }
     return [w for w in WARNINGS if found[w]]
 
@@ -256,7 +267,10 @@ def review(m: CapManifest, trials: list[TrialResult] | None = None) -> Review:
     checks = [Check("manifest.shape", "pass", BLOCKING["manifest.shape"])]
     checks += [_outcome(cid, fn(m)) for cid, fn in STATIC_CHECKS.items()]
     checks.append(_trials_check(trials))
-    return Review(checks, warnings_for(m), trials)
+    warnings = warnings_for(m)
+    if any(t.sandbox == "none" for t in trials or []):
+        warnings.append("trials.unsandboxed")
+    return Review(checks, warnings, trials)
 
 
 def shape_failure(problems: list[str]) -> Review:

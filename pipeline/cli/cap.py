@@ -27,7 +27,7 @@ from pipeline.cap.manifest import (
     read_manifest,
 )
 from pipeline.cap.review import Review, review, review_document
-from pipeline.cap.trials import DEFAULT_TIMEOUT
+from pipeline.cap.trials import DEFAULT_TIMEOUT, run_trials
 from pipeline.cli.common import State, _json_callback, emit, json_mode, json_option, run_cli, warn
 from pipeline.cli.help import AtoGroup, examples
 from pipeline.envelope import dumps, validate
@@ -43,6 +43,11 @@ def manifest_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 def registry_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--registry", "registry", default=reg.DEFAULT_REGISTRY, show_default=True, metavar="FILE",
                         help="The filesystem registry JSON file.")(fn)
+
+
+def trial_timeout_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--trial-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT,
+                        show_default=True, metavar="SECONDS", help="Seconds before a safe trial is killed.")(fn)
 
 
 def _human_warnings(warnings: list[dict[str, str]]) -> None:
@@ -139,10 +144,8 @@ def _review_text(rv: Review, label: str) -> str:
 @manifest_option
 @registry_option
 @click.option("--run-trials", "run_trials_flag", is_flag=True,
-              help="Run local-bin safe trials in an isolated environment.")
-@click.option("--trial-timeout", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT, show_default=True,
-              metavar="SECONDS",
-              help="Seconds before a trial is killed.")
+              help="Run local-bin safe trials in the sandbox (cap publish always does).")
+@trial_timeout_option
 @json_option
 def review_cmd(manifest: Path, registry: str, run_trials_flag: bool, trial_timeout: float) -> None:
     """Run the local preflight: every blocking check and warning.
@@ -179,17 +182,23 @@ def review_cmd(manifest: Path, registry: str, run_trials_flag: bool, trial_timeo
 @click.option("--local", "local", is_flag=True, help="Publish into a filesystem registry (the only kind today).")
 @manifest_option
 @registry_option
-@click.option("--dry-run", is_flag=True, help="Decide everything, write nothing.")
+@click.option("--dry-run", is_flag=True, help="Decide everything (safe trials included), write nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing id@version.")
+@trial_timeout_option
 @json_option
-def publish_cmd(local: bool, manifest: Path, registry: str, dry_run: bool, force: bool) -> None:
-    """Review, compile and write the package into the local registry JSON."""
+def publish_cmd(local: bool, manifest: Path, registry: str, dry_run: bool, force: bool,
+                trial_timeout: float) -> None:
+    """Review, compile and write the package into the local registry JSON.
+
+    The review is the same as `cap review --run-trials`: every blocking check, and the safe trials
+    run. A failing check or trial publishes nothing.
+    """
     if not local:
         raise AtoError(E_USAGE, "Remote publish is not implemented",
                        hint="pass --local; hosted publishing is future marketplace work")
     registry_path = reg.registry_path(registry)
     m = load(manifest)
-    rv = review(m)
+    rv = review(m, run_trials(m, trial_timeout))
     if not rv.passed:
         raise rv.error()
     package = compile_package(m, registry_path, rv)
@@ -205,6 +214,7 @@ def publish_cmd(local: bool, manifest: Path, registry: str, dry_run: bool, force
         "packages": count,
         "package": package,
         "warnings": rv.warnings_json(),
+        "trials": {"ran": True, "timeout_s": trial_timeout, "results": [t.to_json() for t in rv.trials or []]},
     }
     _human_warnings(out["warnings"])
     verb = {"added": "published", "replaced": "replaced"}[action]

@@ -61,7 +61,11 @@ def test_seed_quick_start(tmp_path: Path, cap) -> None:
     assert res.code == 0, res.stderr
     published = res.json()
     assert_schema(published, "cap-publish")
-    assert published["package"] == dry["package"] == preview["package"]
+    assert published["package"] == dry["package"]
+    # publish runs the safe trials (preview compiles without running anything): only that differs
+    assert published["package"]["review"]["trials"] == "passed" and preview["package"]["review"]["trials"] == "not-run"
+    assert {**published["package"], "review": None} == {**preview["package"], "review": None}
+    assert [(t["command"], t["status"]) for t in published["trials"]["results"]] == [("my-tool --help", "passed")]
 
     registry = json.loads((pkg / REGISTRY).read_text())
     assert registry["schema"] == "cap-registry.v0"
@@ -118,6 +122,9 @@ TROUBLE: dict[str, tuple[dict[str, Any], str]] = {
                  "Declared bin path does not exist"),
     "sha-pin": (url_manifest(source={"url": "https://example.com/downloaded-tool"}),
                 "single-file-url packages must pin install.source.sha256"),
+    "not-semver": (base_manifest(version="1.0"), 'Package version must be a semantic version like 1.0.0'),
+    "v-prefix": (base_manifest(version="v1.0.0"), 'Package version must be a semantic version like 1.0.0'),
+    "word": (base_manifest(version="latest"), 'Package version must be a semantic version like 1.0.0'),
 }
 
 
@@ -131,6 +138,50 @@ def test_manifest_errors_block_publish(tmp_path: Path, cap, case: str, as_json: 
     _fails(res, message, as_json)
     assert res.stdout == ""
     assert not (pkg / "registry").exists(), "a refused publish writes nothing"
+
+
+TRIAL_FAILURES = {
+    "exit-code": ("#!/bin/sh\necho broken >&2\nexit 3\n", 'Safe trial "my-tool --help" failed: exited with code 3'),
+    "undeclared-write": ("#!/bin/sh\necho state > \"$HOME/.my-tool-state\"\necho usage\n",
+                         'Safe trial "my-tool --help" failed: wrote outside its declared writes: ~/.my-tool-state'),
+}
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["publish", "dry-run"])
+@pytest.mark.parametrize("case", list(TRIAL_FAILURES))
+def test_a_failing_safe_trial_blocks_publish(tmp_path: Path, cap, case: str, dry_run: bool) -> None:
+    """cap publish --local runs the same blocking review as cap review --run-trials."""
+    script, message = TRIAL_FAILURES[case]
+    pkg = make_package(tmp_path / "pkg", script=script)
+    write_manifest(pkg, base_manifest())
+    assert cap(["review"], cwd=pkg).code == 0  # the static checks alone pass
+    review = cap(["review", "--run-trials", "--json"], cwd=pkg)
+    assert review.code == 1 and review.json()["checks"][-1]["message"] == message
+    res = cap(["publish", "--local", "--registry", REGISTRY, "--json"] + (["--dry-run"] if dry_run else []), cwd=pkg)
+    _fails(res, message, True)
+    assert json.loads(res.stderr)["error"]["details"]["failed"] == ["trials.run"]
+    assert not (pkg / "registry").exists()
+    # declaring the write makes the same package publishable
+    if case == "undeclared-write":
+        write_manifest(pkg, base_manifest(safeTrials=[
+            {"command": "my-tool --help", "writes": ["~/.my-tool-state"], "network": []}]))
+        ok = cap(["publish", "--local", "--registry", REGISTRY, "--json"], cwd=pkg)
+        assert ok.code == 0, ok.stderr
+        assert_schema(ok.json(), "cap-publish")
+        assert ok.json()["trials"]["results"][0]["status"] == "passed"
+
+
+def test_a_self_asserted_verified_publisher_is_never_recorded_as_verified(tmp_path: Path, cap) -> None:
+    pkg = make_package(tmp_path / "pkg")
+    write_manifest(pkg, base_manifest(publisher={"verified": True, "identity": "github:acme",
+                                                 "method": "github-org", "badge": "verified"}))
+    res = cap(["publish", "--local", "--registry", REGISTRY, "--json"], cwd=pkg)
+    assert res.code == 0, res.stderr
+    [entry] = json.loads((pkg / REGISTRY).read_text())["packages"]
+    assert entry["publisher"] == {"identity": "github:acme", "method": "github-org", "verified": False,
+                                  "claimedVerified": True}
+    assert entry["capabilityCard"]["publisher"]["verified"] is False
+    assert '"verified": true' not in (pkg / REGISTRY).read_text()
 
 
 def test_review_reports_the_failure_and_exits_non_zero(tmp_path: Path, cap) -> None:
