@@ -500,7 +500,7 @@ def workflow_check(project_dir: Path) -> dict[str, Any]:
     missing = [what for what, needles in (
         ("permissions id-token: write", ("id-token: write",)),
         ("a push trigger on v*.*.* tags", ("push:", "tags:", "v*.*.*")),
-        ("a pinned, checksum-verified ato install", ("ATO_VERSION", "sha256sum -c")),
+        ("a pinned, hash-checked ato install", ("ATO_VERSION", "--require-hashes")),
         ("`ato publish --ci`", ("ato publish --ci",))) if not all(n in text for n in needles)]
     if missing:
         return {"stage": "workflow_check", "ok": False,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,29 +26,11 @@ def _build(project_dir: Path, force_large_payload: bool, signing_key=None) -> di
 
 
 def _fix_workflow(project_dir: Path) -> tuple[dict[str, Any], int]:
-    """``--fix``: write the official workflow once (gen-ci's code path). Reuses the pinned version/checksum of
-    an existing workflow; otherwise fetches the release checksum (the only network request)."""
+    """``--fix``: write the official workflow (gen-ci's code path): from the pins an existing workflow
+    carries, without the network, or locked afresh from the package index."""
     from pipeline.cli import gen_ci
-    from stages.publish import WORKFLOW_FILE
 
-    path = project_dir / WORKFLOW_FILE
-    version = checksum = None
-    try:
-        text = path.read_text("utf-8")
-        v = re.search(r'ATO_VERSION:\s*"?([^"\s]+)"?', text)
-        c = re.search(r'ATO_CHECKSUM:\s*"?([0-9a-fA-F]{64})"?', text)
-        version, checksum = (v.group(1) if v else None), (c.group(1).lower() if c else None)
-    except (OSError, UnicodeDecodeError):
-        pass
-    requests = 0
-    if not version or not checksum:
-        from pipeline.cli.main import _version
-
-        version = _version()
-        checksum = gen_ci.fetch_checksum(version)
-        requests = 1
-    written, state = gen_ci.write_workflow(project_dir, version, checksum)
-    return {"applied": state != "unchanged", "path": str(written), "state": state}, requests
+    return gen_ci.fix_workflow(project_dir)
 
 
 @click.command("publish", epilog=examples("ATO_TOKEN=pwd ato publish --artifact ./<name>.capsule --registry http://127.0.0.1:18787",

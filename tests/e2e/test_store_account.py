@@ -3,11 +3,8 @@ search and inspect with ATO_STORE_API_URL as the default registry, and gen-ci.""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import json
 import stat
-import threading
 from pathlib import Path
 
 import pytest
@@ -108,66 +105,46 @@ def test_search_and_inspect_default_to_store_api_url(ato, store: Registry, tmp_p
     assert err["error"]["code"] == "TARGET_NOT_FOUND"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # noqa: D401
-        pass
+def test_gen_ci_needs_a_capsule_toml_and_locks_from_the_index(ato, tmp_path: Path) -> None:
+    """The install itself is proven in test_gen_ci.py; here: the refusal and the idempotent rewrite."""
+    from tests.e2e.pyindex_support import SimpleIndex, listing_only
 
-
-@pytest.fixture
-def release_server(tmp_path: Path):
-    root = tmp_path / "releases"
-    asset = b"fake ato release"
-    digest = hashlib.sha256(asset).hexdigest()
-    d = root / "ato" / "releases" / "9.9.9"
-    d.mkdir(parents=True)
-    (d / "SHA256SUMS").write_text(f"{'0' * 64}  other.tar.xz\n{digest} *ato-cli-x86_64-unknown-linux-gnu.tar.xz\n")
-
-    def handler(*a, **kw):
-        return _Quiet(*a, directory=str(root), **kw)
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", digest
-    srv.shutdown()
-    srv.server_close()
-
-
-def test_gen_ci_writes_a_valid_pinned_workflow_idempotently(ato, tmp_path: Path, release_server) -> None:
-    base, digest = release_server
-    project = make_project(tmp_path / "ci-app", "ci-app")
     res = ato(["gen-ci"], cwd=tmp_path)  # no capsule.toml here
     assert res.code == 1 and "capsule.toml not found" in res.stderr
-
-    env = {"ATO_RELEASE_BASE_URL": base}
-    res = ato(["gen-ci", "--ato-version", "9.9.9", "--json"], cwd=project, env=env)
-    assert res.code == 0, res.stderr
-    doc = res.json()
-    assert_schema(doc, "gen-ci")
-    assert doc["state"] == "generated" and doc["checksum"] == digest
-    path = project / ".github" / "workflows" / "ato-publish.yml"
-    wf = yaml.safe_load(path.read_text())
-    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
-    assert on["push"]["tags"] == ["v*.*.*"] and "workflow_dispatch" in on
-    job = wf["jobs"]["publish"]
-    assert job["runs-on"] == "ubuntu-latest"
-    assert job["permissions"] == {"contents": "read", "id-token": "write"}
-    steps = job["steps"]
-    assert steps[0]["uses"] == "actions/checkout@v4"
-    install = next(s for s in steps if s["name"].startswith("Install Ato CLI"))
-    assert install["env"] == {"ATO_VERSION": "9.9.9", "ATO_CHECKSUM": digest}
-    assert "sha256sum -c" in install["run"] and base in install["run"]
-    assert steps[-1]["run"] == "ato publish --ci"
-    for step in steps:
-        assert ("uses" in step) != ("run" in step)
-
-    mtime = path.stat().st_mtime_ns
-    again = ato(["gen-ci", "--ato-version", "9.9.9", "--json"], cwd=project, env=env)
-    assert again.code == 0 and again.json()["state"] == "unchanged"
-    assert path.stat().st_mtime_ns == mtime
-    changed = ato(["gen-ci", "--ato-version", "9.9.9", "--checksum", "a" * 64, "--json"], cwd=project)
-    assert changed.code == 0 and changed.json()["state"] == "updated"
-
-    missing = ato(["gen-ci", "--ato-version", "1.2.3"], cwd=project, env=env)
-    assert missing.code == 3 and "release checksums not available" in missing.stderr
+    project = make_project(tmp_path / "ci-app", "ci-app")
+    index = SimpleIndex(tmp_path, page=listing_only)
+    try:
+        res = ato(["gen-ci", "--index-url", index.url, "--python", "3.11", "--json"], cwd=project)
+        assert res.code == 0, res.stderr
+        doc = res.json()
+        assert_schema(doc, "gen-ci")
+        assert doc["state"] == "generated" and doc["python"] == "3.11" and doc["index_url"] == index.url
+        path = project / ".github" / "workflows" / "ato-publish.yml"
+        wf = yaml.safe_load(path.read_text())
+        on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+        assert on["push"]["tags"] == ["v*.*.*"] and "workflow_dispatch" in on
+        job = wf["jobs"]["publish"]
+        assert job["runs-on"] == "ubuntu-latest"
+        assert job["permissions"] == {"contents": "read", "id-token": "write"}
+        steps = job["steps"]
+        assert steps[0]["uses"] == "actions/checkout@v4"
+        assert steps[1]["uses"] == "actions/setup-python@v5" and steps[1]["with"] == {"python-version": "3.11"}
+        assert steps[-1]["run"] == "ato publish --ci"
+        for step in steps:
+            assert ("uses" in step) != ("run" in step)
+        mtime = path.stat().st_mtime_ns
+        again = ato(["gen-ci", "--index-url", index.url, "--python", "3.11", "--json"], cwd=project)
+        assert again.code == 0 and again.json()["state"] == "unchanged"
+        assert path.stat().st_mtime_ns == mtime
+        changed = ato(["gen-ci", "--index-url", index.url, "--python", "3.12", "--json"], cwd=project)
+        assert changed.code == 0 and changed.json()["state"] == "updated"
+        for bad in (["--index-url", "ftp://x/simple"], ["--python", "3"]):
+            res = ato(["gen-ci", *bad], cwd=project)
+            assert res.code == 1 and "E100" in res.stderr and "must" in res.stderr, res.stderr
+    finally:
+        index.close()
+    gone = ato(["gen-ci", "--index-url", index.url], cwd=project)  # the index is down
+    assert gone.code == 3 and "network error" in gone.stderr
 
 
 def test_interactive_login_on_a_tty(store: Registry, isolated_home: Path) -> None:

@@ -117,25 +117,10 @@ def test_publish_ci_with_oidc(ato, store: Registry, tmp_path: Path) -> None:
 
 
 def test_official_handoff_diagnoses_and_fix_writes_the_workflow(ato, tmp_path: Path) -> None:
-    import hashlib
-    import http.server
-    import threading
+    from tests.e2e.pyindex_support import SimpleIndex, listing_only
 
-    root = tmp_path / "releases"
-    from pipeline.cli.main import _version
-
-    (root / "ato" / "releases" / _version()).mkdir(parents=True)
-    digest = hashlib.sha256(b"x").hexdigest()
-    (root / "ato" / "releases" / _version() / "SHA256SUMS").write_text(
-        f"{digest}  ato-cli-x86_64-unknown-linux-gnu.tar.xz\n")
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: Quiet(*a, directory=str(root), **k))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    index = SimpleIndex(tmp_path, page=listing_only)  # stands in for PyPI's simple API
     try:
-        base = f"http://127.0.0.1:{srv.server_address[1]}"
         project = make_project(tmp_path / "official", "official-app", "2.0.0")
         no_net = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": "127.0.0.1"}
         res = ato(["publish", "--registry", "https://api.ato.run", "--json"], cwd=project, env=no_net)
@@ -148,16 +133,18 @@ def test_official_handoff_diagnoses_and_fix_writes_the_workflow(ato, tmp_path: P
         assert text.code == 1 and "FAIL workflow_check" in text.stdout and "error[E230]" in text.stderr
         assert ato(["publish", "--no-tui", "--ci"], cwd=project).code == 1
 
-        env = {**no_net, "ATO_RELEASE_BASE_URL": base}
+        # --fix locks afresh from the default index ($PIP_INDEX_URL, else PyPI): one request per package
+        env = {**no_net, "PIP_INDEX_URL": index.url}
         res = ato(["publish", "--registry", "https://api.ato.run", "--fix", "--json"], cwd=project, env=env)
         assert res.code == 0, res.stderr
         doc = res.json()
         assert_schema(doc, "publish")
         assert doc["ok"] is True
         h = doc["handoff"]
-        assert h["fix"]["state"] == "generated" and h["network_requests"] == 1 and h["diagnosis"][0]["ok"] is True
+        assert h["fix"]["state"] == "generated" and h["diagnosis"][0]["ok"] is True
         wf = project / ".github" / "workflows" / "ato-publish.yml"
-        assert digest in wf.read_text()
+        assert h["network_requests"] == wf.read_text().count("==") > 10
+        assert "--require-hashes" in wf.read_text() and index.url in wf.read_text()
         # a damaged workflow is repaired from its own pins, without the network
         wf.write_text(wf.read_text().replace("      id-token: write\n", ""))
         res = ato(["publish", "--registry", "https://api.ato.run", "--fix", "--json"], cwd=project, env=no_net)
@@ -167,5 +154,4 @@ def test_official_handoff_diagnoses_and_fix_writes_the_workflow(ato, tmp_path: P
         res = ato(["publish", "--registry", "https://api.ato.run", "--fix", "--json"], cwd=project, env=no_net)
         assert res.json()["handoff"]["fix"] is None
     finally:
-        srv.shutdown()
-        srv.server_close()
+        index.close()
