@@ -4,12 +4,10 @@ exact version) and its restore, and an index written before those columns existe
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import warnings
 from pathlib import Path
 
-import blake3
 import pytest
 
 with warnings.catch_warnings():
@@ -20,9 +18,7 @@ from pipeline.registry.server import create_app
 from pipeline.registry.storage import RegistryStore
 from stages.sign import generate_key, short_fingerprint, sign_artifact
 from tests.e2e.registry_support import forge_capsule
-
-TOKEN = "s3cret"
-AUTH = {"authorization": f"Bearer {TOKEN}"}
+from tests.test_registry_server import AUTH, TOKEN, upload
 
 
 @pytest.fixture
@@ -39,10 +35,7 @@ def client(store: RegistryStore):
 
 
 def put(client: TestClient, path: Path, p: str, s: str, v: str) -> None:
-    data = path.read_bytes()
-    headers = {**AUTH, "x-ato-sha256": hashlib.sha256(data).hexdigest(),
-               "x-ato-blake3": blake3.blake3(data).hexdigest()}
-    r = client.put(f"/v1/local/capsules/{p}/{s}/{v}", content=data, headers=headers)
+    r = upload(client, path.read_bytes(), p, s, v)
     assert r.status_code == 201, r.text
 
 
@@ -135,12 +128,12 @@ def test_yank_hides_from_search_and_latest_but_keeps_exact_downloads(client: Tes
 
 
 def test_an_index_from_before_signer_and_yank_columns_is_brought_up_to_date(tmp_path: Path) -> None:
-    store = RegistryStore(tmp_path / "data")
-    store.initialize()
-    with TestClient(create_app(store, TOKEN, "http://127.0.0.1:1")) as c:
+    first = RegistryStore(tmp_path / "data")
+    first.initialize()
+    with TestClient(create_app(first, TOKEN, "http://127.0.0.1:1")) as c:
         publish(c, tmp_path, "old-signed", "1.0.0", generate_key())
         publish(c, tmp_path, "old-plain", "1.0.0")
-    db = sqlite3.connect(store.db_path)
+    db = sqlite3.connect(first.db_path)
     for col in ("signed", "signer_key_id", "signed_at", "yanked_at"):
         db.execute(f"ALTER TABLE releases DROP COLUMN {col}")
     db.commit()

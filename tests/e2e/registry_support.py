@@ -140,9 +140,14 @@ port = 8080
 
 
 def make_project(root: Path, name: str, version: str = "0.1.0", *, description: str = "a test capsule",
-                 files: dict[str, bytes] | None = None) -> Path:
+                 files: dict[str, bytes] | None = None, metadata: str | None = None) -> Path:
+    """A python capsule project; ``metadata`` is the body of a ``[metadata]`` table, and ``files`` (a
+    README.md among them) are written last."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "capsule.toml").write_text(MANIFEST.format(name=name, version=version, description=description))
+    manifest = MANIFEST.format(name=name, version=version, description=description)
+    if metadata:
+        manifest += f"\n[metadata]\n{metadata.strip()}\n"
+    (root / "capsule.toml").write_text(manifest)
     (root / "main.py").write_text(f"print('hello from {name}')\n")
     (root / "README.md").write_text(f"# {name}\n\nThe {name} capsule.\n")
     for rel, data in (files or {}).items():

@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import blake3
@@ -24,19 +22,12 @@ import httpx
 import pytest
 
 from tests.conftest import _run, assert_schema
-from tests.e2e.registry_support import TOKEN, Registry, forge_capsule
+from tests.e2e.browser_support import chrome, require_chromium
+from tests.e2e.registry_support import TOKEN, Registry, forge_capsule, make_project
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+require_chromium()
 
-if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-    if os.environ.get("CI"):
-        raise RuntimeError("chromium and chromium-driver are required (make system-deps installs them)")
-    pytest.skip("chromium/chromedriver not installed (run `make system-deps`)", allow_module_level=True)
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -64,25 +55,11 @@ ato run ada/signed-app --registry http://127.0.0.1
 <img src="x.png" onerror="window.__pwned = true">
 """
 
-MANIFEST = """\
-schema_version = "0.2"
-name = "{name}"
-version = "{version}"
-type = "app"
-default_target = "default"
-description = "{description}"
-
-[metadata]
-author = "Ada Lovelace"
+METADATA = """
+author = "{author}"
 tags = ["demo", "signed", "web"]
 homepage = "https://example.org/signed-app"
 repository = "https://github.com/ada/signed-app"
-
-[targets.default]
-runtime = "source"
-driver = "python"
-entrypoint = "main.py"
-port = 8080
 """
 
 
@@ -125,21 +102,14 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     try:
         key = cli(env, "key", "gen", "--out", str(root / "signer.json"), "--json")
         for version in ("1.0.0", "1.1.0"):
-            proj = root / f"signed-app-{version}"
-            proj.mkdir()
-            (proj / "capsule.toml").write_text(MANIFEST.format(name="signed-app", version=version,
-                                                               description="A signed capsule with a README"))
-            (proj / "main.py").write_text("print('hello')\n")
-            (proj / "README.md").write_text(README)
+            proj = make_project(root / f"signed-app-{version}", "signed-app", version,
+                                description="A signed capsule with a README",
+                                metadata=METADATA.format(author="Ada Lovelace"), files={"README.md": README.encode()})
             built = cli(env, "build", str(proj), "--key", str(root / "signer.json"), "--json")
             assert built["signed"] is True
             cli(env, "publish", "--artifact", built["artifact"], "--registry", reg.url, "--json")
-        plain = root / "plain-app"
-        plain.mkdir()
-        (plain / "capsule.toml").write_text(MANIFEST.format(name="plain-app", version="0.1.0",
-                                                            description="Nobody signed this one")
-                                            .replace('author = "Ada Lovelace"', 'author = "Bob"'))
-        (plain / "main.py").write_text("print('plain')\n")
+        plain = make_project(root / "plain-app", "plain-app", "0.1.0", description="Nobody signed this one",
+                             metadata=METADATA.format(author="Bob"))
         built = cli(env, "build", str(plain), "--json")
         assert built["signed"] is False
         cli(env, "publish", "--artifact", built["artifact"], "--registry", reg.url, "--json")
@@ -155,21 +125,14 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome-profile'}",
-                 "--window-size=1280,1000", "--lang=en-US"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    yield from chrome(tmp_path / "chrome-profile")
 
 
-def wait(driver, seconds: float = 20) -> WebDriverWait:
-    return WebDriverWait(driver, seconds)
+def wait(driver, seconds: float = 30) -> WebDriverWait:
+    """Polls until true; the page re-renders after every change, so an element found a moment ago may
+    be gone by the time it is read: that is "not yet", not a failure."""
+    return WebDriverWait(driver, seconds, ignored_exceptions=(NoSuchElementException,
+                                                              StaleElementReferenceException))
 
 
 def screenshot(driver, path: Path, full_page: bool = True) -> None:
@@ -417,6 +380,8 @@ def test_the_token_holder_yanks_restores_and_deletes(site: Site, browser, tmp_pa
     browser.find_element(By.CSS_SELECTOR, '.yank[data-version="2.0.0"]').click()  # now "Restore"
     wait(browser).until(EC.element_to_be_clickable((By.ID, "confirm-ok"))).click()
     wait(browser).until(lambda d: site.api("/v1/capsules/by/local/doomed-app")["latest_version"] == "2.0.0")
+    wait(browser).until(lambda d: "yanked" not in d.find_element(  # the page has re-rendered
+        By.CSS_SELECTOR, '#versions tr[data-version="2.0.0"]').get_attribute("class"))
 
     # delete one version, then the capsule
     wait(browser).until(EC.element_to_be_clickable((By.CSS_SELECTOR, '.delete-version[data-version="1.0.0"]'))).click()

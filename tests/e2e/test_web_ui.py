@@ -7,26 +7,16 @@ sees it persisted after a reload and through the API.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.e2e.browser_support import chrome, require_chromium
 from tests.e2e.registry_support import TOKEN, Registry, build_in_process, make_project
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+require_chromium()
 
-if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
-    if os.environ.get("CI"):
-        raise RuntimeError("chromium and chromium-driver are required (make system-deps installs them)")
-    pytest.skip("chromium/chromedriver not installed (run `make system-deps`)", allow_module_level=True)
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -45,16 +35,7 @@ def registry(tmp_path: Path, ato):
 
 @pytest.fixture
 def browser(tmp_path: Path):
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'chrome-profile'}", "--window-size=1280,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    yield from chrome(tmp_path / "chrome-profile")
 
 
 def test_catalog_search_detail_and_runtime_config(registry: Registry, browser, tmp_path: Path) -> None:
