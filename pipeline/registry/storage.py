@@ -418,8 +418,9 @@ class RegistryStore:
         """One page of the capsules matching ``q`` (newest update first), the total count, and the opaque
         cursor of the next page. Capsules whose every version is yanked are not listed.
 
-        The cursor names the last row shown (keyset paging), so a publish between two pages neither
-        repeats nor skips a row; it is bound to its query. A plain decimal cursor (what the reference
+        The cursor names the last row shown (keyset paging), so a capsule published between two pages
+        does not shift the next page (an offset would show a row twice); one updated meanwhile moves to
+        the front. The cursor is bound to its query. A plain decimal cursor (what the reference
         server hands out) is still read as an offset."""
         text = q.strip().lower()
         where = [_VISIBLE]
