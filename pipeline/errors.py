@@ -88,6 +88,8 @@ _ROWS = [
     ErrorCode("ATO_ERR_PROCESS_STUCK", EXIT_RUNTIME, "a capsule process did not stop when asked", "E305"),
     ErrorCode("ATO_ERR_PORT_IN_USE", EXIT_USER, "the port the capsule needs is already in use", "E301"),
     ErrorCode("ATO_ERR_NETWORK", EXIT_NETWORK, "a download host could not be reached", "E900"),
+    ErrorCode("ATO_ERR_PERMISSION_DENIED", EXIT_USER, "a Tier 1 program needed a permission (net, read, write, "
+                                                      "env, run, ...) its manifest does not grant", "E301"),
 ]
 
 CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}

@@ -346,3 +346,120 @@ def test_engine_binary_is_executable_after_install_layout(tmp_path):
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     assert engines._usable(path) is None
     assert engines._usable(tmp_path) == "is not a regular file"
+
+
+def test_a_service_without_a_probe_is_ready_at_spawn_so_its_dependants_start_at_once(tmp_path):
+    """The semantics the DAG e2e test relies on: no readiness contract means ready when spawned."""
+    events: list[tuple[str, str]] = []
+    marker = tmp_path / "b-started"
+    units = [lifecycle.Unit("a", "service", ["/bin/sh", "-c", "sleep 30"], {}, str(tmp_path)),
+             lifecycle.Unit("b", "service", ["/bin/sh", "-c", f"touch {marker}; sleep 30"], {}, str(tmp_path),
+                            depends_on=["a"], entry=True)]
+    runner = lifecycle.Runner(units, prefix=True, out=io.BytesIO(), err=io.BytesIO(), grace=1,
+                              on_event=lambda kind, data: events.append((kind, data.get("name", ""))))
+
+    def stop_when_b_runs() -> None:
+        deadline = __import__("time").monotonic() + 30
+        while not marker.exists() and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.02)
+        runner.request_stop(15)
+    threading.Thread(target=stop_when_b_runs, daemon=True).start()
+    assert runner.run() == 128 + 15
+    # a is ready right after it is spawned (before anything else happens), and b starts only then
+    assert events[:4] == [("started", "a"), ("ready", "a"), ("started", "b"), ("ready", "b")]
+
+
+def _planner(tmp_path: Path, text: str):
+    from pipeline.runtime import drivers
+    from pipeline.runtime.resolve import Overrides
+
+    m = manifest(text, tmp_path)
+    return drivers.Planner(m, route(m), Overrides(), drivers.Options(dangerous=True))
+
+
+SEED_003_LIFECYCLE = """\
+[tasks.install]
+cmd = "npm ci"
+[services.app]
+cmd = "npm start"
+depends_on = ["install"]
+readiness_probe = { http_get = "/health", port = "APP_PORT" }
+[lifecycle]
+run = "app"
+"""
+
+
+def test_probe_port_names_an_env_var_that_ato_allocates_and_the_url_tells_the_truth(tmp_path):
+    text = """\
+schema_version = "1.1"
+name = "ports"
+version = "0.1.0"
+type = "app"
+
+[execution]
+runtime = "source"
+driver = "native"
+entrypoint = "run.sh"
+""" + SEED_003_LIFECYCLE.replace("npm ci", "/bin/true").replace("npm start", "/bin/true")
+    launch = _planner(tmp_path, text).build()
+    app = next(u for u in launch.units if u.name == "app")
+    port = int(app.env["APP_PORT"])
+    assert app.env["PORT"] == str(port)  # the entry's PORT and its probe agree
+    assert launch.port == port and launch.url == f"http://127.0.0.1:{port}/" and app.url == launch.url
+    assert port in launch.listen_ports
+
+
+def test_a_declared_probe_port_wins_and_is_what_the_url_shows(tmp_path):
+    text = """\
+schema_version = "0.2"
+name = "ports"
+version = "0.1.0"
+type = "app"
+default_target = "web"
+
+[targets.web]
+runtime = "source"
+driver = "native"
+entrypoint = "run.sh"
+port = 4100
+
+[services.main]
+entrypoint = "/bin/true"
+env = { APP_PORT = "4177" }
+readiness_probe = { http_get = "/", port = "APP_PORT" }
+
+[services.api]
+entrypoint = "/bin/true"
+readiness_probe = { tcp_connect = "127.0.0.1", port = "API_PORT" }
+"""
+    launch = _planner(tmp_path, text).build()
+    main = next(u for u in launch.units if u.name == "main")
+    api = next(u for u in launch.units if u.name == "api")
+    assert main.env["PORT"] == "4100" and main.env["APP_PORT"] == "4177"
+    assert launch.url == "http://127.0.0.1:4177/" and launch.port == 4177
+    assert api.env["API_PORT"].isdigit() and "PORT" not in {k for k in api.env if k == "PORT" and k not in
+                                                            os.environ}
+    assert sorted(launch.listen_ports) == sorted({4177, int(api.env["API_PORT"])})
+
+
+def test_a_probe_port_that_is_not_a_port_is_refused_before_anything_starts(tmp_path):
+    text = """\
+schema_version = "0.2"
+name = "ports"
+version = "0.1.0"
+type = "app"
+default_target = "web"
+
+[targets.web]
+runtime = "source"
+driver = "native"
+entrypoint = "run.sh"
+
+[services.main]
+entrypoint = "/bin/true"
+env = { APP_PORT = "eighty" }
+readiness_probe = { http_get = "/", port = "APP_PORT" }
+"""
+    with pytest.raises(AtoError) as err:
+        _planner(tmp_path, text).build()
+    assert err.value.code == "ATO_ERR_EXECUTION_CONTRACT_INVALID"

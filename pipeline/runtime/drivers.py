@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -30,6 +31,7 @@ from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
 from pipeline.manifest import Manifest
+from pipeline.runtime import deno, probes
 from pipeline.runtime.lifecycle import Unit
 from pipeline.runtime.resolve import Overrides
 from pipeline.runtime.router import Route
@@ -118,6 +120,9 @@ class Launch:
     notes: list[str] = field(default_factory=list)
     engine_path: str | None = None
     request_dir: str | None = None
+    listen_ports: list[int] = field(default_factory=list)  # checked free before anything starts
+    make_dirs: list[str] = field(default_factory=list)  # created by the supervisor before the first unit
+    scratch_dirs: list[str] = field(default_factory=list)  # created 0700 for the run, removed after it
 
 
 class Planner:
@@ -131,6 +136,10 @@ class Planner:
         self.notes: list[str] = []
         self.sandboxed = route.tier == 2 and not opts.dangerous
         self.python_bin: Path | None = None
+        self.probe_ports: list[int] = []  # every port a readiness probe checks
+        self.deno_tier = route.tier == 1 and route.driver in ("node", "deno") and not opts.dangerous
+        self.deno_bin = deno.binary() if self.deno_tier else ""
+        self.scratch = str(paths.run_dir() / "tmp" / f"run-{secrets.token_hex(6)}") if self.deno_tier else ""
 
     # -------------------------------------------------------------- shared pieces
 
@@ -148,6 +157,9 @@ class Planner:
     def listens(self) -> bool:
         has_probe = bool(self.target.readiness_probe) or any(s.readiness_probe for s in self.m.services.values())
         return self.port() is not None or self.route.runtime == "web" or has_probe
+
+    def egress(self) -> list[str]:
+        return sorted({str(h).strip() for h in self.m.network.get("egress_allow") or [] if str(h).strip()})
 
     def network_mode(self) -> str:
         egress = [h for h in self.m.network.get("egress_allow") or [] if str(h).strip()]
@@ -215,38 +227,20 @@ class Planner:
             raise AtoError("E101", f"target '{t.label}' has nothing to run (no entrypoint or cmd)")
         driver = self.route.driver
         head = words[0].rsplit("/", 1)[-1]
-        if driver == "node" and head not in ("node", "nodejs", "npm", "npx", "/bin/sh"):
-            node = which("node")
-            if node is None:
-                raise _err(RUNTIME_NOT_RESOLVED, "node runtime is not resolved: node is not on PATH", runtime="node")
-            if t.runtime_version:
-                check_version("node", node, t.runtime_version, f"targets.{t.label}.runtime_version")
-            return [node, str(self.runtime_dir() / words[0]), *words[1:]]
-        if driver == "deno" and head != "deno":
-            return self.deno_argv(words)
+        if self.deno_tier:
+            return self._translate(words, f"targets.{t.label}")
         if driver == "python" and head not in ("python", "python3", "uv", "/bin/sh"):
             return ["python", str(self.runtime_dir() / words[0]), *words[1:]]
         return words
 
-    def deno_argv(self, words: list[str]) -> list[str]:
-        deno = which("deno")
-        if deno is None:
-            raise _err(RUNTIME_NOT_RESOLVED, "deno runtime is not resolved: deno is not on PATH", runtime="deno")
-        port = self.port()
-        hosts = [str(h) for h in self.m.network.get("egress_allow") or []]
-        if port:
-            hosts += [f"127.0.0.1:{port}", f"localhost:{port}", f"0.0.0.0:{port}"]
-        flags = ["run", "--no-prompt", f"--allow-read={self.project}"]
-        if hosts:
-            flags.append("--allow-net=" + ",".join(sorted(set(hosts))))
-        lock = self.project / "deno.lock"
-        if lock.is_file():
-            flags += [f"--lock={lock}", "--frozen"]
-        return [deno, *flags, str(self.runtime_dir() / words[0]), *words[1:]]
+    def _translate(self, argv: list[str], where: str) -> list[str]:
+        """A Tier 1 command as a ``deno`` command line (refused here when it is anything else)."""
+        return deno.translate(argv, self.runtime_dir(), where, deno=self.deno_bin, driver=self.route.driver)
 
     # -------------------------------------------------------------- units
 
     def build(self) -> Launch:
+        self.probe_ports = []
         runtime = self.route.runtime
         if runtime == "oci":
             return self.oci()
@@ -263,15 +257,51 @@ class Planner:
 
     def single(self) -> Launch:
         port = self.port()
+        probe = self.target.readiness_probe
+        extra = self._entry_env(port)
+        probe_port = self._probe_port(probe, {**self.target_env(), **extra}, extra, port, "main")
+        if port is None and probe_port is not None:
+            port = probe_port
         argv = self.target_argv()
-        env = self._env(self._entry_env(port))
+        env = self._env(extra)
         url = f"http://127.0.0.1:{port}/" if port and self.route.runtime == "web" else None
         unit = Unit("main", "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
-                    probe=self.target.readiness_probe, entry=True, url=url)
+                    probe=probe, entry=True, url=url)
         return self._finish([unit], prefix=False, entry="main", port=port, url=url)
 
+    def _probe_port(self, probe: dict[str, Any] | None, env: dict[str, str], extra: dict[str, str],
+                    fallback: int | None, unit: str) -> int | None:
+        """The port a readiness probe checks, made true before anything starts.
+
+        ``port = "NAME"`` names an env var of the unit. When the unit's env does not set it,
+        ato injects it (into ``extra``): the target's port for the entry unit, else a free port.
+        A probe that cannot be resolved is refused here, not after earlier units started.
+        """
+        if not probe:
+            return None
+        ref = probe.get("port", "PORT")
+        if isinstance(ref, str) and not (env.get(ref) or "").strip():
+            value = fallback if fallback is not None else free_port()
+            extra[ref] = str(value)
+            env = {**env, ref: str(value)}
+        resolved = probes.resolve_probe(probe, env, unit)
+        self.probe_ports.append(resolved.port)
+        return resolved.port
+
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        if self.deno_tier:
+            return self.deno_env(extra)
         return self.sandbox_env(extra) if self.sandboxed else self.host_env(extra)
+
+    def deno_env(self, extra: dict[str, str]) -> dict[str, str]:
+        """Only what the manifest declares (values of required/allowed host vars included) and what ato injects."""
+        declared = {k: os.environ[k] for k in (*(self.m.isolation.get("allow_env") or []), *self.target.required_env)
+                    if k in os.environ}
+        declared.update(self.state_env())
+        return deno.unit_env({**declared, **self.target_env(), **extra}, self.scratch)
+
+    def state_env(self) -> dict[str, str]:
+        return state_env(self.m)
 
     def services_mode(self) -> Launch:
         m = self.m
@@ -281,10 +311,13 @@ class Planner:
         port = self.port()
         if port is None and entry in m.services:
             port = free_port()
+        entry_port = port
         units: list[Unit] = []
         for name, task in m.tasks.items():
             argv = split_command(task.cmd)
             self._check_tool_pin(argv, f"tasks.{name}")
+            if self.deno_tier:
+                argv = self._translate(argv, f"tasks.{name}")
             env = self._env(dict(task.env))
             units.append(Unit(name, "task", self.map_argv(argv, env), env, str(self.runtime_dir()),
                               depends_on=list(task.depends_on), entry=name == entry))
@@ -296,11 +329,17 @@ class Planner:
             self._check_tool_pin(argv, f"services.{name}")
             if name == entry:
                 argv += self.opts.args
+            if self.deno_tier:
+                argv = self._translate(argv, f"services.{name}")
             extra = dict(svc.env)
-            if name == entry and port is not None:
+            if name == entry and port is not None and "PORT" not in extra:
                 extra["PORT"] = str(port)
+            probe_port = self._probe_port(svc.readiness_probe, {**self.target_env(), **extra}, extra,
+                                          port if name == entry else None, f"services.{name}")
+            if name == entry and probe_port is not None:
+                entry_port = probe_port  # the URL is the port the probe checked
             env = self._env(extra)
-            url = f"http://127.0.0.1:{port}/" if name == entry and port is not None else None
+            url = f"http://127.0.0.1:{entry_port}/" if name == entry and entry_port is not None else None
             units.append(Unit(name, "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
                               depends_on=list(svc.depends_on), probe=svc.readiness_probe, entry=name == entry,
                               url=url))
@@ -308,7 +347,11 @@ class Planner:
             # Only tasks: the target's own entrypoint is the service they prepare.
             if self.target.entrypoint or self.target.cmd:
                 argv = self.target_argv()
-                env = self._env(self._entry_env(port))
+                extra = self._entry_env(port)
+                probe_port = self._probe_port(self.target.readiness_probe, {**self.target_env(), **extra}, extra,
+                                              port, "main")
+                entry_port = probe_port if probe_port is not None else port
+                env = self._env(extra)
                 units.append(Unit("main", "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
                                   depends_on=sorted(m.tasks), probe=self.target.readiness_probe,
                                   entry=entry is None))
@@ -316,7 +359,7 @@ class Planner:
         from pipeline.runtime.lifecycle import select_units
         units = select_units(units, entry if m.lifecycle_run else None)
         url = next((u.url for u in units if u.entry and u.url), None)
-        return self._finish(units, prefix=True, entry=entry or units[-1].name, port=port, url=url)
+        return self._finish(units, prefix=True, entry=entry or units[-1].name, port=entry_port, url=url)
 
     def _check_tool_pin(self, argv: list[str], where: str) -> None:
         head = argv[0].rsplit("/", 1)[-1] if argv else ""
@@ -329,6 +372,8 @@ class Planner:
                                f"references '{head}'", tool=tool, where=where)
         if tool == "python" and self.sandboxed:
             return  # the provisioned environment decides; checked when it is created
+        if tool == "node" and self.deno_tier:
+            return  # Node programs run under Deno's Node compatibility, not a host node
         binary = which("python3" if tool == "python" else tool)
         if binary is None:
             raise _err(RUNTIME_NOT_RESOLVED, f"{tool} runtime is not resolved: not on PATH", runtime=tool)
@@ -413,8 +458,23 @@ class Planner:
                 label: str | None = None) -> Launch:
         network = self.network_mode() if self.sandboxed else "host"
         perms = self.permissions(network)
+        listen = sorted({*self.probe_ports, *([port] if port is not None else [])})
+        make_dirs: list[str] = []
+        scratch_dirs: list[str] = []
+        if self.deno_tier:
+            writable = [str(p) for p in writable_paths(self.m)]
+            grants = deno.Grants(read=[str(self.project), str(deno.cache_dir()), self.scratch, *writable],
+                                 write=[self.scratch, *writable],
+                                 net=[*deno.listen_hosts(listen), *self.egress()])
+            for unit in units:
+                unit.argv = deno.materialize(unit.argv, unit.env, grants)
+                unit.watch_permissions = bool(unit.argv) and unit.argv[0] == self.deno_bin
+            make_dirs = [str(deno.cache_dir()), *writable]
+            scratch_dirs = [self.scratch]
+            label = label or "deno"
         launch = Launch(units=units, prefix=prefix, entry=entry, port=port, url=url, network=network,
                         permissions=perms, notes=self.notes,
+                        listen_ports=listen, make_dirs=make_dirs, scratch_dirs=scratch_dirs,
                         runtime_label=label or ("nacelle" if self.sandboxed else
                                                 "host-dangerous" if self.route.tier == 2 else "host"))
         return launch
@@ -423,13 +483,13 @@ class Planner:
         from pipeline.manifest.requirements import is_secret
 
         perms: dict[str, Any] = {}
-        if self.route.runtime in ("source", "web") and self.route.driver in ("node", "deno", "static") or \
-                (self.route.tier == 2 and not self.sandboxed):
-            if self.route.driver != "static":
-                perms["host_execution"] = f"{self.route.pair} runs on the host without a sandbox"
+        if self.deno_tier:
+            perms["host_execution"] = f"{self.route.pair} runs under Deno with the permissions below"
+        elif self.route.tier == 2 and not self.sandboxed:
+            perms["host_execution"] = f"{self.route.pair} runs on the host without a sandbox"
         if self.route.runtime == "oci":
             perms["host_execution"] = "container engine"
-        egress = sorted({str(h) for h in self.m.network.get("egress_allow") or [] if str(h).strip()})
+        egress = self.egress()
         if egress:
             perms["network"] = egress
         if self.sandboxed and network == "host" and not egress:
@@ -503,6 +563,12 @@ def writable_paths(m: Manifest) -> list[Path]:
     return out
 
 
+def state_env(m: Manifest) -> dict[str, str]:
+    """``ATO_STATE_<NAME>``: where each ``[state.<name>]`` directory is, for the capsule's programs."""
+    return {f"ATO_STATE_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}":
+            str(paths.capsule_state_dir() / m.name / name) for name in m.state}
+
+
 def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Path]) -> None:
     """Rewrite every unit of ``launch`` into an engine exec request (files in a private 0700 dir)."""
     request_dir = _ensure_private(paths.run_dir() / "requests") / temp_name("requests")
@@ -513,15 +579,14 @@ def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Pa
     writable = writable_paths(m)
     for path in writable:
         path.mkdir(parents=True, exist_ok=True)
-    state_env = {f"ATO_STATE_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}":
-                 str(paths.capsule_state_dir() / m.name / name) for name in m.state}
+    states = state_env(m)
     home = paths.home()
     hide = [str(paths.ato_home())] + [str(home / d) for d in (".ssh", ".gnupg", ".aws", ".capsule", ".config/gcloud")]
     read_only = [str(project)] + [str(p) for p in provisioned]
     for unit in launch.units:
         request = {"spec_version": "0.1.0", "interactive": not launch.prefix and sys.stdin.isatty(),
                    "workload": {"argv": unit.argv, "cwd": unit.cwd},
-                   "env": {**unit.env, **state_env},
+                   "env": {**unit.env, **states},
                    "policy": {"network": launch.network, "read_only": read_only,
                               "read_write": [str(p) for p in writable], "hide": hide}}
         fd, req_path = tempfile.mkstemp(prefix=".nacelle-request-", suffix=".json", dir=request_dir)

@@ -5,8 +5,14 @@ passed its readiness probe (or has none). A task that fails, a service that exit
 before it is ready, or a probe that times out stops everything started so far.
 Once all services are up, the first one to exit — with any code — stops the rest
 (SIGTERM to each process group, SIGKILL after the grace period) and its exit code
-becomes ato's. Each unit runs in its own process group, so stopping a unit also
-stops whatever it spawned (a shell's children, the sandbox around a workload).
+becomes ato's. Each unit runs in its own process group; under the supervisor the
+runner also holds a :class:`~pipeline.runtime.containment.Tree`, so stopping stops
+every process the run started (a shell's children, ``npm start``'s ``node``, a
+daemon that double-forked, the sandbox around a workload), and a unit's
+``stop_argv`` (``podman rm -f`` for a container) runs first.
+
+A service without a readiness probe is ready as soon as it has been spawned: its
+dependants start right away, so nothing orders their output against its output.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.errors import AtoError
-from pipeline.runtime import probes
+from pipeline.runtime import deno, probes
+from pipeline.runtime.containment import Tree
 
 POLL = 0.05
 PROBE_EVERY = 0.05
@@ -51,6 +58,8 @@ class Unit:
     probe: dict[str, Any] | None = None
     entry: bool = False
     url: str | None = None
+    stop_argv: list[str] | None = None  # run before signalling (a container engine's own stop)
+    watch_permissions: bool = False  # a Deno program: its stderr is scanned for permission errors
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +101,7 @@ class _Running:
         self.probe: probes.Probe | None = None
         self.next_probe = 0.0
         self.code: int | None = None
+        self.denial: tuple[str, str] | None = None  # (permission, resource) Deno refused
 
 
 class Runner:
@@ -105,7 +115,8 @@ class Runner:
 
     def __init__(self, units: list[Unit], *, prefix: bool, on_event: Callable[[str, dict], None] | None = None,
                  probe_timeout: float | None = None, grace: float | None = None,
-                 out: IO[bytes] | None = None, err: IO[bytes] | None = None, foreground_tty: bool = False) -> None:
+                 out: IO[bytes] | None = None, err: IO[bytes] | None = None, foreground_tty: bool = False,
+                 tree: Tree | None = None, tty_home: int | None = None) -> None:
         self.units = {u.name: u for u in units}
         self.prefix = prefix
         self.on_event = on_event or (lambda kind, data: None)
@@ -119,12 +130,24 @@ class Runner:
         self.done: set[str] = set()
         self.stop_requested: int | None = None
         self.foreground_tty = foreground_tty
+        self.tree = tree
+        self.tty_home = tty_home if tty_home is not None else os.getpgrp()
 
     # ---------------------------------------------------------- spawning
 
-    def _pump(self, stream: IO[bytes], sink: IO[bytes], name: str) -> None:
-        tag = f"[{name}] ".encode()
+    def _pump(self, stream: IO[bytes], sink: IO[bytes], name: str, running: _Running | None = None) -> None:
+        tag = f"[{name}] ".encode() if self.prefix else b""
+        muted = False
         for line in iter(stream.readline, b""):
+            if running is not None:  # a Deno program: note the permission it was refused
+                text = line.decode("utf-8", "replace")
+                found = deno.denial_in(text)
+                if found and running.denial is None:
+                    running.denial = found
+                if deno.uncaught_denial(text):
+                    muted = True  # Deno's report and stack trace become one ATO_ERR line instead
+            if muted:
+                continue
             if not line.endswith(b"\n"):
                 line += b"\n"
             with self.write_lock:
@@ -136,43 +159,49 @@ class Runner:
         stream.close()
 
     def _preexec(self) -> Callable[[], None] | None:
-        if not self.foreground_tty:
+        tree = self.tree
+        tty = self.foreground_tty
+        if tree is None and not tty:
             return None
 
-        def take_terminal() -> None:  # runs in the child: become the terminal's foreground group
-            os.setpgid(0, 0)
-            try:
-                old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                os.tcsetpgrp(0, os.getpgrp())
-                signal.signal(signal.SIGTTOU, old)
-            except OSError:
-                pass
-        return take_terminal
+        def setup() -> None:  # runs in the child between fork and exec
+            if tree is not None:
+                tree.join()
+            if tty:  # become the terminal's foreground group
+                try:
+                    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+                    os.tcsetpgrp(0, os.getpgrp())
+                    signal.signal(signal.SIGTTOU, old)
+                except OSError:
+                    pass
+        return setup
 
     def spawn(self, unit: Unit) -> _Running:
         stdout = subprocess.PIPE if self.prefix else None
-        stderr = subprocess.PIPE if self.prefix else None
+        stderr = subprocess.PIPE if self.prefix or unit.watch_permissions else None
         preexec = self._preexec()
         try:
             proc = subprocess.Popen(unit.argv, cwd=unit.cwd, env=unit.env, stdin=subprocess.DEVNULL if self.prefix
                                     else None, stdout=stdout, stderr=stderr, preexec_fn=preexec,
-                                    process_group=None if preexec else 0)
+                                    process_group=0)
         except OSError as exc:
             raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", f"cannot start {unit.kind} '{unit.name}': {exc}", details={"unit": unit.name, "argv": unit.argv[:1]}) from None
-        if preexec:
+        if self.foreground_tty:
             try:  # the parent side of the terminal hand-over (whichever runs first wins)
                 old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 os.tcsetpgrp(sys.stdin.fileno(), proc.pid)
                 signal.signal(signal.SIGTTOU, old)
             except OSError:
                 pass
-        pumps = []
-        if self.prefix:
-            for stream, sink in ((proc.stdout, self.out), (proc.stderr, self.err)):
-                t = threading.Thread(target=self._pump, args=(stream, sink, unit.name), daemon=True)
-                t.start()
-                pumps.append(t)
-        running = _Running(unit, proc, pumps)
+        running = _Running(unit, proc, [])
+        streams = [(proc.stdout, self.out, None), (proc.stderr, self.err, running if unit.watch_permissions
+                                                                          else None)]
+        for stream, sink, watched in streams:
+            if stream is None:
+                continue
+            t = threading.Thread(target=self._pump, args=(stream, sink, unit.name, watched), daemon=True)
+            t.start()
+            running.pumps.append(t)
         if unit.kind == "service" and unit.probe:
             running.probe = probes.resolve_probe(unit.probe, unit.env, unit.name)
         self.running[unit.name] = running
@@ -188,19 +217,23 @@ class Runner:
                 r.code = exit_code_of(r.proc.returncode)
 
     def stop_all(self, force: bool = False) -> None:
-        """SIGTERM every unit's group (last started first), wait up to the grace period, then SIGKILL."""
+        """Stop every unit and everything it started: SIGTERM, then SIGKILL after the grace period."""
         live = [self.running[n] for n in reversed(self.order)]
-        for r in live:
-            signal_group(r.proc.pid, signal.SIGKILL if force else signal.SIGTERM)
-        deadline = time.monotonic() + (0 if force else self.grace)
-        while time.monotonic() < deadline:
-            self._reap()
-            if not any(group_alive(r.proc.pid) for r in live):
-                break
-            time.sleep(POLL)
-        for r in live:
-            if group_alive(r.proc.pid):
-                signal_group(r.proc.pid, signal.SIGKILL)
+        self._run_stop_hooks(live, force)
+        if self.tree is not None:
+            self.tree.terminate(self.grace, keep=[r.proc.pid for r in live], force=force, wait=self._reap)
+        else:
+            for r in live:
+                signal_group(r.proc.pid, signal.SIGKILL if force else signal.SIGTERM)
+            deadline = time.monotonic() + (0 if force else self.grace)
+            while time.monotonic() < deadline:
+                self._reap()
+                if not any(group_alive(r.proc.pid) for r in live):
+                    break
+                time.sleep(POLL)
+            for r in live:
+                if group_alive(r.proc.pid):
+                    signal_group(r.proc.pid, signal.SIGKILL)
         for r in live:
             try:
                 r.proc.wait(timeout=5)
@@ -212,9 +245,23 @@ class Runner:
         if self.foreground_tty:
             try:
                 old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-                os.tcsetpgrp(sys.stdin.fileno(), os.getpgrp())
+                os.tcsetpgrp(sys.stdin.fileno(), self.tty_home)
                 signal.signal(signal.SIGTTOU, old)
             except OSError:
+                pass
+
+    def _run_stop_hooks(self, live: list[_Running], force: bool) -> None:
+        for r in live:
+            if not r.unit.stop_argv:
+                continue
+            argv = list(r.unit.stop_argv)
+            if force and "{grace}" in argv:
+                argv = [a.replace("{grace}", "0") for a in argv]
+            argv = [a.replace("{grace}", str(max(1, int(self.grace)))) for a in argv]
+            try:
+                subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=self.grace + 30, env=r.unit.env)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
 
     def request_stop(self, signum: int) -> None:
@@ -256,6 +303,9 @@ class Runner:
                         for t in r.pumps:
                             t.join(timeout=5)
                         self.on_event("exited", {"name": name, "code": r.code, "kind": r.unit.kind})
+                        if r.denial is not None and r.code != 0:
+                            self.stop_all()
+                            raise deno.denied_error(*r.denial, name, r.unit.kind, r.code)
                     if r.unit.kind == "task":
                         if r.code is None:
                             continue

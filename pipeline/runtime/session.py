@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import AtoError
+from pipeline.errors import AtoError, Problem
 from pipeline.runtime import drivers, engines, policy, table
-from pipeline.runtime.lifecycle import Runner
 from pipeline.runtime.resolve import Resolved, resolve
 from pipeline.runtime.router import Route, route
 
@@ -92,9 +91,10 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     if rt.tier == 2 and dangerous:
         notify("warning: dangerous mode: running a Tier 2 target on the host without the sandbox")
     launch = planner.build()
-    if launch.port is not None and not _port_free(launch.port):
-        raise policy.fail("ATO_ERR_PORT_IN_USE", f"port {launch.port} is already in use on 127.0.0.1; stop what "
-                                                 "listens there or set another port", port=launch.port)
+    for port in launch.listen_ports:
+        if not _port_free(port):
+            raise policy.fail("ATO_ERR_PORT_IN_USE", f"port {port} is already in use on 127.0.0.1; stop what "
+                                                     "listens there or set another port", port=port)
     # 4. consent for exactly this plan
     plan = policy.Plan(capsule=resolved.scoped_id or manifest.name, version=manifest.version, target=rt.label,
                        runtime=rt.runtime, driver=rt.driver, tier=rt.tier, permissions=launch.permissions)
@@ -134,24 +134,59 @@ def _port_free(port: int) -> bool:
 
 
 def run_foreground(prep: Prepared, *, notify: Callable[[str], None]) -> int:
+    """Run the units through a foreground supervisor that dies with us (and takes every unit with it)."""
     launch = prep.launch
     tty = not launch.prefix and sys.stdin.isatty() and os.getpgrp() == _tty_pgrp()
-
-    def on_event(kind: str, data: dict[str, Any]) -> None:
-        if kind == "ready" and data.get("url"):
-            what = f"web target '{prep.route.label}'" if not launch.prefix else f"service '{data['name']}'"
-            notify(f"🌐 {what} is available at {data['url']}")
-
-    runner = Runner(launch.units, prefix=launch.prefix, on_event=on_event, foreground_tty=tty)
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        previous[sig] = signal.signal(sig, lambda signum, _frame: runner.request_stop(signum))
+    run_id = table.new_id()
+    _write_plan(run_id, launch, tty=tty)
+    read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-m", "pipeline.runtime.supervisor", "--id", run_id, "--foreground",
+            "--events-fd", str(write_fd), "--parent-pid", str(os.getpid())]
+    if tty:
+        argv += ["--tty-home", str(os.getpgrp())]
     try:
-        return runner.run()
+        proc = subprocess.Popen(argv, pass_fds=(write_fd,), process_group=0,
+                                cwd=str(prep.resolved.manifest.project_dir))
+    except OSError as exc:
+        table.plan_path(run_id).unlink(missing_ok=True)
+        raise AtoError("ATO_ERR_RUNTIME_LAUNCH_FAILED", f"cannot start the run supervisor: {exc}") from None
+    finally:
+        os.close(write_fd)
+
+    def forward(signum: int, _frame: Any) -> None:
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    error: dict[str, Any] | None = None
+    code: int | None = None
+    try:
+        with os.fdopen(read_fd, "rb") as events:
+            for line in events:
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                if doc.get("event") == "ready" and doc.get("url"):
+                    what = f"web target '{prep.route.label}'" if not launch.prefix else f"service '{doc['name']}'"
+                    notify(f"🌐 {what} is available at {doc['url']}")
+                elif doc.get("event") == "error":
+                    error = doc
+                elif doc.get("event") == "exit":
+                    code = int(doc["code"])
+        status = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _cleanup(launch)
+    if error is not None:
+        raise AtoError(error["code"], error["message"], details=error.get("details") or {}, hint=error.get("hint"),
+                       problems=[Problem(p["code"], p["message"], p.get("details") or {})
+                                 for p in error.get("problems") or []])
+    if code is None:  # the supervisor died without a word (killed from outside)
+        code = 128 - status if status < 0 else status
+    return code
 
 
 def _tty_pgrp() -> int:
@@ -161,11 +196,16 @@ def _tty_pgrp() -> int:
         return -1
 
 
-def _cleanup(launch: drivers.Launch) -> None:
-    if launch.request_dir:
-        import shutil
-
-        shutil.rmtree(launch.request_dir, ignore_errors=True)
+def _write_plan(run_id: str, launch: drivers.Launch, *, tty: bool = False) -> None:
+    """The units (environment included) for the supervisor: a 0600 file it deletes once read."""
+    plan = {"units": [u.to_json() for u in launch.units], "prefix": launch.prefix, "entry": launch.entry,
+            "request_dir": launch.request_dir, "tty": tty, "make_dirs": launch.make_dirs,
+            "scratch_dirs": launch.scratch_dirs}
+    plan_file = table.plan_path(run_id)
+    plan_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(plan_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(plan, fh)
 
 
 # ------------------------------------------------------------------ background
@@ -184,15 +224,10 @@ def run_background(prep: Prepared) -> dict[str, Any]:
         "target": prep.route.label, "route": prep.route.pair, "tier": prep.route.tier,
         "manifest_path": str(manifest.path), "project_dir": str(manifest.project_dir), "log_path": str(log_path),
         "port": launch.port, "url": launch.url, "started_at": table.now(), "ready_at": None, "ended_at": None,
-        "exit_code": None, "last_event": "spawned", "last_error": None, "services": [],
+        "exit_code": None, "last_event": "spawned", "last_error": None, "services": [], "cgroup": None,
     }
     table.write(record)
-    plan = {"units": [u.to_json() for u in launch.units], "prefix": launch.prefix, "entry": launch.entry,
-            "request_dir": launch.request_dir}
-    plan_file = table.plan_path(run_id)
-    fd = os.open(plan_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(plan, fh)
+    _write_plan(run_id, launch)
     with open(log_path, "ab") as log, open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.runtime.supervisor", "--id", run_id],
                                 stdin=devnull, stdout=log, stderr=log, start_new_session=True,
@@ -236,30 +271,36 @@ def public_record(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def stop(record: dict[str, Any], *, force: bool, wait: float = 10.0) -> bool:
-    """Stop a background run: SIGTERM its supervisor (SIGKILL everything with ``force``); True if it was running."""
-    from pipeline.runtime.lifecycle import signal_group
+def stop(record: dict[str, Any], *, force: bool, wait: float | None = None) -> bool:
+    """Stop a background run: SIGTERM its supervisor, which stops the whole tree; ``force`` SIGKILLs it all.
+
+    True if it was running.
+    """
+    from pipeline.runtime import containment
+    from pipeline.runtime.lifecycle import grace_seconds, signal_group
 
     if record.get("status") not in table.ACTIVE:
         return False
+    wait = wait if wait is not None else grace_seconds() + 10
     sup = record.get("supervisor_pid")
     sup_alive = table.proc_alive(sup, record.get("supervisor_start"))
     groups = [s["pid"] for s in record.get("services") or [] if s.get("pid")]
+    members: set[int] = set()
     if force or not sup_alive:
+        members = containment.stop_recorded(sup if sup_alive else None, record.get("cgroup"), force=True)
         for pgid in groups:
-            if table.proc_alive(pgid) or _group_alive(pgid):
-                signal_group(pgid, signal.SIGKILL)
-        if sup_alive:
-            os.kill(sup, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
     else:
         os.kill(sup, signal.SIGTERM)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if not table.proc_alive(sup, record.get("supervisor_start")) and not any(_group_alive(g) for g in groups):
+        if not table.proc_alive(sup, record.get("supervisor_start")) and not any(_group_alive(g) for g in groups) \
+                and not any(containment.alive(p) for p in members):
             break
         time.sleep(0.05)
     else:
         raise AtoError("ATO_ERR_PROCESS_STUCK", f"process {sup} did not exit within {wait:g} seconds")
+    containment.remove_cgroup(record.get("cgroup"))
     current = table.read(record["id"]) or record
     if current.get("status") in table.ACTIVE or force:
         table.update(record["id"], status="stopped", ended_at=current.get("ended_at") or table.now(),
