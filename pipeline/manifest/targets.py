@@ -31,6 +31,7 @@ KNOWN_KEYS = frozenset({
     "runtime", "driver", "language", "entrypoint", "cmd", "port", "required_env", "runtime_version",
     "runtime_tools", "env", "image", "digest", "world", "config", "source_digest", "working_dir", "public",
     "readiness_probe", "health_check", "startup_timeout", "signals",
+    "mounts",  # runtime=oci: read-only mounts of capsule dirs (read by the OCI driver)
 })
 _RUNTIME_HINTS = {"native": ' (use runtime = "source" with driver = "native")',
                   "docker": ' (use runtime = "oci")', "youki": ' (use runtime = "oci")'}

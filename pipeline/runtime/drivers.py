@@ -431,28 +431,72 @@ class Planner:
         raise AtoError("E101", "wasm target has no module (entrypoint or digest)")
 
     def oci(self) -> Launch:
+        """``podman run`` (or docker) in the foreground: port, env, required_env and read-only mounts mapped.
+
+        The container is named for the run; stopping it is the engine's job (``rm -f``), run
+        before the run's process tree is signalled, so no container outlives ``ato``.
+        """
         engine = container_engine()
         image = self.target.image or (self.target.entrypoint or "").strip()
         if not image:
             raise AtoError("E003", "OCI runtime selected but no image specified")
         port = self.port()
-        argv = [engine, "run", "--rm", "--init", "--name", f"ato-{self.m.name}-{os.getpid()}"]
+        name = f"ato-{re.sub(r'[^a-zA-Z0-9_.-]', '-', self.m.name)}-{secrets.token_hex(4)}"
+        argv = [engine, "run", "--rm", "--name", name, "--security-opt", "no-new-privileges"]
+        if container_init_available():
+            argv.append("--init")  # PID 1 that forwards SIGTERM and reaps, so stops are prompt
         if port:
             argv += ["-p", f"127.0.0.1:{port}:{port}", "-e", f"PORT={port}"]
         for key, value in sorted(self.target_env().items()):
             argv += ["-e", f"{key}={value}"]
         for key in self.target.required_env:
-            if key in os.environ and key not in self.target_env():
-                argv += ["-e", key]
+            if key not in self.target_env():
+                argv += ["-e", key]  # the value is taken from our environment (checked set before start)
+        for source, target in self.oci_mounts():
+            argv += ["-v", f"{source}:{target}:ro"]
         argv += [image, *list(self.target.cmd), *self.opts.args]
         env = {**os.environ}
         probe = self.target.readiness_probe
-        if probe and port:
+        if port:
             env["PORT"] = str(port)
+            probe = probe or {"tcp_connect": "127.0.0.1", "port": "PORT"}  # ready once the mapped port answers
         unit = Unit("main", "service", argv, env, str(self.project), probe=probe, entry=True,
-                    url=f"http://127.0.0.1:{port}/" if port else None)
+                    url=f"http://127.0.0.1:{port}/" if port else None,
+                    stop_argv=[engine, "rm", "--force", "--ignore", "--time", "{grace}", name]
+                    if Path(engine).name == "podman" else [engine, "stop", "--time", "{grace}", name])
+        if probe:
+            self._probe_port(probe, env, env, port, "main")
         return self._finish([unit], prefix=False, entry="main", port=port, url=unit.url,
                             label=f"oci/{Path(engine).name}")
+
+    def oci_mounts(self) -> list[tuple[str, str]]:
+        """``mounts = [{ source = "<dir in the capsule>", target = "/abs/in/container" }]``, all read-only."""
+        raw = ((self.m.raw.get("targets") or {}).get(self.target.label) or {}).get("mounts") or []
+        where = f"targets.{self.target.label}.mounts"
+        if not isinstance(raw, list):
+            raise AtoError("E002", f"{where}: expected a list of {{ source, target }} tables")
+        out = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or not isinstance(item.get("source"), str) or \
+                    not isinstance(item.get("target"), str):
+                raise AtoError("E002", f"{where}[{i}]: expected {{ source = \"dir\", target = \"/path\" }}")
+            if item.get("read_only", True) is not True:
+                raise _err(POLICY, f"{where}[{i}]: only read-only mounts are allowed (read_only = true)",
+                           mount=item["source"])
+            target = item["target"]
+            if not target.startswith("/") or ".." in target.split("/") or ":" in target:
+                raise AtoError("E002", f"{where}[{i}].target: expected an absolute container path, got {target!r}")
+            source = (self.project / item["source"]).resolve()
+            try:
+                source.relative_to(self.project)
+            except ValueError:
+                raise _err(POLICY, f"{where}[{i}].source '{item['source']}' resolves outside the capsule",
+                           mount=item["source"]) from None
+            if not source.exists() or ":" in str(source):
+                raise AtoError("E101", f"{where}[{i}].source '{item['source']}' does not exist in the capsule",
+                               details={"mount": item["source"]})
+            out.append((str(source), target))
+        return out
 
     def _finish(self, units: list[Unit], *, prefix: bool, entry: str, port: int | None, url: str | None,
                 label: str | None = None) -> Launch:
@@ -545,6 +589,12 @@ def container_engine() -> str:
                    problems=[Problem(ENGINE_MISSING, message, {"engine": "podman|docker",
                                                                "looked_for": ["podman", "docker"]})],
                    hint="install podman or docker and make sure `podman info` / `docker info` works")
+
+
+def container_init_available() -> bool:
+    """podman's ``--init`` needs catatonit (Debian: package catatonit)."""
+    return any(Path(p).is_file() for p in ("/usr/libexec/podman/catatonit", "/usr/bin/catatonit",
+                                           "/usr/local/libexec/podman/catatonit"))
 
 
 def writable_paths(m: Manifest) -> list[Path]:

@@ -52,7 +52,7 @@ class Registry:
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # generous: the machine may be shared with other test runs
         while time.monotonic() < deadline:
             if not sel.select(timeout=0.2):
                 if self.proc.poll() is not None:
@@ -63,8 +63,9 @@ class Registry:
                 break
             if line.startswith("Local registry serving at "):
                 return line.split()[-1].strip()
-        self.stop()
-        raise RuntimeError(f"registry did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+        self.proc.kill()
+        _out, err = self.proc.communicate()
+        raise RuntimeError(f"registry did not start: {err}")
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 20

@@ -625,53 +625,6 @@ def test_non_interactive_run_without_yes_fails_closed(tmp_path, ato):
     assert oct(consent.stat().st_mode & 0o777) == "0o600"
 
 
-def test_oci_without_a_working_engine_names_podman_and_docker(tmp_path, ato):
-    bindir = tmp_path / "bin"
-    write(bindir, {"docker": "#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n"})
-    (bindir / "docker").chmod(0o755)
-    write(tmp_path / "cap", {"capsule.toml": """\
-schema_version = "1.1"
-name = "oci-app"
-version = "0.1.0"
-type = "app"
-
-[execution]
-entrypoint = "main.py"
-
-[targets.oci]
-image = "python:3.11-slim"
-"""})
-    res = ato(["run", str(tmp_path / "cap"), "-y"], env={"PATH": f"{bindir}:/usr/bin:/bin"})
-    lines = assert_refused(res, "ATO_ERR_ENGINE_MISSING")
-    assert "podman" in lines[0]["message"] and "docker" in lines[0]["message"]
-
-
-def test_oci_routes_to_a_working_engine(tmp_path, ato):
-    bindir = tmp_path / "bin"
-    log = tmp_path / "engine.log"
-    write(bindir, {"podman": f"#!/bin/sh\necho \"$@\" >> {log}\n[ \"$1\" = run ] && echo container-ran\nexit 0\n"})
-    (bindir / "podman").chmod(0o755)
-    write(tmp_path / "cap", {"capsule.toml": """\
-schema_version = "1.1"
-name = "oci-app"
-version = "0.1.0"
-type = "app"
-
-[execution]
-runtime = "oci"
-entrypoint = "main.py"
-
-[targets.oci]
-image = "python:3.11-slim"
-cmd = ["python", "-V"]
-"""})
-    res = ato(["run", str(tmp_path / "cap"), "-y"], env={"PATH": f"{bindir}:/usr/bin:/bin"})
-    assert res.code == 0, res.stderr
-    assert res.stdout == "container-ran\n"
-    calls = log.read_text().splitlines()
-    assert calls[0] == "info" and calls[1].startswith("run --rm") and calls[1].endswith("python:3.11-slim python -V")
-
-
 # ------------------------------------------------------------------ engine install
 
 
