@@ -463,3 +463,32 @@ readiness_probe = { http_get = "/", port = "APP_PORT" }
     with pytest.raises(AtoError) as err:
         _planner(tmp_path, text).build()
     assert err.value.code == "ATO_ERR_EXECUTION_CONTRACT_INVALID"
+
+
+def test_deno_translation_of_node_and_npm_commands(tmp_path):
+    from pipeline.runtime import deno
+
+    (tmp_path / "server.js").write_text("")
+    (tmp_path / "package.json").write_text('{"scripts": {"start": "node server.js --fast", "hooked": "node '
+                                           'server.js", "prehooked": "node server.js", "shell": "node a.js | tee x"}}')
+
+    def tr(*argv: str) -> list[str]:
+        return deno.translate(list(argv), tmp_path, "t", deno="/d/deno", driver="node")
+    out = tr("npm", "start", "--", "extra")
+    assert out[:3] == ["/d/deno", "run", deno.FLAGS] and out[-3:] == [str(tmp_path / "server.js"), "--fast", "extra"]
+    assert tr("node", "server.js")[-1] == str(tmp_path / "server.js")
+    assert tr("npm", "ci")[:3] == ["/d/deno", "install", "--node-modules-dir=auto"]
+    for argv, text in ((("node", "--inspect", "server.js"), "node option"), (("npm", "run", "hooked"), "prehooked"),
+                       (("npm", "run", "shell"), "cannot run"), (("python3", "x.py"), "not a node or deno"),
+                       (("npx", "thing"), "not a node or deno"), (("deno", "run", "-A", "server.js"), "no flags")):
+        with pytest.raises(AtoError, match=text) as err:
+            tr(*argv)
+        assert err.value.code == "ATO_ERR_POLICY_VIOLATION"
+    grants = deno.Grants(read=["/cap"], write=["/tmp/run"], net=deno.listen_hosts([8080]))
+    flags = deno.materialize(["/d/deno", "serve", deno.FLAGS, "/cap/main.ts"], {"PORT": "8080", "DENO_DIR": "/c"},
+                             grants)
+    assert flags[:2] == ["/d/deno", "serve"] and "--allow-env=PORT" in flags and "--port=8080" in flags
+    assert not any(f.startswith(("--allow-run", "--allow-ffi", "--allow-sys", "-A", "--allow-all")) for f in flags)
+    assert deno.denial_in('error: Uncaught NotCapable: Requires net access to "127.0.0.1:9", run again with '
+                          'the --allow-net flag') == ("net", "127.0.0.1:9")
+    assert deno.denial_in("an ordinary line") is None

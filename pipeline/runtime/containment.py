@@ -162,16 +162,16 @@ def kill_cgroup(path: Path | None) -> None:
         _signal(pid, signal.SIGKILL)
 
 
-def remove_cgroup(path: str | Path | None) -> None:
+def remove_cgroup(path: str | Path | None, wait: float = 2.0) -> None:
     """Remove a run's (empty) cgroup; only ever one of ours."""
     if path and Path(path).name.startswith(CGROUP_PREFIX):
-        _remove_cgroup(Path(path))
+        _remove_cgroup(Path(path), wait)
 
 
-def _remove_cgroup(path: Path | None) -> None:
+def _remove_cgroup(path: Path | None, wait: float = 2.0) -> None:
     if path is None:
         return
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + wait
     while True:
         try:
             path.rmdir()

@@ -90,8 +90,11 @@ class Grants:
     read: list[str] = field(default_factory=list)
     write: list[str] = field(default_factory=list)
     net: list[str] = field(default_factory=list)
+    everything: bool = False  # --dangerously-skip-permissions (with CAPSULE_ALLOW_UNSAFE=1) only
 
     def flags(self, env_names: list[str]) -> list[str]:
+        if self.everything:
+            return ["--no-prompt", "--allow-all"]
         out = ["--no-prompt"]
         for name, values in (("read", self.read), ("write", self.write), ("net", self.net)):
             if values:
@@ -111,7 +114,8 @@ def materialize(argv: list[str], env: dict[str, str], grants: Grants) -> list[st
     if FLAGS not in argv:
         return argv
     i = argv.index(FLAGS)
-    return [*argv[:i], *grants.flags(list(env)), *argv[i + 1:]]
+    serve = ["--host=127.0.0.1", f"--port={env['PORT']}"] if argv[1:2] == ["serve"] and env.get("PORT") else []
+    return [*argv[:i], *grants.flags(list(env)), *serve, *argv[i + 1:]]
 
 
 def unit_env(declared: dict[str, str], scratch: str) -> dict[str, str]:

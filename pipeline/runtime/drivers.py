@@ -137,7 +137,7 @@ class Planner:
         self.sandboxed = route.tier == 2 and not opts.dangerous
         self.python_bin: Path | None = None
         self.probe_ports: list[int] = []  # every port a readiness probe checks
-        self.deno_tier = route.tier == 1 and route.driver in ("node", "deno") and not opts.dangerous
+        self.deno_tier = route.tier == 1 and route.driver in ("node", "deno")
         self.deno_bin = deno.binary() if self.deno_tier else ""
         self.scratch = str(paths.run_dir() / "tmp" / f"run-{secrets.token_hex(6)}") if self.deno_tier else ""
 
@@ -509,7 +509,8 @@ class Planner:
             writable = [str(p) for p in writable_paths(self.m)]
             grants = deno.Grants(read=[str(self.project), str(deno.cache_dir()), self.scratch, *writable],
                                  write=[self.scratch, *writable],
-                                 net=[*deno.listen_hosts(listen), *self.egress()])
+                                 net=[*deno.listen_hosts(listen), *self.egress()],
+                                 everything=self.opts.dangerous)  # -U: the user bypassed every barrier
             for unit in units:
                 unit.argv = deno.materialize(unit.argv, unit.env, grants)
                 unit.watch_permissions = bool(unit.argv) and unit.argv[0] == self.deno_bin

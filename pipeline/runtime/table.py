@@ -120,6 +120,9 @@ def reconcile(record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         return record, False
     if supervisor_alive and not main_alive:
         return record, False  # the supervisor has seen it go and is stopping the rest; it writes the outcome
+    from pipeline.runtime.containment import remove_cgroup
+
+    remove_cgroup(record.get("cgroup"), wait=0)  # nobody is left to remove the run's (empty) cgroup
     changed = dict(record)
     changed["status"] = "failed" if record.get("status") == "starting" else "exited"
     changed["ended_at"] = record.get("ended_at") or now()

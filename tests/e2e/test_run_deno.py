@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_run_e2e import http_get, procs, write  # noqa: F401 - procs is a fixture
+from tests.test_runtime_units import SEED_003_LIFECYCLE
 
 LOCKS = {"capsule.lock": 'version = "1"\n', "package-lock.json": '{"lockfileVersion": 3, "packages": {}}\n'}
 
@@ -231,15 +232,7 @@ type = "app"
 runtime = "source"
 entrypoint = "server.js"
 
-[tasks.install]
-cmd = "npm ci"
-[services.app]
-cmd = "npm start"
-depends_on = ["install"]
-readiness_probe = { http_get = "/health", port = "APP_PORT" }
-[lifecycle]
-run = "app"
-"""
+""" + SEED_003_LIFECYCLE  # seed 003's block, verbatim
 
 
 def test_seed_003_tasks_and_services_example_runs_verbatim(tmp_path, procs, ato):  # noqa: F811

@@ -105,17 +105,10 @@ def test_oci_capsule_serves_on_its_port_shows_in_ps_and_is_gone_after_close(tmp_
     res = ato(["run", str(project), "-y", "--background", "--json"], env=ENV)
     assert res.code == 0, res.stderr
     record = res.json()["process"]
-    assert_schema(res.json(), "run-background")
-    assert record["status"] == "ready" and record["runtime"] == "oci/podman" and record["route"] == "oci"
-    assert record["url"] == f"http://127.0.0.1:{port}/"
-    assert http_get(record["url"]) == "hello from a container\n"
-    cgi = http_get(f"http://127.0.0.1:{port}/cgi-bin/env")
-    assert cgi == f"mount=read-only\ngreeting=hi there who=capsule port={port}\n"
-    assert not (project / "site" / "probe").exists()
-    rows = [r for r in ato(["ps", "--json"]).json()["processes"] if r["id"] == record["id"]]
-    assert rows and rows[0]["status"] == "ready" and rows[0]["port"] == port
-    assert len(containers("ato-oci-web-")) == 1
-    res = ato(["close", "--id", record["id"], "--json"], env=ENV)
+    try:
+        _check_serving(res, record, project, port)
+    finally:
+        res = ato(["close", "--id", record["id"], "--json"], env=ENV)
     assert res.code == 0, res.stderr
     assert res.json()["stopped"][0]["was_running"] is True
     assert containers("ato-oci-web-") == []  # gone from podman, not only stopped
@@ -123,6 +116,22 @@ def test_oci_capsule_serves_on_its_port_shows_in_ps_and_is_gone_after_close(tmp_
         http_get(record["url"], timeout=1)
     row = next(r for r in ato(["ps", "--json"]).json()["processes"] if r["id"] == record["id"])
     assert row["status"] == "stopped"
+
+
+def _check_serving(res, record: dict, project: Path, port: int) -> None:
+    from tests.conftest import cli_path
+
+    assert_schema(res.json(), "run-background")
+    assert record["status"] == "ready" and record["runtime"] == "oci/podman" and record["route"] == "oci"
+    assert record["url"] == f"http://127.0.0.1:{port}/"
+    assert http_get(record["url"]) == "hello from a container\n"
+    cgi = http_get(f"http://127.0.0.1:{port}/cgi-bin/env")
+    assert cgi == f"mount=read-only\ngreeting=hi there who=capsule port={port}\n"
+    assert not (project / "site" / "probe").exists()
+    ps = subprocess.run([cli_path("ato"), "ps", "--json"], capture_output=True, text=True, timeout=60)
+    rows = [r for r in json.loads(ps.stdout)["processes"] if r["id"] == record["id"]]
+    assert rows and rows[0]["status"] == "ready" and rows[0]["port"] == port
+    assert len(containers("ato-oci-web-")) == 1
 
 
 def test_kill_9_of_a_foreground_oci_run_removes_its_container(tmp_path, image):

@@ -200,9 +200,11 @@ def test_ato_close_stops_the_whole_tree_of_a_background_run(tmp_path, ato):
     res = ato(["run", str(project), "-y", "--background", "--json"], timeout=120)
     assert res.code == 0, res.stderr
     record = res.json()["process"]
-    assert record["status"] == "ready"
-    pids = full_tree(record["supervisor_pid"])
-    res = ato(["close", "--id", record["id"], "--json"])
+    try:
+        assert record["status"] == "ready"
+        pids = full_tree(record["supervisor_pid"])
+    finally:
+        res = ato(["close", "--id", record["id"], "--json"])  # a failed check must not leave the run behind
     assert res.code == 0, res.stderr
     assert_schema(res.json(), "run-close")
     assert_all_gone(pids)
