@@ -268,3 +268,22 @@ def test_package_scripts_that_are_not_node_programs_are_refused_before_start(tmp
     lines = [x for x in res.stderr_json_lines() if x.get("code") == "ATO_ERR_POLICY_VIOLATION"]
     assert lines and why in lines[0]["message"], res.stderr
     assert not (tmp_path / "node_modules").exists()  # refused before the install task ran
+
+
+def test_seed_003_in_the_background_ps_shows_the_port_the_probe_checked(tmp_path, ato):
+    write(tmp_path, {
+        "capsule.toml": SEED_003, "capsule.lock": 'version = "1"\n',
+        "package.json": '{"name": "example-app", "private": true, "scripts": {"start": "node server.js"}}\n',
+        "package-lock.json": '{"name": "example-app", "lockfileVersion": 3, "packages": {"": {}}}\n',
+        "server.js": "require('http').createServer((q, s) => s.end('bg ' + process.env.APP_PORT))"
+                     ".listen(Number(process.env.APP_PORT), '127.0.0.1');\n",
+    })
+    res = ato(["run", str(tmp_path), "-y", "--background", "--json"])
+    assert res.code == 0, res.stderr
+    record = res.json()["process"]
+    try:
+        row = next(r for r in ato(["ps", "--json"]).json()["processes"] if r["id"] == record["id"])
+        assert row["status"] == "ready" and row["url"] == f"http://127.0.0.1:{row['port']}/"
+        assert http_get(row["url"]) == f"bg {row['port']}"  # the service listens where ps says
+    finally:
+        assert ato(["close", "--id", record["id"]]).code == 0
