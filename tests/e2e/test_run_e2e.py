@@ -610,7 +610,7 @@ def test_dangerously_skip_permissions_needs_the_env_guard(tmp_path, ato):
 
 @needs_node
 def test_non_interactive_run_without_yes_fails_closed(tmp_path, ato):
-    marker_capsule(tmp_path, 'runtime = "source"\ndriver = "node"\nentrypoint = "main.js"\nport = 18999',
+    marker_capsule(tmp_path, f'runtime = "source"\ndriver = "node"\nentrypoint = "main.js"\nport = {free_port()}',
                    extra='[isolation]\nwritable = ["."]',
                    files={"main.js": TOUCH_JS, "capsule.lock": "", "package-lock.json": "{}"})
     lines = assert_refused(ato(["run", str(tmp_path)]), "ATO_ERR_CONSENT_REQUIRED")
