@@ -13,10 +13,11 @@ from typing import Any
 import blake3
 
 from cas.canonical import canonical_json
-from cas.chunker import DEFAULT_PARAMS, CdcParams
+from cas.chunker import DEFAULT_PARAMS, MAX_SIZE, CdcParams
 from cas.digest import is_label, label, parse
 
 SCHEMA_VERSION = 3
+MAX_CHUNK = MAX_SIZE  # no chunk may claim more: a decoder never holds more than this of one chunk
 
 
 class PayloadManifestError(ValueError):
@@ -78,10 +79,19 @@ class PayloadManifest:
                                int(p["seed"]))
             if params.algorithm != "fastcdc" or not 0 < params.min_size <= params.avg_size <= params.max_size:
                 raise PayloadManifestError("cdc_params are invalid")
+            if params.max_size > MAX_CHUNK:
+                raise PayloadManifestError(f"cdc_params.max_size {params.max_size} is over the {MAX_CHUNK}-byte "
+                                           "chunk ceiling")
+            if not isinstance(doc["chunks"], list):
+                raise PayloadManifestError("chunks must be a list")
             chunks = []
             for c in doc["chunks"]:
-                if not is_label(c["raw_hash"]) or not isinstance(c["raw_size"], int) or c["raw_size"] <= 0:
-                    raise PayloadManifestError(f"invalid chunk entry {c!r}")
+                size = c["raw_size"]
+                if not is_label(c["raw_hash"]) or not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                    raise PayloadManifestError(f"invalid chunk entry {str(c)[:200]}")
+                if size > params.max_size:
+                    raise PayloadManifestError(f"chunk {c['raw_hash']} claims {size} bytes, more than the CDC "
+                                               f"max_size {params.max_size}: a chunk decodes to at most max_size")
                 hint = c.get("zstd_size_hint")
                 chunks.append(ChunkRef(parse(c["raw_hash"]), c["raw_size"], hint if isinstance(hint, int) else None))
             manifest = cls(chunks, params)

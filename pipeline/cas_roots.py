@@ -17,7 +17,7 @@ from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.tempfiles import SweepReport, sweep
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, AtoError
-from stages.artifact import open_capsule
+from stages.capsule import read_capsule
 
 
 def _from_build_records() -> list[str]:
@@ -34,7 +34,7 @@ def _from_build_records() -> list[str]:
 def _from_capsules(root: Path) -> list[str]:
     out = []
     for capsule in sorted(root.rglob("*.capsule")) if root.is_dir() else []:
-        out.append(open_capsule(capsule).payload_manifest.artifact_hash)
+        out.append(read_capsule(capsule).payload_manifest.artifact_hash)
     return out
 
 

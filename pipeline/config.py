@@ -55,6 +55,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("output.progress", ("ATO_PROGRESS",), "auto",
             "progress bars for build, publish, install and downloads: auto (a terminal, without --json), never",
             choices=("auto", "never")),
+    Setting("payload.max_bytes", ("ATO_MAX_PAYLOAD_BYTES",), str(200 * 1024 * 1024),
+            "the largest decoded payload (bytes) verify, publish, install, fetch, finalize, project, run and "
+            "`ato registry serve` accept without --force-large-payload"),
 )}
 
 
@@ -106,6 +109,8 @@ def _lookup(doc: dict[str, Any], key: str) -> Any:
 
 def from_file(key: str, doc: dict[str, Any] | None = None) -> str | None:
     value = _lookup(read() if doc is None else doc, key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # a number written as a TOML integer (payload.max_bytes = 1073741824)
     return value if isinstance(value, str) and value.strip() else None
 
 

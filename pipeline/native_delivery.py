@@ -30,11 +30,12 @@ from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.graph import Step, run_chain
 from pipeline.manifest import SIDECAR_NAME
-from stages import artifact as capsule
 from stages import fetch as fetch_stage
 from stages import finalize as finalize_stage
 from stages import project as project_stage
+from stages.capsule import Limits, verify
 from stages.native import SCHEMA_VERSION, host_os, host_target
+from stages.trust_port import TrustPort
 
 INSTALL_KIND = "NativeRequiresLocalDerivation"
 
@@ -47,7 +48,8 @@ def _state(*parts: str) -> Path:
 
 
 def _fetch_step(scoped_id: str, version: str, registry: str, artifact_blake3: str,
-                materialize: Callable[[], fetch_stage.FetchResult], ctx: dict[str, Any]) -> Step:
+                materialize: Callable[[], fetch_stage.FetchResult], ctx: dict[str, Any],
+                recheck: Callable[[Path], object] | None = None) -> Step:
     digest = fetch_stage.inputs_digest(scoped_id, version, registry, artifact_blake3)
 
     def action() -> dict[str, Any]:
@@ -63,31 +65,43 @@ def _fetch_step(scoped_id: str, version: str, registry: str, artifact_blake3: st
                 not fetch_stage.cached_ok(cache, record) or \
                 (record["scoped_id"], record["version"], record["registry"]) != (scoped_id, version, registry):
             return False
+        if recheck is not None:
+            recheck(cache / fetch_stage.ARTIFACT_FILE)  # refused (a key revoked since): fetch again, and refuse
         ctx["fetch"] = env
         return True
 
     return Step(f"fetch-{parse(artifact_blake3)[:16]}", action, digest, outputs_ok)
 
 
-def fetch_local(path: Path, *, scoped_id: str | None = None, version: str | None = None,
+def fetch_local(path: Path, *, trust: TrustPort, scoped_id: str | None = None, version: str | None = None,
                 registry: str | None = None) -> dict[str, Any]:
-    """``ato fetch <file.capsule>``: labels default to ``local/<name>``, its version, its ``file://`` URI."""
+    """``ato fetch <file.capsule>``: labels default to ``local/<name>``, its version, its ``file://`` URI.
+
+    The file is accepted (``trust``) before anything else, every time: an up-to-date fetch of a file
+    whose signer was revoked since is refused too. A bare file's signer is checked against
+    ``capsule:<name>``, as ``ato verify`` and ``ato run`` of a file do.
+    """
     path = Path(path).absolute()
+    trust.check(path, None)
     if scoped_id is None or version is None or registry is None:
         sid, ver, reg = fetch_stage.local_labels(path)
         scoped_id, version, registry = scoped_id or sid, version or ver, registry or reg
-    artifact_hex = blake3_file(path)
+    artifact_hex = parse(str(verify(path, trust.limits).artifact_blake3))
     ctx: dict[str, Any] = {}
     step = _fetch_step(scoped_id, version, registry, artifact_hex,
                        lambda: fetch_stage.fetch_capsule(path, scoped_id=scoped_id, version=version,
-                                                         registry=registry, expected_blake3=artifact_hex), ctx)
+                                                         registry=registry, expected_blake3=artifact_hex,
+                                                         trust=trust), ctx)
     run_chain([step], _state("fetch"))
     return ctx["fetch"]
 
 
-def fetch_registry(ref: fetch_stage.FetchRef, client: Any) -> dict[str, Any]:
+def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort) -> dict[str, Any]:
     """``ato fetch <publisher>/<slug>[@version] --registry URL`` through a registry client
-    (``detail``/``distribution``/``download``, :class:`stages.registry_port.RegistryPort`)."""
+    (``detail``/``distribution``/``download``, :class:`stages.registry_port.RegistryPort`).
+
+    The download is accepted (``trust``, checked against the publisher) before it is unpacked; an
+    up-to-date fetch re-checks the cached artifact, so a key revoked since is refused too."""
     from stages.registry_port import RegistryHttpError
 
     assert ref.publisher and ref.slug
@@ -122,32 +136,29 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any) -> dict[str, Any]:
                     fh.write(piece)
                 fh.flush()
                 os.fsync(fh.fileno())
-            opened = capsule.open_capsule(tmp)
-            if opened.manifest.get("name") != ref.slug or str(opened.manifest.get("version")) != version:
-                raise fetch_stage.integrity(f"artifact manifest is {opened.manifest.get('name')} "
-                                            f"{opened.manifest.get('version')}, expected {ref.slug} {version}")
             return fetch_stage.fetch_capsule(tmp, scoped_id=scoped, version=version, registry=registry,
-                                             expected_blake3=expected)
+                                             expected_blake3=expected, expected_name=ref.slug, trust=trust,
+                                             trust_scope=scoped)
         finally:
             tmp.unlink(missing_ok=True)
 
     ctx: dict[str, Any] = {}
-    run_chain([_fetch_step(scoped, version, registry, expected, materialize, ctx)], _state("fetch"))
+    run_chain([_fetch_step(scoped, version, registry, expected, materialize, ctx,
+                           recheck=lambda p: trust.check(p, scoped))], _state("fetch"))
     return ctx["fetch"]
 
 
 # ---------------------------------------------------------------- install
 
 
-def payload_delivery(path: Path) -> bytes | None:
+def payload_delivery(path: Path, limits: Limits | None = None) -> bytes | None:
     """The bytes of the payload-root ``ato.delivery.toml`` of a ``.capsule``, or None (a standard artifact).
 
-    Read from the verifying pass over the payload (:func:`stages.artifact.payload_scan`), which
+    Read from the format's verifying pass over the payload (:func:`stages.capsule.verify`), which
     the trust check of the same file has usually made already.
     """
-    scan = capsule.payload_scan(path)
-    if scan.unsafe is not None:
-        raise fetch_stage.integrity(f"{path.name}: {scan.unsafe}")
+    scan = verify(path, limits).require().scan
+    assert scan is not None
     return scan.sidecars.get(SIDECAR_NAME)
 
 
@@ -171,11 +182,12 @@ def _skipped(state: str) -> dict[str, Any]:
             "schema_version": SCHEMA_VERSION, "metadata_path": None}
 
 
-def install_native(path: Path, *, scoped_id: str, version: str, registry: str, project: bool,
+def install_native(path: Path, *, scoped_id: str, version: str, registry: str, project: bool, trust: TrustPort,
                    launcher_dir: Path | None = None, notify: Callable[[str], None] = lambda _m: None,
                    ) -> dict[str, Any]:
     """fetch -> finalize -> (project) for an installed native ``.capsule``; returns the install fields
-    ``install_kind``, ``launchable``, ``local_derivation`` and ``projection``."""
+    ``install_kind``, ``launchable``, ``local_derivation`` and ``projection``. Each step accepts the
+    artifact through ``trust`` exactly as ``ato fetch``/``finalize``/``project`` do."""
     path = Path(path).absolute()
     artifact_hex = blake3_file(path)
     publisher, slug = scoped_id.split("/", 1)
@@ -184,13 +196,14 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
     ctx: dict[str, Any] = {}
     fetch = _fetch_step(scoped_id, version, registry, artifact_hex,
                         lambda: fetch_stage.fetch_capsule(path, scoped_id=scoped_id, version=version,
-                                                          registry=registry, expected_blake3=artifact_hex), ctx)
+                                                          registry=registry, expected_blake3=artifact_hex,
+                                                          trust=trust, trust_scope=scoped_id), ctx)
 
     def finalize_action() -> dict[str, Any]:
         cache = Path(ctx["fetch"]["cache_dir"])
         out = paths.apps_dir() / publisher / slug / parse(ctx["fetch"]["parent_digest"])
         notify("Running local finalize...")
-        result = finalize_stage.finalize(cache, out)
+        result = finalize_stage.finalize(cache, out, trust=trust)
         ctx["finalize"] = result.envelope
         return {"envelope": result.envelope}
 
@@ -218,7 +231,7 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
             try:
                 app = Path(ctx["finalize"]["derived_app_path"])
                 _retire_projections(scoped_id, app, notify)
-                env = project_stage.project(app, Path(launcher) if launcher else None)
+                env = project_stage.project(app, Path(launcher) if launcher else None, trust=trust)
             except AtoError as exc:
                 notify(f"Launcher projection failed: {exc.message}")
                 ctx["projection"] = {**_skipped("failed"), "error": exc.message}
@@ -275,8 +288,10 @@ def host_supports_finalize() -> bool:
 
 
 class NativeInstall:
-    """The native path of ``ato install``: a gate in the verify hook (before the artifact is stored),
-    then fetch -> finalize -> project once the standard install is done."""
+    """The native path of ``ato install``: a gate in the trust port (before the artifact is stored),
+    then fetch -> finalize -> project once the standard install is done. A native install that fails
+    after the artifact was stored takes the artifact back out: a refused install leaves nothing in the
+    store, so ``ato run publisher/slug`` never finds it installed."""
 
     def __init__(self, *, yes: bool, project: bool | None, interactive: bool,
                  ask: Callable[[str], bool] | None, notify: Callable[[str], None] = lambda _m: None,
@@ -285,16 +300,15 @@ class NativeInstall:
         self.yes, self.project, self.interactive = yes, project, interactive and tty
         self.ask, self.notify, self.launcher_dir = ask, notify, launcher_dir
         self.native: bool | None = None
+        self.trust: TrustPort | None = None
 
-    def wrap(self, verify: Callable[[Path, str], dict[str, Any]] | None) -> Callable[[Path, str], dict[str, Any]]:
-        def hook(path: Path, scoped_id: str) -> dict[str, Any]:
-            result = verify(path, scoped_id) if verify is not None else {}
-            self.gate(path)
-            return result
-        return hook
+    def wrap(self, trust: TrustPort) -> TrustPort:
+        """``trust`` plus the native gate (consent to a local finalize) after the complete check."""
+        self.trust = trust
+        return _GatedTrust(trust, self)
 
     def gate(self, path: Path) -> None:
-        self.native = payload_delivery(path) is not None
+        self.native = payload_delivery(path, self.trust.limits if self.trust is not None else None) is not None
         if not self.native:
             return
         if not host_supports_finalize():
@@ -314,14 +328,53 @@ class NativeInstall:
 
     def complete(self, doc: dict[str, Any]) -> dict[str, Any]:
         """``doc`` (the standard install envelope) with the native fields, when the artifact is native."""
-        if self.native is None:
-            self.gate(Path(doc["path"]))
-        if not self.native:
-            return doc
-        project = self._want_projection()
-        fields = install_native(Path(doc["path"]), scoped_id=doc["scoped_id"], version=doc["version"],
-                                registry=str(doc.get("registry") or ""), project=project,
-                                launcher_dir=self.launcher_dir, notify=self.notify)
+        assert self.trust is not None, "wrap() the trust port first"
+        stored = Path(doc["path"])
+        try:
+            if self.native is None:
+                self.gate(stored)
+            if not self.native:
+                return doc
+            project = self._want_projection()
+            fields = install_native(stored, scoped_id=doc["scoped_id"], version=doc["version"],
+                                    registry=str(doc.get("registry") or ""), project=project, trust=self.trust,
+                                    launcher_dir=self.launcher_dir, notify=self.notify)
+        except BaseException:
+            if not doc.get("up_to_date"):
+                _unstore(stored)
+            raise
         if not project:
             self.notify("Launcher projection skipped.")
         return {**doc, **fields}
+
+
+class _GatedTrust:
+    """A trust port that also runs the native gate once the artifact is completely checked."""
+
+    def __init__(self, inner: TrustPort, native: NativeInstall) -> None:
+        self.inner, self.native = inner, native
+
+    @property
+    def limits(self) -> Limits:
+        return self.inner.limits
+
+    def precheck(self, verdict: Any, scoped_id: str | None) -> None:
+        self.inner.precheck(verdict, scoped_id)
+
+    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
+        result = self.inner.check(path, scoped_id)
+        self.native.gate(path)
+        return result
+
+
+def _unstore(path: Path) -> None:
+    """Remove an artifact this install stored, and the version/slug/publisher dirs it leaves empty."""
+    path.unlink(missing_ok=True)
+    store = paths.store_dir()
+    for parent in path.parents:
+        if parent == store or store not in parent.parents:
+            break
+        try:
+            parent.rmdir()
+        except OSError:
+            break

@@ -28,8 +28,8 @@ from pipeline import paths
 from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest
-from stages import artifact as capsule
-from stages import native_build, sign
+from stages import native_build
+from stages.capsule import archive, distribution, keys, signature
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
 from stages.provenance import record_local_build
@@ -49,7 +49,7 @@ class BuildOptions:
     strict_v3: bool = False
     force_large_payload: bool = False
     epoch: int = 0
-    signing_key: sign.SigningKey | None = None  # signature.json is signed when set (ato build --key)
+    signing_key: keys.SigningKey | None = None  # signature.json is signed when set (ato build --key)
 
 
 @dataclass
@@ -168,14 +168,14 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
         entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),
                           cache=DigestCache(state_dir / "digests.json"))
         if manifest.delivery is not None:
-            entries.append(generated_entry("ato.delivery.toml", capsule.toml_bytes(manifest.delivery.to_toml_dict())))
+            entries.append(generated_entry("ato.delivery.toml", distribution.toml_bytes(manifest.delivery.to_toml_dict())))
             entries.sort(key=lambda e: e.relpath.encode("utf-8"))
     _check_entrypoint(manifest, entries)
     if manifest.is_native() and manifest.delivery is not None:
         native_build.check_payload_input(manifest.delivery, {e.relpath: e.mode for e in entries})
     strategy, target, derived_from = _strategy(manifest)
     out_path = (options.out or manifest.project_dir / f"{manifest.name}.capsule").absolute()
-    readme = next((manifest.project_dir / n for n in capsule.README_NAMES
+    readme = next((manifest.project_dir / n for n in archive.README_NAMES
                    if (manifest.project_dir / n).is_file()), None)
     normalized = manifest.normalized()
     lock_inputs = jcs_digest({"format": BUILD_FORMAT, "manifest": normalized, "epoch": options.epoch,
@@ -238,7 +238,7 @@ def payload_cache_path(plan: BuildPlan) -> Path:
 def write_lock(plan: BuildPlan) -> dict[str, Any]:
     """Lock step: write capsule.lock.json for this source set."""
     lock = build_lock(plan.manifest.normalized(), _targets_summary(plan.manifest), plan.entries, plan.options.epoch)
-    data = capsule.jcs(lock)
+    data = distribution.jcs(lock)
     write_bytes_atomic(lock_path(plan), data)
     return {"lock_digest": label(blake3.blake3(data).hexdigest())}
 
@@ -281,9 +281,14 @@ def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
         blake3_file(out) == values.get("artifact_blake3")
 
 
-def _capsule_size(sizes: list[int]) -> int:
-    body = sum(512 + s + (-s) % 512 for s in sizes) + 1024
-    return body + (-body) % capsule.RECORD
+def materialize_payload(store: CasStore, payload: PayloadManifest, out_path: Path) -> str:
+    """Write ``payload.tar.zst`` (the verified frames in order); returns its BLAKE3 hex."""
+    hasher = blake3.blake3()
+    with open(out_path, "wb") as fh:
+        for frame in store.iter_frames(payload):
+            fh.write(frame)
+            hasher.update(frame)
+    return hasher.hexdigest()
 
 
 def _payload_bytes_hash(store: CasStore, payload: PayloadManifest, cache: Path, recorded: str | None) -> str:
@@ -291,7 +296,7 @@ def _payload_bytes_hash(store: CasStore, payload: PayloadManifest, cache: Path, 
     if recorded and cache.is_file() and blake3_file(cache) == recorded:
         return recorded
     tmp = temp_path(cache)
-    digest = capsule.materialize_payload(store, payload, tmp)
+    digest = materialize_payload(store, payload, tmp)
     os.replace(tmp, cache)
     return digest
 
@@ -303,39 +308,39 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     payload = store.get_manifest(recorded["artifact_hash"])
     files = [PackedFile(p, s) for p, s in recorded["files"]]
     manifest = plan.manifest
-    dist = capsule.distribution_manifest(manifest.normalized(), payload)
+    dist = distribution.distribution_manifest(manifest.normalized(), payload)
     lock_bytes = lock_path(plan).read_bytes()
     # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
-    sbom_bytes = capsule.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))
+    sbom_bytes = distribution.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))
     scratch = payload_cache_path(plan)
     try:
         payload_hash = _payload_bytes_hash(store, payload, scratch, recorded.get("payload_blake3"))
-        small = {"capsule.toml": capsule.toml_bytes(dist), "capsule.lock.json": lock_bytes,
+        small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
                  "sbom.spdx.json": sbom_bytes, "payload.v3.manifest.json": payload.to_bytes()}
         if plan.readme is not None:
             small[plan.readme.name] = plan.readme.read_bytes()
         # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
-        signature = sign.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
+        sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
                                             payload_hash=label(payload_hash), members=small,
                                             epoch=plan.options.epoch, key=plan.options.signing_key)
         members = [
-            capsule.Member("capsule.toml", small["capsule.toml"]),
-            capsule.Member("capsule.lock.json", lock_bytes),
-            capsule.Member("sbom.spdx.json", sbom_bytes),
-            capsule.Member("signature.json", sign.signature_bytes(signature)),
-            capsule.Member("payload.tar.zst", path=scratch),
-            capsule.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
+            archive.Member("capsule.toml", small["capsule.toml"]),
+            archive.Member("capsule.lock.json", lock_bytes),
+            archive.Member("sbom.spdx.json", sbom_bytes),
+            archive.Member("signature.json", signature.signature_bytes(sig_doc)),
+            archive.Member("payload.tar.zst", path=scratch),
+            archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ]
         if plan.readme is not None:
-            members.append(capsule.Member(plan.readme.name, small[plan.readme.name]))
-        size = _capsule_size([m.size for m in members])
+            members.append(archive.Member(plan.readme.name, small[plan.readme.name]))
+        size = archive.capsule_size([m.size for m in members])
         if size > MAX_PAYLOAD_BYTES and not plan.options.force_large_payload:
             raise AtoError(E_PAYLOAD_TOO_LARGE,
                            f"capsule payload is unusually large: {size} bytes ({size / 1e6:.1f} MB), threshold is "
                            f"{MAX_PAYLOAD_BYTES / 1e6:.1f} MB", hint="use --force-large-payload to override intentionally",
                            details={"size": size, "threshold": MAX_PAYLOAD_BYTES})
         # the temp artifact goes in the build state dir, never in the tree this build packs
-        digest, written = capsule.write_capsule(plan.out_path, members, plan.options.epoch,
+        digest, written = archive.write_capsule(plan.out_path, members, plan.options.epoch,
                                                 temp_dir=plan.state_dir)
     except BaseException:
         scratch.unlink(missing_ok=True)
@@ -381,10 +386,10 @@ def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, 
     return validate(doc, "build")
 
 
-def _signer(key: sign.SigningKey | None) -> dict[str, Any] | None:
+def _signer(key: keys.SigningKey | None) -> dict[str, Any] | None:
     if key is None:
         return None
-    return {"key_id": key.did, "fingerprint": key.fingerprint, "short_fingerprint": sign.short_fingerprint(key.fingerprint),
+    return {"key_id": key.did, "fingerprint": key.fingerprint, "short_fingerprint": keys.short_fingerprint(key.fingerprint),
             "previous_key": (key.attached_previous_key(_now()) or {}).get("key_id")}
 
 

@@ -1,13 +1,14 @@
 """Fetch: a ``.capsule`` -> ``$ATO_HOME/fetches/<parent-hex>/{artifact/, artifact.capsule, fetch.json}``.
 
-The artifact is checked first (every digest, :func:`stages.artifact.verify_capsule`),
-then its payload is extracted into a temp dir next to the cache, its tree digest
-(CONTRACTS §2) becomes ``parent_digest``, and the dir is renamed into place: the
-cache is content-addressed by payload tree, and a reader never sees half a fetch.
-
-Extraction is fail-closed: absolute paths, ``..``, symlinks whose target leaves the
-artifact dir, entries that pass through a symlink, hard links, devices, FIFOs and
-duplicate paths are refused (``Refusing to unpack unsafe payload path``).
+The artifact is accepted first exactly as install and run accept one: the format's one
+verifier and the trust decision (:class:`stages.trust_port.TrustPort`: signature, pins,
+revocation, consent on first sight, the payload ceiling). Its payload is then extracted by the
+format's one safe unpacker (:func:`stages.capsule.unpack_payload`) into a temp dir next to the
+cache, its tree digest (CONTRACTS §2) becomes ``parent_digest``, and the dir is renamed into
+place: the cache is content-addressed by payload tree, and a reader never sees half a fetch.
+What may be unpacked is the format's rule (:mod:`stages.capsule.entries`): absolute paths,
+``..``, symlinks that resolve outside the tree, entries under a symlink, hard links to anything
+but an earlier file, devices, FIFOs and duplicate paths are refused with E208.
 
 A fetch of the same artifact under the same labels is a no-op (the doit step is
 up to date while ``fetch.json`` and the tree digest of ``artifact/`` still match).
@@ -19,32 +20,25 @@ tree, so ``parent_digest`` never changes.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import posixpath
 import re
 import shutil
-import stat
-import tarfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 from cas.atomic import fsync_dir
 from cas.canonical import jcs_digest
-from cas.digest import DigestError, blake3_file, label, parse
+from cas.digest import DigestError, label, parse
 from cas.filelock import flocked
-from cas.streams import FileSlice
 from cas.tempfiles import sweep, temp_name, temp_path
 from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.manifest import SIDECAR_NAME
-from stages import artifact as capsule
+from stages.capsule import Limits, read_capsule, unpack_payload, verify
 from stages.native import SCHEMA_VERSION, check_schema_version, now_rfc3339, read_doc, write_doc
+from stages.trust_port import TrustPort
 
 ARTIFACT_DIR = "artifact"
 ARTIFACT_FILE = "artifact.capsule"
@@ -54,8 +48,8 @@ _SEGMENT = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,126})$")
 _HOSTISH = re.compile(r"^(localhost|[^/]*[.:][^/]*)$", re.IGNORECASE)
 
 
-def integrity(message: str, **details: Any) -> AtoError:
-    return AtoError(E_INTEGRITY, message, details=details,
+def integrity(message: str, *, hint: str | None = None, **details: Any) -> AtoError:
+    return AtoError(E_INTEGRITY, message, details=details, hint=hint,
                     problems=[Problem("ATO_ERR_INTEGRITY_FAILURE", message, details)])
 
 
@@ -142,109 +136,12 @@ def parse_ref(ref: str, registry: str | None, version: str | None) -> FetchRef:
 def local_labels(path: Path) -> tuple[str, str, str]:
     """(scoped_id, version, registry) of a ``.capsule`` file fetched by path: ``local/<name>``, its
     manifest version, and the file's URI."""
-    opened = capsule.open_capsule(path)
-    name = str(opened.manifest.get("name") or "").strip().lower()
-    version = str(opened.manifest.get("version") or "").strip()
+    manifest = read_capsule(path).manifest
+    name = str(manifest.get("name") or "").strip().lower()
+    version = str(manifest.get("version") or "").strip()
     if not name or not version:
         raise integrity(f"{path.name}: capsule.toml has no name/version", path=str(path))
     return f"local/{name}", version, path.absolute().as_uri()
-
-
-# ---------------------------------------------------------------- safe extraction
-
-
-def _unsafe(name: str, why: str) -> AtoError:
-    return integrity(f"Refusing to unpack unsafe payload path: {name} ({why})", path=name)
-
-
-def _check_name(name: str) -> str:
-    if not name or "\0" in name:
-        raise _unsafe(repr(name), "empty name")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\\" in name:
-        raise _unsafe(name, "absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise _unsafe(name, "'..' component")
-    return "/".join(parts)
-
-
-def _check_symlink(rel: str, target: str) -> None:
-    if not target or target.startswith("/") or "\0" in target:
-        raise _unsafe(rel, f"symlink to an absolute or empty target {target!r}")
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-    if joined == ".." or joined.startswith("../"):
-        raise _unsafe(rel, f"symlink target {target!r} leaves the artifact")
-
-
-def _ensure_parents(root: Path, rel: str) -> Path:
-    """Create the directories above ``rel`` (mode 0755); refuse to pass through anything but a real dir."""
-    current = root
-    for part in rel.split("/")[:-1]:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            os.chmod(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise _unsafe(rel, f"a parent ({current.relative_to(root)}) is not a directory")
-    return root / rel
-
-
-def extract_payload(members: Iterable[tarfile.TarInfo], tf: tarfile.TarFile, root: Path) -> int:
-    """Extract a payload tar stream under ``root`` (which must exist); returns the entry count."""
-    seen: set[str] = set()
-    count = 0
-    for info in members:
-        rel = _check_name(info.name)
-        if not rel:
-            continue  # the root itself
-        if rel in seen:
-            raise _unsafe(rel, "duplicate entry")
-        seen.add(rel)
-        count += 1
-        dest = _ensure_parents(root, rel)
-        if info.isdir():
-            if os.path.lexists(dest):
-                if not stat.S_ISDIR(os.lstat(dest).st_mode):
-                    raise _unsafe(rel, "directory over an existing entry")
-            else:
-                os.mkdir(dest, 0o755)
-            os.chmod(dest, 0o755)
-        elif info.issym():
-            _check_symlink(rel, info.linkname)
-            os.symlink(info.linkname, dest)
-        elif info.isreg():
-            fh = tf.extractfile(info)
-            assert fh is not None
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    while chunk := fh.read(COPY):
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(dest)
-                raise
-            os.chmod(dest, info.mode & 0o777)
-        else:
-            kind = "hard link" if info.islnk() else "device, FIFO or other special file"
-            raise _unsafe(rel, f"{kind} entries are not allowed")
-    return count
-
-
-def unpack_capsule_payload(opened: capsule.OpenedCapsule, root: Path) -> int:
-    with open(opened.path, "rb") as raw:
-        piece = io.BufferedReader(FileSlice(raw, opened.payload_offset, opened.payload_size), COPY)
-        reader = zstandard.ZstdDecompressor().stream_reader(piece, read_across_frames=True)
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tf:
-                return extract_payload(tf, tf, root)
-        except (tarfile.TarError, zstandard.ZstdError) as exc:
-            raise integrity(f"{opened.path.name}: payload.tar.zst is not a readable tar: {exc}") from None
 
 
 # ---------------------------------------------------------------- the fetch cache
@@ -301,16 +198,25 @@ def tree_hex(root: Path) -> str:
         raise integrity(f"cannot digest {root}: {exc}", path=str(root)) from None
 
 
-def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str,
-                  expected_blake3: str | None = None) -> FetchResult:
-    """Verify ``path`` and materialize it in the fetch cache (always does the work; see :func:`fetch`)."""
-    artifact_hex = blake3_file(path)
+def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str, trust: TrustPort | None,
+                  trust_scope: str | None = None, expected_blake3: str | None = None,
+                  expected_name: str | None = None) -> FetchResult:
+    """Accept ``path`` (``trust.check``, or without a port the format's checks only) and materialize
+    it in the fetch cache (always does the work; see :func:`fetch`). ``trust_scope`` is the
+    publisher/slug the signer is checked against (None: the artifact's own name, as for a file)."""
+    path = Path(path)
+    if trust is not None:
+        trust.check(path, trust_scope)
+    verdict = verify(path, trust.limits if trust is not None else Limits()).require()
+    capsule = verdict.capsule
+    assert capsule is not None and verdict.artifact_blake3 is not None
+    artifact_hex = parse(verdict.artifact_blake3)
     if expected_blake3 is not None and parse(expected_blake3) != artifact_hex:
         raise integrity(f"artifact digest mismatch for {scoped_id}@{version}: the registry names "
                         f"{label(parse(expected_blake3))}, the downloaded bytes hash to {label(artifact_hex)}",
                         expected=label(parse(expected_blake3)), actual=label(artifact_hex))
-    capsule.verify_capsule(path)
-    opened = capsule.open_capsule(path)
+    if expected_name is not None and (capsule.name != expected_name or str(capsule.version) != version):
+        raise integrity(f"artifact manifest is {capsule.name} {capsule.version}, expected {expected_name} {version}")
     root = paths.fetches_dir()
     root.mkdir(parents=True, exist_ok=True)
     sweep([root])  # what a killed fetch left (only if its process is gone)
@@ -320,7 +226,7 @@ def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str,
         artifact = tmp / ARTIFACT_DIR
         os.mkdir(artifact, 0o755)
         os.chmod(artifact, 0o755)
-        unpack_capsule_payload(opened, artifact)
+        unpack_payload(capsule, artifact, durable=True)
         _copy_synced(path, tmp / ARTIFACT_FILE)
         parent_hex = tree_hex(artifact)
         record = _record(scoped_id, version, registry, parent_hex, artifact_hex)
@@ -418,6 +324,28 @@ def check_parent(artifact: Path, record: dict[str, Any]) -> str:
         raise integrity(f"Fetched artifact integrity mismatch: expected {expected}, got {actual}",
                         expected=expected, actual=actual, path=str(artifact))
     return actual
+
+
+def trust_scope(record: dict[str, Any]) -> str | None:
+    """The publisher/slug a fetch's signer is checked against: None (the artifact's own name) for a
+    file fetched by path, as ``ato fetch <file>`` checked it."""
+    return None if str(record.get("registry", "")).startswith("file:") else str(record["scoped_id"])
+
+
+def accept_fetched(fetched_dir: Path, record: dict[str, Any], trust: TrustPort | None) -> None:
+    """The artifact a fetch came from, accepted again exactly as fetch accepted it (finalize and
+    project call this): ``artifact.capsule`` must be there, pass ``trust``, and be the bytes fetch.json
+    names. E208 otherwise."""
+    path = Path(fetched_dir) / ARTIFACT_FILE
+    if path.is_symlink() or not path.is_file():
+        raise integrity(f"the fetched artifact {path} is missing, so its signature cannot be checked",
+                        path=str(path), hint="fetch it again (ato fetch / ato install)")
+    if trust is not None:
+        trust.check(path, trust_scope(record))
+    verdict = verify(path, trust.limits if trust is not None else Limits()).require()
+    if verdict.artifact_blake3 != record.get("artifact_blake3"):
+        raise integrity(f"{path} is not the artifact fetch.json names ({record.get('artifact_blake3')}, the file "
+                        f"hashes to {verdict.artifact_blake3})", path=str(path))
 
 
 def is_native_payload(artifact: Path) -> bool:

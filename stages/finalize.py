@@ -45,8 +45,10 @@ from pipeline.manifest import SIDECAR_NAME, DeliveryMeta
 from pipeline.manifest.delivery import LINUX_TOOL
 from pipeline.manifest.tomlfile import parse_toml, read_text
 from stages import fetch as fetch_stage
-from stages import native_build, sign
+from stages import native_build
+from stages.capsule import keys
 from stages.native import SCHEMA_VERSION, check_schema_version, host_target, now_rfc3339, read_doc, write_doc
+from stages.trust_port import TrustPort
 
 PROVENANCE = "local-derivation.json"
 KEY_FILE = "local-derivation-key.json"
@@ -191,15 +193,15 @@ def local_key_path() -> Path:
     return paths.keys_dir() / KEY_FILE
 
 
-def _load_key(path: Path) -> sign.SigningKey:
+def _load_key(path: Path) -> keys.SigningKey:
     mode = stat.S_IMODE(os.lstat(path).st_mode)
     if mode & 0o077:
         raise policy(f"the local derivation key {path} is readable by others (mode {mode:03o}); expected 0600",
                      path=str(path))
-    return sign.load_signing_key(path)
+    return keys.load_signing_key(path)
 
 
-def local_key(create: bool = True) -> sign.SigningKey | None:
+def local_key(create: bool = True) -> keys.SigningKey | None:
     """This machine's local derivation key; created (mode 0600) on first use when ``create``."""
     path = local_key_path()
     if path.is_file():
@@ -207,7 +209,7 @@ def local_key(create: bool = True) -> sign.SigningKey | None:
     if not create:
         return None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = sign.generate_key(created_at=now_rfc3339())
+    key = keys.generate_key(created_at=now_rfc3339())
     data = (json.dumps(key.to_file_json(), indent=2) + "\n").encode()
     write_bytes_atomic(path, data, mode=0o600, no_clobber=True)  # a concurrent first use may win: use its key
     return _load_key(path)
@@ -223,18 +225,22 @@ def ato_sign(parent_digest: str, derived_digest: str, target: str) -> dict[str, 
     key = local_key()
     assert key is not None
     signature = key.sign(statement(parent_digest, derived_digest, target))
-    return {"alg": "ed25519", "key_id": key.did, "public_key": sign.b64(key.public), "statement": STATEMENT_TYPE,
-            "signature": sign.b64(signature)}
+    return {"alg": "ed25519", "key_id": key.did, "public_key": keys.b64(key.public), "statement": STATEMENT_TYPE,
+            "signature": keys.b64(signature)}
 
 
 # ---------------------------------------------------------------- finalize
 
 
-def finalize(fetched_dir: Path, output_root: Path, *, host: str | None = None) -> FinalizeResult:
+def finalize(fetched_dir: Path, output_root: Path, *, host: str | None = None,
+             trust: TrustPort | None) -> FinalizeResult:
+    """Derive the app of a fetch. The fetched artifact is accepted first (``trust``: its signature and
+    signer, as install and run check them), so nothing untrusted is signed by this machine's key."""
     fetched_dir = Path(fetched_dir).absolute()
     record, artifact = fetch_stage.load_fetched(fetched_dir)
     if not isinstance(record.get("artifact_blake3"), str):
         raise fetch_stage.integrity(f"fetch.json is missing artifact_blake3: {fetched_dir}")
+    fetch_stage.accept_fetched(fetched_dir, record, trust)
     parent_digest = fetch_stage.check_parent(artifact, record)
     delivery = read_delivery(artifact)
     check_host(delivery, host)
@@ -339,12 +345,12 @@ def _signature_problems(provenance: dict[str, Any]) -> list[str]:
     if not isinstance(sig, dict):
         return ["derived_signature_missing"]
     try:
-        public = sign.unb64(sig.get("public_key"), 32, "public_key")
-        raw = sign.unb64(sig.get("signature"), 64, "signature")
-        did = sign.did_key(public)
+        public = keys.unb64(sig.get("public_key"), 32, "public_key")
+        raw = keys.unb64(sig.get("signature"), 64, "signature")
+        did = keys.did_key(public)
     except ValueError:
         return ["derived_signature_invalid"]
-    if sig.get("key_id") != did or not sign.verify_ed25519(
+    if sig.get("key_id") != did or not keys.verify_ed25519(
             did, raw, statement(provenance["parent_digest"], provenance["derived_digest"], provenance["target"])):
         return ["derived_signature_invalid"]
     try:

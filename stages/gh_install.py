@@ -24,6 +24,7 @@ from cas.digest import label
 from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError
+from stages.trust_port import TrustPort
 
 DEFAULT_GITHUB_API = "https://api.github.com"
 MAX_ARCHIVE_BYTES = 512 << 20
@@ -88,7 +89,7 @@ def extract(archive: Path, into: Path) -> Path:
 
 
 def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]],
-                         verify: Callable[[Path, str], dict[str, Any]] | None = None,
+                         trust: TrustPort | None = None,
                          progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     from cas.store import CasStore
     from stages.install import _ensure_manifest, store_path
@@ -117,7 +118,7 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
         scoped = f"{owner}/{slug}"
         target = store_path(owner, slug, local.version)
         target.parent.mkdir(parents=True, exist_ok=True)
-        trust = verify(artifact, scoped) if verify is not None else None
+        checked = trust.check(artifact, scoped) if trust is not None else None
         with open(artifact, "rb") as src, atomic_writer(target) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     cas = CasStore(paths.cas_root())
@@ -137,6 +138,6 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
                      "bytes_reused": 0, "skeleton_bytes": 0, "artifact_bytes": local.size},
         "source": {"kind": "github", "repository": repo},
     }
-    if trust is not None:
-        doc.update(trust)
+    if checked is not None:
+        doc.update(checked)
     return validate(doc, "install")

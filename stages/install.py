@@ -14,10 +14,16 @@
    checked (frame BLAKE3, decodes to exactly its chunk) and staged into the CAS;
 4. splice: prefix + frames + suffix are written to a temp file beside the
    target, hashed on the way; the size, SHA-256 and BLAKE3 must equal the
-   published ones, and the artifact is then opened and checked (manifest
-   name/version, Merkle root, manifest hash, every chunk) before the staged
-   chunks and the payload manifest go into the CAS and the file is renamed
-   into place. A failure leaves the store and the CAS as they were.
+   published ones, and the artifact then passes the format's one verifier
+   and the trust decision (:class:`stages.trust_port.TrustPort`) before the
+   staged chunks and the payload manifest go into the CAS and the file is
+   renamed into place. A failure leaves the store and the CAS as they were.
+
+Before step 3 the skeleton alone is judged (:func:`stages.capsule.verify_skeleton`):
+its framing, every small member, the signature, the manifest digests, the
+payload ceiling, the manifest name/version and the trust decision (consent
+included). An artifact that would be refused is refused before a single chunk
+is downloaded.
 
 A registry that serves no skeleton (or a release whose frames are not its
 chunks) is downloaded whole from ``artifact_url`` with the same checks; its
@@ -34,13 +40,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import os
 import queue
 import sys
-import tarfile
 import threading
-import tomllib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,33 +55,21 @@ import blake3
 
 from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse, write_hashed
-from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.stoppoints import stop_point
 from cas.store import CasStore
 from cas.tempfiles import sweep, temp_path
 from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
-from stages.artifact import open_capsule, payload_scan, verify_capsule
-from stages.payload_frames import (
-    FrameRef,
-    PayloadCorrupt,
-    UnsafePayload,
-    split_payload,
-)
+from stages.capsule import Limits, Verdict, read_capsule, verify, verify_skeleton
+from stages.capsule.payload import FrameRef, stream_frames
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
+from stages.trust_port import TrustPort
 
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
 WRITE_BATCH = 4 << 20
 STAGING_THREADS = 4
-
-# Trust hook (issue 6): ``verify(path, scoped_id)`` checks digests, signature and the trust decision
-# (pipeline.trust.verify, which stages may not import) and returns {"signed", "signer", "trust"} for the
-# envelope, or raises. It runs on the downloaded file before it is committed to the store or the CAS,
-# and again on an already-installed artifact, so a key revoked since is refused there too.
-Verifier = Callable[[Path, str], dict[str, Any]]
-
 
 def integrity(message: str, **details: Any) -> AtoError:
     return AtoError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: {message}", details=details,
@@ -289,7 +280,7 @@ def _batched_fetch(client: RegistryPort, hexes: list[str]) -> Iterator[bytes]:
         yield from client.fetch_chunks(hexes[i:i + FETCH_BATCH])
 
 
-def _splice(client: RegistryPort, skel: dict[str, Any], cas: CasStore, out: Path,
+def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
             transfer: Transfer) -> tuple[str, str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
@@ -297,9 +288,7 @@ def _splice(client: RegistryPort, skel: dict[str, Any], cas: CasStore, out: Path
     compares the whole file with the published BLAKE3 and SHA-256, and decodes the payload once
     (:func:`_check_frames`), proving each frame is its chunk before anything is staged for good.
     """
-    prefix = base64.b64decode(skel["prefix"])
-    suffix = base64.b64decode(skel["suffix"])
-    frames = [FrameRef.from_json(f) for f in skel["frames"]]
+    prefix, suffix, frames = skel.prefix, skel.suffix, skel.frames
     transfer.mode = "delta"
     transfer.chunks_total = len(frames)
     transfer.skeleton_bytes = len(prefix) + len(suffix)
@@ -382,14 +371,12 @@ def _splice(client: RegistryPort, skel: dict[str, Any], cas: CasStore, out: Path
     return sha.hexdigest(), b3.hexdigest(), size
 
 
-def _check_frames(path: Path, skel: dict[str, Any] | None) -> None:
-    """The verifying pass over the payload (shared with the trust check): safe entries, and when
-    the artifact was spliced, frames that are the published ones, each decoding to its chunk."""
-    scan = payload_scan(path)
-    if scan.unsafe is not None:
-        raise integrity(f"artifact payload is unsafe: {scan.unsafe}")
-    if skel is not None and scan.frames != tuple(FrameRef.from_json(f) for f in skel["frames"]):
-        raise integrity("the published frames are not the artifact's chunks", reason=scan.reason)
+def _check_frames(verdict: Verdict, skel: dict[str, Any] | None) -> None:
+    """When the artifact was spliced, its frames must be the published ones, each decoding to its chunk
+    (the verifier established what the frames are)."""
+    assert verdict.scan is not None
+    if skel is not None and verdict.scan.frames != tuple(FrameRef.from_json(f) for f in skel["frames"]):
+        raise integrity("the published frames are not the artifact's chunks", reason=verdict.scan.reason)
 
 
 def _local_frame(client: RegistryPort, objects: Any, f: FrameRef) -> bytes | None:
@@ -414,24 +401,22 @@ def _download(client: RegistryPort, url: str, out: Path, transfer: Transfer) -> 
     return sha, b3, size
 
 
-def _stage_from_artifact(path: Path, cas: CasStore, staging: _Staging, transfer: Transfer) -> None:
+def _stage_from_artifact(path: Path, verdict: Verdict, cas: CasStore, staging: _Staging,
+                         transfer: Transfer) -> None:
     """Stage the verified artifact's frames that the CAS lacks (so the next version is a delta).
 
     Done after every check, from the file itself, on this thread: staging during the download
     made a writer thread wait on the GIL around each of its thousands of small writes.
     """
-    opened = open_capsule(path)
-
-    def sink(ref: FrameRef, frame: bytes, _offset: int) -> None:
-        if not cas.objects.has(ref.raw_hash):
-            staging.add(ref.raw_hash, frame)
-    try:
-        split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest, sink)
-    except UnsafePayload as exc:
-        raise integrity(f"artifact payload is unsafe: {exc}") from None
-    except PayloadCorrupt as exc:
-        raise integrity(str(exc)) from None
-    transfer.chunks_total = len(opened.payload_manifest.chunks)
+    capsule, scan = verdict.capsule, verdict.scan
+    assert capsule is not None and scan is not None
+    transfer.chunks_total = len(capsule.payload_manifest.chunks)
+    if scan.frames is None:
+        return
+    with open(path, "rb") as fh:
+        for ref, frame, _offset in stream_frames(fh, capsule.payload_offset, scan.frames):
+            if not cas.objects.has(ref.raw_hash):
+                staging.add(ref.raw_hash, frame)
 
 
 @dataclass
@@ -464,7 +449,10 @@ def _release(client: RegistryPort, publisher: str, slug: str, wanted: str | None
         raise
     if dist.get("version") != target_version:
         raise integrity(f"registry answered version {dist.get('version')!r} for {target_version!r}")
-    expect = _Expect(int(dist.get("size_bytes") or 0), parse_sha(dist["sha256"]), parse(dist["blake3"]))
+    try:
+        expect = _Expect(int(dist.get("size_bytes") or 0), parse_sha(dist["sha256"]), parse(dist["blake3"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise integrity(f"registry sent a malformed distribution record: {exc}") from None
     return _Release(detail, target_version, dist, expect)
 
 
@@ -480,8 +468,10 @@ def installed_release(ref: str, registry: str, version: str | None, *, connect: 
 
 
 def install(ref: str, registry: str, version: str | None, *, connect: RegistryConnect,
-            token: str | None = None, progress: Callable[[str], None] = lambda _m: None, full_verify: bool = True,
-            verify: Verifier | None = None) -> dict[str, Any]:
+            token: str | None = None, progress: Callable[[str], None] = lambda _m: None,
+            trust: TrustPort | None = None) -> dict[str, Any]:
+    """Install ``ref`` from ``registry``. ``trust`` decides whether the artifact may be used (without it,
+    only the format is checked: the artifact is reported as not trust-checked)."""
     publisher, slug, wanted = parse_ref(ref, version)
     scoped = f"{publisher}/{slug}"
     with connect(registry, token) as client:
@@ -492,17 +482,15 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         sweep([target.parent, cas.objects.tmp])  # what a killed install left (only if its process is gone)
         transfer = Transfer()
         up_to_date = target.is_file() and blake3_file(target) == expect.blake3
-        trust = None
+        checked = None
         if up_to_date:
-            if verify is not None:
-                trust = verify(target, scoped)
+            checked = _accept(target, scoped, trust)  # a key revoked since the install is refused here too
             with cas.shared():
                 _ensure_manifest(cas, target)
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
-            trust = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, full_verify,
-                           verify, scoped)
+            checked = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, trust, scoped)
     doc = {
         "capsule_id": str(detail.get("id") or f"local-{publisher}-{slug}"),
         "scoped_id": scoped, "publisher": publisher, "slug": slug, "version": target_version,
@@ -515,9 +503,17 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         "schema_version": SCHEMA_VERSION, "registry": client.base, "up_to_date": up_to_date,
         "size_bytes": target.stat().st_size, "transfer": transfer.to_json(),
     }
-    if trust is not None:
-        doc.update(trust)
+    if checked is not None:
+        doc.update(checked)
     return validate(doc, "install")
+
+
+def _accept(path: Path, scoped: str, trust: TrustPort | None) -> dict[str, Any] | None:
+    """The complete check of an artifact file: the trust port's, or (without one) the format's."""
+    if trust is not None:
+        return trust.check(path, scoped)
+    verify(path, Limits()).require()
+    return None
 
 
 def parse_sha(value: str) -> str:
@@ -527,64 +523,65 @@ def parse_sha(value: str) -> str:
     return text
 
 
-def artifact_identity(path: Path) -> tuple[Any, Any, PayloadManifest]:
-    """(manifest name, manifest version, payload manifest) without parsing the whole capsule.toml.
-
-    The distribution manifest of a large payload lists thousands of chunks; ``name`` and ``version``
-    are top-level keys, which TOML requires before the first table header, so only that head is
-    parsed. A head that does not parse on its own (say a multi-line string holding a ``[``) falls
-    back to the whole document.
-    """
-    try:
-        with tarfile.open(path, "r:") as tf:
-            names = tf.getnames()
-            if names[:1] != ["capsule.toml"] or "payload.v3.manifest.json" not in names:
-                raise integrity(f"{path.name} does not have the capsule layout")
-            toml_text = _member(tf, "capsule.toml").decode("utf-8")
-            payload = PayloadManifest.from_json(json.loads(_member(tf, "payload.v3.manifest.json")))
-    except (tarfile.TarError, OSError, UnicodeDecodeError, ValueError, PayloadManifestError) as exc:
-        raise integrity(f"{path.name} is not a readable capsule: {exc}") from None
-    lines = toml_text.splitlines(keepends=True)
-    cut = next((i for i, line in enumerate(lines) if line.lstrip().startswith("[")), len(lines))
-    try:
-        head = tomllib.loads("".join(lines[:cut]))
-        if "name" not in head or "version" not in head:
-            raise tomllib.TOMLDecodeError("name/version not in the head")
-    except tomllib.TOMLDecodeError:
-        try:
-            head = tomllib.loads(toml_text)
-        except tomllib.TOMLDecodeError as exc:
-            raise integrity(f"{path.name}: capsule.toml does not parse: {exc}") from None
-    return head.get("name"), head.get("version"), payload
-
-
-def _member(tf: tarfile.TarFile, name: str) -> bytes:
-    fh = tf.extractfile(name)
-    if fh is None:
-        raise integrity(f"{name} is not a file member")
-    return fh.read()
-
-
 def _ensure_manifest(cas: CasStore, path: Path) -> None:
     """The payload manifest of an installed artifact is a gc root: keep it in the CAS."""
-    manifest = artifact_identity(path)[2]
+    manifest = read_capsule(path).payload_manifest
     if not cas.manifest_path(manifest.artifact_hash).exists():
         cas.put_manifest(manifest)
 
 
+@dataclass
+class _Skeleton:
+    prefix: bytes
+    suffix: bytes
+    payload_size: int
+    frames: list[FrameRef]
+    doc: dict[str, Any]
+
+
+def _skeleton(doc: Any, expect: _Expect) -> _Skeleton:
+    """A registry's skeleton document, parsed (a malformed one is the registry's integrity failure)."""
+    try:
+        skel = _Skeleton(base64.b64decode(doc["prefix"], validate=True), base64.b64decode(doc["suffix"], validate=True),
+                         int(doc["payload_size"]), [FrameRef.from_json(f) for f in doc["frames"]], doc)
+        same = parse(doc["blake3"]) == expect.blake3
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise integrity(f"registry sent a malformed skeleton: {str(exc)[:200]}") from None
+    if not same:
+        raise integrity("skeleton and distribution disagree about the artifact digest")
+    if skel.payload_size != sum(f.frame_size for f in skel.frames) or skel.payload_size < 0:
+        raise integrity("the skeleton's frames do not add up to its payload size")
+    return skel
+
+
+def _precheck(skel: _Skeleton, expect: _Expect, slug: str, version: str, trust: TrustPort | None,
+              scoped: str) -> None:
+    """Judge the artifact by its small members before downloading its payload: the format's checks
+    that need no payload, the manifest name/version, and the trust decision (consent included)."""
+    verdict = verify_skeleton(skel.prefix, skel.payload_size, skel.suffix, artifact_blake3=label(expect.blake3),
+                              limits=trust.limits if trust is not None else Limits()).require()
+    _check_identity(verdict, slug, version)
+    if trust is not None:
+        trust.precheck(verdict, scoped)
+
+
+def _check_identity(verdict: Verdict, slug: str, version: str) -> None:
+    if verdict.name != slug or verdict.version != version:
+        raise integrity(f"artifact manifest is {verdict.name} {verdict.version}, expected {slug} {version}")
+
+
 def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
-           transfer: Transfer, slug: str, version: str, full_verify: bool, verify: Verifier | None = None,
-           scoped: str = "") -> dict[str, Any] | None:
+           transfer: Transfer, slug: str, version: str, trust: TrustPort | None,
+           scoped: str) -> dict[str, Any] | None:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
     with cas.shared():
         staging = _Staging(cas)
         try:
-            skel = client.skeleton(dist["skeleton_url"]) if dist.get("skeleton_url") else None
+            skel = _skeleton(client.skeleton(dist["skeleton_url"]), expect) if dist.get("skeleton_url") else None
             if skel is not None:
-                if parse(skel["blake3"]) != expect.blake3:
-                    raise integrity("skeleton and distribution disagree about the artifact digest")
+                _precheck(skel, expect, slug, version, trust, scoped)
                 sha, b3, size = _splice(client, skel, cas, tmp, transfer)
                 transfer.artifact_bytes = size
             else:
@@ -597,23 +594,18 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
                                 f"{expect.sha256}")
             if expect.size and size != expect.size:
                 raise integrity(f"installed artifact has {size} bytes, the registry published {expect.size}")
-            name, mversion, payload = artifact_identity(tmp)
-            if name != slug or mversion != version:
-                raise integrity(f"artifact manifest is {name} {mversion}, expected {slug} {version}")
-            if verify is not None:
-                trust = verify(tmp, scoped)  # the trust hook runs the complete artifact check (verify_capsule too)
-            else:
-                trust = None
-                if full_verify:
-                    verify_capsule(tmp)
-            _check_frames(tmp, skel)
-            _stage_from_artifact(tmp, cas, staging, transfer)
+            checked = _accept(tmp, scoped, trust)
+            verdict = verify(tmp, trust.limits if trust is not None else Limits())  # the same verdict, kept
+            _check_identity(verdict, slug, version)
+            _check_frames(verdict, skel.doc if skel is not None else None)
+            _stage_from_artifact(tmp, verdict, cas, staging, transfer)
             staging.publish()
+            payload = verdict.capsule.payload_manifest  # type: ignore[union-attr]
             if not cas.manifest_path(payload.artifact_hash).exists():
                 cas.put_manifest(payload)
             os.replace(tmp, target)
             fsync_dir(target.parent)
-            return trust
+            return checked
         except BaseException:
             staging.discard()
             tmp.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from cas.streams import ChunkStream
 from pipeline.errors import E_LOCKFILE, AtoError
-from stages import tar_header
+from stages.capsule import tar_header
 from stages.sources import SourceEntry
 
 COPY_SIZE = 1 << 20

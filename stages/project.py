@@ -44,6 +44,7 @@ from stages.native import (
     read_doc,
     write_doc,
 )
+from stages.trust_port import TrustPort
 
 KIND_SYMLINK = "symlink"
 KIND_DESKTOP = "linux-desktop-entry"
@@ -319,8 +320,12 @@ def _envelope(pid: str, meta: Path, record: dict[str, Any], problems: list[str],
             "schema_version": record.get("schema_version", SCHEMA_VERSION)}
 
 
-def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | None = None) -> dict[str, Any]:
-    """Project a derived app; a second call for the same app is a no-op (``created: false``)."""
+def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | None = None,
+            trust: TrustPort | None) -> dict[str, Any]:
+    """Project a derived app; a second call for the same app is a no-op (``created: false``).
+
+    The artifact the app was derived from (``$ATO_HOME/fetches/<parent>/artifact.capsule``) is
+    accepted first through ``trust``, exactly as install and run accept it."""
     given = Path(derived_app).absolute()
     if not os.path.lexists(given):
         raise _usage(f"derived app does not exist: {given}", path=str(given))
@@ -335,6 +340,7 @@ def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | 
     if target.split("/", 1)[0] != host_os:
         raise _conflict(f"Projection input target '{target}' is unsupported on this host; expected a "
                         f"{host_os}/<arch> target", target=target, host=host)
+    _accept_origin(provenance, trust)
     finalize_stage.require_intact(derived, provenance)
     kind = KIND_DESKTOP if host_os == "linux" else KIND_SYMLINK
     scoped_id = provenance.get("scoped_id")
@@ -403,6 +409,21 @@ def project(derived_app: Path, launcher_dir: Path | None = None, *, host: str | 
             _rollback(made, created_dirs)
             raise
     return _envelope(pid, meta, record, inspect(record), True)
+
+
+def _accept_origin(provenance: dict[str, Any], trust: TrustPort | None) -> None:
+    """The fetched artifact behind a derived app, checked as fetch checked it."""
+    try:
+        fetched = fetch_stage.cache_dir_for(provenance["parent_digest"])
+    except (KeyError, ValueError):
+        raise fetch_stage.integrity("local-derivation.json does not name a valid parent_digest") from None
+    if not isinstance(provenance.get("artifact_blake3"), str):
+        raise fetch_stage.integrity("local-derivation.json does not name the artifact the app was derived from "
+                                    "(artifact_blake3), so its signature cannot be checked",
+                                    hint="finalize it again from an `ato fetch`")
+    record = {"scoped_id": provenance.get("scoped_id", ""), "registry": provenance.get("registry", ""),
+              "artifact_blake3": provenance.get("artifact_blake3")}
+    fetch_stage.accept_fetched(fetched, record, trust)
 
 
 def _check_conflicts(record: dict[str, Any]) -> dict[str, Any] | None:

@@ -62,9 +62,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import blake3
-
-from cas.digest import label
+from cas.digest import label, parse
 from cas.payload_manifest import PayloadManifest
 from cas.stoppoints import stop_point
 from pipeline import names
@@ -79,8 +77,8 @@ from pipeline.errors import (
     Problem,
 )
 from pipeline.names import parse_registry
-from stages.artifact import open_capsule, verify_capsule
-from stages.payload_frames import FrameRef, UnsafePayload, split_payload
+from stages.capsule import Limits, verify
+from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryPort, VersionConflict
 
 SCHEMA_VERSION = "1"
@@ -332,27 +330,23 @@ def run_prepare(req: PublishRequest, phase: Phase) -> None:
     _timed(phase, go)
 
 
-def inspect_local(path: Path) -> LocalArtifact:
-    """Verify an artifact locally: every digest, every frame, every payload entry; then hash it whole."""
+def inspect_local(path: Path, limits: Limits | None = None) -> LocalArtifact:
+    """Verify an artifact locally with the registry's own verifier (every digest, every frame, every
+    payload entry, the signature, the payload ceiling); then hash it whole for the upload headers."""
     if not path.is_file():
         raise AtoError(E_USAGE, f"Artifact not found: {path}")
     if path.suffix != ".capsule":
         raise AtoError(E_USAGE, f"--artifact must point to a .capsule file (got {path.name})")
-    verify_capsule(path)
-    opened = open_capsule(path)
-    try:
-        layout = split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest)
-    except UnsafePayload as exc:
-        raise AtoError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: {path.name}: {exc}",
-                       problems=[Problem("ATO_ERR_INTEGRITY_FAILURE", str(exc), {"artifact": str(path)})]) from None
-    sha, b3, size = hashlib.sha256(), blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+    verdict = verify(path, limits).require()
+    capsule, scan = verdict.capsule, verdict.scan
+    assert capsule is not None and scan is not None
+    sha = hashlib.sha256()
     with open(path, "rb") as fh:
         while data := fh.read(1 << 20):
             sha.update(data)
-            b3.update(data)
-            size += len(data)
-    return LocalArtifact(path, size, sha.hexdigest(), b3.hexdigest(), opened.manifest, opened.payload_manifest,
-                         opened.payload_offset, opened.payload_size, layout.frames)
+    return LocalArtifact(path, verdict.size or 0, sha.hexdigest(), parse(str(verdict.artifact_blake3)),
+                         capsule.manifest, capsule.payload_manifest, capsule.payload_offset, capsule.payload_size,
+                         list(scan.frames) if scan.frames is not None else None)
 
 
 def scoped_for(art: LocalArtifact, explicit: str | None, handle: str | None = None) -> tuple[str, str]:

@@ -21,6 +21,14 @@ CC = shutil.which("gcc") or shutil.which("cc")
 HOST_TARGET = f"linux/{host_arch()}"
 
 
+def trust(**kwargs: Any) -> Any:
+    """The trust port the in-process native tests accept their artifacts with: these unsigned test
+    capsules are built in another ATO_HOME, so they need --allow-unsigned like any foreign one."""
+    from pipeline.trust.verify import installer_verifier
+
+    return installer_verifier(allow_unsigned=True, **kwargs)
+
+
 def need_cc() -> str:
     if CC is None:
         pytest.skip("no C compiler (gcc/cc) on this machine")

@@ -12,7 +12,7 @@ import zstandard
 
 from pipeline.errors import AtoError
 from pipeline.manifest.delivery import host_arch
-from stages import artifact as capsule
+from stages.capsule import read_capsule
 from stages.native_build import check_app, elf_machine, pe_kind
 from tests.conftest import assert_schema
 from tests.native_support import HOST_TARGET, build_in_process, compile_hello, native_project, need_cc
@@ -39,7 +39,7 @@ def fake_elf(path: Path, machine: int, e_type: int = 2) -> Path:
 
 
 def payload_members(artifact: Path) -> dict[str, tarfile.TarInfo]:
-    opened = capsule.open_capsule(artifact)
+    opened = read_capsule(artifact)
     with open(artifact, "rb") as fh:
         fh.seek(opened.payload_offset)
         raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(fh.read(opened.payload_size)),

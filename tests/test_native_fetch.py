@@ -13,11 +13,11 @@ import pytest
 from cas import tempfiles
 from pipeline import native_delivery, paths
 from pipeline.errors import AtoError
-from stages import artifact as capsule
+from stages.capsule import read_capsule
 from stages.fetch import parse_ref
 from tests.conftest import assert_schema
 from tests.e2e.registry_support import forge_capsule
-from tests.native_support import build_in_process, independent_tree_digest, native_project
+from tests.native_support import build_in_process, independent_tree_digest, native_project, trust
 
 FETCH_FIELDS = ["schema_version", "scoped_id", "version", "cache_dir", "artifact_dir", "parent_digest", "registry"]
 RECORD_FIELDS = ["schema_version", "scoped_id", "version", "registry", "fetched_at", "parent_digest",
@@ -40,7 +40,7 @@ def no_temp_dirs() -> bool:
 
 
 def test_fetch_materializes_the_cache_entry(native_capsule: Path) -> None:
-    doc = native_delivery.fetch_local(native_capsule)
+    doc = native_delivery.fetch_local(native_capsule, trust=trust())
     assert list(doc) == FETCH_FIELDS
     assert_schema(doc, "fetch")
     cache = Path(doc["cache_dir"])
@@ -62,21 +62,21 @@ def test_fetch_materializes_the_cache_entry(native_capsule: Path) -> None:
 
 
 def test_fetching_again_is_a_noop(native_capsule: Path) -> None:
-    first = native_delivery.fetch_local(native_capsule)
+    first = native_delivery.fetch_local(native_capsule, trust=trust())
     cache = Path(first["cache_dir"])
     before = ((cache / "fetch.json").read_bytes(), os.stat(cache / "artifact").st_ino,
               os.stat(cache / "fetch.json").st_mtime_ns)
-    assert native_delivery.fetch_local(native_capsule) == first
+    assert native_delivery.fetch_local(native_capsule, trust=trust()) == first
     assert ((cache / "fetch.json").read_bytes(), os.stat(cache / "artifact").st_ino,
             os.stat(cache / "fetch.json").st_mtime_ns) == before
     assert no_temp_dirs()
 
 
 def test_same_payload_under_other_labels_keeps_the_tree_and_rewrites_fetch_json(native_capsule: Path) -> None:
-    first = native_delivery.fetch_local(native_capsule)
+    first = native_delivery.fetch_local(native_capsule, trust=trust())
     cache = Path(first["cache_dir"])
     ino = os.stat(cache / "artifact").st_ino
-    second = native_delivery.fetch_local(native_capsule, scoped_id="acme/hello", version="0.2.0",
+    second = native_delivery.fetch_local(native_capsule, trust=trust(), scoped_id="acme/hello", version="0.2.0",
                                          registry="http://127.0.0.1:1")
     assert second["parent_digest"] == first["parent_digest"] and second["cache_dir"] == first["cache_dir"]
     record = json.loads((cache / "fetch.json").read_text())
@@ -85,10 +85,10 @@ def test_same_payload_under_other_labels_keeps_the_tree_and_rewrites_fetch_json(
 
 
 def test_a_damaged_cache_entry_is_repaired(native_capsule: Path) -> None:
-    first = native_delivery.fetch_local(native_capsule)
+    first = native_delivery.fetch_local(native_capsule, trust=trust())
     binary = Path(first["artifact_dir"]) / "dist" / "hello"
     binary.chmod(0o644)
-    again = native_delivery.fetch_local(native_capsule)
+    again = native_delivery.fetch_local(native_capsule, trust=trust())
     assert again == first
     assert independent_tree_digest(Path(again["artifact_dir"])) == first["parent_digest"]
     assert no_temp_dirs()
@@ -101,15 +101,17 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", mode: int = 
 
 
 UNSAFE = {
-    "dotdot": ([(_info("../evil"), b"x")], "../evil ('..' component)"),
+    "dotdot": ([(_info("../evil"), b"x")], "'../evil' ('..' component)"),
     "nested-dotdot": ([(_info("a/../../evil"), b"x")], "'..' component"),
-    "absolute": ([(_info("/tmp/evil-abs"), b"x")], "absolute path"),
-    "symlink-escape": ([(_info("link", tarfile.SYMTYPE, "../../outside"), b"")], "leaves the artifact"),
-    "symlink-absolute": ([(_info("link", tarfile.SYMTYPE, "/etc/passwd"), b"")], "absolute or empty target"),
+    "absolute": ([(_info("/tmp/evil-abs"), b"x")], "absolute or non-POSIX path"),
+    "symlink-escape": ([(_info("link", tarfile.SYMTYPE, "../../outside"), b"")], "resolves outside the payload root"),
+    "symlink-absolute": ([(_info("link", tarfile.SYMTYPE, "/etc/passwd"), b"")], "absolute, empty or over-long"),
     "through-symlink": ([(_info("sub", tarfile.DIRTYPE, mode=0o755), b""), (_info("link", tarfile.SYMTYPE, "sub"), b""),
-                         (_info("link/file"), b"x")], "a parent (link) is not a directory"),
-    "hardlink": ([(_info("a"), b"x"), (_info("b", tarfile.LNKTYPE, "a"), b"")], "hard link entries are not allowed"),
-    "fifo": ([(_info("pipe", tarfile.FIFOTYPE), b"")], "device, FIFO or other special file"),
+                         (_info("link/file"), b"x")], "its parent 'link' is a symlink"),
+    "hardlink-absolute": ([(_info("a"), b"x"), (_info("b", tarfile.LNKTYPE, "/etc/passwd"), b"")],
+                          "hard link to '/etc/passwd'"),
+    "hardlink-later": ([(_info("b", tarfile.LNKTYPE, "a"), b""), (_info("a"), b"x")], "not an earlier regular file"),
+    "fifo": ([(_info("pipe", tarfile.FIFOTYPE), b"")], "FIFO entries are not allowed"),
     "duplicate": ([(_info("a"), b"x"), (_info("a"), b"y")], "duplicate entry"),
 }
 
@@ -119,21 +121,29 @@ def test_unsafe_payloads_are_refused_without_leftovers(case: str, tmp_path: Path
     entries, why = UNSAFE[case]
     art = forge_capsule(tmp_path / "evil.capsule", "evil", "0.1.0", raw_entries=entries)
     with pytest.raises(AtoError) as info:
-        native_delivery.fetch_local(art)
+        native_delivery.fetch_local(art, trust=trust())
     assert info.value.code == "E208"
-    assert info.value.message.startswith("Refusing to unpack unsafe payload path: ") and why in info.value.message
+    assert "Refusing to unpack unsafe payload path: " in info.value.message and why in info.value.message
     root = paths.fetches_dir()
-    assert list(root.iterdir()) == []
+    assert not root.exists() or list(root.iterdir()) == []  # refused by the verifier: nothing is even created
     assert not (tmp_path / "evil").exists() and not Path("/tmp/evil-abs").exists()
+
+
+def test_a_hard_link_to_an_earlier_file_is_unpacked_as_one_inode(tmp_path: Path) -> None:
+    art = forge_capsule(tmp_path / "links.capsule", "links", "0.1.0",
+                        raw_entries=[(_info("a"), b"same bytes\n"), (_info("b", tarfile.LNKTYPE, "a"), b"")])
+    doc = native_delivery.fetch_local(art, trust=trust())
+    a, b = Path(doc["artifact_dir"]) / "a", Path(doc["artifact_dir"]) / "b"
+    assert b.read_bytes() == b"same bytes\n" and os.path.samefile(a, b)
 
 
 def test_a_corrupted_capsule_is_refused_before_anything_is_written(native_capsule: Path, tmp_path: Path) -> None:
     data = bytearray(native_capsule.read_bytes())
-    data[capsule.open_capsule(native_capsule).payload_offset + 40] ^= 0xFF  # inside payload.tar.zst
+    data[read_capsule(native_capsule).payload_offset + 40] ^= 0xFF  # inside payload.tar.zst
     bad = tmp_path / "bad.capsule"
     bad.write_bytes(bytes(data))
     with pytest.raises(AtoError) as info:
-        native_delivery.fetch_local(bad, scoped_id="local/x", version="1", registry="file:///x")
+        native_delivery.fetch_local(bad, scoped_id="local/x", version="1", registry="file:///x", trust=trust())
     assert info.value.code == "E208"
     root = paths.fetches_dir()
     assert not root.exists() or list(root.iterdir()) == []

@@ -26,6 +26,7 @@ from tests.native_support import (
     independent_tree_digest,
     native_project,
     need_cc,
+    trust,
 )
 
 FINALIZE_FIELDS = ["fetched_dir", "output_dir", "derived_app_path", "provenance_path", "parent_digest",
@@ -66,10 +67,11 @@ def darwin_capsule(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fetched(capsule_path: Path) -> Path:
-    return Path(native_delivery.fetch_local(capsule_path)["cache_dir"])
+    return Path(native_delivery.fetch_local(capsule_path, trust=trust())["cache_dir"])
 
 
 def refused(fn, *args, **kwargs) -> AtoError:
+    kwargs.setdefault("trust", trust())
     with pytest.raises(AtoError) as info:
         fn(*args, **kwargs)
     return info.value
@@ -82,7 +84,7 @@ def derived_dirs(root: Path) -> list[Path]:
 def test_finalize_derives_a_signed_copy_and_leaves_the_parent_alone(native_capsule: Path, tmp_path: Path) -> None:
     cache = fetched(native_capsule)
     parent_before = independent_tree_digest(cache / "artifact")
-    result = finalize_stage.finalize(cache, tmp_path / "dist")
+    result = finalize_stage.finalize(cache, tmp_path / "dist", trust=trust())
     doc = result.envelope
     assert list(doc) == FINALIZE_FIELDS
     assert_schema(doc, "finalize")
@@ -116,8 +118,8 @@ def test_finalize_derives_a_signed_copy_and_leaves_the_parent_alone(native_capsu
 
 def test_two_finalizes_make_two_dirs_from_one_parent_with_one_key(native_capsule: Path, tmp_path: Path) -> None:
     cache = fetched(native_capsule)
-    a = finalize_stage.finalize(cache, tmp_path / "dist")
-    b = finalize_stage.finalize(cache, tmp_path / "dist")
+    a = finalize_stage.finalize(cache, tmp_path / "dist", trust=trust())
+    b = finalize_stage.finalize(cache, tmp_path / "dist", trust=trust())
     assert a.envelope["output_dir"] != b.envelope["output_dir"]
     assert a.envelope["parent_digest"] == b.envelope["parent_digest"]
     assert a.envelope["derived_digest"] == b.envelope["derived_digest"]
@@ -185,7 +187,7 @@ def test_codesign_runs_on_the_copy_with_rebased_args(darwin_capsule: Path, tmp_p
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}/usr/bin:/bin")
     cache = fetched(darwin_capsule)
     parent = independent_tree_digest(cache / "artifact")
-    doc = finalize_stage.finalize(cache, tmp_path / "dist", host="darwin/arm64").envelope
+    doc = finalize_stage.finalize(cache, tmp_path / "dist", host="darwin/arm64", trust=trust()).envelope
     lines = log.read_text().splitlines()
     assert lines == [doc["output_dir"], "--deep", "--force", "--sign", "-", "MyApp.app"]
     prov = json.loads(Path(doc["provenance_path"]).read_text())
@@ -196,13 +198,13 @@ def test_codesign_runs_on_the_copy_with_rebased_args(darwin_capsule: Path, tmp_p
     assert doc["derived_digest"] == independent_tree_digest(Path(doc["derived_app_path"]))
 
 
-def test_an_app_without_an_executable_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_app_without_an_executable_is_refused(tmp_path: Path) -> None:
     # a capsule whose app lost its x bit (built with the build-side check switched off)
-    monkeypatch.setattr(native_build, "check_app", lambda *a, **k: None)
-    monkeypatch.setattr(native_build, "check_payload_input", lambda *a, **k: None)
-    art = _build(tmp_path / "b", build_sh=f"set -e\nmkdir -p dist\n{need_cc()} -o dist/hello hello.c\n"
-                                          "chmod 644 dist/hello\n")
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:  # not monkeypatch.undo(): that would also undo the isolated HOME
+        mp.setattr(native_build, "check_app", lambda *a, **k: None)
+        mp.setattr(native_build, "check_payload_input", lambda *a, **k: None)
+        art = _build(tmp_path / "b", build_sh=f"set -e\nmkdir -p dist\n{need_cc()} -o dist/hello hello.c\n"
+                                              "chmod 644 dist/hello\n")
     err = refused(finalize_stage.finalize, fetched(art), tmp_path / "dist")
     assert err.code == "E101" and err.message.startswith("executable bit is missing for ")
     assert derived_dirs(tmp_path / "dist") == []
@@ -217,12 +219,12 @@ def test_a_fetch_without_delivery_metadata_is_not_native(tmp_path: Path) -> None
 
 
 def test_check_derivation_detects_alteration(native_capsule: Path, tmp_path: Path) -> None:
-    result = finalize_stage.finalize(fetched(native_capsule), tmp_path / "dist")
+    result = finalize_stage.finalize(fetched(native_capsule), tmp_path / "dist", trust=trust())
     app, prov = result.derived_app, dict(result.provenance)
     assert finalize_stage.check_derivation(app, prov) == []
     # someone re-signs with their own key: valid signature, but not this machine's key
     other = Ed25519PrivateKey.generate()
-    from stages import sign
+    from stages.capsule import keys as sign
     forged = dict(prov["local_signature"])
     public = other.public_key().public_bytes_raw()
     statement = finalize_stage.statement(prov["parent_digest"], prov["derived_digest"], prov["target"])
@@ -241,7 +243,7 @@ def test_check_derivation_detects_alteration(native_capsule: Path, tmp_path: Pat
 
 def test_a_local_key_readable_by_others_is_refused(native_capsule: Path, tmp_path: Path) -> None:
     cache = fetched(native_capsule)
-    finalize_stage.finalize(cache, tmp_path / "dist")
+    finalize_stage.finalize(cache, tmp_path / "dist", trust=trust())
     key = paths.keys_dir() / "local-derivation-key.json"
     key.chmod(0o644)
     err = refused(finalize_stage.finalize, cache, tmp_path / "dist2")

@@ -11,7 +11,7 @@ from pipeline import native_delivery, paths
 from pipeline.errors import AtoError
 from stages import project as project_stage
 from tests.e2e.registry_support import forge_capsule
-from tests.native_support import build_in_process, independent_tree_digest, native_project
+from tests.native_support import build_in_process, independent_tree_digest, native_project, trust
 
 LABELS = {"scoped_id": "local/hello-native", "registry": "http://127.0.0.1:9"}
 
@@ -34,7 +34,7 @@ def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def install(capsule: Path, version: str = "0.1.0", project: bool = True) -> dict:
-    return native_delivery.install_native(capsule, version=version, project=project, **LABELS)
+    return native_delivery.install_native(capsule, version=version, project=project, trust=trust(), **LABELS)
 
 
 def launcher_output() -> str:

@@ -19,7 +19,7 @@ from stages import finalize as finalize_stage
 from stages import project as project_stage
 from stages.project import escape_exec_arg, escape_string, render_desktop, sanitize_command
 from tests.conftest import assert_schema
-from tests.native_support import build_in_process, native_project, snapshot
+from tests.native_support import build_in_process, native_project, snapshot, trust
 
 PROJECT_FIELDS = ["projection_id", "metadata_path", "launcher_dir", "projected_path", "derived_app_path",
                   "parent_digest", "derived_digest", "state", "problems", "created", "schema_version"]
@@ -38,11 +38,13 @@ def native_capsule(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def derive(capsule_path: Path, out: Path) -> Path:
-    cache = Path(native_delivery.fetch_local(capsule_path)["cache_dir"])
-    return finalize_stage.finalize(cache, out).derived_app
+    cache = Path(native_delivery.fetch_local(capsule_path, trust=trust())["cache_dir"])
+    return finalize_stage.finalize(cache, out, trust=trust()).derived_app
 
 
 def refused(fn, *args, **kwargs) -> AtoError:
+    if fn is project_stage.project:
+        kwargs.setdefault("trust", trust())
     with pytest.raises(AtoError) as info:
         fn(*args, **kwargs)
     return info.value
@@ -90,7 +92,7 @@ def test_rendered_entries_pass_desktop_file_validate(path: str, tmp_path: Path) 
 def test_project_ls_unproject_lifecycle(native_capsule: Path, tmp_path: Path, isolated_home: Path) -> None:
     app = derive(native_capsule, tmp_path / "dist")
     before = launcher_state(isolated_home)
-    doc = project_stage.project(app)
+    doc = project_stage.project(app, trust=trust())
     assert list(doc) == PROJECT_FIELDS
     assert_schema(doc, "project")
     desktop = paths.applications_dir() / "hello-native.desktop"
@@ -107,7 +109,7 @@ def test_project_ls_unproject_lifecycle(native_capsule: Path, tmp_path: Path, is
     assert record["projection_kind"] == "linux-desktop-entry"
     assert set(record["created_dirs"]) >= {str(paths.applications_dir()), str(paths.user_bin_dir())}
     # the same derived app again: a no-op returning the existing projection
-    again = project_stage.project(app)
+    again = project_stage.project(app, trust=trust())
     assert again["created"] is False and again["projection_id"] == doc["projection_id"]
     listing = project_stage.list_projections()
     assert_schema(listing, "project-ls")
@@ -136,7 +138,7 @@ def test_unproject_keeps_launcher_dirs_that_existed(native_capsule: Path, tmp_pa
     (paths.applications_dir() / "other.desktop").write_text("[Desktop Entry]\n")
     paths.user_bin_dir().mkdir(parents=True)
     before = launcher_state(isolated_home)
-    doc = project_stage.project(derive(native_capsule, tmp_path / "dist"))
+    doc = project_stage.project(derive(native_capsule, tmp_path / "dist"), trust=trust())
     record = json.loads(Path(doc["metadata_path"]).read_text())
     assert record["created_dirs"] == []
     project_stage.unproject(doc["projected_path"])  # by launcher path
@@ -162,7 +164,7 @@ def test_conflicts_are_refused_and_leave_nothing(native_capsule: Path, tmp_path:
     assert launcher_state(isolated_home) == before
     (paths.user_bin_dir() / "hello-native").unlink()
     # a second derived app of the same capsule wants the same launcher name
-    first = project_stage.project(app)
+    first = project_stage.project(app, trust=trust())
     other = derive(native_capsule, tmp_path / "dist2")
     err = refused(project_stage.project, other)
     assert err.message == (f"Projection name conflict: '{first['projected_path']}' is already managed by projection "
@@ -175,7 +177,7 @@ def test_conflicts_are_refused_and_leave_nothing(native_capsule: Path, tmp_path:
 
 def test_broken_states_and_unproject_refusals(native_capsule: Path, tmp_path: Path) -> None:
     app = derive(native_capsule, tmp_path / "dist")
-    doc = project_stage.project(app)
+    doc = project_stage.project(app, trust=trust())
     desktop, command = Path(doc["projected_path"]), paths.user_bin_dir() / "hello-native"
 
     def problems() -> list[str]:
@@ -246,8 +248,11 @@ def test_a_dir_app_needs_exactly_one_command(tmp_path: Path) -> None:
     assert project_stage.command_target(app) == app / "bin" / "a"
 
 
-def test_macos_symlink_projection(tmp_path: Path) -> None:
-    """The darwin path (kind ``symlink``), exercised on any host with a finalize output made by hand."""
+def test_macos_symlink_projection(native_capsule: Path, tmp_path: Path) -> None:
+    """The darwin path (kind ``symlink``), exercised on any host with a finalize output made by hand
+    (its origin is a real fetch: project checks the artifact a derived app came from)."""
+    fetched = native_delivery.fetch_local(native_capsule, trust=trust())
+    origin = json.loads((Path(fetched["cache_dir"]) / "fetch.json").read_text())
     out = tmp_path / "derived-20260101T000000Z-0a0b0c0d"
     macos = out / "My App.app" / "Contents" / "MacOS"
     macos.mkdir(parents=True)
@@ -256,7 +261,8 @@ def test_macos_symlink_projection(tmp_path: Path) -> None:
     app = out / "My App.app"
     digest = label(tree_digest(app))
     prov = {"schema_version": "0.1", "scoped_id": "acme/my-app", "version": "1.0.0", "registry": "http://r",
-            "artifact_blake3": digest, "parent_digest": digest, "derived_digest": digest, "framework": "tauri",
+            "artifact_blake3": origin["artifact_blake3"], "parent_digest": origin["parent_digest"],
+            "derived_digest": digest, "framework": "tauri",
             "target": "darwin/arm64", "finalized_locally": True, "finalize_tool": "codesign",
             "finalized_at": "2026-01-01T00:00:00Z"}
     (out / "local-derivation.json").write_text(json.dumps(prov))
@@ -264,7 +270,7 @@ def test_macos_symlink_projection(tmp_path: Path) -> None:
     err = refused(project_stage.project, app, launcher)
     assert err.message == ("Projection input target 'darwin/arm64' is unsupported on this host; expected a "
                            "linux/<arch> target")
-    doc = project_stage.project(app, launcher, host="darwin/arm64")
+    doc = project_stage.project(app, launcher, host="darwin/arm64", trust=trust())
     assert doc["projected_path"] == str(launcher / "My App.app")
     assert os.readlink(launcher / "My App.app") == str(app)
     record = json.loads(Path(doc["metadata_path"]).read_text())
@@ -278,7 +284,7 @@ def test_macos_symlink_projection(tmp_path: Path) -> None:
 def test_unproject_errors(native_capsule: Path, tmp_path: Path) -> None:
     err = refused(project_stage.unproject, "0123456789abcdef")
     assert err.message == f"No projection metadata found in {paths.projections_dir()}"
-    project_stage.project(derive(native_capsule, tmp_path / "dist"))
+    project_stage.project(derive(native_capsule, tmp_path / "dist"), trust=trust())
     err = refused(project_stage.unproject, "0123456789abcdef")
     assert err.message == "Projection not found: 0123456789abcdef"
     (paths.projections_dir() / "garbage.json").write_text("{not json")

@@ -16,7 +16,8 @@ with warnings.catch_warnings():
 
 from pipeline.registry.server import create_app
 from pipeline.registry.storage import RegistryStore
-from stages.sign import generate_key, short_fingerprint, sign_artifact
+from stages.capsule.keys import generate_key, short_fingerprint
+from stages.sign import sign_artifact
 from tests.e2e.registry_support import forge_capsule
 from tests.test_registry_server import AUTH, TOKEN, upload
 

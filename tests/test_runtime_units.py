@@ -14,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import paths
 from pipeline.errors import AtoError
 from pipeline.manifest import parse_manifest
 from pipeline.runtime import engines, lifecycle, nacelle, policy, probes, table, unpack
 from pipeline.runtime.resolve import looks_local, parse_runtime_config
 from pipeline.runtime.router import route
+from stages.capsule import read_capsule, unpack_payload
+from tests.e2e.registry_support import forge_capsule
 
 
 def manifest(text: str, tmp_path: Path):
@@ -176,21 +179,11 @@ def test_engine_discovery_precedence_and_no_path_search(tmp_path, monkeypatch):
     assert err.value.code == "ATO_ERR_ENGINE_MISSING"
 
 
-def _tar(members: list[tarfile.TarInfo], data: bytes = b"x") -> io.BytesIO:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for info in members:
-            tf.addfile(info, io.BytesIO(data) if info.isfile() else None)
-    buf.seek(0)
-    return buf
-
-
-def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple[tarfile.TarInfo, bytes]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = link
-    info.size = 1 if kind == tarfile.REGTYPE else 0
-    return info
+    return info, b"x" if kind == tarfile.REGTYPE else b""
 
 
 @pytest.mark.parametrize("members", [
@@ -204,20 +197,27 @@ def _info(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.T
     [_info("d", tarfile.SYMTYPE, "."), _info("d/../../x")],
 ])
 def test_unpack_refuses_members_that_escape(tmp_path, members):
+    """The safe unpacker refuses on its own, even for an artifact nobody verified first."""
+    art = forge_capsule(tmp_path / "evil.capsule", "evil", "0.1.0", raw_entries=members)
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(AtoError):
-        unpack.extract_payload(_tar(members), dest)
+    with pytest.raises(AtoError) as err:
+        unpack_payload(read_capsule(art), dest)
+    assert err.value.code == "E208"
     assert not (tmp_path / "escape.txt").exists()
+    with pytest.raises(AtoError):
+        unpack.unpack_capsule(art)  # and the runtime's unpack verifies first
+    assert not paths.unpacked_dir().exists() or not any(paths.unpacked_dir().iterdir())
 
 
 def test_unpack_extracts_files_and_contained_symlinks(tmp_path):
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    n = unpack.extract_payload(_tar([_info("a/b.txt"), _info("a/link", tarfile.SYMTYPE, "b.txt"),
-                                     _info("up", tarfile.SYMTYPE, "a/b.txt")]), dest)
-    assert n == 1
+    art = forge_capsule(tmp_path / "ok.capsule", "ok", "0.1.0",
+                        raw_entries=[_info("a/b.txt"), _info("a/link", tarfile.SYMTYPE, "b.txt"),
+                                     _info("up", tarfile.SYMTYPE, "a/b.txt")])
+    dest, _summary = unpack.unpack_capsule(art)
     assert (dest / "a" / "link").read_text() == "x" and (dest / "up").read_text() == "x"
+    assert (dest / "capsule.toml").is_file() and not (dest / ".ato-unpacked").exists()
+    assert unpack.unpack_capsule(art)[0] == dest  # once per digest
 
 
 def test_engine_request_to_bubblewrap_argv(tmp_path):

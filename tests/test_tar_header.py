@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.tar_header import header, padding
+from stages.capsule.tar_header import header, padding
 
 NAMES = ["a/b.py", "x" * 100, "y" * 101, "dir/é.txt", "日本/ファイル.md", "a b/c", "d/" + "z" * 300]
 

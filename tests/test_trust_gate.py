@@ -11,7 +11,7 @@ from pipeline import paths
 from pipeline.errors import AtoError
 from pipeline.trust import gate
 from pipeline.trust import store as trust_store
-from stages import sign
+from stages.capsule import keys as sign
 from tests.conftest import forget_local_builds
 from tests.test_trust_sign import build, make_project
 

@@ -14,8 +14,8 @@ from pipeline.trust import policy, revocation
 from pipeline.trust import store as trust_store
 from pipeline.trust.keys import parse_duration
 from pipeline.trust.verify import VerifyOptions, require_verified, verify_artifact
-from stages import sign
-from stages.sign import SignatureInfo
+from stages.capsule import keys as sign
+from stages.capsule.signature import SignatureInfo
 from tests.conftest import assert_schema
 from tests.test_trust_sign import build, make_project
 

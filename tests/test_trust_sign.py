@@ -1,4 +1,4 @@
-"""signature.json: keys, did:key, signing, and checking every byte of an artifact (stages/sign.py)."""
+"""signature.json: keys, did:key, signing, and checking every byte of an artifact (stages/capsule, stages/sign.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pipeline.errors import AtoError
 from pipeline.graph import run_build
-from stages import sign
 from stages.build import BuildOptions, plan_build
+from stages.capsule import NO_CEILING, read_capsule, verify
+from stages.capsule import keys as sign
+from stages.capsule.signature import check_signature
+from stages.sign import sign_artifact
 
 MANIFEST = """\
 schema_version = "0.2"
@@ -56,6 +59,10 @@ def key(tmp_path: Path) -> sign.SigningKey:
     k = sign.generate_key()
     sign.write_key_file(tmp_path / "key.json", k)
     return sign.load_signing_key(tmp_path / "key.json")
+
+
+def first_failure(verdict):
+    return next((c for c in verdict.checks if c.status == "failed"), None)
 
 
 def member(path: Path, name: str) -> bytes:
@@ -138,9 +145,9 @@ def test_signed_build_verifies_and_is_reproducible(tmp_path: Path, key: sign.Sig
     a = build(project, tmp_path / "a.capsule", key)
     b = build(project, tmp_path / "b.capsule", key)
     assert a.read_bytes() == b.read_bytes()
-    check = sign.check_artifact(a)
+    check = verify(a, NO_CEILING)
     assert check.ok, check.checks
-    assert [c.name for c in check.checks] == ["archive", "members", "digests", "signature"]
+    assert [c.name for c in check.checks] == ["archive", "members", "signature", "digests"]
     assert check.signature.signed and check.signature.key_id == key.did
     doc = json.loads(member(a, "signature.json"))
     assert doc["signed_at"] == "1970-01-01T00:00:00Z" and doc["alg"] == "ed25519" and doc["version"] == 1
@@ -157,9 +164,9 @@ def test_sign_after_build_equals_build_with_key(tmp_path: Path, key: sign.Signin
     project = make_project(tmp_path / "p")
     signed = build(project, tmp_path / "signed.capsule", key, epoch=1234)
     unsigned = build(project, tmp_path / "unsigned.capsule", epoch=1234)
-    assert not sign.check_artifact(unsigned).signature.signed
+    assert not verify(unsigned, NO_CEILING).signature.signed
     before = {n: member(unsigned, n) for n in ("capsule.toml", "payload.tar.zst", "capsule.lock.json")}
-    sign.sign_artifact(unsigned, key)
+    sign_artifact(unsigned, key)
     assert unsigned.read_bytes() == signed.read_bytes()
     assert {n: member(unsigned, n) for n in before} == before
 
@@ -170,7 +177,7 @@ def test_sign_refuses_a_broken_artifact(tmp_path: Path, key: sign.SigningKey) ->
     data[len(data) // 2] ^= 1
     art.write_bytes(bytes(data))
     with pytest.raises(AtoError) as err:
-        sign.sign_artifact(art, key)
+        sign_artifact(art, key)
     assert err.value.code == "E208" and "refusing to sign" in err.value.message
     assert art.read_bytes() == bytes(data)
 
@@ -211,16 +218,16 @@ def test_openssl_verifies_the_signature_over_the_jcs_bytes(tmp_path: Path, key: 
 
 def regions(path: Path) -> list[tuple[str, int]]:
     """(label, offset) for a byte in every region: each header, member data, padding, end of archive."""
-    layout = sign._read_layout(path)
+    layout = read_capsule(path).layout
     out = []
-    for name, at, size in layout.members:
+    for name, at, size in ((m.name, m.offset, m.size) for m in layout.members):
         out.append((f"{name} header", at - 512 + 105))  # inside the mode field
         out.append((f"{name} data start", at))
         out.append((f"{name} data middle", at + size // 2))
         out.append((f"{name} data end", at + size - 1))
         if size % 512:
             out.append((f"{name} padding", at + size + 3))
-    last_name, last_at, last_size = layout.members[-1]
+    last_at, last_size = layout.members[-1].offset, layout.members[-1].size
     end = last_at + last_size + (-(last_at + last_size)) % 512
     out.append(("end-of-archive marker", end + 7))
     out.append(("record padding", path.stat().st_size - 1))
@@ -238,10 +245,10 @@ def test_any_flipped_byte_fails_and_names_what_broke(tmp_path: Path, key: sign.S
             data = bytearray(good)
             data[offset] ^= flip
             bad_path.write_bytes(bytes(data))
-            check = sign.check_artifact(bad_path)
-            failure = check.first_failure()
+            check = verify(bad_path, NO_CEILING)
+            failure = first_failure(check)
             assert failure is not None, f"flip {flip:#x} at {where} (offset {offset}) went unnoticed"
-            err = check.error()
+            err = check.error
             assert err.code == "E208" and failure.name in err.message
             name = where.split(" ")[0]
             if "header" in where or "padding" in where or "archive" in where:
@@ -261,17 +268,17 @@ def test_appended_and_truncated_bytes_fail(tmp_path: Path) -> None:
     art = build(make_project(tmp_path / "p"), tmp_path / "a.capsule")
     good = art.read_bytes()
     art.write_bytes(good + b"\0" * 512)
-    assert sign.check_artifact(art).first_failure().name == "archive"
+    assert first_failure(verify(art, NO_CEILING)).name == "archive"
     art.write_bytes(good[:-512])
-    assert sign.check_artifact(art).first_failure().name == "archive"
+    assert first_failure(verify(art, NO_CEILING)).name == "archive"
 
 
 def test_resigned_by_someone_else_still_verifies_but_as_their_key(tmp_path: Path, key: sign.SigningKey) -> None:
     """Replacing signature.json with another valid signature is not an integrity failure: trust decides."""
     art = build(make_project(tmp_path / "p"), tmp_path / "a.capsule", key)
     other = sign.generate_key()
-    sign.sign_artifact(art, other)
-    check = sign.check_artifact(art)
+    sign_artifact(art, other)
+    check = verify(art, NO_CEILING)
     assert check.ok and check.signature.key_id == other.did != key.did
 
 
@@ -280,7 +287,7 @@ def test_signature_over_altered_fields_fails(tmp_path: Path, key: sign.SigningKe
     doc = json.loads(member(art, "signature.json"))
     doc["signed_at"] = "2030-01-01T00:00:00Z"
     with pytest.raises(AtoError) as err:
-        sign.check_signature(doc)
+        check_signature(doc)
     assert err.value.code == "E208" and "does not verify" in err.value.message
 
 

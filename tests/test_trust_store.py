@@ -15,7 +15,7 @@ from cas import tempfiles
 from pipeline import paths
 from pipeline.errors import AtoError
 from pipeline.trust import store as trust_store
-from stages import sign
+from stages.capsule import keys as sign
 from tests.conftest import assert_schema
 
 REPO = Path(__file__).resolve().parents[1]

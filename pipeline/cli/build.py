@@ -10,7 +10,7 @@ from pipeline.cli.common import emit, json_mode, json_option, warn
 from pipeline.cli.help import examples
 from pipeline.graph import run_build
 from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
-from stages.sign import load_signing_key
+from stages.capsule.keys import load_signing_key
 
 
 def _explain(doc: dict) -> str:

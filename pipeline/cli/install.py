@@ -31,9 +31,11 @@ def _trust_line(doc: dict) -> str:
                    "finalize (and project it unless --no-project).")
 @click.option("--project/--no-project", "project", default=None,
               help="Native apps: add (or do not add) a launcher projection (default: with --yes, or ask on a TTY).")
+@click.option("--force-large-payload", is_flag=True,
+              help="Accept a payload that decodes to more than the ceiling (200 MiB unless configured).")
 @json_option
 def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, version: str | None,
-                allow_unsigned: bool, yes: bool, project: bool | None) -> None:
+                allow_unsigned: bool, yes: bool, project: bool | None, force_large_payload: bool) -> None:
     """Install a capsule from a registry, downloading only missing chunks.
 
     The artifact is verified (size, SHA-256, BLAKE3, signature, trust) before it is stored
@@ -42,22 +44,22 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
     if gh_repo is not None:
         if ref or registry or version:
             raise click.UsageError("--from-gh-repo cannot be combined with a REF, --registry or --version")
-        return _install_gh(gh_repo, allow_unsigned, yes)
+        return _install_gh(gh_repo, allow_unsigned, yes, force_large_payload)
     if not ref:
         raise click.UsageError("missing REF (publisher/slug) or --from-gh-repo owner/repo")
-    from pipeline.cli.trust import tty_consent
+    from pipeline.cli.trust import artifact_trust, tty_consent
     from pipeline.native_delivery import NativeInstall
     from pipeline.registry.client import RegistryClient
-    from pipeline.trust.verify import installer_verifier
     from stages.install import install
 
     # issue 4: a native artifact (payload ato.delivery.toml) needs consent before it is stored, then
     # fetch -> finalize -> project after the standard install
     native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
-    # issue 6: digests, signature and trust are checked before the artifact enters the store
-    verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
+    # issues 6 and 12: the format's verifier, the signature and the trust decision, judged on the
+    # skeleton before any chunk is downloaded and on the whole artifact before it enters the store
+    trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
     doc = install(ref, resolve_registry(registry), version, connect=RegistryClient,
-                  token=os.environ.get("ATO_TOKEN"), progress=info, verify=native.wrap(verify))
+                  token=os.environ.get("ATO_TOKEN"), progress=info, trust=native.wrap(trust))
     doc = native.complete(doc)
     t = doc["transfer"]
     if doc["up_to_date"]:
@@ -80,14 +82,13 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
     emit(doc, "install", human)
 
 
-def _install_gh(repo: str, allow_unsigned: bool, yes: bool) -> None:
+def _install_gh(repo: str, allow_unsigned: bool, yes: bool, force_large_payload: bool) -> None:
     from pipeline.cli.publish import _build
-    from pipeline.cli.trust import tty_consent
-    from pipeline.trust.verify import installer_verifier
+    from pipeline.cli.trust import artifact_trust
     from stages.gh_install import install_from_gh_repo
 
-    verify = installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info)
-    doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, False), verify=verify, progress=info)
+    trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
+    doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, force_large_payload), trust=trust, progress=info)
     emit(doc, "install", "\n".join([
         f"Installed {doc['scoped_id']} {doc['version']} (built from github.com/{repo})",
         f"  Path: {doc['path']}",

@@ -9,7 +9,7 @@ import click
 from pipeline.cli.common import emit, json_option
 from pipeline.cli.help import examples, group
 from pipeline.trust import keys
-from stages.sign import load_signing_key, short_fingerprint
+from stages.capsule.keys import load_signing_key, short_fingerprint
 
 SCHEMA_VERSION = "1"
 

@@ -9,6 +9,7 @@ import click
 
 from pipeline.cli.common import emit, json_mode, json_option
 from pipeline.cli.help import AtoGroup, examples
+from pipeline.cli.trust import artifact_trust, artifact_trust_options
 from pipeline.errors import E_USAGE, AtoError
 
 _VALUE_OPTIONS = ("--launcher-dir",)
@@ -49,12 +50,15 @@ def _human_project(doc: dict[str, Any]) -> str:
              epilog=examples("ato project ~/.ato/apps/derived-20260101T000000Z-1a2b3c4d", "ato project ls"))
 @click.option("--launcher-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Where the launcher goes (Linux default $XDG_DATA_HOME/applications, macOS ~/Applications).")
+@artifact_trust_options
 @json_option
 @click.pass_context
-def project_cmd(ctx: click.Context, launcher_dir: Path | None) -> None:
+def project_cmd(ctx: click.Context, launcher_dir: Path | None, allow_unsigned: bool, yes: bool,
+                force_large_payload: bool) -> None:
     """Add a desktop launcher for a finalized native app.
 
-    DERIVED_APP is an `ato finalize` output. `ato project ls` lists the projections and their state.
+    DERIVED_APP is an `ato finalize` output; the artifact it was derived from is verified and its signer
+    trust-checked first. `ato project ls` lists the projections and their state.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -66,7 +70,8 @@ def project_cmd(ctx: click.Context, launcher_dir: Path | None) -> None:
         raise AtoError(E_USAGE, "ato project requires <DERIVED_APP_PATH> or use `ato project ls` for read-only status")
     from stages.project import project
 
-    doc = project(Path(derived), launcher_dir)
+    trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
+    doc = project(Path(derived), launcher_dir, trust=trust)
     emit(doc, "project", _human_project(doc))
 
 

@@ -89,7 +89,7 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     if key_file is not None and artifact is not None:
         raise AtoError(E_USAGE, "--key signs the build phase; --artifact publishes an existing file as it is",
                        hint=f"sign it first: ato sign {artifact} --key {key_file}")
-    from stages.sign import load_signing_key
+    from stages.capsule.keys import load_signing_key
 
     signing_key = load_signing_key(key_file) if key_file is not None else None
     ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key),

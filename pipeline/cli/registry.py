@@ -37,9 +37,12 @@ def registry_group() -> None:
               help="Act as a Store for `ato publish --ci`: trust TOKEN as a CI identity of OWNER/REPO. Repeatable.")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log level (stderr).")
+@click.option("--max-payload-bytes", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="Refuse uploads whose payload decodes to more bytes (default: the payload.max_bytes setting, "
+                   "else 200 MiB).")
 @json_option
 def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | None, store_users: tuple[str, ...],
-              oidc_tokens: tuple[str, ...], log_level: str) -> None:
+              oidc_tokens: tuple[str, ...], log_level: str, max_payload_bytes: int | None) -> None:
     """Serve the registry API and web UI until interrupted (Ctrl-C)."""
     from pipeline.names import parse_scoped_id
     from pipeline.registry.server import serve
@@ -73,7 +76,11 @@ def serve_cmd(host: str, port: int, data_dir: Path | None, auth_token: str | Non
                              f"Write auth: {'required (Bearer token)' if doc['write_auth_required'] else 'off'}\n")
         sys.stdout.flush()
 
-    serve(host, port, root, auth_token, on_ready=ready, log_level=log_level, store_users=users, oidc_tokens=ci)
+    from stages.capsule import Limits, consumer_limits
+
+    limits = Limits(max_payload_bytes) if max_payload_bytes else consumer_limits()
+    serve(host, port, root, auth_token, on_ready=ready, log_level=log_level, store_users=users, oidc_tokens=ci,
+          limits=limits)
 
 
 def register(group: click.Group) -> None:

@@ -38,6 +38,8 @@ def run_options(fn):
         click.option("-t", "--target", metavar="LABEL", help="Run this target instead of the default."),
         click.option("-y", "--yes", is_flag=True, help="Approve consent (required in non-interactive runs)."),
         click.option("--allow-unsigned", is_flag=True, help="Run an unsigned .capsule (it is reported as unsigned)."),
+        click.option("--force-large-payload", is_flag=True,
+                     help="Run a .capsule whose payload decodes to more than the ceiling (200 MiB unless configured)."),
         click.option("--background", is_flag=True, help="Run detached; see `ato ps` / `ato logs`."),
         click.option("--watch", is_flag=True, help="Restart when the project's files change."),
         click.option("--nacelle", metavar="PATH", help="Sandbox engine to use for Tier 2 targets."),
@@ -56,17 +58,19 @@ def run_options(fn):
 def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None, target: str | None, yes: bool,
              background: bool, watch: bool, nacelle: str | None, unsafe: bool, unsafe_bypass: bool,
              dangerous: bool, skill: str | None = None, from_skill: str | None = None, sandbox: bool = False,
-             command: str = "run", allow_unsigned: bool = False) -> None:
+             command: str = "run", allow_unsigned: bool = False, force_large_payload: bool = False) -> None:
     from pipeline import config
     from pipeline.cli.trust import tty_consent
     from pipeline.runtime import session
     from pipeline.trust import gate
+    from stages.capsule import consumer_limits
 
     # --registry, else ATO_REGISTRY / config.toml's `registry` (None: installed copies, else the Store)
     registry = config.registry(registry, fallback=False).value
 
     # issue 6: every .capsule is verified (digests, signature, pin, revocation) before it is unpacked
-    gate.configure(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=_notify)
+    gate.configure(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=_notify,
+                   limits=consumer_limits(force_large_payload))
 
     if skill and from_skill:
         raise AtoError(E_USAGE, "--skill and --from-skill are mutually exclusive")
@@ -97,6 +101,8 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
             child.append("--yes")
         if allow_unsigned:
             child.append("--allow-unsigned")
+        if force_large_payload:
+            child.append("--force-large-payload")
         if dangerous:
             child.append("--dangerously-skip-permissions")
         if args:

@@ -10,7 +10,8 @@ import click
 from pipeline.cli.common import emit, json_option
 from pipeline.cli.help import examples
 from stages.build import source_date_epoch
-from stages.sign import load_signing_key, sign_artifact
+from stages.capsule.keys import load_signing_key
+from stages.sign import sign_artifact
 
 SCHEMA_VERSION = "1"
 

@@ -7,17 +7,20 @@ accept a new key for an identity outside a rotation, and it needs ``--replace`` 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, json_option
+from pipeline.cli.common import emit, info, json_option
 from pipeline.cli.help import examples, group
 from pipeline.errors import E_USAGE, AtoError
 from pipeline.trust import revocation
 from pipeline.trust import store as trust_store
-from stages.sign import short_fingerprint
+from pipeline.trust.verify import ArtifactTrust, installer_verifier
+from stages.capsule import consumer_limits
+from stages.capsule.keys import short_fingerprint
 
 SCHEMA = "trust"
 SCHEMA_VERSION = "1"
@@ -28,6 +31,26 @@ def tty_consent(question: str) -> bool:
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return False
     return click.confirm(question, default=False, err=True)
+
+
+def artifact_trust_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--allow-unsigned``, ``--yes`` and ``--force-large-payload``: how a command that takes an
+    artifact (fetch, finalize, project) accepts it, with the same flags as install and run."""
+    options = [
+        click.option("--allow-unsigned", is_flag=True, help="Accept an unsigned artifact (reported as unsigned)."),
+        click.option("--yes", "-y", is_flag=True, help="Pin a first-seen signer without asking (TOFU)."),
+        click.option("--force-large-payload", is_flag=True,
+                     help="Accept a payload that decodes to more than the ceiling (200 MiB unless configured)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def artifact_trust(*, allow_unsigned: bool, yes: bool, force_large_payload: bool) -> ArtifactTrust:
+    """The trust port of one command (see :mod:`pipeline.trust.verify`)."""
+    return installer_verifier(allow_unsigned=allow_unsigned, assume_yes=yes, consent=tty_consent, notify=info,
+                              limits=consumer_limits(force_large_payload))
 
 
 def _envelope(action: str, changed: bool, message: str, store: trust_store.TrustStore) -> dict[str, Any]:

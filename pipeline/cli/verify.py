@@ -1,8 +1,10 @@
 """``ato verify <artifact|publisher/slug>``: every digest, the signature and the trust decision.
 
 For CI: exit 0 only when every check holds; otherwise E208 / ATO_ERR_INTEGRITY_FAILURE naming
-what broke (E301 for an unsigned artifact without ``--allow-unsigned`` or a first sight that
-needs consent). ``--json`` prints the full report on stdout either way.
+what broke (E212 for a payload over the ceiling, E301 for an unsigned artifact without
+``--allow-unsigned`` or a first sight that needs consent). The checks are the format's one
+verifier (:func:`stages.capsule.verify`), the same publish, the registry, install, fetch and run
+use. ``--json`` prints the full report on stdout either way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pipeline.cli.trust import tty_consent
 from pipeline.errors import E_USAGE, AtoError
 from pipeline.trust import revocation
 from pipeline.trust.verify import VerifyOptions, verify_artifact
+from stages.capsule import consumer_limits
 
 
 def resolve_target(target: str, version: str | None) -> tuple[Path, str | None]:
@@ -63,9 +66,11 @@ def _human(report: dict) -> str:
 @click.option("--yes", "-y", is_flag=True, help="Pin a first-seen signer without asking (TOFU).")
 @click.option("--revocations", multiple=True, metavar="FILE|URL",
               help="Also honour this revocation list for this check (repeatable); `ato trust revoke --from` keeps one.")
+@click.option("--force-large-payload", is_flag=True,
+              help="Accept a payload that decodes to more than the ceiling (200 MiB unless configured).")
 @json_option
 def verify_cmd(target: str, version: str | None, identity: str | None, signer: str | None, allow_unsigned: bool,
-               yes: bool, revocations: tuple[str, ...]) -> None:
+               yes: bool, revocations: tuple[str, ...], force_large_payload: bool) -> None:
     """Check every digest, the signature and whether the signer is trusted.
 
     TARGET is a .capsule file or an installed publisher/slug; exit 0 only when everything holds.
@@ -75,7 +80,7 @@ def verify_cmd(target: str, version: str | None, identity: str | None, signer: s
     if signer is not None and not signer.startswith("did:key:"):
         raise AtoError(E_USAGE, f"--signer must be a did:key, got {signer!r}")
     options = VerifyOptions(identity=identity, expected_signer=signer, allow_unsigned=allow_unsigned,
-                            assume_yes=yes, extra_revoked=extra)
+                            assume_yes=yes, extra_revoked=extra, limits=consumer_limits(force_large_payload))
     outcome = verify_artifact(path, options=options, target=target, scoped_id=scoped_id, consent=tty_consent)
     if outcome.error is not None:
         if json_mode():

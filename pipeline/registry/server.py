@@ -88,7 +88,8 @@ from pipeline.registry.storage import (
     check_scope,
     check_version,
 )
-from stages.sign import did_fingerprint, short_fingerprint
+from stages.capsule import Limits
+from stages.capsule.keys import did_fingerprint, short_fingerprint
 
 log = logging.getLogger("ato.registry")
 
@@ -891,7 +892,8 @@ def check_exposure(host: str, token: str | None) -> None:
 
 def serve(host: str, port: int, data_dir: Path, token: str | None, *,
           on_ready: Callable[[dict[str, Any]], None], log_level: str = "warning",
-          store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> None:
+          store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None,
+          limits: Limits | None = None) -> None:
     """Check, bind, initialise the data dir, report, then serve until SIGINT/SIGTERM."""
     import uvicorn
 
@@ -899,7 +901,7 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, *,
     check_exposure(host, token)
     sock = bind_socket(host, port)
     try:
-        store = RegistryStore(data_dir)
+        store = RegistryStore(data_dir, limits)
         store.initialize()
         actual_port = sock.getsockname()[1]
         listen_url = f"http://{url_host(host)}:{actual_port}"

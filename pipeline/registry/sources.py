@@ -195,9 +195,9 @@ class SourceService:
         self._ingest(src, run, signed)
 
     def _ingest(self, src: dict[str, Any], run: dict[str, Any], artifact: Path) -> None:
-        from stages.artifact import open_capsule
+        from stages.capsule import read_capsule
 
-        manifest = open_capsule(artifact).manifest
+        manifest = read_capsule(artifact).manifest
         name, version = str(manifest.get("name") or ""), str(manifest.get("version") or "")
         tmp = self.store.new_temp()
         sha, b3, size = hashlib.sha256(), blake3.blake3(), 0

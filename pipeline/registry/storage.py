@@ -15,8 +15,9 @@ manifest text and README), ``chunks`` (raw hash → the exact frame stored for i
 ``runtime_configs`` (per-capsule run overrides from the web UI).
 
 Commit rule: everything about an upload is checked before anything is written
-(both digests, every capsule digest and member via :func:`stages.sign.check_artifact`,
-every frame, every tar entry, manifest name/version against the path). The
+(both digests, then the format's one verifier, :func:`stages.capsule.verify`: every member,
+the signature, every chunk under the decoding caps, every payload entry, the payload ceiling;
+then manifest name/version against the path). The
 commit then runs under one process-wide lock and one ``BEGIN IMMEDIATE``
 transaction (which also serialises several server processes on one data dir):
 new CAS objects and the artifact are linked/renamed into place, rows inserted,
@@ -56,23 +57,15 @@ import zstandard
 
 from cas.atomic import fsync_dir
 from cas.digest import DigestError, label, parse, write_hashed
-from cas.payload_manifest import PayloadManifest
+from cas.payload_manifest import MAX_CHUNK, PayloadManifest
 from cas.stoppoints import stop_point
 from cas.store import CasStore
 from cas.tempfiles import SweepReport, sweep, temp_name, temp_path
 from pipeline import names
 from pipeline.errors import AtoError
-from stages.artifact import open_capsule
-from stages.payload_frames import (
-    FrameError,
-    FrameRef,
-    UnsafePayload,
-    check_frame,
-    decode_frame,
-    read_frame,
-    split_payload,
-)
-from stages.sign import SignatureInfo, check_artifact, check_signature
+from stages.capsule import Limits, consumer_limits, read_capsule, verify
+from stages.capsule.payload import FrameError, FrameRef, check_frame, decode_frame, read_frame
+from stages.capsule.signature import SignatureInfo, check_signature
 
 SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
@@ -257,19 +250,24 @@ class _Undo:
                 d.rmdir()
 
 
-def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Inspection:
-    """Every check an upload must pass before anything is stored; raises RegistryError."""
-    try:
-        opened = open_capsule(path)
-        # The complete check (tar framing, every member's digest, payload, signature), the same
-        # one install and run apply, so a registry never holds what a client would refuse.
-        checked = check_artifact(path)
-        failure = checked.error()
-        if failure is not None:
-            raise failure
-    except AtoError as exc:
-        raise RegistryError(422, "invalid_artifact", exc.message) from None
-    manifest = opened.manifest
+_REFUSALS = {"payload_too_large": (413, "payload_too_large"), "unsafe_entry": (422, "unsafe_payload"),
+             "name_too_long": (422, "unsafe_payload"), "unreadable_tar": (422, "unsafe_payload")}
+
+
+def inspect_artifact(path: Path, publisher: str, slug: str, version: str, limits: Limits | None = None) -> Inspection:
+    """Every check an upload must pass before anything is stored; raises RegistryError.
+
+    The format's one verifier (tar framing, every member's digest, the signature, every chunk under
+    the decoding caps, every payload entry, the payload ceiling) decides, the same one publish,
+    install and run apply, so a registry never holds what a client would refuse.
+    """
+    verdict = verify(path, limits)
+    if verdict.error is not None:
+        status, code = _REFUSALS.get(str(verdict.error.details.get("reason")), (422, "invalid_artifact"))
+        raise RegistryError(status, code, verdict.error.message)
+    capsule, scan = verdict.capsule, verdict.scan
+    assert capsule is not None and scan is not None
+    manifest = capsule.manifest
     name, mversion = manifest.get("name"), manifest.get("version")
     if name != slug:
         raise RegistryError(400, "scoped_id_mismatch",
@@ -277,29 +275,23 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str) -> Ins
     if mversion != version:
         raise RegistryError(400, "version_mismatch",
                             f"path version {version!r} does not match artifact manifest.version {mversion!r}")
-    try:
-        layout = split_payload(str(path), opened.payload_offset, opened.payload_size, opened.payload_manifest)
-    except UnsafePayload as exc:
-        raise RegistryError(422, "unsafe_payload", str(exc)) from None
-    size = path.stat().st_size
+    size = capsule.layout.size
     display = display_manifest(manifest)
     toml_text = tomli_w.dumps(display)
-    suffix = size - opened.payload_offset - opened.payload_size
-    readme_name = next((n for n in opened.members if n not in ("capsule.toml", "capsule.lock.json",
-                                                                  "sbom.spdx.json", "signature.json",
-                                                                  "payload.tar.zst", "payload.v3.manifest.json")),
-                       None)
-    readme = opened.readme[:README_LIMIT] if opened.readme is not None else None
+    suffix = size - capsule.payload_offset - capsule.payload_size
+    readme = capsule.readme[:README_LIMIT] if capsule.readme is not None else None
     return Inspection(manifest, toml_text, json.dumps(display, sort_keys=True),
-                      str(manifest["distribution"]["manifest_hash"]), opened.payload_manifest,
-                      opened.payload_offset, opened.payload_size, suffix, layout.frames, readme, readme_name,
-                      checked.signature or SignatureInfo(False))
+                      str(manifest["distribution"]["manifest_hash"]), capsule.payload_manifest,
+                      capsule.payload_offset, capsule.payload_size, suffix,
+                      list(scan.frames) if scan.frames is not None else None, readme, capsule.readme_name,
+                      verdict.signature or SignatureInfo(False))
 
 
 class RegistryStore:
     """The data dir of one registry. Thread-safe; one instance per server process."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, limits: Limits | None = None) -> None:
+        self.limits = limits or consumer_limits()  # the decoded-payload ceiling an upload must stay under
         self.root = Path(data_dir)
         self.db_path = self.root / "registry.sqlite3"
         self.cas = CasStore(self.root / "cas")
@@ -347,7 +339,7 @@ class RegistryStore:
                 info = SignatureInfo(False)
                 with contextlib.suppress(AtoError, OSError):
                     path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
-                    info = check_signature(open_capsule(path).signature)
+                    info = check_signature(read_capsule(path).signature_doc)
                 conn.execute("UPDATE releases SET signed=?, signer_key_id=?, signed_at=? WHERE scoped_id=? AND "
                              "version=?", (int(info.signed), info.key_id, info.signed_at, rel["scoped_id"],
                                            rel["version"]))
@@ -518,8 +510,9 @@ class RegistryStore:
             except DigestError:
                 raise RegistryError(400, "invalid_chunk_hash", f"invalid chunk hash in {c!r}") from None
             size = c.get("raw_size")
-            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-                raise RegistryError(400, "invalid_chunk_size", f"invalid raw_size in {c!r}")
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_CHUNK:
+                raise RegistryError(400, "invalid_chunk_size", f"invalid raw_size in {str(c)[:200]} (a chunk is 1 to "
+                                    f"{MAX_CHUNK} bytes)")
             wanted.append((raw, fb))
         existing = None
         if body.get("publisher") or body.get("slug") or body.get("version"):
@@ -674,7 +667,7 @@ class RegistryStore:
         rel = self.release(scoped, upload.version)
         if rel is not None:  # advisory; decided again inside the transaction
             return 200, self.existing_outcome(rel, upload)
-        insp = inspect_artifact(upload.path, upload.publisher, upload.slug, upload.version)
+        insp = inspect_artifact(upload.path, upload.publisher, upload.slug, upload.version, self.limits)
         return self._commit(upload, insp)
 
     def _insert_objects(self, conn: sqlite3.Connection, items: list[tuple[FrameRef, Any]], undo: _Undo) -> int:

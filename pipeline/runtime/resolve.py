@@ -103,10 +103,11 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
 
 def _from_artifact(raw: str, artifact: Path, kind: str, *, verified: bool = False) -> Resolved:
     from pipeline.runtime.unpack import unpack_capsule
+    from pipeline.trust import gate
 
     if not verified:
         trust_gate(artifact)
-    project_dir, _summary = unpack_capsule(artifact)
+    project_dir, _summary = unpack_capsule(artifact, gate.port().limits)
     manifest = load_manifest(project_dir)
     return Resolved(kind, raw, project_dir, manifest, artifact=artifact)
 
@@ -159,7 +160,7 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
 
     # The same check as `ato install`: nothing unverified lands in the store.
     envelope = install(scoped_id, registry, version, connect=RegistryClient, token=os.environ.get("ATO_TOKEN"),
-                       verify=gate.verify_before_run)
+                       trust=gate.port())
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)

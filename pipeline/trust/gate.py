@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.trust import policy
-from pipeline.trust.verify import installer_verifier, scoped_id_from_store_path
+from pipeline.trust.verify import ArtifactTrust, installer_verifier, scoped_id_from_store_path
+from stages.capsule import Limits
 
 
 @dataclass(frozen=True)
@@ -28,21 +29,26 @@ class GateConfig:
     assume_yes: bool = False
     consent: policy.Consent | None = None
     notify: Callable[[str], None] = lambda _m: None
+    limits: Limits = Limits()
 
 
 _config = GateConfig()
 
 
 def configure(*, allow_unsigned: bool = False, assume_yes: bool = False, consent: policy.Consent | None = None,
-              notify: Callable[[str], None] | None = None) -> None:
+              notify: Callable[[str], None] | None = None, limits: Limits | None = None) -> None:
     """Set how this process's runs decide (call once from the run command)."""
     global _config
-    _config = GateConfig(allow_unsigned, assume_yes, consent, notify or (lambda _m: None))
+    _config = GateConfig(allow_unsigned, assume_yes, consent, notify or (lambda _m: None), limits or Limits())
+
+
+def port() -> ArtifactTrust:
+    """The trust port of this process's run (what install-on-demand hands the install stage)."""
+    cfg = _config
+    return installer_verifier(allow_unsigned=cfg.allow_unsigned, assume_yes=cfg.assume_yes, consent=cfg.consent,
+                              notify=cfg.notify, limits=cfg.limits)
 
 
 def verify_before_run(artifact: Path, scoped_id: str | None = None) -> dict[str, Any]:
-    """Refuse (raise E208/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope."""
-    cfg = _config
-    verify = installer_verifier(allow_unsigned=cfg.allow_unsigned, assume_yes=cfg.assume_yes, consent=cfg.consent,
-                                notify=cfg.notify)
-    return verify(Path(artifact), scoped_id or scoped_id_from_store_path(Path(artifact)) or "")
+    """Refuse (raise E208/E212/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope."""
+    return port().check(Path(artifact), scoped_id or scoped_id_from_store_path(Path(artifact)))

@@ -1,10 +1,10 @@
 """Signing keys on disk: generation, rotation, and how a key is described to people.
 
-The codec (did:key, fingerprints, the key file format, signing) lives in :mod:`stages.sign`
-because the build stage signs; this module owns the key's life cycle.
+The codec (did:key, fingerprints, the key file format, signing) lives in :mod:`stages.capsule.keys`
+because the format signs and checks with it; this module owns the key's life cycle.
 
 Rotation: ``rotate`` makes a new key and has the old key sign a statement vouching for it with
-an overlap window (``previous_key``, see :mod:`stages.sign`). The new key file carries that
+an overlap window (``previous_key``, see :mod:`stages.capsule.keys`). The new key file carries that
 proof, so every signature made with it during the window carries it too; verifiers that pinned
 the old key then accept the new one and pin it (:mod:`pipeline.trust.policy`). After the window
 the proof is dropped from new signatures, and anyone who did not see it must re-verify the key.
@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline import paths
 from pipeline.errors import E_USAGE, AtoError
-from stages.sign import (
+from stages.capsule.keys import (
     SigningKey,
     generate_key,
     load_signing_key,

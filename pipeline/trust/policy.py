@@ -17,7 +17,8 @@ from typing import Any
 from pipeline.errors import E_INTEGRITY, E_POLICY, AtoError, Problem
 from pipeline.trust import store as trust_store
 from pipeline.trust.store import TrustStore
-from stages.sign import SignatureInfo, did_fingerprint, parse_rfc3339, short_fingerprint
+from stages.capsule.keys import did_fingerprint, parse_rfc3339, short_fingerprint
+from stages.capsule.signature import SignatureInfo
 
 INTEGRITY = "ATO_ERR_INTEGRITY_FAILURE"
 POLICY = "ATO_ERR_POLICY_VIOLATION"
@@ -162,16 +163,22 @@ def consent_required(decision: Decision) -> AtoError:
                     problems=[Problem(CONSENT, msg, {"identity": decision.identity, "key_id": decision.key_id})])
 
 
+def obtain_consent(decision: Decision, *, consent: Consent | None, assume_yes: bool) -> None:
+    """Ask for the consent a first-sight pin needs (a prompt on a TTY, else ``--yes``); refuse without it."""
+    if not decision.needs_consent or assume_yes:
+        return
+    question = (f"First sight of {decision.identity}: trust key {decision.key_id} "
+                f"(fingerprint {_short(decision.key_id or '')}) for it?")
+    if consent is None or not consent(question):
+        raise consent_required(decision)
+
+
 def settle(decision: Decision, *, consent: Consent | None, assume_yes: bool, decide_again: Callable[[TrustStore],
            Decision]) -> Decision:
     """Obtain consent if needed and write the decision's change; returns the decision that was applied."""
     if decision.change is None:
         return decision
-    if decision.needs_consent and not assume_yes:
-        question = (f"First sight of {decision.identity}: trust key {decision.key_id} "
-                    f"(fingerprint {_short(decision.key_id or '')}) for it?")
-        if consent is None or not consent(question):
-            raise consent_required(decision)
+    obtain_consent(decision, consent=consent, assume_yes=assume_yes)
     with trust_store.transaction() as store:
         fresh = decide_again(store)  # refuses if another process pinned a different key meanwhile
         if fresh.change is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.errors import E_NETWORK, E_USAGE, AtoError
 from pipeline.trust.store import TrustStore
-from stages.sign import is_did, parse_rfc3339
+from stages.capsule.keys import is_did, parse_rfc3339
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_BYTES = 8 << 20

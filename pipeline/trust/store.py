@@ -35,7 +35,7 @@ from cas.tempfiles import sweep
 from pipeline import paths
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_INTEGRITY, E_INTERNAL, E_USAGE, AtoError
-from stages.sign import did_fingerprint, is_did, rfc3339, short_fingerprint
+from stages.capsule.keys import did_fingerprint, is_did, rfc3339, short_fingerprint
 
 SCHEMA = "trust-store"
 SCHEMA_VERSION = 1

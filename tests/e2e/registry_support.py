@@ -22,8 +22,8 @@ import httpx
 from cas.chunker import chunk_spans
 from cas.objects import compress
 from cas.payload_manifest import ChunkRef, PayloadManifest
-from stages import artifact as capsule
-from stages import sign
+from stages.capsule import archive, distribution
+from stages.capsule import signature as sign
 from tests.conftest import cli_path
 
 TOKEN = "pwd"
@@ -205,10 +205,10 @@ def forge_capsule(out: Path, name: str, version: str, members: list[tuple[str, b
     normalized = {"schema_version": "0.2", "name": name, "version": version, "type": "app",
                   "default_target": "default",
                   "targets": {"default": {"runtime": "source", "driver": "python", "entrypoint": "main.py"}}}
-    dist = capsule.distribution_manifest(normalized, payload)
+    dist = distribution.distribution_manifest(normalized, payload)
     payload_bytes = compress(payload_tar) if single_frame else b"".join(frames)
-    small = {"capsule.toml": capsule.toml_bytes(dist), "capsule.lock.json": capsule.jcs({"version": 1}),
-             "sbom.spdx.json": capsule.jcs({"spdxVersion": "SPDX-2.3"}),
+    small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": distribution.jcs({"version": 1}),
+             "sbom.spdx.json": distribution.jcs({"spdxVersion": "SPDX-2.3"}),
              "payload.v3.manifest.json": payload.to_bytes()}
     signature = sign.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
                                         payload_hash="blake3:" + blake3.blake3(payload_bytes).hexdigest(),
@@ -216,13 +216,13 @@ def forge_capsule(out: Path, name: str, version: str, members: list[tuple[str, b
     scratch = out.with_suffix(".payload")
     scratch.write_bytes(payload_bytes)
     try:
-        capsule.write_capsule(out, [
-            capsule.Member("capsule.toml", small["capsule.toml"]),
-            capsule.Member("capsule.lock.json", small["capsule.lock.json"]),
-            capsule.Member("sbom.spdx.json", small["sbom.spdx.json"]),
-            capsule.Member("signature.json", sign.signature_bytes(signature)),
-            capsule.Member("payload.tar.zst", path=scratch),
-            capsule.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
+        archive.write_capsule(out, [
+            archive.Member("capsule.toml", small["capsule.toml"]),
+            archive.Member("capsule.lock.json", small["capsule.lock.json"]),
+            archive.Member("sbom.spdx.json", small["sbom.spdx.json"]),
+            archive.Member("signature.json", sign.signature_bytes(signature)),
+            archive.Member("payload.tar.zst", path=scratch),
+            archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ], 0)
     finally:
         scratch.unlink(missing_ok=True)

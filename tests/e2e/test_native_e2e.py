@@ -277,13 +277,13 @@ def test_tampered_fetch_is_refused_by_finalize(ato, tmp_path: Path) -> None:
             "--json"]))
 
 
-def test_a_derived_app_without_an_executable_is_refused(ato, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_derived_app_without_an_executable_is_refused(ato, tmp_path: Path) -> None:
     from stages import native_build
-    monkeypatch.setattr(native_build, "check_app", lambda *a, **k: None)
-    monkeypatch.setattr(native_build, "check_payload_input", lambda *a, **k: None)
     sh = "mkdir -p dist/app\necho 'not a program' > dist/app/readme.txt\n"
-    artifact = build_in_process(native_project(tmp_path / "proj", input_="dist/app", build_sh=sh))["artifact"]
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as mp:  # not monkeypatch.undo(): that would also undo the isolated HOME
+        mp.setattr(native_build, "check_app", lambda *a, **k: None)
+        mp.setattr(native_build, "check_payload_input", lambda *a, **k: None)
+        artifact = build_in_process(native_project(tmp_path / "proj", input_="dist/app", build_sh=sh))["artifact"]
     fetch = ok(ato(["fetch", artifact, "--json"]))
     res = ato(["finalize", fetch["cache_dir"], "--allow-external-finalize", "--output-dir", str(tmp_path / "out"),
                "--json"])
@@ -294,8 +294,10 @@ def test_a_derived_app_without_an_executable_is_refused(ato, tmp_path: Path, mon
     shutil.copytree(Path(fetch["artifact_dir"]) / "dist" / "app", out / "app")
     from cas.tree import tree_digest
     digest = "blake3:" + tree_digest(out / "app")
+    origin = json.loads((Path(fetch["cache_dir"]) / "fetch.json").read_text())
     (out / "local-derivation.json").write_text(json.dumps({
-        "schema_version": "0.1", "parent_digest": fetch["parent_digest"], "derived_digest": digest,
+        "schema_version": "0.1", "scoped_id": origin["scoped_id"], "registry": origin["registry"],
+        "artifact_blake3": origin["artifact_blake3"], "parent_digest": fetch["parent_digest"], "derived_digest": digest,
         "framework": "c", "target": HOST_TARGET, "finalized_locally": True, "finalize_tool": "none",
         "finalized_at": "2026-01-01T00:00:00Z"}))
     res = ato(["project", str(out / "app"), "--json"])

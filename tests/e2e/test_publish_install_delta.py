@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.artifact import open_capsule
+from stages.capsule import read_capsule
 from tests.conftest import assert_schema
 from tests.e2e.registry_support import (
     TOKEN,
@@ -32,7 +32,7 @@ def registry(tmp_path: Path):
 
 def frames_of(artifact: Path) -> dict[str, int]:
     """raw hash → frame size (payload.tar.zst is the concatenation of these frames)."""
-    return {c.raw_hash: c.zstd_size_hint for c in open_capsule(artifact).payload_manifest.chunks}
+    return {c.raw_hash: c.zstd_size_hint for c in read_capsule(artifact).payload_manifest.chunks}
 
 
 def test_v2_after_v1_transfers_only_changed_chunks(ato, tmp_path: Path, registry) -> None:

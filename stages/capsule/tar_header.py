@@ -11,8 +11,14 @@ ustar cannot hold. GNU tar and Python's tarfile read it.
 from __future__ import annotations
 
 BLOCK = 512
+ZERO_BLOCK = b"\0" * BLOCK
 REGULAR = b"0"
+HARDLINK = b"1"
 SYMLINK = b"2"
+CHARDEV = b"3"
+BLOCKDEV = b"4"
+DIRECTORY = b"5"
+FIFO = b"6"
 _PAX = b"x"
 _MAGIC = b"ustar\x0000"
 _MAX_OCTAL_11 = 8**11 - 1
@@ -43,17 +49,25 @@ def _pax_record(key: str, value: str) -> bytes:
     return str(n).encode() + body
 
 
-def header(name: str, *, size: int = 0, mode: int = 0o644, mtime: int = 0, symlink_to: str | None = None) -> bytes:
-    """The header block(s) for one regular file or symlink member."""
-    typeflag = SYMLINK if symlink_to is not None else REGULAR
+def header(name: str, *, size: int = 0, mode: int = 0o644, mtime: int = 0, symlink_to: str | None = None,
+           typeflag: bytes | None = None, linkname: str | None = None) -> bytes:
+    """The header block(s) for one regular file or symlink member.
+
+    ``typeflag``/``linkname`` write any other entry type (a hard link, a directory, a device):
+    the builder never does, but tests build hostile payloads with them.
+    """
+    if typeflag is None:
+        typeflag = SYMLINK if symlink_to is not None else REGULAR
+    if linkname is None:
+        linkname = symlink_to
     raw_name = name.encode("utf-8")
-    raw_link = (symlink_to or "").encode("utf-8")
+    raw_link = (linkname or "").encode("utf-8")
     records = b""
     if len(raw_name) > 100 or not name.isascii():
         records += _pax_record("path", name)
         raw_name = raw_name[:100].decode("utf-8", "ignore").encode("ascii", "replace")
-    if len(raw_link) > 100 or not (symlink_to or "").isascii():
-        records += _pax_record("linkpath", symlink_to or "")
+    if len(raw_link) > 100 or not (linkname or "").isascii():
+        records += _pax_record("linkpath", linkname or "")
         raw_link = raw_link[:100].decode("utf-8", "ignore").encode("ascii", "replace")
     if size > _MAX_OCTAL_11:
         records += _pax_record("size", str(size))

@@ -1,0 +1,113 @@
+"""The distribution ``capsule.toml`` inside an artifact: the project manifest plus ``[distribution]``.
+
+``[distribution]`` holds ``manifest_hash`` (BLAKE3 of the JCS of the manifest without
+``manifest_hash`` and ``signatures``), ``merkle_root`` over the chunk digests, ``chunk_list``
+(``{chunk_hash, offset, length, codec, compression}`` covering the uncompressed payload tar)
+and ``signatures``. :func:`check` recomputes all of it against the payload manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import tomllib
+from typing import Any
+
+import tomli_w
+
+from cas.canonical import canonical_json, jcs_digest
+from cas.digest import DigestError, label, parse
+from cas.merkle import merkle_root
+from cas.payload_manifest import PayloadManifest
+from stages.capsule.errors import CapsuleError
+
+
+def distribution_manifest(normalized: dict[str, Any], payload: PayloadManifest) -> dict[str, Any]:
+    """The project manifest plus ``[distribution]`` with chunk list, Merkle root and manifest hash."""
+    offset = 0
+    chunk_list = []
+    for c in payload.chunks:
+        chunk_list.append({"chunk_hash": label(c.raw_hash), "offset": offset, "length": c.raw_size,
+                           "codec": "fastcdc", "compression": "zstd"})
+        offset += c.raw_size
+    doc = dict(normalized)
+    doc["distribution"] = {
+        "merkle_root": label(merkle_root([c.raw_hash for c in payload.chunks])),
+        "chunk_list": chunk_list,
+    }
+    doc["distribution"]["manifest_hash"] = manifest_hash(doc)
+    doc["distribution"]["signatures"] = []
+    return doc
+
+
+def manifest_hash(doc: dict[str, Any]) -> str:
+    """BLAKE3 of the JCS of the manifest without manifest_hash and signatures."""
+    signable = dict(doc)
+    dist = dict(signable.get("distribution") or {})
+    dist.pop("manifest_hash", None)
+    dist.pop("signatures", None)
+    signable["distribution"] = dist
+    return jcs_digest(signable)
+
+
+def toml_bytes(doc: dict[str, Any]) -> bytes:
+    return tomli_w.dumps(doc).encode("utf-8")
+
+
+def jcs(doc: Any) -> bytes:
+    return canonical_json(doc)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(data: bytes) -> dict[str, Any]:
+    return tomllib.loads(data.decode("utf-8"))
+
+
+def parse_manifest_bytes(data: bytes) -> dict[str, Any]:
+    """Parse a distribution capsule.toml, once per distinct content in this process.
+
+    Its chunk list makes it thousands of tables long, and install, trust and native delivery
+    each read the same artifact: keyed by the bytes themselves, the cache cannot serve a stale
+    parse. Callers get their own copy. E208 for anything that is not UTF-8 TOML.
+    """
+    try:
+        return copy.deepcopy(_parse(bytes(data)))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise CapsuleError("members", f"capsule.toml is not valid TOML: {str(exc)[:200]}") from None
+
+
+def check(manifest: dict[str, Any], payload: PayloadManifest) -> dict[str, str]:
+    """Recompute ``manifest_hash``, the chunk list and the Merkle root against the payload manifest.
+
+    Returns ``{"manifest_hash", "merkle_root"}`` (labels); E208 names the first that differs.
+    """
+    dist = manifest.get("distribution")
+    if not isinstance(dist, dict):
+        raise CapsuleError("digests", "capsule.toml has no [distribution] table")
+    claimed = dist.get("manifest_hash")
+    try:
+        actual = manifest_hash(manifest)
+    except (TypeError, ValueError) as exc:  # a value JCS cannot hold (a TOML date, a float NaN)
+        raise CapsuleError("digests", f"capsule.toml cannot be hashed: {exc}") from None
+    if claimed != actual:
+        raise CapsuleError("digests", f"manifest_hash mismatch: capsule.toml claims {claimed!s:.80}, content hashes "
+                                      f"to {actual}")
+    chunk_list = dist.get("chunk_list")
+    if not isinstance(chunk_list, list) or len(chunk_list) != len(payload.chunks):
+        raise CapsuleError("digests", "distribution.chunk_list does not match payload.v3.manifest.json")
+    offset = 0
+    for entry, ref in zip(chunk_list, payload.chunks, strict=True):
+        try:
+            same = isinstance(entry, dict) and entry.get("offset") == offset and \
+                entry.get("length") == ref.raw_size and parse(str(entry.get("chunk_hash"))) == ref.raw_hash
+        except DigestError:
+            same = False
+        if not same:
+            raise CapsuleError("digests", f"distribution.chunk_list entry at offset {offset} does not match the "
+                                          "payload")
+        offset += ref.raw_size
+    root = label(merkle_root([c.raw_hash for c in payload.chunks]))
+    if dist.get("merkle_root") != root:
+        raise CapsuleError("digests", f"merkle_root mismatch: capsule.toml claims {dist.get('merkle_root')!s:.80}, "
+                                      f"chunks give {root}")
+    return {"manifest_hash": actual, "merkle_root": root}

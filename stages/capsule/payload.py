@@ -1,0 +1,306 @@
+"""``payload.tar.zst``: zstd frames, one per CAS chunk, decoding to the payload tar.
+
+``ato build`` writes ``payload.tar.zst`` as the concatenation of the CAS frames of its chunks,
+in order. Exact delta transfer rests on that: an artifact is its *skeleton* (the bytes before
+and after the payload member) plus its frames, so a client that already holds most frames needs
+only the missing ones to rebuild the published bytes exactly.
+
+:func:`scan` decodes a payload once without trusting anything. Each frame's extent is read from
+the zstd frame format itself (header, block headers, optional checksum); each frame, or when the
+frames are not the chunks one to one, the decoded stream, must give exactly the chunk the payload
+manifest names at that position (size and BLAKE3). A decoder never produces more than one chunk
+(at most :data:`cas.payload_manifest.MAX_CHUNK` bytes) at a time and never more than the manifest's
+``total_raw_size`` in all, so a decompression bomb costs neither memory nor disk. The decoded tar
+is walked by :mod:`stages.capsule.payload_tar` and every entry judged by
+:class:`stages.capsule.entries.TreeModel`, the same rules the unpacker applies. An artifact whose
+frames do not line up with its chunks is still a valid capsule; it is just not spliceable
+(``frames`` is None), and is then served whole.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import blake3
+import zstandard
+
+from cas.digest import parse
+from cas.payload_manifest import MAX_CHUNK, PayloadManifest
+from cas.streams import ChunkStream, FileSlice
+from pipeline.manifest.delivery import SIDECAR_NAME
+from stages.capsule.entries import TreeModel, UnsafeEntry
+from stages.capsule.errors import UNREADABLE_TAR, CapsuleError
+from stages.capsule.payload_tar import TarFormatError, TarReader
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+SIDECARS = frozenset({SIDECAR_NAME})  # payload-root files install reads before anything is unpacked
+MAX_SIDECAR = 1 << 20
+BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2
+READ = 1 << 20
+
+
+class FrameError(ValueError):
+    """Bytes that are not a well-formed single zstd frame of the expected chunk."""
+
+
+class NotSpliceable(ValueError):
+    """The payload's frames do not correspond one-to-one to its manifest's chunks."""
+
+
+class PayloadCorrupt(ValueError):
+    """A payload chunk does not decode to the size and BLAKE3 its manifest lists."""
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """One chunk of a payload: its raw identity and the exact frame that encodes it."""
+
+    raw_hash: str  # hex
+    raw_size: int
+    frame_size: int
+    frame_blake3: str  # hex of the frame bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {"raw_hash": "blake3:" + self.raw_hash, "raw_size": self.raw_size,
+                "frame_size": self.frame_size, "frame_blake3": "blake3:" + self.frame_blake3}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> FrameRef:
+        return cls(parse(str(doc["raw_hash"])), int(doc["raw_size"]),  # type: ignore[arg-type]
+                   int(doc["frame_size"]), parse(str(doc["frame_blake3"])))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- frames
+
+
+def _header_size(head: bytes) -> int:
+    """Size of a zstd frame header (magic included) from its first bytes."""
+    if len(head) < 5 or head[:4] != ZSTD_MAGIC:
+        raise FrameError("not a zstd frame (bad magic number)")
+    fhd = head[4]
+    fcs_flag, single_segment, reserved, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 3) & 1, fhd & 3
+    if reserved:
+        raise FrameError("zstd frame header has the reserved bit set")
+    size = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    size += (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    return size
+
+
+def read_frame(fh: BinaryIO) -> bytes | None:
+    """Read exactly one zstd frame from ``fh``; None at a clean end of input."""
+    first = fh.read(5)
+    if not first:
+        return None
+    hsize = _header_size(first)
+    buf = bytearray(first)
+    rest = fh.read(hsize - 5)
+    if len(rest) != hsize - 5:
+        raise FrameError("truncated zstd frame header")
+    buf += rest
+    checksum = (first[4] >> 2) & 1
+    while True:
+        bh = fh.read(3)
+        if len(bh) != 3:
+            raise FrameError("truncated zstd block header")
+        buf += bh
+        value = int.from_bytes(bh, "little")
+        last, btype, bsize = value & 1, (value >> 1) & 3, value >> 3
+        if btype == 3:
+            raise FrameError("zstd block of the reserved type")
+        body = 1 if btype == BLOCK_RLE else bsize
+        data = fh.read(body)
+        if len(data) != body:
+            raise FrameError("truncated zstd block")
+        buf += data
+        if last:
+            break
+    if checksum:
+        tail = fh.read(4)
+        if len(tail) != 4:
+            raise FrameError("truncated zstd frame checksum")
+        buf += tail
+    return bytes(buf)
+
+
+def decode_frame(frame: bytes, expected_size: int) -> bytes:
+    """Decode one frame that must hold exactly ``expected_size`` bytes (at most one chunk)."""
+    try:
+        params = zstandard.get_frame_parameters(frame)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd frame header does not parse: {exc}") from None
+    if params.content_size in (zstandard.CONTENTSIZE_UNKNOWN, zstandard.CONTENTSIZE_ERROR):
+        raise FrameError("zstd frame does not declare its content size")
+    if expected_size > MAX_CHUNK:
+        raise FrameError(f"a chunk of {expected_size} bytes is over the {MAX_CHUNK}-byte chunk ceiling")
+    if params.content_size != expected_size:
+        raise FrameError(f"zstd frame holds {params.content_size} bytes, expected {expected_size}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected_size)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"zstd frame does not decode: {exc}") from None
+    if len(raw) != expected_size:
+        raise FrameError(f"zstd frame decodes to {len(raw)} bytes, expected {expected_size}")
+    return raw
+
+
+def check_frame(frame: bytes, raw_hash: str, raw_size: int) -> bytes:
+    """Decode ``frame`` and require it to be the chunk ``raw_hash``; returns the raw bytes."""
+    raw = decode_frame(frame, raw_size)
+    if blake3.blake3(raw).hexdigest() != raw_hash:
+        raise FrameError(f"zstd frame does not decode to chunk blake3:{raw_hash}")
+    return raw
+
+
+def iter_frames(window: BinaryIO, manifest: PayloadManifest,
+                hasher: blake3.blake3) -> Iterator[tuple[FrameRef, bytes, bytes]]:
+    """Yield ``(ref, frame, raw)`` for each chunk of the payload read from ``window``.
+
+    Every frame's bytes also go into ``hasher``. Raises :class:`NotSpliceable` when the
+    frames do not match the chunks one to one.
+    """
+    for i, chunk in enumerate(manifest.chunks):
+        try:
+            frame = read_frame(window)
+            if frame is None:
+                raise FrameError("payload ends before its last chunk")
+            hasher.update(frame)
+            raw = check_frame(frame, chunk.raw_hash, chunk.raw_size)
+        except FrameError as exc:
+            raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
+        yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), blake3.blake3(frame).hexdigest()), frame, raw
+    if window.read(1):
+        raise NotSpliceable("payload.tar.zst holds bytes after its last chunk's frame")
+
+
+def iter_chunks(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3) -> Iterator[bytes]:
+    """Decode a payload of any frame layout, yielding each chunk after checking its size and BLAKE3.
+
+    The decoder is asked for one chunk's bytes at a time, so what it holds is bounded by the
+    chunk size whatever the frames claim. Raises :class:`PayloadCorrupt` naming the first chunk
+    that does not match.
+    """
+    def hashed() -> Iterator[bytes]:
+        while data := window.read(READ):
+            hasher.update(data)
+            yield data
+
+    source = hashed()
+    reader = zstandard.ZstdDecompressor().stream_reader(ChunkStream(source), read_across_frames=True)
+    try:
+        for i, ref in enumerate(manifest.chunks):
+            raw = reader.read(ref.raw_size)
+            while len(raw) < ref.raw_size:
+                more = reader.read(ref.raw_size - len(raw))
+                if not more:
+                    break
+                raw += more
+            if len(raw) != ref.raw_size or blake3.blake3(raw).hexdigest() != ref.raw_hash:
+                raise PayloadCorrupt(f"payload chunk {i} (blake3:{ref.raw_hash}) does not match its digest")
+            yield raw
+        if reader.read(1):
+            raise PayloadCorrupt("payload.tar.zst decodes to more data than its manifest's total_raw_size")
+        for _data in source:  # hash whatever the decoder did not need to read
+            pass
+    except zstandard.ZstdError as exc:
+        raise PayloadCorrupt(f"payload.tar.zst does not decode: {exc}") from None
+
+
+# ---------------------------------------------------------------- the entries
+
+
+def walk(chunks: Iterator[bytes], on_entry: Callable[[TarReader, object], None] | None = None,
+         sidecars: dict[str, bytes] | None = None) -> int:
+    """Walk the payload tar decoded from ``chunks`` through the entry rules; returns the entry count.
+
+    ``on_entry(reader, placed)`` sees each :class:`~stages.capsule.entries.Placed` entry (the
+    unpacker writes it); payload-root files named in :data:`SIDECARS` are copied into ``sidecars``.
+    Raises :class:`~stages.capsule.entries.UnsafeEntry` or :class:`TarFormatError`.
+    """
+    reader = TarReader(io.BufferedReader(ChunkStream(chunks), READ))
+    model = TreeModel()
+    for entry in reader:
+        placed = model.add(entry)
+        if placed is None:
+            continue
+        if sidecars is not None and placed.kind == "file" and placed.rel in SIDECARS and entry.size <= MAX_SIDECAR:
+            sidecars[placed.rel] = b"".join(reader.data())
+        if on_entry is not None:
+            on_entry(reader, placed)
+    model.finish()
+    return reader.entries
+
+
+def refusal(exc: Exception) -> CapsuleError:
+    """The E208 a payload problem found while decoding or walking is reported as."""
+    if isinstance(exc, UnsafeEntry):
+        return CapsuleError("digests", str(exc), reason=exc.reason, path=exc.name[:300])
+    if isinstance(exc, TarFormatError):
+        return CapsuleError("digests", f"payload.tar.zst is not a readable tar: {exc}", reason=UNREADABLE_TAR)
+    return CapsuleError("digests", str(exc))
+
+
+# ---------------------------------------------------------------- one pass over a payload
+
+
+@dataclass(frozen=True)
+class PayloadScan:
+    """What one pass over ``payload.tar.zst`` established (every chunk decoded to its digest, every
+    entry safe): ``frames`` is None when the frames are not the chunks one to one (``reason`` says
+    why); ``sidecars`` holds the payload-root files install reads before unpacking."""
+
+    payload_hash: str  # hex BLAKE3 of the payload member's bytes
+    frames: tuple[FrameRef, ...] | None
+    entries: int
+    reason: str | None = None
+    sidecars: dict[str, bytes] = field(default_factory=dict)
+
+
+def _pass(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, spliced: bool) -> PayloadScan:
+    window = io.BufferedReader(FileSlice(fh, offset, size), READ)
+    hasher = blake3.blake3()
+    refs: list[FrameRef] = []
+    if spliced:
+        def raws() -> Iterator[bytes]:
+            for ref, _frame, raw in iter_frames(window, manifest, hasher):
+                refs.append(ref)
+                yield raw
+        chunks = raws()
+    else:
+        chunks = iter_chunks(window, manifest, hasher)
+    sidecars: dict[str, bytes] = {}
+    entries = walk(chunks, sidecars=sidecars)
+    for _raw in chunks:  # the walk reads to the end of the stream; this only makes that explicit
+        pass
+    return PayloadScan(hasher.hexdigest(), tuple(refs) if spliced else None, entries, None, sidecars)
+
+
+def scan(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest) -> PayloadScan:
+    """Decode the payload at ``[offset, offset+size)`` of ``fh``: every chunk, every frame, every entry.
+
+    Raises CapsuleError (E208, check ``digests``) for the first chunk or entry that is wrong.
+    """
+    try:
+        try:
+            return _pass(fh, offset, size, manifest, spliced=True)
+        except NotSpliceable as exc:
+            why = str(exc)
+        scan_ = _pass(fh, offset, size, manifest, spliced=False)
+        return PayloadScan(scan_.payload_hash, None, scan_.entries, why, scan_.sidecars)
+    except (UnsafeEntry, TarFormatError, PayloadCorrupt) as exc:
+        raise refusal(exc) from None
+
+
+def stream_frames(fh: BinaryIO, offset: int, frames: tuple[FrameRef, ...]) -> Iterator[tuple[FrameRef, bytes, int]]:
+    """``(ref, frame, frame_offset)`` for each verified frame, re-read from the file and re-checked
+    against the frame digest the scan recorded (the file may not change in between)."""
+    pos = offset
+    for ref in frames:
+        fh.seek(pos)
+        frame = fh.read(ref.frame_size)
+        if len(frame) != ref.frame_size or blake3.blake3(frame).hexdigest() != ref.frame_blake3:
+            raise CapsuleError("digests", f"payload frame of chunk blake3:{ref.raw_hash} changed after it was checked")
+        yield ref, frame, pos
+        pos += len(frame)

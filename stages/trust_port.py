@@ -1,0 +1,33 @@
+"""The trust decision as stages see it: a port the product layer fills in (``pipeline.trust``).
+
+Install, fetch, finalize, project and run must accept an artifact exactly alike: every check of
+the format (:func:`stages.capsule.verify`), then whether its signer is trusted for the identity
+it claims (pins, revocation, rotation, consent on first sight). Stages may not import the trust
+policy (it sits above them), so each takes a :class:`TrustPort` and calls it before it stores,
+unpacks or derives anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from stages.capsule import Limits, Verdict
+
+
+class TrustPort(Protocol):
+    """Accepts or refuses an artifact (raising E208 / E301 / E212)."""
+
+    @property
+    def limits(self) -> Limits:
+        """The payload ceiling this command applies."""
+        ...
+
+    def precheck(self, verdict: Verdict, scoped_id: str | None) -> None:
+        """Decide from the small members alone (a skeleton's verdict), before the payload is
+        downloaded: refuse, or obtain any consent the full check will need. Writes nothing."""
+        ...
+
+    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
+        """The complete check of the file at ``path``; returns ``{"signed", "signer", "trust"}``."""
+        ...
