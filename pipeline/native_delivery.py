@@ -30,6 +30,7 @@ from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 from pipeline.graph import Step, run_chain
 from pipeline.manifest import SIDECAR_NAME
+from pipeline.progress import SILENT, Progress, counted
 from stages import fetch as fetch_stage
 from stages import finalize as finalize_stage
 from stages import project as project_stage
@@ -96,7 +97,8 @@ def fetch_local(path: Path, *, trust: TrustPort, scoped_id: str | None = None, v
     return ctx["fetch"]
 
 
-def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort) -> dict[str, Any]:
+def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort,
+                   reporter: Progress = SILENT) -> dict[str, Any]:
     """``ato fetch <publisher>/<slug>[@version] --registry URL`` through a registry client
     (``detail``/``distribution``/``download``, :class:`stages.registry_port.RegistryPort`).
 
@@ -131,8 +133,9 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort) 
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / temp_name("download.capsule")
         try:
-            with open(tmp, "wb") as fh:
-                for piece in client.download(str(dist["artifact_url"])):
+            with open(tmp, "wb") as fh, reporter.task("Downloading", total=int(dist.get("size_bytes") or 0) or None) \
+                    as task:
+                for piece in counted(client.download(str(dist["artifact_url"])), task):
                     fh.write(piece)
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -15,6 +15,7 @@ every human line that states a size uses it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Protocol
 
@@ -34,9 +35,9 @@ def human_bytes(n: int | float) -> str:
 
 
 class Task(Protocol):
-    """One bar: a label, a total (None when unknown) and how much is done."""
+    """One bar: a label, a total (None when unknown), how much is done, and optionally a chunk count."""
 
-    def advance(self, amount: int = 1) -> None: ...
+    def advance(self, amount: int = 1, *, chunks: int = 0) -> None: ...
     def update(self, *, completed: int | None = None, total: int | None = None,
                label: str | None = None) -> None: ...
     def __enter__(self) -> Task: ...
@@ -45,13 +46,14 @@ class Task(Protocol):
 
 
 class Progress(Protocol):
-    """Where a stage reports progress; ``unit`` is ``"bytes"`` or ``"chunks"``/``"files"`` (counts)."""
+    """Where a stage reports progress; ``unit`` is ``"bytes"`` or a count (``"files"``); ``chunks`` is the
+    number of chunks the bytes come in, when the task counts those too."""
 
-    def task(self, label: str, total: int | None = None, unit: str = "bytes") -> Task: ...
+    def task(self, label: str, total: int | None = None, unit: str = "bytes", chunks: int | None = None) -> Task: ...
 
 
 class _SilentTask:
-    def advance(self, amount: int = 1) -> None:
+    def advance(self, amount: int = 1, *, chunks: int = 0) -> None:
         pass
 
     def update(self, *, completed: int | None = None, total: int | None = None, label: str | None = None) -> None:
@@ -67,8 +69,17 @@ class _SilentTask:
 class _Silent:
     """The no-op default: reports go nowhere."""
 
-    def task(self, label: str, total: int | None = None, unit: str = "bytes") -> Task:
+    def task(self, label: str, total: int | None = None, unit: str = "bytes", chunks: int | None = None) -> Task:
         return _SilentTask()
 
 
 SILENT: Progress = _Silent()
+
+SILENT_TASK: Task = _SilentTask()
+
+
+def counted(pieces: Iterable[bytes], task: Task) -> Iterator[bytes]:
+    """``pieces`` unchanged, advancing ``task`` by each piece's size as it passes (downloads, uploads)."""
+    for piece in pieces:
+        task.advance(len(piece))
+        yield piece

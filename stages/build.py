@@ -28,6 +28,7 @@ from pipeline import paths
 from pipeline.envelope import validate
 from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest
+from pipeline.progress import SILENT, Progress, human_bytes
 from stages import native_build
 from stages.capsule import archive, distribution, keys, signature
 from stages.lock import build_lock, entries_listing
@@ -50,6 +51,7 @@ class BuildOptions:
     force_large_payload: bool = False
     epoch: int = 0
     signing_key: keys.SigningKey | None = None  # signature.json is signed when set (ato build --key)
+    reporter: Progress = SILENT  # progress of the packing (a bar on a terminal); never part of any digest
 
 
 @dataclass
@@ -257,7 +259,7 @@ def pack(plan: BuildPlan) -> dict[str, Any]:
             payload_blake3 = None
         else:
             frames = temp_path(payload_cache_path(plan))
-            result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames)
+            result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames, plan.options.reporter)
             payload_blake3 = blake3_file(frames)
             os.replace(frames, payload_cache_path(plan))
             payload, files = result.manifest, result.files
@@ -336,8 +338,8 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
         size = archive.capsule_size([m.size for m in members])
         if size > MAX_PAYLOAD_BYTES and not plan.options.force_large_payload:
             raise AtoError(E_PAYLOAD_TOO_LARGE,
-                           f"capsule payload is unusually large: {size} bytes ({size / 1e6:.1f} MB), threshold is "
-                           f"{MAX_PAYLOAD_BYTES / 1e6:.1f} MB", hint="use --force-large-payload to override intentionally",
+                           f"capsule payload is unusually large: {human_bytes(size)} ({size} bytes), threshold is "
+                           f"{human_bytes(MAX_PAYLOAD_BYTES)}", hint="use --force-large-payload to override intentionally",
                            details={"size": size, "threshold": MAX_PAYLOAD_BYTES})
         # the temp artifact goes in the build state dir, never in the tree this build packs
         digest, written = archive.write_capsule(plan.out_path, members, plan.options.epoch,

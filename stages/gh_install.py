@@ -24,6 +24,7 @@ from cas.digest import label
 from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError
+from pipeline.progress import SILENT, Progress
 from stages.trust_port import TrustPort
 
 DEFAULT_GITHUB_API = "https://api.github.com"
@@ -40,7 +41,7 @@ def _allowed_hosts(base: str) -> set[str]:
     return {host, "codeload.github.com"} if host == "api.github.com" else {host}
 
 
-def download_archive(repo: str, dest: Path) -> str:
+def download_archive(repo: str, dest: Path, reporter: Progress = SILENT) -> str:
     import httpx
 
     base = github_api()
@@ -65,12 +66,15 @@ def download_archive(repo: str, dest: Path) -> str:
                     if resp.status_code != 200:
                         raise AtoError(E_NETWORK, f"downloading {repo} from {base} failed (HTTP {resp.status_code})")
                     size = 0
-                    with open(dest, "wb") as fh:
+                    length = resp.headers.get("content-length", "")
+                    with open(dest, "wb") as fh, reporter.task(
+                            "Downloading", total=int(length) if length.isdigit() else None) as task:
                         for piece in resp.iter_bytes():
                             size += len(piece)
                             if size > MAX_ARCHIVE_BYTES:
                                 raise AtoError(E_USAGE, f"repository archive of {repo} is larger than 512 MiB")
                             fh.write(piece)
+                            task.advance(len(piece))
                     return url
     except httpx.HTTPError as exc:
         raise AtoError(E_NETWORK, f"network error: cannot download {repo} from {base}: {exc}") from None
@@ -90,7 +94,8 @@ def extract(archive: Path, into: Path) -> Path:
 
 def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]],
                          trust: TrustPort | None = None,
-                         progress: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                         progress: Callable[[str], None] = lambda _m: None,
+                         reporter: Progress = SILENT) -> dict[str, Any]:
     from cas.store import CasStore
     from stages.install import _ensure_manifest, store_path
 
@@ -100,7 +105,7 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="ato-gh-") as tmp:
         archive = Path(tmp) / "repo.tar.gz"
         progress(f"Downloading {repo} from {github_api()}")
-        download_archive(repo, archive)
+        download_archive(repo, archive, reporter)
         archive_size = archive.stat().st_size
         root = extract(archive, Path(tmp) / "src")
         if not (root / "capsule.toml").is_file():

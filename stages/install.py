@@ -61,6 +61,7 @@ from cas.tempfiles import sweep, temp_path
 from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
+from pipeline.progress import SILENT, Progress, counted
 from stages.capsule import Limits, Verdict, read_capsule, verify, verify_skeleton
 from stages.capsule.payload import FrameRef, stream_frames
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
@@ -281,7 +282,7 @@ def _batched_fetch(client: RegistryPort, hexes: list[str]) -> Iterator[bytes]:
 
 
 def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
-            transfer: Transfer) -> tuple[str, str, int]:
+            transfer: Transfer, reporter: Progress = SILENT) -> tuple[str, str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
     Every frame, reused or downloaded, must hash to the published frame digest. The caller then
@@ -333,37 +334,44 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
             if pending_size >= WRITE_BATCH:
                 flush()
 
-        try:
-            put(prefix)
-            for f in frames:
-                h = f.raw_hash
-                if h in kept:
-                    data = kept[h]
-                elif h in local:
-                    data = _local_frame(client, objects, f)
-                    if data is None:  # the local object is not the published frame: fetch just this one
-                        data = _fetch_one(client, f)
+        task = reporter.task("Downloading", total=len(prefix) + len(suffix) + sum(f.frame_size for f in frames),
+                             chunks=len(fetch))
+        with task:
+            try:
+                put(prefix)
+                task.advance(len(prefix))
+                for f in frames:
+                    h = f.raw_hash
+                    fetched = transfer.chunks_downloaded
+                    if h in kept:
+                        data = kept[h]
+                    elif h in local:
+                        data = _local_frame(client, objects, f)
+                        if data is None:  # the local object is not the published frame: fetch just this one
+                            data = _fetch_one(client, f)
+                            transfer.chunks_downloaded += 1
+                            transfer.bytes_downloaded += len(data)
+                        else:
+                            transfer.chunks_reused += 1
+                            transfer.bytes_reused += len(data)
+                    else:
+                        assert stream is not None
+                        data = stream.take(f.frame_size)
                         transfer.chunks_downloaded += 1
                         transfer.bytes_downloaded += len(data)
-                    else:
-                        transfer.chunks_reused += 1
-                        transfer.bytes_reused += len(data)
-                else:
-                    assert stream is not None
-                    data = stream.take(f.frame_size)
-                    transfer.chunks_downloaded += 1
-                    transfer.bytes_downloaded += len(data)
-                    if len(data) != f.frame_size or blake3.blake3(data).hexdigest() != f.frame_blake3:
-                        raise integrity(f"chunk blake3:{h} from the registry is not the published frame")
-                    if counts[h] > 1:
-                        kept[h] = data
-                put(data)
-            put(suffix)
-            flush()
-        finally:
-            writer.finish()
-            if stream is not None and sys.exc_info()[0] is not None:
-                stream.pieces.close()  # type: ignore[attr-defined]
+                        if len(data) != f.frame_size or blake3.blake3(data).hexdigest() != f.frame_blake3:
+                            raise integrity(f"chunk blake3:{h} from the registry is not the published frame")
+                        if counts[h] > 1:
+                            kept[h] = data
+                    put(data)
+                    task.advance(len(data), chunks=transfer.chunks_downloaded - fetched)
+                put(suffix)
+                task.advance(len(suffix))
+                flush()
+            finally:
+                writer.finish()
+                if stream is not None and sys.exc_info()[0] is not None:
+                    stream.pieces.close()  # type: ignore[attr-defined]
         fh.flush()
         os.fsync(fh.fileno())
     if stream is not None and not stream.exhausted():
@@ -394,9 +402,11 @@ def _fetch_one(client: RegistryPort, f: FrameRef) -> bytes:
     return data
 
 
-def _download(client: RegistryPort, url: str, out: Path, transfer: Transfer) -> tuple[str, str, int]:
+def _download(client: RegistryPort, url: str, out: Path, transfer: Transfer, size_hint: int = 0,
+              reporter: Progress = SILENT) -> tuple[str, str, int]:
     transfer.mode = "full"
-    sha, b3, size = write_hashed(out, client.download(url))
+    with reporter.task("Downloading", total=size_hint or None) as task:
+        sha, b3, size = write_hashed(out, counted(client.download(url), task))
     transfer.bytes_downloaded = transfer.artifact_bytes = size
     return sha, b3, size
 
@@ -469,9 +479,10 @@ def installed_release(ref: str, registry: str, version: str | None, *, connect: 
 
 def install(ref: str, registry: str, version: str | None, *, connect: RegistryConnect,
             token: str | None = None, progress: Callable[[str], None] = lambda _m: None,
-            trust: TrustPort | None = None) -> dict[str, Any]:
+            trust: TrustPort | None = None, reporter: Progress = SILENT) -> dict[str, Any]:
     """Install ``ref`` from ``registry``. ``trust`` decides whether the artifact may be used (without it,
-    only the format is checked: the artifact is reported as not trust-checked)."""
+    only the format is checked: the artifact is reported as not trust-checked); ``progress`` gets human
+    notes, ``reporter`` byte-level progress (bars on a terminal)."""
     publisher, slug, wanted = parse_ref(ref, version)
     scoped = f"{publisher}/{slug}"
     with connect(registry, token) as client:
@@ -490,7 +501,8 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
-            checked = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, trust, scoped)
+            checked = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, trust, scoped,
+                             reporter)
     doc = {
         "capsule_id": str(detail.get("id") or f"local-{publisher}-{slug}"),
         "scoped_id": scoped, "publisher": publisher, "slug": slug, "version": target_version,
@@ -572,7 +584,7 @@ def _check_identity(verdict: Verdict, slug: str, version: str) -> None:
 
 def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
            transfer: Transfer, slug: str, version: str, trust: TrustPort | None,
-           scoped: str) -> dict[str, Any] | None:
+           scoped: str, reporter: Progress = SILENT) -> dict[str, Any] | None:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
@@ -582,10 +594,10 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
             skel = _skeleton(client.skeleton(dist["skeleton_url"]), expect) if dist.get("skeleton_url") else None
             if skel is not None:
                 _precheck(skel, expect, slug, version, trust, scoped)
-                sha, b3, size = _splice(client, skel, cas, tmp, transfer)
+                sha, b3, size = _splice(client, skel, cas, tmp, transfer, reporter)
                 transfer.artifact_bytes = size
             else:
-                sha, b3, size = _download(client, dist["artifact_url"], tmp, transfer)
+                sha, b3, size = _download(client, dist["artifact_url"], tmp, transfer, expect.size, reporter)
             stop_point("install.downloaded")  # crash tests: the artifact in its temp file, nothing stored
             if b3 != expect.blake3:
                 raise integrity(f"installed artifact blake3:{b3} does not match the published blake3:{expect.blake3}")
@@ -594,11 +606,12 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
                                 f"{expect.sha256}")
             if expect.size and size != expect.size:
                 raise integrity(f"installed artifact has {size} bytes, the registry published {expect.size}")
-            checked = _accept(tmp, scoped, trust)
-            verdict = verify(tmp, trust.limits if trust is not None else Limits())  # the same verdict, kept
-            _check_identity(verdict, slug, version)
-            _check_frames(verdict, skel.doc if skel is not None else None)
-            _stage_from_artifact(tmp, verdict, cas, staging, transfer)
+            with reporter.task("Verifying", total=None):
+                checked = _accept(tmp, scoped, trust)
+                verdict = verify(tmp, trust.limits if trust is not None else Limits())  # the same verdict, kept
+                _check_identity(verdict, slug, version)
+                _check_frames(verdict, skel.doc if skel is not None else None)
+                _stage_from_artifact(tmp, verdict, cas, staging, transfer)
             staging.publish()
             payload = verdict.capsule.payload_manifest  # type: ignore[union-attr]
             if not cas.manifest_path(payload.artifact_hash).exists():

@@ -27,6 +27,7 @@ from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from cas.streams import ChunkStream
 from pipeline.errors import E_LOCKFILE, AtoError
+from pipeline.progress import SILENT, SILENT_TASK, Progress, Task
 from stages.capsule import tar_header
 from stages.sources import SourceEntry
 
@@ -56,8 +57,8 @@ def _header(entry: SourceEntry, epoch: int) -> bytes:
     return tar_header.header(entry.relpath, size=entry.size, mode=entry.mode, mtime=epoch)
 
 
-def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFile]:
-    """Write the normalized payload tar to ``out``; returns each file's SHA-256."""
+def write_tar(entries: Iterable[SourceEntry], out, epoch: int, task: Task = SILENT_TASK) -> list[PackedFile]:
+    """Write the normalized payload tar to ``out``; returns each file's SHA-256 (``task`` counts file bytes)."""
     files: list[PackedFile] = []
     for entry in entries:
         out.write(_header(entry, epoch))
@@ -67,6 +68,7 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFil
         if entry.data is not None:
             out.write(entry.data)
             sha.update(entry.data)
+            task.advance(len(entry.data))
             out.write(tar_header.padding(entry.size))
             files.append(PackedFile(entry.relpath, sha.hexdigest()))
             continue
@@ -79,6 +81,7 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int) -> list[PackedFil
                 sha.update(chunk)
                 out.write(chunk)
                 remaining -= len(chunk)
+                task.advance(len(chunk))
             grew = fh.read(1)
         if remaining or grew:
             raise AtoError(E_LOCKFILE, f"file changed while packaging: {entry.relpath}",
@@ -178,15 +181,18 @@ class ChunkSink:
         self.staged.clear()
 
 
-def pack_payload(entries: list[SourceEntry], store: CasStore, epoch: int, frames_out: Path) -> PayloadResult:
+def pack_payload(entries: list[SourceEntry], store: CasStore, epoch: int, frames_out: Path,
+                 reporter: Progress = SILENT) -> PayloadResult:
     """Pack ``entries`` into the CAS and write ``payload.tar.zst`` to ``frames_out``."""
     frames_out.parent.mkdir(parents=True, exist_ok=True)
     workers = max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool, open(frames_out, "wb") as out:
         sink = ChunkSink(store, out, pool, workers)
+        total = sum(e.size for e in entries if e.kind == "file")
         try:
-            files = write_tar(entries, sink, epoch)
-            sink.close()
+            with reporter.task("Packing", total=total) as task:
+                files = write_tar(entries, sink, epoch, task)
+                sink.close()
         except BaseException:
             sink.abandon()
             raise

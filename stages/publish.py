@@ -77,6 +77,7 @@ from pipeline.errors import (
     Problem,
 )
 from pipeline.names import parse_registry
+from pipeline.progress import SILENT, SILENT_TASK, Progress, Task, human_bytes
 from stages.capsule import Limits, verify
 from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryPort, VersionConflict
@@ -130,6 +131,7 @@ class PublishPorts:
     personal_dock: Callable[[bool], DockTarget]  # the Store session's dock (argument: dry_run); refuses when none
     store_api_url: Callable[[], str]  # where `--ci` uploads
     fix_workflow: Callable[[Path], tuple[dict[str, Any], int]]  # write the CI workflow -> (fix doc, requests)
+    reporter: Progress = SILENT  # progress bars for verifying and uploading (the CLI shows them on a terminal)
 
 
 @dataclass
@@ -330,20 +332,23 @@ def run_prepare(req: PublishRequest, phase: Phase) -> None:
     _timed(phase, go)
 
 
-def inspect_local(path: Path, limits: Limits | None = None) -> LocalArtifact:
+def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress = SILENT) -> LocalArtifact:
     """Verify an artifact locally with the registry's own verifier (every digest, every frame, every
     payload entry, the signature, the payload ceiling); then hash it whole for the upload headers."""
     if not path.is_file():
         raise AtoError(E_USAGE, f"Artifact not found: {path}")
     if path.suffix != ".capsule":
         raise AtoError(E_USAGE, f"--artifact must point to a .capsule file (got {path.name})")
-    verdict = verify(path, limits).require()
-    capsule, scan = verdict.capsule, verdict.scan
-    assert capsule is not None and scan is not None
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(1 << 20):
-            sha.update(data)
+    with reporter.task("Verifying", total=None) as task:
+        verdict = verify(path, limits).require()
+        capsule, scan = verdict.capsule, verdict.scan
+        assert capsule is not None and scan is not None
+        sha = hashlib.sha256()
+        task.update(total=path.stat().st_size, completed=0)
+        with open(path, "rb") as fh:
+            while data := fh.read(1 << 20):
+                sha.update(data)
+                task.advance(len(data))
     return LocalArtifact(path, verdict.size or 0, sha.hexdigest(), parse(str(verdict.artifact_blake3)),
                          capsule.manifest, capsule.payload_manifest, capsule.payload_offset, capsule.payload_size,
                          list(scan.frames) if scan.frames is not None else None)
@@ -403,16 +408,20 @@ def _frame_offsets(art: LocalArtifact) -> list[int]:
     return out
 
 
-def _read_frames(path: Path, spans: list[tuple[int, int]]) -> Iterator[bytes]:
+def _read_frames(path: Path, spans: list[tuple[int, int]], task: Task = SILENT_TASK) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         buf = bytearray()
+        frames = 0
         for offset, size in spans:
             fh.seek(offset)
             buf += fh.read(size)
+            frames += 1
             if len(buf) >= 1 << 20:
+                task.advance(len(buf), chunks=frames)
                 yield bytes(buf)
-                buf = bytearray()
+                buf, frames = bytearray(), 0
         if buf:
+            task.advance(len(buf), chunks=frames)
             yield bytes(buf)
 
 
@@ -425,7 +434,7 @@ def negotiate_body(art: LocalArtifact, publisher: str, slug: str, allow_existing
 
 
 def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
-           allow_existing: bool) -> tuple[int, dict[str, Any], dict[str, Any]]:
+           allow_existing: bool, reporter: Progress = SILENT) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer)."""
     file_name = f"{slug}-{art.version}.capsule"
     transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
@@ -433,9 +442,10 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
     nego = client.negotiate(negotiate_body(art, publisher, slug, allow_existing)) if art.frames else None
     if nego is None or nego.get("frame_conflicts"):
         transfer["mode"] = "full"
-        status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
-                                             sha256=art.sha256, blake3_hex=art.blake3,
-                                             allow_existing=allow_existing)
+        with reporter.task("Uploading", total=art.size) as task:
+            status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
+                                                 sha256=art.sha256, blake3_hex=art.blake3,
+                                                 allow_existing=allow_existing, sent=task.advance)
         transfer["bytes_uploaded"] = 0 if doc.get("already_existed") else art.size
         return status, doc, transfer
     session = str(nego["session_id"])
@@ -452,16 +462,6 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
             spans.append((off, f.frame_size))
     batch: list[tuple[int, int]] = []
     acc = 0
-    for span in spans + [(-1, 0)]:
-        if span[0] < 0 or (acc + span[1] > UPLOAD_BATCH_BYTES and batch):
-            if batch:
-                client.upload_frames(session, _read_frames(art.path, batch), acc)
-                transfer["chunks_uploaded"] += len(batch)
-                transfer["bytes_uploaded"] += acc
-            batch, acc = [], 0
-        if span[0] >= 0:
-            batch.append(span)
-            acc += span[1]
     with open(art.path, "rb") as fh:
         prefix = fh.read(art.prefix_size)
         fh.seek(art.prefix_size + art.payload_size)
@@ -471,9 +471,23 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
             "size": art.size, "prefix": base64.b64encode(prefix).decode("ascii"),
             "suffix": base64.b64encode(suffix).decode("ascii"),
             "chunks": [{"raw_hash": label(f.raw_hash), "raw_size": f.raw_size} for f in frames]}
-    stop_point("publish.uploading")  # crash tests: the registry holds the frames in a session, nothing committed
-    status, doc = client.commit(session, body)
-    transfer["bytes_uploaded"] += len(prefix) + len(suffix) if not doc.get("already_existed") else 0
+    skeleton = len(prefix) + len(suffix)
+    task = reporter.task("Uploading", total=sum(size for _off, size in spans) + skeleton, chunks=len(spans))
+    with task:
+        for span in spans + [(-1, 0)]:
+            if span[0] < 0 or (acc + span[1] > UPLOAD_BATCH_BYTES and batch):
+                if batch:
+                    client.upload_frames(session, _read_frames(art.path, batch, task), acc)
+                    transfer["chunks_uploaded"] += len(batch)
+                    transfer["bytes_uploaded"] += acc
+                batch, acc = [], 0
+            if span[0] >= 0:
+                batch.append(span)
+                acc += span[1]
+        stop_point("publish.uploading")  # crash tests: the registry holds the frames in a session, nothing committed
+        status, doc = client.commit(session, body)
+        task.advance(skeleton)
+    transfer["bytes_uploaded"] += skeleton if not doc.get("already_existed") else 0
     return status, doc, transfer
 
 
@@ -588,7 +602,7 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
         if official:
             version = None
             if artifact_path is not None and artifact_path.is_file():
-                local = inspect_local(artifact_path)
+                local = inspect_local(artifact_path, reporter=ports.reporter)
                 version = local.version
             else:
                 version = str(_raw_manifest(req.project_dir).get("version") or "") or None
@@ -603,7 +617,7 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                         return "dry-run: would build, then upload"
                     raise usage("deploy needs an artifact: pass --artifact <file.capsule> or run the build "
                                 "phase")
-                local = inspect_local(artifact_path)
+                local = inspect_local(artifact_path, reporter=ports.reporter)
                 publisher, slug = scoped_for(local, req.scoped_id, dock["handle"] if dock else None)
                 scoped = f"{publisher}/{slug}"
                 with ports.connect(registry, req.token) as client:
@@ -612,7 +626,8 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                         return (f"dry-run: would upload {dry_report['chunks_to_upload']} of "
                                 f"{dry_report['chunks_total']} chunks to {registry}")
                     try:
-                        _status, doc, transfer = upload(client, local, publisher, slug, req.allow_existing)
+                        _status, doc, transfer = upload(client, local, publisher, slug, req.allow_existing,
+                                                        ports.reporter)
                     except VersionConflict as exc:
                         raise version_conflict(exc, scoped, local.version, registry) from None
                 publish_doc = {
@@ -627,7 +642,7 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                 if publish_doc["already_existed"]:
                     return f"existing release reused ({scoped} {local.version}, same digest, nothing uploaded)"
                 return (f"uploaded {transfer['chunks_uploaded']} of {transfer['chunks_total']} chunks "
-                        f"({transfer['bytes_uploaded']} bytes, mode {transfer['mode']})")
+                        f"({human_bytes(transfer['bytes_uploaded'])}, mode {transfer['mode']})")
             _timed(deploy, do_deploy)
         report(deploy)
     if scoped is None and local is not None and not official:
@@ -724,7 +739,7 @@ def _publish_ci(req: PublishRequest, ports: PublishPorts, progress: Callable[[st
         return f"built {Path(build_doc['artifact']).name}"
     _timed(phases[1], do_build)
     progress(f"PHASE build   OK   {phases[1].message}")
-    local = inspect_local(Path(build_doc["artifact"]))
+    local = inspect_local(Path(build_doc["artifact"]), reporter=ports.reporter)
     file_name = f"{local.name}-{local.version}.capsule"
     resp_doc: dict[str, Any] = {}
 
@@ -825,7 +840,7 @@ def _human(doc: dict[str, Any]) -> list[str]:
                      f"{'ready' if r.get('auth_ready') else 'missing'})")
         if r.get("chunks_total") is not None:
             lines.append(f"Would upload {r['chunks_to_upload']} of {r['chunks_total']} chunks "
-                         f"({r['bytes_to_upload']} bytes) as {r['scoped_id']} {r['version']}")
+                         f"({human_bytes(r['bytes_to_upload'])}) as {r['scoped_id']} {r['version']}")
         return lines
     pub = doc["publish"]
     if pub is None:
@@ -838,8 +853,8 @@ def _human(doc: dict[str, Any]) -> list[str]:
     if pub["already_existed"]:
         lines.append("  Existing release reused (same digest, no new upload).")
     else:
-        lines.append(f"  Uploaded {t['chunks_uploaded']} of {t['chunks_total']} chunks ({t['bytes_uploaded']} "
-                     f"bytes, {t['mode']})")
+        lines.append(f"  Uploaded {t['chunks_uploaded']} of {t['chunks_total']} chunks "
+                     f"({human_bytes(t['bytes_uploaded'])}, {t['mode']})")
     lines.append(f"Next step: ato install {pub['scoped_id']}" if doc.get("dock") else
                  f"Next step: ato install {pub['scoped_id']} --registry {doc['registry']}")
     return lines

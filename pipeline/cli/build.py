@@ -8,7 +8,9 @@ import click
 
 from pipeline.cli.common import emit, json_mode, json_option, warn
 from pipeline.cli.help import examples
+from pipeline.cli.progress import reporter
 from pipeline.graph import run_build
+from pipeline.progress import human_bytes
 from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
 from stages.capsule.keys import load_signing_key
 
@@ -19,7 +21,7 @@ def _explain(doc: dict) -> str:
         lines.append(f"  {t['name']:<9} {t['status']:<11} inputs {t['inputs_digest']}")
     p = doc["payload"]
     lines.append(f"  payload   {p['artifact_hash']}  {p['chunks']} chunks, {p['files']} files, "
-                 f"{p['chunks_inserted']} new chunks ({p['bytes_inserted']} bytes) added to the CAS")
+                 f"{p['chunks_inserted']} new chunks ({human_bytes(p['bytes_inserted'])}) added to the CAS")
     return "\n".join(lines)
 
 
@@ -41,15 +43,16 @@ def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_pa
     DIR defaults to the current directory. The artifact is DIR/<name>.capsule unless --out;
     --key signs it.
     """
-    options = BuildOptions(out=out, strict_v3=strict_v3 or strict_from_env(),
-                           force_large_payload=force_large_payload, epoch=source_date_epoch(),
-                           signing_key=load_signing_key(key_file) if key_file else None)
-    plan = plan_build(directory, options)
-    for w in plan.warnings:
-        warn(w)
-    doc = run_build(plan)
+    with reporter(json=json_mode()) as progress:
+        options = BuildOptions(out=out, strict_v3=strict_v3 or strict_from_env(),
+                               force_large_payload=force_large_payload, epoch=source_date_epoch(),
+                               signing_key=load_signing_key(key_file) if key_file else None, reporter=progress)
+        plan = plan_build(directory, options)
+        for w in plan.warnings:
+            warn(w)
+        doc = run_build(plan)
     if doc["size"] > 200 * 1024 * 1024:
-        warn(f"large payload allowed by --force-large-payload: {doc['size']} bytes")
+        warn(f"large payload allowed by --force-large-payload: {human_bytes(doc['size'])}")
     if explain and not json_mode():
         emit(doc, "build", _explain(doc))
     else:

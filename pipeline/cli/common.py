@@ -65,6 +65,13 @@ def emit(doc: dict[str, Any], schema: str, human: str | None = None) -> None:
 def say(text: str, *, err: bool = False) -> None:
     """Human text on stdout (or stderr): emoji and colour only where the stream may show them."""
     stream = sys.stderr if err else sys.stdout
+    if err:
+        from pipeline.cli.progress import active
+
+        bars = active()
+        if bars is not None:
+            bars.print(for_stream(text, stream))
+            return
     click.echo(for_stream(text, stream), file=stream, color=decorated(stream))
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.common import emit, info, json_option, warn
+from pipeline.cli.common import emit, info, json_mode, json_option, warn
 from pipeline.cli.help import examples, group
+from pipeline.cli.progress import reporter
 from pipeline.errors import E_USAGE, AtoError
 
 
@@ -16,7 +17,8 @@ def _install(engine: str, version: str | None) -> None:
     from pipeline.runtime import engines
 
     info(f"⬇️  downloading {engine} {version or 'latest'} from {engines.release_base()} ...")
-    doc = engines.install_engine(engine, version)
+    with reporter(json=json_mode()) as progress:
+        doc = engines.install_engine(engine, version, progress)
     emit({"schema_version": "1", "ok": True, **doc}, "engine-install",
          human=f"✅ Engine {engine} {doc['version']} installed at {doc['path']} (sha256 {doc['sha256']})")
 

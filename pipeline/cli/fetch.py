@@ -6,8 +6,9 @@ import os
 
 import click
 
-from pipeline.cli.common import emit, json_option, registry_option, resolve_registry
+from pipeline.cli.common import emit, json_mode, json_option, registry_option, resolve_registry
 from pipeline.cli.help import examples
+from pipeline.cli.progress import reporter
 from pipeline.cli.trust import artifact_trust, artifact_trust_options
 
 
@@ -35,8 +36,9 @@ def fetch_cmd(ref: str, registry: str | None, version: str | None, allow_unsigne
     else:
         from pipeline.registry.client import RegistryClient
 
-        with RegistryClient(resolve_registry(parsed.registry), os.environ.get("ATO_TOKEN")) as client:
-            doc = native_delivery.fetch_registry(parsed, client, trust=trust)
+        with RegistryClient(resolve_registry(parsed.registry), os.environ.get("ATO_TOKEN")) as client, \
+                reporter(json=json_mode()) as progress:
+            doc = native_delivery.fetch_registry(parsed, client, trust=trust, reporter=progress)
     human = "\n".join([f"Fetched to: {doc['cache_dir']}", f"   Scoped ID: {doc['scoped_id']}",
                        f"   Version:   {doc['version']}", f"   Digest:    {doc['parent_digest']}"])
     emit(doc, "fetch", human)

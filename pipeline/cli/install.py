@@ -8,6 +8,7 @@ import click
 
 from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, resolve_registry
 from pipeline.cli.help import examples
+from pipeline.cli.progress import reporter
 from pipeline.progress import human_bytes
 
 
@@ -58,8 +59,9 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
     # issues 6 and 12: the format's verifier, the signature and the trust decision, judged on the
     # skeleton before any chunk is downloaded and on the whole artifact before it enters the store
     trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
-    doc = install(ref, resolve_registry(registry), version, connect=RegistryClient,
-                  token=os.environ.get("ATO_TOKEN"), progress=info, trust=native.wrap(trust))
+    with reporter(json=json_mode()) as progress:
+        doc = install(ref, resolve_registry(registry), version, connect=RegistryClient,
+                      token=os.environ.get("ATO_TOKEN"), progress=info, trust=native.wrap(trust), reporter=progress)
     doc = native.complete(doc)
     t = doc["transfer"]
     if doc["up_to_date"]:
@@ -88,7 +90,9 @@ def _install_gh(repo: str, allow_unsigned: bool, yes: bool, force_large_payload:
     from stages.gh_install import install_from_gh_repo
 
     trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
-    doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, force_large_payload), trust=trust, progress=info)
+    with reporter(json=json_mode()) as progress:
+        doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, force_large_payload, None, progress),
+                                   trust=trust, progress=info, reporter=progress)
     emit(doc, "install", "\n".join([
         f"Installed {doc['scoped_id']} {doc['version']} (built from github.com/{repo})",
         f"  Path: {doc['path']}",

@@ -8,17 +8,19 @@ from typing import Any
 
 import click
 
-from pipeline.cli.common import emit, info, json_option, registry_option, warn
+from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, warn
 from pipeline.cli.help import examples
+from pipeline.cli.progress import reporter
 from pipeline.errors import E_USAGE, AtoError
+from pipeline.progress import SILENT, Progress
 
 
-def _build(project_dir: Path, force_large_payload: bool, signing_key=None) -> dict:
+def _build(project_dir: Path, force_large_payload: bool, signing_key=None, progress: Progress = SILENT) -> dict:
     from pipeline.graph import run_build
     from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
 
     options = BuildOptions(strict_v3=strict_from_env(), force_large_payload=force_large_payload,
-                           epoch=source_date_epoch(), signing_key=signing_key)
+                           epoch=source_date_epoch(), signing_key=signing_key, reporter=progress)
     plan = plan_build(project_dir, options)
     for w in plan.warnings:
         warn(w)
@@ -92,10 +94,11 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
     from stages.capsule.keys import load_signing_key
 
     signing_key = load_signing_key(key_file) if key_file is not None else None
-    ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key),
-                         personal_dock=credentials.personal_dock, store_api_url=credentials.store_api_url,
-                         fix_workflow=_fix_workflow)
-    outcome = run_publish(req, ports=ports, progress=info)
+    with reporter(json=json_mode()) as progress:
+        ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key, progress),
+                             personal_dock=credentials.personal_dock, store_api_url=credentials.store_api_url,
+                             fix_workflow=_fix_workflow, reporter=progress)
+        outcome = run_publish(req, ports=ports, progress=info)
     emit(outcome.doc, "publish", "\n".join(outcome.human))
     failed = failed_check_error(outcome.doc)
     if failed is not None:

@@ -19,6 +19,13 @@ def _notify(message: str) -> None:
 
 
 def _prompt(question: Any) -> bool:
+    from pipeline.cli.progress import paused
+
+    with paused():
+        return _ask(question)
+
+
+def _ask(question: Any) -> bool:
     from pipeline.runtime.policy import Plan
 
     if isinstance(question, Plan):

@@ -30,7 +30,10 @@ def tty_consent(question: str) -> bool:
     """Ask on a TTY (stderr); never on a pipe, where the caller fails closed instead."""
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         return False
-    return click.confirm(question, default=False, err=True)
+    from pipeline.cli.progress import paused
+
+    with paused():
+        return click.confirm(question, default=False, err=True)
 
 
 def artifact_trust_options(fn: Callable[..., Any]) -> Callable[..., Any]:

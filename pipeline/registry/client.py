@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -195,14 +195,19 @@ class RegistryClient:
         return resp.status_code, resp.json()
 
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
-                        sha256: str, blake3_hex: str, allow_existing: bool) -> tuple[int, dict[str, Any]]:
+                        sha256: str, blake3_hex: str, allow_existing: bool,
+                        sent: Callable[[int], None] | None = None) -> tuple[int, dict[str, Any]]:
+        """``PUT`` the whole artifact; ``sent(n)`` is told each piece's size as it goes out."""
         size = path.stat().st_size
+        pieces = _file_pieces(path)
+        if sent is not None:
+            pieces = _told(pieces, sent)
         params = {"file_name": file_name}
         if allow_existing:
             params["allow_existing"] = "true"
         resp = self.request(
             "PUT", f"/v1/local/capsules/{quote(publisher)}/{quote(slug)}/{quote(version)}", write=True,
-            params=params, content=_file_pieces(path),
+            params=params, content=pieces,
             headers={"content-type": "application/octet-stream", "content-length": str(size),
                      "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
         return resp.status_code, resp.json()
@@ -227,3 +232,9 @@ def _file_pieces(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         while data := fh.read(COPY):
             yield data
+
+
+def _told(pieces: Iterator[bytes], sent: Callable[[int], None]) -> Iterator[bytes]:
+    for piece in pieces:
+        sent(len(piece))
+        yield piece

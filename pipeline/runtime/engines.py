@@ -25,6 +25,7 @@ from cas.atomic import write_bytes_atomic
 from pipeline import config as config_file
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
+from pipeline.progress import SILENT, Progress, counted
 
 ENGINE_MISSING = "ATO_ERR_ENGINE_MISSING"
 COMPAT_HARDWARE = "ATO_ERR_COMPAT_HARDWARE"
@@ -208,7 +209,7 @@ def _integrity(message: str, **details: Any) -> AtoError:
                     problems=[Problem(INTEGRITY_FAILURE, message, dict(details))])
 
 
-def install_engine(engine: str = "nacelle", version: str | None = None) -> dict[str, Any]:
+def install_engine(engine: str = "nacelle", version: str | None = None, reporter: Progress = SILENT) -> dict[str, Any]:
     """Download ``nacelle-<ver>-<os>-<arch>``, verify its SHA-256, install and register it.
 
     Every failure to obtain or match the checksum stops before anything is written.
@@ -258,10 +259,16 @@ def install_engine(engine: str = "nacelle", version: str | None = None) -> dict[
             raise _integrity(f"failed to resolve SHA256 for {binary} (checked release checksum endpoints); "
                              "refusing to install an unverified engine", binary=binary, checked=checked)
         url = f"{base}/{version}/{binary}"
-        resp = get(client, url)
-        if resp.status_code != 200:
-            raise AtoError("ATO_ERR_NETWORK", f"engine download failed with status {resp.status_code}: {url}", details={"url": url})
-        data = resp.content
+        try:
+            with client.stream("GET", url) as resp:
+                if resp.status_code != 200:
+                    raise AtoError("ATO_ERR_NETWORK", f"engine download failed with status {resp.status_code}: {url}",
+                                   details={"url": url})
+                length = resp.headers.get("content-length", "")
+                with reporter.task("Downloading", total=int(length) if length.isdigit() else None) as task:
+                    data = b"".join(counted(resp.iter_bytes(), task))
+        except httpx.HTTPError as exc:
+            raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}", details={"url": url}) from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise _integrity(f"SHA256 mismatch for {binary}: expected {expected}, got {actual}; the engine was not "
