@@ -60,6 +60,7 @@ import json
 import logging
 import os
 import socket
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -909,12 +910,22 @@ def serve(host: str, port: int, data_dir: Path, token: str | None, *,
         app = create_app(store, token, listen_url, store_users, oidc_tokens)
         config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
                                 timeout_keep_alive=30, server_header=False)
-        server = uvicorn.Server(config)
-        on_ready({"url": access, "listen_url": listen_url, "host": host, "port": actual_port,
-                  "data_dir": str(store.root), "api": f"{access}/v1/", "web_ui": f"{access}/",
-                  "write_auth_required": bool(token)})
+        ready = {"url": access, "listen_url": listen_url, "host": host, "port": actual_port,
+                 "data_dir": str(store.root), "api": f"{access}/v1/", "web_ui": f"{access}/",
+                 "write_auth_required": bool(token)}
+
+        class Announced(uvicorn.Server):
+            """Says "serving" once it is, with its signal handlers in place (a Ctrl-C then stops it quietly)."""
+
+            async def startup(self, sockets: list[Any] | None = None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started:
+                    on_ready(ready)
+
+        # a Ctrl-C before the event loop runs leaves uvicorn's coroutine unawaited: nothing to warn about
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         try:
-            server.run(sockets=[sock])
+            Announced(config).run(sockets=[sock])
         finally:
             store.close()
     finally:

@@ -68,7 +68,7 @@ class Registry:
         raise RuntimeError(f"registry did not start: {err}")
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/.well-known/capsule.json", timeout=2).status_code == 200:

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import cli_path
 from tests.e2e.terminal import TtyProc
-from tests.e2e.test_run_e2e import Proc, free_port, http_get, write
+from tests.e2e.test_run_e2e import Proc, http_get, static_site
 
 ESCAPE = re.compile(r"\x1b\[")
 EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF]")
@@ -79,27 +79,6 @@ def test_ctrl_c_on_registry_serve_exits_130_quietly(tmp_path: Path) -> None:
         assert "error" not in tty.output.lower() and "abort" not in tty.output.lower()
     finally:
         tty.close()
-
-
-def static_site(root: Path) -> int:
-    port = free_port()
-    write(root, {
-        "capsule.toml": f"""\
-schema_version = "0.2"
-name = "site"
-version = "1.0.0"
-type = "app"
-default_target = "site"
-
-[targets.site]
-runtime = "web"
-driver = "static"
-entrypoint = "public"
-port = {port}
-""",
-        "public/index.html": "<h1>static ok</h1>\n",
-    })
-    return port
 
 
 def run_on_tty(project: Path, port: int, env: dict[str, str] | None = None) -> str:

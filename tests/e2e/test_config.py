@@ -16,8 +16,7 @@ import pytest
 from pipeline import paths
 from tests.conftest import assert_schema
 from tests.e2e.registry_support import TOKEN, Registry
-from tests.e2e.test_cli_ux import static_site
-from tests.e2e.test_run_e2e import Proc, http_get
+from tests.e2e.test_run_e2e import Proc, http_get, static_site
 
 DEAD = "http://127.0.0.1:9"  # nothing listens there: any use of it is exit 3 naming it
 

@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import cli_path
 from tests.e2e.registry_support import TOKEN, Registry
+from tests.e2e.test_run_e2e import static_site
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make system-deps)")
 
@@ -33,21 +34,7 @@ DONE = "__ato_done__"
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("progress") / "big"
-    (root / "public").mkdir(parents=True)
-    (root / "capsule.toml").write_text("""\
-schema_version = "0.2"
-name = "big"
-version = "1.0.0"
-type = "app"
-default_target = "site"
-
-[targets.site]
-runtime = "web"
-driver = "static"
-entrypoint = "public"
-port = 18099
-""")
-    (root / "public" / "index.html").write_text("<h1>big</h1>\n")
+    static_site(root)
     for i in range(BLOBS):
         (root / "public" / f"blob{i}.bin").write_bytes(os.urandom(BLOB_SIZE))
     return root
@@ -114,8 +101,8 @@ def commands(project: Path, name: str, registry: Registry) -> list[list[str]]:
     ato = cli_path("ato")
     out = str(project.parent / f"{name}.capsule")
     return [[ato, "build", ".", "--out", out],
-            [ato, "publish", "--artifact", out, "--registry", registry.url, "--scoped-id", f"{name}/big"],
-            [ato, "install", f"{name}/big", "--registry", registry.url, "--allow-unsigned"]]
+            [ato, "publish", "--artifact", out, "--registry", registry.url, "--scoped-id", f"{name}/site"],
+            [ato, "install", f"{name}/site", "--registry", registry.url, "--allow-unsigned"]]
 
 
 def test_progress_updates_on_a_terminal(project: Path, tmp_path: Path) -> None:
@@ -135,7 +122,7 @@ def test_progress_updates_on_a_terminal(project: Path, tmp_path: Path) -> None:
             for label in labels:
                 assert len(re.findall(rf"^{label} ", final, re.M)) == 1, final
                 assert re.search(rf"^{label} .* 100% ", final, re.M), final
-        assert "Installed tty/big 1.0.0" in screens[-1]
+        assert "Installed tty/site 1.0.0" in screens[-1]
         assert re.search(r"downloaded \d+ of \d+ chunks \(5\d\.\d MB\)", screens[-1]), screens[-1]  # one byte format
     finally:
         registry.stop()

@@ -347,9 +347,10 @@ depends_on = ["a"]
     wait_for(lambda: not pid_alive(pid_main), timeout=10)
 
 
-def test_web_static_answers_on_its_port(tmp_path, procs):
+def static_site(root: Path) -> int:
+    """A web/static capsule (public/index.html says "static ok") on a free port; returns the port."""
     port = free_port()
-    write(tmp_path, {
+    write(root, {
         "capsule.toml": f"""\
 schema_version = "0.2"
 name = "site"
@@ -364,8 +365,13 @@ entrypoint = "public"
 port = {port}
 """,
         "public/index.html": "<h1>static ok</h1>\n",
-        "secret.txt": "outside the served dir\n",
     })
+    return port
+
+
+def test_web_static_answers_on_its_port(tmp_path, procs):
+    port = static_site(tmp_path)
+    write(tmp_path, {"secret.txt": "outside the served dir\n"})
     p = procs(["run", str(tmp_path), "--yes"])
     line = p.wait_line(f"http://127.0.0.1:{port}/", stream="err")
     assert "web target 'site' is available at" in line
