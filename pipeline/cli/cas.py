@@ -25,7 +25,10 @@ def cas_group() -> None:
 @cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json"))
 @json_option
 def verify_cmd() -> None:
-    """Re-hash every object and check every stored payload manifest (fsck); list leftover temp files."""
+    """Re-hash every object and check every stored payload manifest (fsck).
+
+    Leftover temp files of interrupted writers are listed too.
+    """
     store = CasStore(paths.cas_root())
     report = verify_store(store)
     leftovers = sweep_temps(dry_run=True)
@@ -54,7 +57,10 @@ def verify_cmd() -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would be removed, remove nothing.")
 @json_option
 def gc_cmd(dry_run: bool) -> None:
-    """Remove payload manifests and chunks that no build, install or fetch uses, and leftover temp files."""
+    """Remove the payload manifests and chunks that nothing uses any more.
+
+    Nothing uses them when no build, install or fetch names them; leftover temp files go too.
+    """
     store = CasStore(paths.cas_root())
     report = collect_garbage(store, live_payloads(), dry_run=dry_run)
     others = sweep_temps(dry_run=dry_run, skip=store.root)  # the store's own were swept under its lock
