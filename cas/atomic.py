@@ -14,7 +14,7 @@ import contextlib
 import errno
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,15 +49,20 @@ def _synced_temp(target: Path, mode: int, temp_dir: Path | None = None) -> Itera
 
 
 @contextlib.contextmanager
-def atomic_writer(target: Path, *, mode: int = 0o644, temp_dir: Path | None = None) -> Iterator[BinaryIO]:
+def atomic_writer(target: Path, *, mode: int = 0o644, temp_dir: Path | None = None,
+                  check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file; on clean exit it replaces ``target`` atomically.
 
-    On any exception the temp file is removed and ``target`` is untouched.
+    On any exception the temp file is removed and ``target`` is untouched. ``check`` is called with
+    the complete, fsynced temp file before it replaces ``target``: raise there to keep ``target`` as it
+    is (a download that must verify before it may replace the last good copy).
     """
     target = Path(target)
     with _synced_temp(target, mode, temp_dir) as (fh, tmp_path):
         yield fh
     try:
+        if check is not None:
+            check(tmp_path)
         _replace(tmp_path, target, mode)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

@@ -27,6 +27,11 @@ def state_dir() -> Path:
     return ato_home() / "state"
 
 
+def sync_state_dir() -> Path:
+    """When each ``.sync`` package was last checked against its source (one small JSON per package path)."""
+    return state_dir() / "sync"
+
+
 def doit_db_path() -> Path:
     return state_dir() / "doit.db"
 

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "ps": "pipeline.cli.ps",
     "logs": "pipeline.cli.logs",
     "close": "pipeline.cli.close",
+    "sync": "pipeline.cli.sync",
     "config": "pipeline.cli.config",
     "engine": "pipeline.cli.engine",
     "setup": "pipeline.cli.engine",
@@ -50,7 +51,7 @@ COMMAND_MODULES = sorted(set(COMMANDS.values()))
 # `ato --help` lists the commands under these titles, in this order (deprecated ones are hidden).
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Build & publish": ("build", "publish", "gen-ci"),
-    "Install & run": ("install", "run", "ps", "logs", "close"),
+    "Install & run": ("install", "run", "ps", "logs", "close", "sync"),
     "Manage": ("config", "engine", "cas", "completion"),
     "Registry & Store": ("search", "registry", "login", "whoami", "logout", "source"),
     "Trust": ("key", "sign", "verify", "trust"),

@@ -94,6 +94,17 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
             args = (input_, *args)
         md = skill_mod.find_skill(skill, Path.cwd()) if skill else Path(from_skill).expanduser().resolve()
         input_ = str(skill_mod.materialize(md))
+    if input_ and input_.endswith(".sync") and not Path(input_).is_dir():
+        # a .sync package is shown and refreshed, not launched (pipeline.runtime.sync_package)
+        from pipeline.cli.sync import open_sync_file
+
+        for flag, used in (("--background", background), ("--watch", watch), ("--target", target),
+                           ("--nacelle", nacelle), ("--skill/--from-skill", skill or from_skill), ("arguments", args),
+                           ("--dangerously-skip-permissions", dangerous)):
+            if used:
+                raise AtoError(E_USAGE, f"{flag} does not apply to a .sync package (it is shown, not launched)")
+        open_sync_file(input_, yes=yes, allow_unsigned=allow_unsigned)
+        return
     input_ = input_ or "."
     if watch:
         if background:
@@ -158,7 +169,8 @@ def run_cmd(input: str | None, args: tuple[str, ...], **kw: Any) -> None:  # noq
 @run_options
 def open_cmd(input: str | None, args: tuple[str, ...], **kw: Any) -> None:  # noqa: A002 - click name
     """Deprecated alias of `ato run` (kept for compatibility)."""
-    warn("'ato open' is deprecated. Use 'ato run' instead.")
+    if not (input and input.endswith(".sync")):  # opening a .sync is what `open` is for
+        warn("'ato open' is deprecated. Use 'ato run' instead.")
     _execute(input, args, command="open", **kw)
 
 

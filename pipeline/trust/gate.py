@@ -52,3 +52,14 @@ def port() -> ArtifactTrust:
 def verify_before_run(artifact: Path, scoped_id: str | None = None) -> dict[str, Any]:
     """Refuse (raise E208/E212/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope."""
     return port().check(Path(artifact), scoped_id or scoped_id_from_store_path(Path(artifact)))
+
+
+def accept_signature(signature: Any, identity: str, *, built_here: bool = False) -> policy.Decision:
+    """The same decision for something that is not a ``.capsule`` (a ``.sync`` and its updates), under the
+    run command's settings: refuse (E208/E301) or return how the signer was accepted."""
+    cfg = _config
+    decision = policy.accept(signature, identity=identity, allow_unsigned=cfg.allow_unsigned,
+                             assume_yes=cfg.assume_yes, consent=cfg.consent, built_here=built_here)
+    if decision.status in ("new-pin", "rotated"):
+        cfg.notify(decision.message)
+    return decision

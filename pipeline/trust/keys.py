@@ -42,14 +42,15 @@ def default_key_path() -> Path:
     return paths.keys_dir() / DEFAULT_KEY_NAME
 
 
-def parse_duration(text: str) -> int:
-    """Seconds in ``30m``, ``48h``, ``7d``, ``2w`` or a bare number of seconds."""
+def parse_duration(text: str, *, maximum: int = MAX_OVERLAP, what: str = "overlap",
+                   why: str = "a rotation overlap should be short") -> int:
+    """Seconds in ``30m``, ``48h``, ``7d``, ``2w`` or a bare number of seconds (at most ``maximum``)."""
     m = _DURATION.match(text or "")
     if not m:
         raise AtoError(E_USAGE, f"invalid duration {text!r}: use e.g. 3600, 30m, 48h, 7d or 2w")
     seconds = int(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if seconds > MAX_OVERLAP:
-        raise AtoError(E_USAGE, f"overlap {text!r} is longer than a year; a rotation overlap should be short")
+    if seconds > maximum:
+        raise AtoError(E_USAGE, f"{what} {text!r} is too long (at most {maximum // 86400} days); {why}")
     return seconds
 
 

@@ -185,3 +185,15 @@ def settle(decision: Decision, *, consent: Consent | None, assume_yes: bool, dec
             c = fresh.change
             store.pin(c["identity"], c["key_id"], c["via"], c["previous"])
         return fresh
+
+
+def accept(signature: SignatureInfo | None, *, identity: str | None, allow_unsigned: bool = False,
+           assume_yes: bool = False, consent: Consent | None = None, built_here: bool = False,
+           now: float | None = None) -> Decision:
+    """:func:`decide` on a signature that already verified, then :func:`settle` it (consent, pin): one call
+    for callers that judge something other than a ``.capsule`` (a ``.sync`` package and its updates)."""
+    def again(store: TrustStore) -> Decision:
+        return decide(store, identity=identity, signature=signature, allow_unsigned=allow_unsigned, now=now,
+                      built_here=built_here)
+
+    return settle(again(trust_store.load()), consent=consent, assume_yes=assume_yes, decide_again=again)
