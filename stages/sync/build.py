@@ -18,8 +18,8 @@ import tomli_w
 
 from cas.digest import label
 from pipeline.errors import E_USAGE, AtoError
-from stages.provenance import record_local_build
 from stages.capsule.keys import SigningKey
+from stages.provenance import record_local_build
 from stages.sync import signature as sig
 from stages.sync.archive import CAPS, CONTEXT, MAX_PAYLOAD, WASM, WASM_STUB, write_sync
 from stages.sync.manifest import (
