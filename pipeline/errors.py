@@ -88,6 +88,14 @@ _ROWS = [
     ErrorCode("ATO_ERR_PROCESS_STUCK", EXIT_RUNTIME, "a capsule process did not stop when asked", "E305"),
     ErrorCode("ATO_ERR_PORT_IN_USE", EXIT_USER, "the port the capsule needs is already in use", "E301"),
     ErrorCode("ATO_ERR_NETWORK", EXIT_NETWORK, "a download host could not be reached", "E900"),
+    # IPC declarations (upstream's codes; pipeline.manifest.ipc)
+    ErrorCode("IPC-001", EXIT_USER, "`[ipc]` exports conflict (a `[lifecycle]` capsule with non-default sharing, a "
+                                    "method exported twice, an unknown sharing mode)"),
+    ErrorCode("IPC-002", EXIT_USER, "an IPC name is reserved (`_ipc_*`, `_setup*`, `_main*`)"),
+    ErrorCode("IPC-003", EXIT_USER, "IPC imports are circular"),
+    ErrorCode("IPC-004", EXIT_USER, "an IPC import alias is also a service or task name"),
+    ErrorCode("IPC-006", EXIT_USER, "an IPC import's provider is not found, or exports no service"),
+    ErrorCode("IPC-008", EXIT_USER, "an IPC method schema is missing, not JSON, or not a JSON Schema"),
     ErrorCode("ATO_ERR_PERMISSION_DENIED", EXIT_USER, "a Tier 1 program needed a permission (net, read, write, "
                                                       "env, run, ...) its manifest does not grant", "E301"),
 ]

@@ -35,6 +35,8 @@ while True:
             if not chunk:
                 break
             buf += chunk
+        if not buf.strip():
+            continue  # a readiness check: connected, sent nothing
         req = json.loads(buf)
         with open(log, "a") as fh:
             fh.write(json.dumps(req) + "\n")

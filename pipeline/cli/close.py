@@ -44,8 +44,11 @@ def close_cmd(run_id: str | None, name: str | None, all_: bool, force: bool) -> 
         if not targets:
             info("No active capsules.")
     results = []
+    from pipeline.ipc import client as ipc
+
     for record in targets:
         was_running = session.stop(record, force=force)
+        ipc.detach(record["id"])  # at once (the broker would notice the gone consumer itself within a moment)
         current = table.read(record["id"]) or record
         if was_running:
             info(f"✅ stopped: {record['name']} ({record['id']})")

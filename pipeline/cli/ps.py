@@ -47,8 +47,30 @@ def ps_cmd(show_all: bool, prune: bool) -> None:
                          f"{_status(d['status'], fancy)} {exit_code:>5} {str(d['runtime'])[:16]:<16} "
                          f"{d['uptime']}")
         lines.append(f"Total: {len(docs)} capsule(s)")
+    ipc = _ipc_services()
+    if ipc["services"]:
+        lines += ["", "IPC services (the broker's providers and their consumers):",
+                  f"{'SERVICE':<20} {'PROVIDER':<18} {'PID':>8} {'STATE':<9} {'SHARING':<10} CONSUMERS"]
+        for s in ipc["services"]:
+            who = ", ".join(c["id"] for c in s["consumers"]) or (f"none (stops at {s['stops_at']})" if s["stops_at"]
+                                                                 else "none")
+            lines.append(f"{s['service'][:20]:<20} {str(s['provider']['run_id'] or '-'):<18} "
+                         f"{str(s['provider']['pid'] or '-'):>8} {s['state']:<9} {s['sharing']:<10} "
+                         f"{s['consumer_count']}: {who}")
     emit({"schema_version": "1", "processes": docs, "total": len(docs),
-          "running": sum(1 for d in docs if d["status"] in table.ACTIVE)}, "ps", human="\n".join(lines))
+          "running": sum(1 for d in docs if d["status"] in table.ACTIVE), "ipc": ipc}, "ps",
+         human="\n".join(lines))
+
+
+def _ipc_services() -> dict:
+    """The IPC broker's providers, consumers and counts (none when no broker runs; ps never starts one)."""
+    from pipeline.ipc import client
+
+    state = client.status()
+    if not state or not state.get("ok"):
+        return {"broker": None, "services": []}
+    return {"broker": {"pid": state["broker"]["pid"], "socket": state["broker"]["socket"]},
+            "services": state.get("services") or []}
 
 
 def register(group: click.Group) -> None:

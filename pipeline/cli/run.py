@@ -128,27 +128,38 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
         resolved = Path(input_).expanduser()
         project = resolved if resolved.is_dir() else resolved.parent
         sys.exit(watch_loop(project.resolve(), child, _notify))
+    from pipeline.ipc.wiring import RunWiring
+
+    # the capsule's [ipc.imports]: providers started (once per scope) and reached through the broker
+    wiring = RunWiring(registry=registry, yes=yes, prompt=_prompt, notify=_notify)
     req = session.Request(input=input_, registry=registry, target=target, yes=yes, background=background,
-                          args=tuple(args), nacelle=nacelle, dangerous=dangerous)
-    prep = session.prepare(req, notify=_notify, prompt=_prompt)
-    for note in prep.launch.notes:
-        _notify(note)
-    if background:
-        record = session.run_background(prep)
-        doc = session.public_record(record)
-        human = record["id"]
-        if record["status"] == "starting":
-            warn(f"capsule is still starting in background (ID: {record['id']}); `ato ps` shows its state")
+                          args=tuple(args), nacelle=nacelle, dangerous=dangerous, run_id=wiring.run_id)
+    try:
+        prep = session.prepare(req, notify=_notify, prompt=_prompt, wire=wiring)
+        for note in prep.launch.notes:
+            _notify(note)
+        if background:
+            record = session.run_background(prep)
+            wiring.rebind(record.get("supervisor_pid"), record.get("supervisor_start"))
         else:
-            info(f"🚀 capsule started in background and is {record['status']} (ID: {record['id']}); "
-                 f"logs: {record['log_path']}")
-        emit({"schema_version": "1", "ok": True, "process": doc}, "run-background", human=human)
-        return
-    if json_mode():
-        info("note: --json applies to failures and --background; a foreground run's stdout is the capsule's")
-    code = session.run_foreground(prep, notify=_notify)
-    sys.stdout.flush()
-    sys.exit(code)
+            if json_mode():
+                info("note: --json applies to failures and --background; a foreground run's stdout is the "
+                     "capsule's")
+            code = session.run_foreground(prep, notify=_notify)
+    except BaseException:
+        wiring.detach()  # the consumer never ran (or is gone): its providers are uncounted now
+        raise
+    if not background:
+        wiring.detach()
+        sys.stdout.flush()
+        sys.exit(code)
+    doc = session.public_record(record)
+    if record["status"] == "starting":
+        warn(f"capsule is still starting in background (ID: {record['id']}); `ato ps` shows its state")
+    else:
+        info(f"🚀 capsule started in background and is {record['status']} (ID: {record['id']}); "
+             f"logs: {record['log_path']}")
+    emit({"schema_version": "1", "ok": True, "process": doc}, "run-background", human=record["id"])
 
 
 @click.command("run", epilog=examples("ato run . --yes", "ato run acme/hello --registry http://127.0.0.1:18787 --yes"))

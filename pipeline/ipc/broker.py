@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -64,6 +63,7 @@ from pipeline.ipc.protocol import (
     error_response,
     result_response,
 )
+from pipeline.ipc.sockets import control_path, short_id
 from pipeline.ipc.tokens import Grant, TokenTable
 from pipeline.runtime.table import proc_alive
 
@@ -77,14 +77,6 @@ StopProvider = Callable[[dict[str, Any]], None]
 
 def _now_text(epoch: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch if epoch is not None else time.time()))
-
-
-def control_path(root: Path) -> Path:
-    return root / "broker.sock"
-
-
-def short_id(text: str, n: int = 8) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 @dataclass
@@ -268,7 +260,9 @@ class Broker:
         for inst in list(self.instances.values()):
             if cid in inst.refs:
                 del inst.refs[cid]
-                if not inst.refs:
+                if not inst.refs and inst.state == "failed":
+                    del self.instances[inst.key]  # its process is gone already: nothing to wait for
+                elif not inst.refs:
                     self._idle(inst)
         if consumer is not None or revoked:
             self.log("detach", consumer=cid, reason=reason, tokens_revoked=revoked)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.errors import AtoError
 from pipeline.ipc import sockets
-from pipeline.ipc.broker import control_path
+from pipeline.ipc.sockets import control_path
 
 START_WAIT = 20.0
 REQUEST_TIMEOUT = 60.0
@@ -42,7 +42,7 @@ def _send(path: Path, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
 
 def running() -> bool:
     try:
-        _send(control_path(sockets.socket_root()), {"op": "status"}, 5)
+        _send(control_path(sockets.socket_root(create=False)), {"op": "status"}, 5)
         return True
     except (OSError, ValueError):
         return False
@@ -73,7 +73,7 @@ def ensure_broker() -> Path:
 
 def request(doc: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
     """Send one control request; BrokerError when the broker says no."""
-    path = ensure_broker() if start else control_path(sockets.socket_root())
+    path = ensure_broker() if start else control_path(sockets.socket_root(create=False))
     try:
         reply = _send(path, doc, REQUEST_TIMEOUT)
     except (OSError, ValueError) as exc:
@@ -87,7 +87,7 @@ def request(doc: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
 def status() -> dict[str, Any] | None:
     """The broker's state, or None when no broker runs (``ato ps`` never starts one)."""
     try:
-        return _send(control_path(sockets.socket_root()), {"op": "status"}, 5)
+        return _send(control_path(sockets.socket_root(create=False)), {"op": "status"}, 5)
     except (OSError, ValueError):
         return None
 
@@ -95,6 +95,7 @@ def status() -> dict[str, Any] | None:
 def detach(consumer: str) -> None:
     """Uncount a consumer and revoke its tokens (quietly nothing when no broker runs)."""
     try:
-        _send(control_path(sockets.socket_root()), {"op": "detach", "consumer": consumer}, REQUEST_TIMEOUT)
+        _send(control_path(sockets.socket_root(create=False)), {"op": "detach", "consumer": consumer},
+              REQUEST_TIMEOUT)
     except (OSError, ValueError):
         pass

@@ -36,12 +36,22 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def socket_root() -> Path:
+def socket_root(*, create: bool = True) -> Path:
+    """The directory of every socket of this ATO_HOME (made 0700 unless ``create`` is off: readers only look)."""
     base = configured_dir()
-    if len(str(base)) + 1 + LONGEST_NAME <= MAX_PATH:
-        return private_dir(base)
-    short = Path("/tmp") / f"ato-ipc-{os.getuid()}-{hashlib.sha256(str(base).encode()).hexdigest()[:12]}"
-    return private_dir(short)
+    if len(str(base)) + 1 + LONGEST_NAME > MAX_PATH:
+        base = Path("/tmp") / f"ato-ipc-{os.getuid()}-{hashlib.sha256(str(base).encode()).hexdigest()[:12]}"
+    return private_dir(base) if create else base
+
+
+def control_path(root: Path) -> Path:
+    """The broker's control socket (``ato`` talks to it; capsules are never given its directory)."""
+    return root / "broker.sock"
+
+
+def short_id(text: str, n: int = 8) -> str:
+    """A short stable name for something long (a consumer id, a provider key) in a socket path."""
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
 def state_dir() -> Path:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,15 @@ class Request:
     args: tuple[str, ...] = ()
     nacelle: str | None = None
     dangerous: bool = False
+    run_id: str | None = None  # chosen by the caller when others must know it first (the IPC broker)
+
+
+@dataclass
+class Wiring:
+    """What the IPC broker hands a run before it is planned: variables for every unit, socket dirs to reach."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,7 +57,10 @@ class Prepared:
     consent: str
 
 
-def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[Any], bool] | None) -> Prepared:
+def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[Any], bool] | None,
+            resolved: Resolved | None = None, wire: Callable[[Resolved], Wiring] | None = None) -> Prepared:
+    """``resolved``: the input, already resolved by the caller. ``wire``: called once the capsule is known
+    and before its units are planned, for what the IPC broker injects (its imports' sockets and tokens)."""
     policy.check_dangerous_flag(req.dangerous)
 
     def confirm_install(scoped: str, registry: str, other_installed: bool = False) -> None:
@@ -62,7 +74,8 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
         if prompt is None or not prompt(f"Install {scoped} from {registry}?"):
             raise policy.fail(policy.CONSENT, f"install of {scoped} was not approved", scoped_id=scoped)
 
-    resolved = resolve(req.input, registry=req.registry, confirm_install=confirm_install)
+    if resolved is None:
+        resolved = resolve(req.input, registry=req.registry, confirm_install=confirm_install)
     manifest = resolved.manifest
     for warning in manifest.warnings:
         notify(f"warning: {warning}")
@@ -99,6 +112,10 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     plan = policy.Plan(capsule=resolved.scoped_id or manifest.name, version=manifest.version, target=rt.label,
                        runtime=rt.runtime, driver=rt.driver, tier=rt.tier, permissions=launch.permissions)
     how = policy.ensure_consent(plan, yes=req.yes, prompt=prompt)
+    if wire is not None:  # the capsule's imports: providers started (each with its own consent), sockets handed over
+        wiring = wire(resolved)
+        opts.ipc_env, opts.ipc_paths = dict(wiring.env), list(wiring.paths)
+        launch = planner.build()
     # 5. provisioning (outside the sandbox), then wrap Tier 2 units for the engine
     if rt.driver == "python" and rt.runtime in ("source", "web"):
         from pipeline.runtime.provision import python_environment
@@ -137,7 +154,7 @@ def run_foreground(prep: Prepared, *, notify: Callable[[str], None]) -> int:
     """Run the units through a foreground supervisor that dies with us (and takes every unit with it)."""
     launch = prep.launch
     tty = not launch.prefix and sys.stdin.isatty() and os.getpgrp() == _tty_pgrp()
-    run_id = table.new_id()
+    run_id = prep.request.run_id or table.new_id()
     _write_plan(run_id, launch, tty=tty)
     read_fd, write_fd = os.pipe()
     argv = [sys.executable, "-m", "pipeline.runtime.supervisor", "--id", run_id, "--foreground",
@@ -213,7 +230,7 @@ def _write_plan(run_id: str, launch: drivers.Launch, *, tty: bool = False) -> No
 
 def run_background(prep: Prepared) -> dict[str, Any]:
     launch = prep.launch
-    run_id = table.new_id()
+    run_id = prep.request.run_id or table.new_id()
     log_path = table.log_path(run_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     manifest = prep.resolved.manifest
