@@ -103,11 +103,12 @@ class Options:
     dangerous: bool = False
     engine_flag: str | None = None
     background: bool = False
-    # IPC (seed 003: the broker decides, the sandbox only lets it through): variables every unit gets
-    # (CAPSULE_IPC_*) and the socket directories every unit may reach (bound into the sandbox,
-    # granted to Deno, mounted into a container)
-    ipc_env: dict[str, str] = field(default_factory=dict)
-    ipc_paths: list[str] = field(default_factory=list)
+    # What ato injects (seed 003: the broker decides, the sandbox only lets it through): variables every
+    # unit gets (CAPSULE_IPC_*, rendered dependency exports) and host directories every unit may read and
+    # write (IPC socket dirs, a dependency's state and credential files): bound into the sandbox, granted
+    # to Deno, mounted into a container at the same path
+    inject_env: dict[str, str] = field(default_factory=dict)
+    inject_paths: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Launch:
     listen_ports: list[int] = field(default_factory=list)  # checked free before anything starts
     make_dirs: list[str] = field(default_factory=list)  # created by the supervisor before the first unit
     scratch_dirs: list[str] = field(default_factory=list)  # created 0700 for the run, removed after it
-    ipc_paths: list[str] = field(default_factory=list)  # IPC socket dirs the units may reach
+    inject_paths: list[str] = field(default_factory=list)  # injected dirs the units may reach (see Options)
 
 
 class Planner:
@@ -295,7 +296,7 @@ class Planner:
         return resolved.port
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
-        extra = {**extra, **self.opts.ipc_env}  # the broker's values win: a manifest cannot redirect an import
+        extra = {**extra, **self.opts.inject_env}  # ato's values win: a manifest cannot redirect an import
         if self.deno_tier:
             return self.deno_env(extra)
         return self.sandbox_env(extra) if self.sandboxed else self.host_env(extra)
@@ -459,11 +460,11 @@ class Planner:
         for key in self.target.required_env:
             if key not in self.target_env():
                 argv += ["-e", key]  # the value is taken from our environment (checked set before start)
-        for key, value in sorted(self.opts.ipc_env.items()):
+        for key, value in sorted(self.opts.inject_env.items()):
             argv += ["-e", f"{key}={value}"]
         for source, target in self.oci_mounts():
             argv += ["-v", f"{source}:{target}:ro"]
-        for path in self.opts.ipc_paths:  # the socket dir at the same path, so CAPSULE_IPC_* paths hold inside
+        for path in self.opts.inject_paths:  # at the same path, so the injected variables hold inside
             argv += ["-v", f"{path}:{path}"]
         argv += [image, *list(self.target.cmd), *self.opts.args]
         env = {**os.environ}
@@ -518,9 +519,9 @@ class Planner:
         scratch_dirs: list[str] = []
         if self.deno_tier:
             writable = [str(p) for p in writable_paths(self.m)]
-            ipc = list(self.opts.ipc_paths)
-            grants = deno.Grants(read=[str(self.project), str(deno.cache_dir()), self.scratch, *writable, *ipc],
-                                 write=[self.scratch, *writable, *ipc],
+            injected = list(self.opts.inject_paths)
+            grants = deno.Grants(read=[str(self.project), str(deno.cache_dir()), self.scratch, *writable, *injected],
+                                 write=[self.scratch, *writable, *injected],
                                  net=[*deno.listen_hosts(listen), *self.egress()],
                                  everything=self.opts.dangerous)  # -U: the user bypassed every barrier
             for unit in units:
@@ -532,7 +533,7 @@ class Planner:
         launch = Launch(units=units, prefix=prefix, entry=entry, port=port, url=url, network=network,
                         permissions=perms, notes=self.notes,
                         listen_ports=listen, make_dirs=make_dirs, scratch_dirs=scratch_dirs,
-                        ipc_paths=list(self.opts.ipc_paths),
+                        inject_paths=list(self.opts.inject_paths),
                         runtime_label=label or ("nacelle" if self.sandboxed else
                                                 "host-dangerous" if self.route.tier == 2 else "host"))
         return launch
@@ -652,7 +653,7 @@ def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Pa
                    "workload": {"argv": unit.argv, "cwd": unit.cwd},
                    "env": {**unit.env, **states},
                    "policy": {"network": launch.network, "read_only": read_only,
-                              "read_write": [str(p) for p in writable] + list(launch.ipc_paths), "hide": hide}}
+                              "read_write": [str(p) for p in writable] + list(launch.inject_paths), "hide": hide}}
         fd, req_path = tempfile.mkstemp(prefix=".nacelle-request-", suffix=".json", dir=request_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(request, fh)

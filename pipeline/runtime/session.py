@@ -114,7 +114,7 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     how = policy.ensure_consent(plan, yes=req.yes, prompt=prompt)
     if wire is not None:  # the capsule's imports: providers started (each with its own consent), sockets handed over
         wiring = wire(resolved)
-        opts.ipc_env, opts.ipc_paths = dict(wiring.env), list(wiring.paths)
+        opts.inject_env, opts.inject_paths = dict(wiring.env), list(wiring.paths)
         launch = planner.build()
     # 5. provisioning (outside the sandbox), then wrap Tier 2 units for the engine
     if rt.driver == "python" and rt.runtime in ("source", "web"):
