@@ -97,8 +97,12 @@ class ObjectStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(exist_ok=True)
         tmp = temp_path(target, self.tmp)
-        with open(tmp, "xb") as fh:
-            fh.write(frame)
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(frame)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave half an object behind
+            raise
         return tmp
 
     def publish_temps(self, staged: list[tuple[str, Path]]) -> int:

@@ -22,7 +22,7 @@ import tomli_w
 
 from cas.atomic import write_bytes_atomic
 from cas.filelock import flocked
-from pipeline import paths
+from pipeline import nesting, paths
 from pipeline.errors import E_MANIFEST, E_USAGE, AtoError
 
 DEFAULT_STORE_API = "https://api.ato.run"
@@ -92,7 +92,9 @@ def read() -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise AtoError(E_MANIFEST, f"{path}: cannot be read: {exc}", details={"file": str(path)}) from None
     try:
-        return tomllib.loads(text)
+        return nesting.check(tomllib.loads(text), str(path))
+    except RecursionError:
+        raise nesting.too_deep(str(path)) from None
     except tomllib.TOMLDecodeError as exc:
         raise AtoError(E_MANIFEST, f"{path}: not valid TOML: {exc}", details={"file": str(path)},
                        hint="fix or remove the file; `ato config list` shows what it should hold") from None

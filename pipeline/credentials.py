@@ -61,12 +61,12 @@ def session() -> Session | None:
 def identify(api_url: str, token: str) -> dict[str, Any]:
     """``GET {api}/v1/auth/whoami`` with the token → ``{handle, api_url}``; a refusal is one E201 line."""
     from pipeline.errors import E_AUTH_REQUIRED, AtoError, Problem
-    from pipeline.registry.client import RegistryClient
+    from pipeline.registry.client import RegistryClient, response_json
     from stages.registry_port import RegistryHttpError
 
     with RegistryClient(api_url, timeout=30) as client:
         try:
-            doc = client.request("GET", "/v1/auth/whoami", headers={"authorization": f"Bearer {token}"}).json()
+            doc = response_json(client.request("GET", "/v1/auth/whoami", headers={"authorization": f"Bearer {token}"}))
         except RegistryHttpError as exc:
             if exc.status in (401, 403):
                 raise AtoError(E_AUTH_REQUIRED, f"the Store at {client.base} rejected the session token",

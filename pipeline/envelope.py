@@ -15,7 +15,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from pipeline.errors import E_INTERNAL, AtoError
+from pipeline.errors import E_INTERNAL, AtoError, terminal_safe_json
 
 SCHEMA_BASE = "https://ato.run/schemas/"
 
@@ -69,7 +69,7 @@ def validate(doc: Any, name: str) -> Any:
 
 def dumps(doc: Any) -> str:
     """Pretty JSON, 2-space indent, trailing newline (the house style)."""
-    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    return terminal_safe_json(json.dumps(doc, indent=2, ensure_ascii=False)) + "\n"
 
 
 def render(doc: Any, name: str) -> str:

@@ -11,6 +11,7 @@ Raise sites name a code; the exit status follows from the table, never from the 
 
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,11 +39,14 @@ _ROWS = [
     ErrorCode("E001", EXIT_USER, "`capsule.toml` is not valid TOML"),
     ErrorCode("E002", EXIT_USER, "a manifest value has the wrong type or breaks a rule"),
     ErrorCode("E003", EXIT_USER, "a required manifest key is missing"),
+    ErrorCode("E004", EXIT_USER, "an input document is nested too deeply (more than 64 levels of tables or arrays)"),
+    ErrorCode("E005", EXIT_USER, "a `depends_on` chain is too long (more than 256 services and tasks in a row)"),
     ErrorCode("E100", EXIT_USER, "the command line is wrong, or what it names does not exist"),
     ErrorCode("E101", EXIT_USER, "the entrypoint is missing or not a safe relative path"),
     ErrorCode("E102", EXIT_USER, "packing or a build/finalize command needs manual intervention "
                                  "(unsafe symlink, file changed while packing, a command failed)"),
     ErrorCode("E106", EXIT_USER, "`--strict-v3` refused a fallback"),
+    ErrorCode("E108", EXIT_USER, "a file or member name is too long for the filesystem (ENAMETOOLONG)"),
     ErrorCode("CAPSULE_TOML_NOT_FOUND", EXIT_USER, "no `capsule.toml` where one was expected"),
     ErrorCode("TARGET_NOT_FOUND", EXIT_USER, "the manifest has no target of that name"),
     # registry, store and trust
@@ -50,13 +54,16 @@ _ROWS = [
     ErrorCode("E202", EXIT_USER, "that version is already published (next actions are in the message)"),
     ErrorCode("E207", EXIT_USER, "a lockfile does not match what it locks"),
     ErrorCode("E208", EXIT_USER, "an artifact or CAS object failed an integrity check"),
+    ErrorCode("E211", EXIT_USER, "no space left on the disk (ENOSPC, or the disk quota is used up)"),
     ErrorCode("E212", EXIT_USER, "the payload is over the size ceiling (200 MiB unless raised)"),
+    ErrorCode("E213", EXIT_USER, "an artifact or download is truncated (it ends before its own structure does)"),
     ErrorCode("E220", EXIT_USER, "a source sync run failed, or `ato source rebuild --wait` timed out"),
     ErrorCode("E230", EXIT_USER, "an official-registry publish check failed (a missing or broken CI workflow: "
                                  "`ato publish --fix` writes it)"),
     ErrorCode("E301", EXIT_USER, "a security policy refused the operation (unsigned artifact, consent, "
                                  "non-loopback host)"),
-    ErrorCode("E900", EXIT_NETWORK, "a registry, Store or download host could not be reached"),
+    ErrorCode("E900", EXIT_NETWORK, "a registry, Store or download host could not be reached, or did not serve "
+                                    "what was asked (every network failure has this one code)"),
     ErrorCode("E901", EXIT_NETWORK, "a registry or Store answered with a server error (HTTP 5xx)"),
     ErrorCode("E999", EXIT_INTERNAL, "internal error (a bug: please report it)"),
     # cap
@@ -87,7 +94,6 @@ _ROWS = [
               "E305"),
     ErrorCode("ATO_ERR_PROCESS_STUCK", EXIT_RUNTIME, "a capsule process did not stop when asked", "E305"),
     ErrorCode("ATO_ERR_PORT_IN_USE", EXIT_USER, "the port the capsule needs is already in use", "E301"),
-    ErrorCode("ATO_ERR_NETWORK", EXIT_NETWORK, "a download host could not be reached", "E900"),
     # IPC declarations (upstream's codes; pipeline.manifest.ipc)
     ErrorCode("IPC-001", EXIT_USER, "`[ipc]` exports conflict (a `[lifecycle]` capsule with non-default sharing, a "
                                     "method exported twice, an unknown sharing mode)"),
@@ -106,17 +112,22 @@ CODES: dict[str, ErrorCode] = {row.code: row for row in _ROWS}
 E_TOML_PARSE = "E001"
 E_MANIFEST = "E002"
 E_MANIFEST_MISSING = "E003"
+E_TOO_DEEP = "E004"
+E_CHAIN_TOO_LONG = "E005"
 E_USAGE = "E100"
 E_ENTRYPOINT = "E101"
 E_LOCKFILE = "E102"  # manual intervention needed (also: a build or finalize command failed)
 E_STRICT_FALLBACK = "E106"
+E_NAME_TOO_LONG = "E108"
 E_NOT_FOUND = "CAPSULE_TOML_NOT_FOUND"
 E_TARGET_NOT_FOUND = "TARGET_NOT_FOUND"
 E_AUTH_REQUIRED = "E201"
 E_VERSION_CONFLICT = "E202"
 E_LOCK_TAMPERED = "E207"
 E_INTEGRITY = "E208"
+E_DISK_FULL = "E211"
 E_PAYLOAD_TOO_LARGE = "E212"
+E_TRUNCATED = "E213"
 E_SOURCE_RUN = "E220"
 E_PUBLISH_CHECK = "E230"
 E_POLICY = "E301"
@@ -131,12 +142,24 @@ def exit_status(code: str) -> int:
     return row.exit if row else EXIT_INTERNAL
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 controls (but tab and newline), and the bidirectional overrides that reorder what a terminal shows
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
     """Escape control characters so an echoed value cannot forge or garble terminal output."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else
+                        f"\\u{ord(m.group()):04x}", text)
+
+
+# In JSON text these can only sit inside strings; JSON itself escapes C0 controls but not these.
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe_json(text: str) -> str:
+    """JSON text with C1 controls and bidi overrides written as ``\\uXXXX``: the same values for a parser,
+    nothing a terminal acts on."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 @dataclass
@@ -188,7 +211,50 @@ class AtoError(Exception):
         return printable(" ".join(line.split("\n")))
 
 
+def network_error(where: str, reason: object, *, doing: str | None = None, **details: Any) -> AtoError:
+    """Every failure to reach a host (refused, reset, timeout, DNS, TLS) is this one code: E900, exit 3.
+
+    ``doing`` words what failed (``download acme/app from URL``) when "reach URL" says too little.
+    """
+    text = str(reason) or type(reason).__name__
+    return AtoError(E_NETWORK, f"network error: cannot {doing or f'reach {where}'}: {text}",
+                    details=details or {"url": where}, hint="check the network and the URL, then try again")
+
+
+def http_error(where: str, status: int, what: str = "the request", *, message: str | None = None) -> AtoError:
+    """A host answered, but not with what was asked: 5xx is E901 (its fault), anything else E900."""
+    code = E_SERVER if status >= 500 else E_NETWORK
+    return AtoError(code, message or f"{where} answered HTTP {status} to {what}",
+                    details={"url": where, "status": status})
+
+
 def manifest_error(path: str, key: str, expected: str, *, code: str = E_MANIFEST) -> AtoError:
     """A manifest problem that names the file, the key path and what was expected."""
     where = f"{path}: {key}" if key else path
     return AtoError(code, f"{where}: {expected}", details={"file": path, "key": key})
+
+
+# What the operating system reports for failures the user can fix: each has its own code, never E999.
+_OS_ERRORS = {
+    errno.ENOSPC: (E_DISK_FULL, "no space left on the disk", "free some space (`ato cas gc` removes what nothing "
+                                                            "uses) and run the command again"),
+    errno.EDQUOT: (E_DISK_FULL, "the disk quota is used up", "free some space and run the command again"),
+    errno.ENAMETOOLONG: (E_NAME_TOO_LONG, "a file name is too long for the filesystem",
+                         "shorten the name (at most 255 bytes per path component)"),
+}
+
+
+def from_os_error(exc: BaseException) -> AtoError | None:
+    """The documented error for an OS failure the user can fix (disk full, name too long), else None."""
+    if not isinstance(exc, OSError) or exc.errno not in _OS_ERRORS:
+        return None
+    code, what, hint = _OS_ERRORS[exc.errno]
+    where = exc.filename if isinstance(exc.filename, str) else None
+    shown = where
+    if where and exc.errno == errno.ENAMETOOLONG:  # name the component that is too long, not a temp path
+        part = max(where.split("/"), key=lambda p: len(p.encode("utf-8", "surrogateescape")))
+        size = len(part.encode("utf-8", "surrogateescape"))
+        shown = f"{part[:40]}...{part[-16:]} ({size} bytes)" if size > 60 else part
+    message = f"{what}" + (f": {shown}" if shown else "")
+    return AtoError(code, message, details={"errno": errno.errorcode.get(exc.errno, str(exc.errno)),
+                                            **({"path": where} if where else {})}, hint=hint)

@@ -35,8 +35,11 @@ def valid_version(value: str) -> bool:
 
 
 def valid_file_name(value: str) -> bool:
-    return (bool(value) and len(value) <= 255 and value.lower().endswith(".capsule") and "/" not in value
-            and "\\" not in value and ".." not in value and not value.startswith("."))
+    """A bare ``*.capsule`` name a filesystem holds: printable (no NUL or other control, no bidi override, no
+    U+FFFD from bytes that were not UTF-8), at most 255 bytes, no path separators or ``..``."""
+    return (bool(value) and value.isprintable() and "\ufffd" not in value
+            and len(value.encode("utf-8", "surrogateescape")) <= 255 and value.lower().endswith(".capsule")
+            and "/" not in value and "\\" not in value and ".." not in value and not value.startswith("."))
 
 
 def parse_scoped_id(value: str) -> tuple[str, str] | None:

@@ -259,9 +259,13 @@ def pack(plan: BuildPlan) -> dict[str, Any]:
             payload_blake3 = None
         else:
             frames = temp_path(payload_cache_path(plan))
-            result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames, plan.options.reporter)
-            payload_blake3 = blake3_file(frames)
-            os.replace(frames, payload_cache_path(plan))
+            try:
+                result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames, plan.options.reporter)
+                payload_blake3 = blake3_file(frames)
+                os.replace(frames, payload_cache_path(plan))
+            except BaseException:
+                frames.unlink(missing_ok=True)
+                raise
             payload, files = result.manifest, result.files
             inserted, bytes_inserted = result.chunks_inserted, result.bytes_inserted
         _write_json(payload_record_path(plan), {"artifact_hash": payload.artifact_hash, "payload_blake3": payload_blake3,

@@ -23,7 +23,7 @@ from cas.atomic import atomic_writer
 from cas.digest import label
 from pipeline import names, paths
 from pipeline.envelope import validate
-from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError
+from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError, http_error, network_error
 from pipeline.progress import SILENT, Progress
 from stages.trust_port import TrustPort
 
@@ -64,7 +64,8 @@ def download_archive(repo: str, dest: Path, reporter: Progress = SILENT) -> str:
                     if resp.status_code == 404:
                         raise AtoError(E_USAGE, f"GitHub repository {repo} was not found at {base}")
                     if resp.status_code != 200:
-                        raise AtoError(E_NETWORK, f"downloading {repo} from {base} failed (HTTP {resp.status_code})")
+                        raise http_error(base, resp.status_code, message=f"downloading {repo} from {base} failed "
+                                                                         f"(HTTP {resp.status_code})")
                     size = 0
                     length = resp.headers.get("content-length", "")
                     with open(dest, "wb") as fh, reporter.task(
@@ -77,7 +78,7 @@ def download_archive(repo: str, dest: Path, reporter: Progress = SILENT) -> str:
                             task.advance(len(piece))
                     return url
     except httpx.HTTPError as exc:
-        raise AtoError(E_NETWORK, f"network error: cannot download {repo} from {base}: {exc}") from None
+        raise network_error(base, exc, doing=f"download {repo} from {base}", repository=repo) from None
     raise AtoError(E_NETWORK, f"too many redirects downloading {repo}")
 
 

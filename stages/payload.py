@@ -107,7 +107,16 @@ def _prepare_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bytes, 
 
 
 def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[tuple[ChunkRef, bytes, Path | None]]:
-    return [_prepare_chunk(store, memoryview(p)) for p in pieces]
+    done: list[tuple[ChunkRef, bytes, Path | None]] = []
+    try:
+        for p in pieces:
+            done.append(_prepare_chunk(store, memoryview(p)))
+    except BaseException:
+        for _ref, _frame, tmp in done:  # the batch fails as a whole: its staged objects go too
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        raise
+    return done
 
 
 class ChunkSink:
@@ -156,11 +165,13 @@ class ChunkSink:
 
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
-            for ref, frame, tmp in self.pending.popleft().result():
+            batch = self.pending.popleft().result()
+            # recorded before anything else can fail, so abandon() finds every temp object of the batch
+            self.staged += [(ref.raw_hash, tmp) for ref, _frame, tmp in batch if tmp is not None]
+            for ref, frame, tmp in batch:
                 self.out.write(frame)
                 self.refs.append(ref)
                 if tmp is not None:
-                    self.staged.append((ref.raw_hash, tmp))
                     self.new_bytes += len(frame)
 
     def close(self) -> None:

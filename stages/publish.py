@@ -55,7 +55,6 @@ import os
 import shlex
 import subprocess
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +74,9 @@ from pipeline.errors import (
     E_VERSION_CONFLICT,
     AtoError,
     Problem,
+    network_error,
 )
+from pipeline.manifest.tomlfile import parse_toml
 from pipeline.names import parse_registry
 from pipeline.progress import SILENT, SILENT_TASK, Progress, Task, human_bytes
 from stages.capsule import Limits, verify
@@ -232,9 +233,9 @@ def _manifest_registry(project_dir: Path) -> str | None:
 def _raw_manifest(project_dir: Path) -> dict[str, Any]:
     path = project_dir / "capsule.toml"
     try:
-        return tomllib.loads(path.read_text("utf-8"))
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return {}
+        return parse_toml(path.read_text("utf-8"), path.name)
+    except (OSError, UnicodeDecodeError, AtoError):
+        return {}  # the build phase reads it again and reports what is wrong with it
 
 
 def select_phases(req: PublishRequest, official: bool) -> list[Phase]:
@@ -706,6 +707,8 @@ def oidc_token() -> str:
         resp = httpx.get(url, params={"audience": "ato"}, headers={"authorization": f"Bearer {bearer}"},
                          timeout=30, follow_redirects=False)
         value = resp.json().get("value") if resp.status_code == 200 else None
+    except httpx.TransportError as exc:
+        raise network_error(url, exc) from None
     except (httpx.HTTPError, ValueError, AttributeError):
         value = None
     if not isinstance(value, str) or not value:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import errno
+import json
+import os
 import re
 from pathlib import Path
 
@@ -107,3 +110,24 @@ def test_every_code_a_raise_site_names_is_in_the_table() -> None:
             if isinstance(code, str) and code not in CODES:
                 unknown.append(f"{path.relative_to(ROOT)}:{node.lineno}: {code}")
     assert unknown == []
+
+
+def test_bidi_overrides_and_c1_controls_are_escaped_too() -> None:
+    assert printable("evil\u202etxt.exe\x9b") == "evil\\u202etxt.exe\\x9b"
+    text = errors.terminal_safe_json('{"m": "a\u202eb\x9bc"}')
+    assert "\u202e" not in text and "\x9b" not in text and json.loads(text) == {"m": "a\u202eb\x9bc"}
+
+
+@pytest.mark.parametrize("number,code", [(errno.ENOSPC, "E211"), (errno.EDQUOT, "E211"),
+                                         (errno.ENAMETOOLONG, "E108")])
+def test_os_failures_the_user_can_fix_have_their_own_codes(number: int, code: str) -> None:
+    err = errors.from_os_error(OSError(number, os.strerror(number), "/x/" + "n" * 300))
+    assert err is not None and err.code == code and err.exit_code == 1
+    assert errors.from_os_error(OSError(errno.EIO, "io")) is None
+    assert errors.from_os_error(ValueError("x")) is None
+
+
+def test_network_failures_have_one_code() -> None:
+    assert errors.network_error("http://h", ConnectionRefusedError("refused")).code == "E900"
+    assert errors.http_error("http://h", 404).code == "E900" and errors.http_error("http://h", 503).code == "E901"
+    assert "ATO_ERR_NETWORK" not in CODES

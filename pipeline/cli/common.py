@@ -18,7 +18,15 @@ import click
 
 from pipeline.cli.term import decorated, for_stream
 from pipeline.envelope import render
-from pipeline.errors import E_INTERNAL, E_USAGE, EXIT_INTERNAL, AtoError
+from pipeline.errors import (
+    E_INTERNAL,
+    E_USAGE,
+    EXIT_INTERNAL,
+    AtoError,
+    from_os_error,
+    printable,
+    terminal_safe_json,
+)
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
@@ -62,17 +70,22 @@ def emit(doc: dict[str, Any], schema: str, human: str | None = None) -> None:
         say(human)
 
 
-def say(text: str, *, err: bool = False) -> None:
-    """Human text on stdout (or stderr): emoji and colour only where the stream may show them."""
+def say(text: str, *, err: bool = False, styled: str = "") -> None:
+    """Human text on stdout (or stderr): emoji and colour only where the stream may show them.
+
+    ``text`` echoes values (names, paths, registry messages): its control characters are escaped, so a
+    value cannot move the cursor or recolour the terminal; ``styled`` is our own (coloured) prefix.
+    """
     stream = sys.stderr if err else sys.stdout
+    text = styled + for_stream(printable(text), stream)
     if err:
         from pipeline.cli.progress import active
 
         bars = active()
         if bars is not None:
-            bars.print(for_stream(text, stream))
+            bars.print(text)
             return
-    click.echo(for_stream(text, stream), file=stream, color=decorated(stream))
+    click.echo(text, file=stream, color=decorated(stream))
 
 
 def info(message: str) -> None:
@@ -83,14 +96,14 @@ def info(message: str) -> None:
 
 def warn(message: str) -> None:
     label = click.style("warning", fg="yellow", bold=True) if decorated(sys.stderr) else "warning"
-    say(f"{label}: {message}", err=True)
+    say(f": {message}", err=True, styled=label)
 
 
 def report_error(err: AtoError, as_json: bool) -> None:
     for problem in err.problems:
-        sys.stderr.write(json.dumps(problem.to_json(), ensure_ascii=False) + "\n")
+        sys.stderr.write(terminal_safe_json(json.dumps(problem.to_json(), ensure_ascii=False)) + "\n")
     if as_json:
-        sys.stderr.write(json.dumps(err.to_json(), ensure_ascii=False) + "\n")
+        sys.stderr.write(terminal_safe_json(json.dumps(err.to_json(), ensure_ascii=False)) + "\n")
         return
     line = for_stream(err.human_line(), sys.stderr)
     if decorated(sys.stderr):
@@ -137,6 +150,10 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback
         if os.environ.get("ATO_DEBUG") == "1":
             traceback.print_exc()
+        err = from_os_error(exc)  # disk full, name too long: the user's to fix, with their own codes
+        if err is not None:
+            report_error(err, as_json)
+            return err.exit_code
         err = AtoError(E_INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         report_error(err, as_json)
         return EXIT_INTERNAL

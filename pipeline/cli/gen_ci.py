@@ -29,7 +29,7 @@ import click
 from cas.atomic import write_text_atomic
 from pipeline.cli.common import emit, info, json_option, warn
 from pipeline.cli.help import examples
-from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, AtoError
+from pipeline.errors import E_NETWORK, E_NOT_FOUND, E_USAGE, AtoError, http_error, network_error
 
 WORKFLOW_PATH = Path(".github/workflows/ato-publish.yml")
 DIST_NAME = "ato"
@@ -181,11 +181,11 @@ def index_files(client: Any, index: str, name: str) -> list[tuple[str, str]]:
     try:
         resp = client.get(url, headers={"accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
     except httpx.HTTPError as exc:
-        raise AtoError(E_NETWORK, f"network error: cannot read {url}: {exc}") from None
+        raise network_error(url, exc, doing=f"read {url}") from None
     if resp.status_code == 404:
         return []
     if resp.status_code != 200:
-        raise AtoError(E_NETWORK, f"package index answered HTTP {resp.status_code} for {url}")
+        raise http_error(url, resp.status_code, message=f"package index answered HTTP {resp.status_code} for {url}")
     out: list[tuple[str, str]] = []
     if "json" in resp.headers.get("content-type", ""):
         try:

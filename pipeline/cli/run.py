@@ -10,7 +10,7 @@ import click
 
 from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, warn
 from pipeline.cli.help import examples
-from pipeline.errors import E_USAGE, AtoError
+from pipeline.errors import E_USAGE, AtoError, printable
 
 
 def _notify(message: str) -> None:
@@ -31,9 +31,9 @@ def _ask(question: Any) -> bool:
     if isinstance(question, Plan):
         click.echo("Execution plan consent is required before run:", err=True)
         for line in question.summary_lines():
-            click.echo(f"  {line}", err=True)
+            click.echo(f"  {printable(line)}", err=True)
         return click.confirm("Approve this execution plan?", default=False, err=True)
-    return click.confirm(str(question), default=False, err=True)
+    return click.confirm(printable(str(question)), default=False, err=True)
 
 
 def run_options(fn):

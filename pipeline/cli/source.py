@@ -51,10 +51,11 @@ class SourceApi:
         self.client.close()
 
     def call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        from pipeline.registry.client import response_json
         from stages.registry_port import RegistryHttpError
 
         try:
-            return self.client.request(method, path, write=True, ok=(200, 201, 202), **kwargs).json()
+            return response_json(self.client.request(method, path, write=True, ok=(200, 201, 202), **kwargs))
         except RegistryHttpError as exc:
             if exc.status == 401:
                 raise AtoError(E_AUTH_REQUIRED, f"the Store at {self.client.base} rejected the session token "

@@ -15,7 +15,7 @@ import click
 
 from pipeline.cli.common import emit, info, json_option
 from pipeline.cli.help import examples, group
-from pipeline.errors import E_USAGE, AtoError
+from pipeline.errors import E_USAGE, AtoError, printable
 from pipeline.trust import revocation
 from pipeline.trust import store as trust_store
 from pipeline.trust.verify import ArtifactTrust, installer_verifier
@@ -33,7 +33,7 @@ def tty_consent(question: str) -> bool:
     from pipeline.cli.progress import paused
 
     with paused():
-        return click.confirm(question, default=False, err=True)
+        return click.confirm(printable(question), default=False, err=True)
 
 
 def artifact_trust_options(fn: Callable[..., Any]) -> Callable[..., Any]:

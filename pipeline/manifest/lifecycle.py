@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pipeline.errors import E_MANIFEST_MISSING
+from pipeline.errors import E_CHAIN_TOO_LONG, E_MANIFEST_MISSING, AtoError
 from pipeline.manifest.keypath import describe, fail, key_path, quote
 from pipeline.manifest.model import Service, Task
 
@@ -19,6 +19,7 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SERVICE_KEYS = frozenset({"entrypoint", "command", "cmd", "target", "depends_on", "expose", "env",
                           "readiness_probe", "network", "state_bindings"})
 TASK_KEYS = frozenset({"cmd", "depends_on", "env"})
+MAX_CHAIN = 256  # units that may wait on each other in a row (each waits for the previous one to be ready)
 
 
 def read_services(table: dict[str, Any], file: str, targets: set[str], warnings: list[str]) -> dict[str, Service]:
@@ -89,36 +90,54 @@ def check_graph(services: dict[str, Service], tasks: dict[str, Task], file: str)
                 what = "service or task" if tasks else "service"
                 raise fail(file, [table[name], name, "depends_on", i],
                            f"unknown {what} {quote(dep)} (declared: {', '.join(sorted(deps))})")
-    cycle = find_cycle(deps)
+    cycle, longest = _walk(deps)
     if cycle:
         raise fail(file, [table[cycle[0]], cycle[0], "depends_on"], f"dependency cycle: {' -> '.join(cycle)}")
+    if longest > MAX_CHAIN:
+        raise AtoError(E_CHAIN_TOO_LONG, f"{file}: a depends_on chain is {longest} services and tasks long; at "
+                       f"most {MAX_CHAIN} may wait on each other in a row",
+                       details={"file": file, "length": longest, "max_length": MAX_CHAIN},
+                       hint="let independent services start side by side instead of in one line")
 
 
 def find_cycle(deps: dict[str, tuple[str, ...]]) -> list[str] | None:
     """A cycle as a closed path (``[a, b, a]``), searching depth-first in name order; None if acyclic."""
-    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
-    stack: list[str] = []
+    return _walk(deps)[0]
 
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for dep in sorted(deps.get(node, ())):
-            if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
-            if dep not in state:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return None
 
-    for node in sorted(deps):
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
-    return None
+def longest_chain(deps: dict[str, tuple[str, ...]]) -> int:
+    """How many units the longest ``depends_on`` chain has (0 for no units); the graph must be acyclic."""
+    return _walk(deps)[1]
+
+
+def _walk(deps: dict[str, tuple[str, ...]]) -> tuple[list[str] | None, int]:
+    """One depth-first walk in name order, with an explicit stack (a 3,000-unit chain is no RecursionError):
+    the first cycle found, else the length of the longest chain."""
+    state: dict[str, int] = {}  # 1 = on the path, 2 = done
+    chain: dict[str, int] = {}  # units in the longest chain that starts here
+    path: list[str] = []
+    for root in sorted(deps):
+        if root in state:
+            continue
+        state[root] = 1
+        path.append(root)
+        todo: list[list[str]] = [sorted(deps.get(root, ()), reverse=True)]
+        while todo:
+            node = path[-1]
+            if todo[-1]:
+                dep = todo[-1].pop()
+                if state.get(dep) == 1:
+                    return path[path.index(dep):] + [dep], 0
+                if dep not in state:
+                    state[dep] = 1
+                    path.append(dep)
+                    todo.append(sorted(deps.get(dep, ()), reverse=True))
+                continue
+            todo.pop()
+            path.pop()
+            state[node] = 2
+            chain[node] = 1 + max((chain.get(d, 0) for d in deps.get(node, ())), default=0)
+    return None, max(chain.values(), default=0)
 
 
 def topological_order(deps: dict[str, tuple[str, ...]]) -> list[list[str]]:

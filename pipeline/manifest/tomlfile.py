@@ -11,15 +11,18 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from pipeline import nesting
 from pipeline.errors import E_TOML_PARSE, AtoError
 
 _POSITION = re.compile(r"\s*\(at (?:line (\d+), column (\d+)|end of document)\)\s*$")
 
 
 def parse_toml(text: str, file: str) -> dict[str, Any]:
-    """Parse ``text``; a syntax error is E001 naming the file, line and column."""
+    """Parse ``text``; a syntax error is E001 naming the file, line and column; deep nesting is E004."""
     try:
-        return tomllib.loads(text)
+        return nesting.check(tomllib.loads(text), file)
+    except RecursionError:
+        raise nesting.too_deep(file) from None
     except tomllib.TOMLDecodeError as exc:
         message = str(exc)
         match = _POSITION.search(message)

@@ -27,24 +27,18 @@ import httpx
 from pipeline.errors import (
     E_AUTH_REQUIRED,
     E_INTEGRITY,
-    E_NETWORK,
     E_PAYLOAD_TOO_LARGE,
     E_SERVER,
     E_USAGE,
     AtoError,
     Problem,
+    network_error,
 )
 from pipeline.names import parse_registry
 from stages.registry_port import RegistryHttpError, VersionConflict
 
 USER_AGENT = "ato-cli (python)"
 COPY = 1 << 20
-
-
-def network_error(url: str, exc: Exception) -> AtoError:
-    reason = str(exc) or type(exc).__name__
-    return AtoError(E_NETWORK, f"network error: cannot reach registry {url}: {reason}",
-                    details={"registry": url}, hint="is the registry running and the URL right?")
 
 
 class RegistryClient:
@@ -80,7 +74,7 @@ class RegistryClient:
         try:
             resp = self.http.request(method, self.url(path), headers=headers, **kwargs)
         except httpx.TransportError as exc:
-            raise network_error(self.base, exc) from None
+            raise self._unreachable(exc) from None
         if resp.status_code not in ok:
             raise self.error_for(resp, sent_token="authorization" in {k.lower() for k in headers})
         return resp
@@ -94,7 +88,12 @@ class RegistryClient:
                     raise self.error_for(resp)
                 yield resp
         except httpx.TransportError as exc:
-            raise network_error(self.base, exc) from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: Exception) -> AtoError:
+        err = network_error(f"registry {self.base}", exc, registry=self.base)
+        err.hint = "is the registry running and the URL right?"
+        return err
 
     def error_for(self, resp: httpx.Response, *, sent_token: bool = False) -> RegistryHttpError:
         try:
@@ -139,26 +138,26 @@ class RegistryClient:
     # ---------------------------------------------------------------- reads
 
     def well_known(self) -> dict[str, Any]:
-        return self.request("GET", "/.well-known/capsule.json").json()
+        return response_json(self.request("GET", "/.well-known/capsule.json"))
 
     def search(self, q: str = "", limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"q": q, "limit": limit}
         if cursor:
             params["cursor"] = cursor
-        return self.request("GET", "/v1/capsules", params=params).json()
+        return response_json(self.request("GET", "/v1/capsules", params=params))
 
     def detail(self, publisher: str, slug: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}").json()
+        return response_json(self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}"))
 
     def distribution(self, publisher: str, slug: str, version: str | None) -> dict[str, Any]:
         params = {"version": version} if version else None
-        return self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}/distributions",
-                            params=params).json()
+        return response_json(self.request("GET", f"/v1/capsules/by/{quote(publisher)}/{quote(slug)}/distributions",
+                            params=params))
 
     def skeleton(self, url: str) -> dict[str, Any] | None:
         """The release skeleton, or None when the registry cannot serve one (older server, not spliceable)."""
         try:
-            return self.request("GET", url).json()
+            return response_json(self.request("GET", url))
         except RegistryHttpError as exc:
             if exc.status in (404, 405, 409, 501):
                 return None
@@ -178,21 +177,21 @@ class RegistryClient:
     def negotiate(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Chunk negotiation; None when the registry has no chunk protocol."""
         try:
-            return self.request("POST", "/v1/sync/negotiate", write=True, json=body).json()
+            return response_json(self.request("POST", "/v1/sync/negotiate", write=True, json=body))
         except RegistryHttpError as exc:
             if exc.status in (404, 405, 501) and exc.error in ("", "not_found", "method_not_allowed"):
                 return None
             raise
 
     def upload_frames(self, session: str, pieces: Iterable[bytes], size: int) -> dict[str, Any]:
-        return self.request("POST", "/v1/sync/chunks", write=True, params={"session": session},
+        return response_json(self.request("POST", "/v1/sync/chunks", write=True, params={"session": session},
                             content=pieces, headers={"content-type": "application/zstd",
-                                                     "content-length": str(size)}).json()
+                                                     "content-length": str(size)}))
 
     def commit(self, session: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         params = {"session": session} if session else None
         resp = self.request("POST", "/v1/sync/commit", write=True, params=params, json=body)
-        return resp.status_code, resp.json()
+        return resp.status_code, response_json(resp)
 
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
@@ -210,7 +209,7 @@ class RegistryClient:
             params=params, content=pieces,
             headers={"content-type": "application/octet-stream", "content-length": str(size),
                      "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
-        return resp.status_code, resp.json()
+        return resp.status_code, response_json(resp)
 
     def publish_ci(self, *, token: str, repository: str, slug: str, version: str, file_name: str, path: Path,
                    sha256: str, blake3_hex: str) -> dict[str, Any]:
@@ -222,10 +221,10 @@ class RegistryClient:
             headers={"authorization": f"Bearer {token}", "x-ato-repository": repository,
                      "content-type": "application/octet-stream", "content-length": str(size),
                      "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
-        return resp.json()
+        return response_json(resp)
 
     def runtime_config(self, publisher: str, slug: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config").json()
+        return response_json(self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config"))
 
 
 def _file_pieces(path: Path) -> Iterator[bytes]:
@@ -238,3 +237,12 @@ def _told(pieces: Iterator[bytes], sent: Callable[[int], None]) -> Iterator[byte
     for piece in pieces:
         sent(len(piece))
         yield piece
+
+
+def response_json(resp: httpx.Response) -> Any:
+    """The body of a registry answer; one that is not JSON is the server's fault (E901), not a crash."""
+    try:
+        return resp.json()
+    except ValueError:
+        raise AtoError(E_SERVER, f"{resp.url} answered HTTP {resp.status_code} with a body that is not JSON",
+                       details={"url": str(resp.url), "status": resp.status_code}) from None

@@ -76,8 +76,9 @@ from starlette.routing import Route
 
 from cas.digest import DigestError, label, parse
 from cas.stoppoints import stop_point
-from pipeline.errors import E_NETWORK, E_POLICY, AtoError, Problem
+from pipeline.errors import E_DISK_FULL, E_NETWORK, E_POLICY, AtoError, Problem, from_os_error, printable
 from pipeline.names import normalize_segment
+from pipeline.nesting import MAX_DEPTH, loads_json
 from pipeline.registry.readme import render_readme
 from pipeline.registry.storage import (
     SEARCH_LIMIT_MAX,
@@ -119,6 +120,16 @@ def error_response(err: RegistryError) -> JSONResponse:
     return json_response(err.body(), err.status)
 
 
+def _os_refusal(exc: BaseException) -> RegistryError | None:
+    """A full disk is 507 (the client may retry elsewhere or later), an over-long name 400: never a 500."""
+    err = from_os_error(exc)
+    if err is None:
+        return None
+    if err.code == E_DISK_FULL:
+        return RegistryError(507, "insufficient_storage", f"the registry's disk is full: {err.message}")
+    return RegistryError(400, "name_too_long", err.message)
+
+
 def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Every route: RegistryError → its JSON body; anything else → 500 JSON, never a traceback page."""
     async def wrapper(request: Request) -> Response:
@@ -128,9 +139,16 @@ def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awa
             return error_response(err)
         except ClientDisconnect:
             return Response(status_code=400)
+        except RecursionError:
+            return error_response(RegistryError(400, "too_deep", f"request nested more than {MAX_DEPTH} levels deep"))
         except Exception as exc:  # noqa: BLE001 - the server must answer, and log
-            log.exception("internal error on %s %s", request.method, request.url.path)
-            return json_response({"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"}, 500)
+            refusal = _os_refusal(exc)
+            if refusal is not None:
+                log.warning("%s %s: %s", request.method, printable(request.url.path), refusal.message)
+                return error_response(refusal)
+            log.exception("internal error on %s %s", request.method, printable(request.url.path))
+            return json_response({"error": "internal_error", "message": printable(f"{type(exc).__name__}: {exc}")},
+                                 500)
     wrapper.__name__ = fn.__name__
     return wrapper
 
@@ -229,8 +247,14 @@ def tokens_equal(expected: str, presented: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(expected.encode()).digest(), hashlib.sha256(presented.encode()).digest())
 
 
-def _bool(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+def _bool(value: str | None, name: str = "flag") -> bool:
+    """A boolean query parameter; anything but the usual spellings is a 400, not a silent false."""
+    text = (value or "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise RegistryError(400, "invalid_parameter", f"{name} must be true or false, got {value!r}")
 
 
 class RegistryApp:
@@ -317,9 +341,11 @@ class RegistryApp:
             if len(body) > limit:
                 raise RegistryError(413, "payload_too_large", "JSON body is too large")
         try:
-            return json.loads(body or b"null")
+            return loads_json(body or b"null", "body")
         except ValueError as exc:
             raise RegistryError(400, "invalid_json", f"body is not JSON: {exc}") from None
+        except AtoError as exc:  # nested too deeply
+            raise RegistryError(400, "too_deep", exc.message) from None
 
     def scope(self, request: Request) -> tuple[str, str, str]:
         p, s = request.path_params["publisher"], request.path_params["slug"]
@@ -373,7 +399,7 @@ class RegistryApp:
         try:
             limit = int(request.query_params.get("limit") or 20)
         except ValueError:
-            limit = 20
+            raise RegistryError(400, "invalid_parameter", "limit must be a whole number") from None
         limit = max(1, min(limit, SEARCH_LIMIT_MAX))
         cursor = request.query_params.get("cursor") or None
 
@@ -564,7 +590,7 @@ class RegistryApp:
             headers[name] = request.headers[name]
         want_sha = bare_hex(headers["x-ato-sha256"], "x-ato-sha256", "sha256")
         want_b3 = bare_hex(headers["x-ato-blake3"], "x-ato-blake3", "blake3")
-        allow = _bool(request.query_params.get("allow_existing"))
+        allow = _bool(request.query_params.get("allow_existing"), "allow_existing")
         tmp = self.store.new_temp()
         try:
             sha, b3, size = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
@@ -661,7 +687,7 @@ class RegistryApp:
             prefix = base64.b64decode(str(body.get("prefix", "")), validate=True)
             suffix = base64.b64decode(str(body.get("suffix", "")), validate=True)
             chunks = [(parse(str(c["raw_hash"])), int(c["raw_size"])) for c in body.get("chunks") or []]
-        except (binascii.Error, ValueError, KeyError, TypeError, DigestError) as exc:
+        except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, DigestError) as exc:
             raise RegistryError(400, "invalid_request", f"malformed commit body: {exc}") from None
         tmp, sha, b3, size = await run_in_threadpool(self.store.reconstruct, session, prefix, suffix, chunks)
         try:
@@ -691,7 +717,7 @@ class RegistryApp:
     async def delete(self, request: Request) -> Response:
         self.require_write(request)
         p, s, _scoped = self.scope(request)
-        if not _bool(request.query_params.get("confirmed")):
+        if not _bool(request.query_params.get("confirmed"), "confirmed"):
             raise RegistryError(400, "confirmation_required", "confirmed=true is required")
         version = request.query_params.get("version") or None
         return json_response(await run_in_threadpool(self.store.delete, p, s, version))

@@ -62,7 +62,7 @@ from cas.stoppoints import stop_point
 from cas.store import CasStore
 from cas.tempfiles import SweepReport, sweep, temp_name, temp_path
 from pipeline import names
-from pipeline.errors import AtoError
+from pipeline.errors import AtoError, printable
 from stages.capsule import Limits, consumer_limits, read_capsule, verify
 from stages.capsule.payload import FrameError, FrameRef, check_frame, decode_frame, read_frame
 from stages.capsule.signature import SignatureInfo, check_signature
@@ -115,7 +115,8 @@ class RegistryError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.code, "message": self.message, **self.extra}
+        """The JSON error body; the message echoes request values, so its control characters are escaped."""
+        return {"error": self.code, "message": printable(self.message), **self.extra}
 
 
 @dataclass
@@ -564,7 +565,7 @@ class RegistryStore:
         """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS."""
         try:
             check_frame(frame, raw_hash, raw_size)
-        except FrameError as exc:
+        except (FrameError, zstandard.ZstdError) as exc:
             raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
         if session is not None:
             sdir = self.session_dir(session)

@@ -24,7 +24,7 @@ from typing import Any
 from cas.atomic import write_bytes_atomic
 from pipeline import config as config_file
 from pipeline import paths
-from pipeline.errors import AtoError, Problem
+from pipeline.errors import E_NETWORK, AtoError, Problem, http_error, network_error
 from pipeline.progress import SILENT, Progress, counted
 
 ENGINE_MISSING = "ATO_ERR_ENGINE_MISSING"
@@ -225,17 +225,17 @@ def install_engine(engine: str = "nacelle", version: str | None = None, reporter
         try:
             return client.get(url)
         except httpx.HTTPError as exc:
-            raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}", details={"url": url}) from None
+            raise network_error(url, exc) from None
 
     with httpx.Client(timeout=60, follow_redirects=True) as client:
         if not version or version == "latest":
             resp = get(client, f"{base}/latest.txt")
             if resp.status_code != 200:
-                raise AtoError("ATO_ERR_NETWORK", f"latest nacelle version download failed with status "
-                                                  f"{resp.status_code}")
+                raise http_error(f"{base}/latest.txt", resp.status_code, "the latest engine version request")
             version = resp.text.strip()
             if not version:
-                raise AtoError("ATO_ERR_NETWORK", "latest nacelle version response was empty")
+                raise AtoError(E_NETWORK, f"{base}/latest.txt answered an empty engine version",
+                               details={"url": f"{base}/latest.txt"})
         if not _VERSION.match(version):
             raise AtoError("E100", f"invalid engine version {version!r}")
         binary = f"nacelle-{version}-{os_name}-{arch}"
@@ -262,13 +262,12 @@ def install_engine(engine: str = "nacelle", version: str | None = None, reporter
         try:
             with client.stream("GET", url) as resp:
                 if resp.status_code != 200:
-                    raise AtoError("ATO_ERR_NETWORK", f"engine download failed with status {resp.status_code}: {url}",
-                                   details={"url": url})
+                    raise http_error(url, resp.status_code, "the engine download")
                 length = resp.headers.get("content-length", "")
                 with reporter.task("Downloading", total=int(length) if length.isdigit() else None) as task:
                     data = b"".join(counted(resp.iter_bytes(), task))
         except httpx.HTTPError as exc:
-            raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}", details={"url": url}) from None
+            raise network_error(url, exc) from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise _integrity(f"SHA256 mismatch for {binary}: expected {expected}, got {actual}; the engine was not "

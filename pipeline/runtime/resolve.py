@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, paths
-from pipeline.errors import E_NOT_FOUND, AtoError
+from pipeline.errors import E_NOT_FOUND, AtoError, http_error, network_error
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 SCOPED_REF = re.compile(r"^@?([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)(?:@([^/\s]+))?$", re.IGNORECASE)
@@ -199,11 +199,11 @@ def fetch_runtime_config(registry: str, publisher: str, slug: str) -> dict[str, 
     try:
         resp = httpx.get(url, headers=headers, timeout=15)
     except httpx.HTTPError as exc:
-        raise AtoError("ATO_ERR_NETWORK", f"cannot reach {url}: {exc}") from None
+        raise network_error(url, exc) from None
     if resp.status_code == 404:
         return {}
     if resp.status_code != 200:
-        raise AtoError("ATO_ERR_NETWORK", f"runtime-config request failed with status {resp.status_code}", details={"url": url})
+        raise http_error(url, resp.status_code, "the runtime-config request")
     try:
         doc = resp.json()
     except ValueError:

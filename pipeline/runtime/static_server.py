@@ -13,6 +13,8 @@ import sys
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
+from pipeline.errors import printable
+
 
 class Handler(SimpleHTTPRequestHandler):
     def translate_path(self, path: str) -> str:
@@ -23,7 +25,7 @@ class Handler(SimpleHTTPRequestHandler):
         return resolved
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+        sys.stderr.write(printable(f"{self.address_string()} {format % args}") + "\n")  # a path can hold escapes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,13 +26,13 @@ import signal
 import sys
 from typing import Any
 
-from pipeline.errors import AtoError
+from pipeline.errors import AtoError, printable
 from pipeline.runtime import containment, table
 from pipeline.runtime.lifecycle import Runner, Unit, grace_seconds
 
 
 def log(message: str) -> None:
-    sys.stderr.write(f"ato: {message}\n")
+    sys.stderr.write(f"ato: {printable(message)}\n")
     sys.stderr.flush()
 
 

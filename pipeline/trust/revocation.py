@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import E_NETWORK, E_USAGE, AtoError
+from pipeline.errors import E_USAGE, AtoError, http_error, network_error
 from pipeline.trust.store import TrustStore
 from stages.capsule.keys import is_did, parse_rfc3339
 
@@ -45,10 +45,10 @@ def fetch(source: str) -> bytes:
             with httpx.Client(timeout=TIMEOUT, follow_redirects=True) as client:
                 resp = client.get(source)
         except httpx.HTTPError as exc:
-            raise AtoError(E_NETWORK, f"cannot fetch revocation list {source}: {exc}",
-                           details={"source": source}) from None
+            raise network_error(source, exc, doing=f"fetch revocation list {source}", source=source) from None
         if resp.status_code != 200:
-            raise AtoError(E_NETWORK, f"cannot fetch revocation list {source}: HTTP {resp.status_code}", details={"source": source, "status": resp.status_code})
+            raise http_error(source, resp.status_code,
+                             message=f"cannot fetch revocation list {source}: HTTP {resp.status_code}")
         if len(resp.content) > MAX_BYTES:
             raise AtoError(E_USAGE, f"revocation list {source} is larger than {MAX_BYTES} bytes")
         return resp.content

@@ -28,6 +28,7 @@ import blake3
 
 from cas.atomic import atomic_writer
 from cas.stoppoints import stop_point
+from pipeline.errors import E_INTEGRITY, E_TRUNCATED
 from stages.capsule import tar_header
 from stages.capsule.errors import CapsuleError
 
@@ -41,8 +42,8 @@ MAX_MEMBER = 16 << 20  # any member but the payload: a 200 MiB payload's chunk l
 COPY = 1 << 20
 
 
-def _fail(message: str, **details: object) -> CapsuleError:
-    return CapsuleError("archive", message, **details)
+def _fail(message: str, *, code: str = E_INTEGRITY, **details: object) -> CapsuleError:
+    return CapsuleError("archive", message, code=code, **details)
 
 
 # ---------------------------------------------------------------- where the bytes come from
@@ -134,7 +135,7 @@ def read_layout(src: Source) -> Layout:
     while True:
         block = src.read_at(offset, BLOCK)
         if len(block) < BLOCK:
-            raise _fail(f"archive is truncated at offset {offset} (size {total})", offset=offset)
+            raise _fail(f"archive is truncated at offset {offset} (size {total})", code=E_TRUNCATED, offset=offset)
         if block == tar_header.ZERO_BLOCK:
             break
         allowed = _expected(len(members))
@@ -161,7 +162,8 @@ def read_layout(src: Source) -> Layout:
         end = data_at + info.size
         pad = (-info.size) % BLOCK
         if end + pad > total:
-            raise _fail(f"member {info.name!r} runs past the end of the file (truncated)", offset=offset)
+            raise _fail(f"member {info.name!r} runs past the end of the file (truncated)", code=E_TRUNCATED,
+                        offset=offset)
         if pad and src.read_at(end, pad) != b"\0" * pad:
             raise _fail(f"padding after member {info.name!r} (offset {end}) is not zero", offset=end)
         members.append(Span(info.name, data_at, info.size))
@@ -174,7 +176,7 @@ def read_layout(src: Source) -> Layout:
     if total != want_total:
         what = "data appended after the archive" if total > want_total else "truncated in its end-of-archive padding"
         raise _fail(f"file is {total} bytes but its members give {want_total} ({what})", size=total,
-                    expected=want_total)
+                    expected=want_total, code=E_INTEGRITY if total > want_total else E_TRUNCATED)
     tail = src.read_at(offset, total - offset)
     if len(tail) != total - offset or tail.count(0) != len(tail):
         raise _fail(f"end-of-archive blocks/padding after offset {offset} are not zero", offset=offset)

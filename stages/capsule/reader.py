@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from pipeline.errors import E_TRUNCATED
 from stages.capsule import signature
 from stages.capsule.archive import (
     MEMBER_ORDER,
@@ -94,7 +95,7 @@ def read_source(src: Source, path: Path | None = None) -> Capsule:
             continue
         data = src.read_at(span.offset, span.size)
         if len(data) != span.size:
-            raise CapsuleError("archive", f"member {span.name} is truncated", member=span.name)
+            raise CapsuleError("archive", f"member {span.name} is truncated", code=E_TRUNCATED, member=span.name)
         raw[span.name] = data
     doc = signature.parse_member(raw[signature.MEMBER])
     small = {n: b for n, b in raw.items() if n != signature.MEMBER}
