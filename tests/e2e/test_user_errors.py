@@ -245,7 +245,7 @@ def test_every_unreachable_host_is_e900_exit_3(ato, tmp_path: Path) -> None:
                  ["fetch", "local/x", "--registry", url], ["inspect", "requirements", "local/x", "--registry", url],
                  ["publish", "--artifact", str(artifact), "--registry", url],
                  ["trust", "revoke", "--from", url + "/revoked.json"],
-                 ["gen-ci", "--ato-version", "1.0.0"]):
+                 ["gen-ci", "--index-url", url + "/simple"]):
         res = ato(args, cwd=src, env={"ATO_RELEASE_BASE_URL": url, "ATO_TOKEN": TOKEN})
         line = one_line_failure(res, "E900", 3)
         assert "network error: cannot " in line, (args, line)
