@@ -30,6 +30,7 @@ import zstandard
 from cas.digest import parse
 from cas.payload_manifest import MAX_CHUNK, PayloadManifest
 from cas.streams import ChunkStream, FileSlice
+from pipeline.errors import E_INTEGRITY, E_NAME_TOO_LONG
 from pipeline.manifest.delivery import SIDECAR_NAME
 from stages.capsule.entries import TreeModel, UnsafeEntry
 from stages.capsule.errors import UNREADABLE_TAR, CapsuleError
@@ -234,9 +235,11 @@ def walk(chunks: Iterator[bytes], on_entry: Callable[[TarReader, object], None] 
 
 
 def refusal(exc: Exception) -> CapsuleError:
-    """The E208 a payload problem found while decoding or walking is reported as."""
+    """The E208 a payload problem found while decoding or walking is reported as (E108 for a name no
+    filesystem holds: the user's to fix, with the code ENAMETOOLONG gets everywhere else)."""
     if isinstance(exc, UnsafeEntry):
-        return CapsuleError("digests", str(exc), reason=exc.reason, path=exc.name[:300])
+        code = E_NAME_TOO_LONG if exc.reason == "name_too_long" else E_INTEGRITY
+        return CapsuleError("digests", str(exc), code=code, reason=exc.reason, path=exc.name[:300])
     if isinstance(exc, TarFormatError):
         return CapsuleError("digests", f"payload.tar.zst is not a readable tar: {exc}", reason=UNREADABLE_TAR)
     return CapsuleError("digests", str(exc))

@@ -26,7 +26,7 @@ from pathlib import Path
 import blake3
 
 from cas.streams import ChunkStream, FileSlice
-from pipeline.errors import E_USAGE, AtoError
+from pipeline.errors import E_DISK_FULL, E_NAME_TOO_LONG, E_USAGE, AtoError
 from stages.capsule.entries import DIR_MODE, Placed, TreeModel, UnsafeEntry
 from stages.capsule.errors import CapsuleError
 from stages.capsule.payload import READ, PayloadCorrupt, iter_chunks, refusal
@@ -35,7 +35,6 @@ from stages.capsule.reader import Capsule
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-E_NO_SPACE = E_USAGE  # replaced by the disk-full code once the error table has one
 
 
 @dataclass
@@ -51,7 +50,7 @@ def check_free_space(dest: Path, needed: int) -> None:
     st = os.statvfs(dest)
     free = st.f_bavail * st.f_frsize
     if free < needed:
-        raise AtoError(E_NO_SPACE, f"not enough free space to unpack: the payload needs up to {needed} bytes, "
+        raise AtoError(E_DISK_FULL, f"not enough free space to unpack: the payload needs up to {needed} bytes, "
                                    f"{dest} has {free} free", details={"path": str(dest), "needed": needed,
                                                                        "free": free},
                        hint="free some disk space (ato cas gc drops unused chunks) and retry")
@@ -187,13 +186,14 @@ def unpack_payload(capsule: Capsule, dest: Path, *, durable: bool = False) -> Un
 
 def _os_error(exc: OSError, dest: Path) -> AtoError:
     if exc.errno == errno.ENOSPC:
-        return AtoError(E_NO_SPACE, f"the disk filled up while unpacking into {dest}",
+        return AtoError(E_DISK_FULL, f"the disk filled up while unpacking into {dest}",
                         details={"path": str(dest)}, hint="free some disk space and retry")
     if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
         return CapsuleError("digests", f"refusing to unpack: an entry would be written through a symlink or over "
                                        f"another entry ({exc.strerror})", reason="unsafe_entry")
     if exc.errno == errno.ENAMETOOLONG:
-        return CapsuleError("digests", "a payload path is too long for this filesystem", reason="name_too_long")
+        return CapsuleError("digests", "a payload path is too long for this filesystem", code=E_NAME_TOO_LONG,
+                            reason="name_too_long")
     return AtoError(E_USAGE, f"cannot unpack into {dest}: {exc.strerror}", details={"path": str(dest)})
 
 

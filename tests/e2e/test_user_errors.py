@@ -202,7 +202,8 @@ def test_a_300_character_member_name_is_e108(ato, tmp_path: Path) -> None:
     artifact = forge_capsule(tmp_path / "long.capsule", "long", "0.1.0",
                              members=[("main.py", b"print(1)\n"), ("d/" + "n" * 300 + ".txt", b"x")])
     line = one_line_failure(ato(["fetch", str(artifact)]), "E108")
-    assert "(304 bytes)" in line and ".ato-tmp" not in line  # names the member, not a temp path
+    assert "over 255 bytes" in line and ".ato-tmp" not in line  # names the member, not a temp path
+    one_line_failure(ato(["verify", str(artifact)]), "E108")
     one_line_failure(ato(["run", str(artifact), "--yes", "--allow-unsigned"]), "E108")
     assert list(tempfiles.find(Path(os.environ["ATO_HOME"]), recursive=True)) == []
 
