@@ -28,6 +28,20 @@ def cli_path(name: str) -> str:
     return found
 
 
+def home_env(root: Path) -> dict[str, str]:
+    """The environment of another machine's user whose home is ``root``."""
+    return {"HOME": str(root), "ATO_HOME": str(root / ".ato"), "XDG_DATA_HOME": str(root / ".local" / "share")}
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc (R, S, T stopped, Z zombie ...); None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return None
+    return stat[stat.rfind(b")") + 2:][:1].decode()
+
+
 @dataclass
 class Result:
     code: int

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cas import tempfiles
 from cas.atomic import write_bytes_atomic
+from tests.conftest import process_state
 
 
 def test_names_are_recognizable_and_fit_any_filesystem(tmp_path: Path) -> None:
@@ -42,11 +43,6 @@ def test_an_atomic_write_that_fails_leaves_no_temp(tmp_path: Path) -> None:
     assert target.read_bytes() == b"whole" and list((tmp_path / "tmp").iterdir()) == []
 
 
-def _state(pid: int) -> str:
-    stat = Path(f"/proc/{pid}/stat").read_bytes()
-    return stat[stat.rfind(b")") + 2:][:1].decode()
-
-
 def wait_for(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -63,11 +59,11 @@ def test_a_killed_writers_temp_is_swept_even_before_it_is_reaped(tmp_path: Path)
         os.kill(os.getpid(), signal.SIGSTOP)
     """)])
     try:
-        wait_for(lambda: _state(child.pid) == "T")  # it wrote its temp file and stopped itself
+        wait_for(lambda: process_state(child.pid) == "T")  # it wrote its temp file and stopped itself
         (left,) = tempfiles.find(tmp_path)
         assert tempfiles.sweep([tmp_path]).kept_live == 1 and left.exists()  # stopped, not dead: kept
         os.kill(child.pid, signal.SIGKILL)
-        wait_for(lambda: _state(child.pid) == "Z")  # a zombie: killed, not reaped by its parent (this test) yet
+        wait_for(lambda: process_state(child.pid) == "Z")  # a zombie: killed, not reaped by its parent (this test) yet
         report = tempfiles.sweep([tmp_path])
         assert report.removed == [str(left)] and report.bytes_freed == len(b"partial")
     finally:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
 from pipeline.manifest import Manifest
@@ -636,8 +635,8 @@ def state_env(m: Manifest) -> dict[str, str]:
 
 def sandbox_wrap(launch: Launch, m: Manifest, engine: Path, provisioned: list[Path]) -> None:
     """Rewrite every unit of ``launch`` into an engine exec request (files in a private 0700 dir)."""
-    request_dir = _ensure_private(paths.run_dir() / "requests") / temp_name("requests")
-    os.mkdir(request_dir, 0o700)
+    # not a cas.tempfiles name: the detached supervisor, not this process, reads and removes it
+    request_dir = Path(tempfile.mkdtemp(prefix="requests-", dir=_ensure_private(paths.run_dir() / "requests")))
     launch.request_dir = str(request_dir)
     launch.engine_path = str(engine)
     project = m.project_dir.resolve()

@@ -31,25 +31,17 @@ import pytest
 
 from cas import tempfiles
 from cas.stoppoints import ENV as STOP_AT
-from tests.conftest import assert_schema, cli_path
+from tests.conftest import assert_schema, cli_path, home_env, process_state
 from tests.e2e.registry_support import TOKEN, Registry, digests, install_flags, make_project
 
 DEADLINE = 120.0
-
-
-def _state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except FileNotFoundError:
-        return None
-    return stat[stat.rfind(b")") + 2:].split()[0].decode()
 
 
 def wait_stopped(proc: subprocess.Popen, what: str, log: Path | None = None) -> None:
     """Wait (generously) until ``proc`` has frozen itself at its stop point."""
     deadline = time.monotonic() + DEADLINE
     while time.monotonic() < deadline:
-        if _state(proc.pid) == "T":
+        if process_state(proc.pid) == "T":
             return
         if proc.poll() is not None:
             detail = log.read_text(errors="replace")[-2000:] if log else ""
@@ -75,10 +67,6 @@ def ato_killed_at(point: str, args: list[str], *, env: dict[str, str], cwd: Path
     finally:
         if proc.poll() is None:
             kill9(proc)
-
-
-def home_env(root: Path) -> dict[str, str]:
-    return {"HOME": str(root), "ATO_HOME": str(root / ".ato"), "XDG_DATA_HOME": str(root / ".local" / "share")}
 
 
 def temps(*roots: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from cas import tempfiles
-from tests.conftest import Result, cli_path
+from tests.conftest import Result, cli_path, home_env
 from tests.e2e.registry_support import TOKEN, Registry, forge_capsule, install_flags
 
 MANIFEST_HEAD = """\
@@ -46,10 +46,6 @@ def one_line_failure(res: Result, code: str, exit_code: int = 1) -> str:
     assert len(lines) == 1 and lines[0].startswith(f"error[{code}]: "), res.stderr
     assert "Traceback" not in res.stderr and "E999" not in res.stderr
     return lines[0]
-
-
-def home_env(root: Path) -> dict[str, str]:
-    return {"HOME": str(root), "ATO_HOME": str(root / ".ato"), "XDG_DATA_HOME": str(root / ".local" / "share")}
 
 
 def project(root: Path, name: str, body: str = "", files: dict[str, bytes] | None = None) -> Path:
