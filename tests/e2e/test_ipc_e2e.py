@@ -9,13 +9,16 @@ provider stops after both consumers have exited.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import assert_schema
 from tests.e2e.test_run_e2e import Proc, register_engine, write
+from tests.e2e.test_run_teardown import assert_all_gone, descendants
 from tests.ipc_support import GREET_IN, GREET_OUT, PROVIDER_PY, alive, call, received, wait_until
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None or shutil.which("python3") is None,
@@ -200,3 +203,35 @@ def test_close_of_a_background_consumer_leaves_no_provider(ato, tmp_path: Path, 
     provider_pid = svc["provider"]["pid"]
     assert ato(["close", "--id", consumer]).code == 0
     wait_until(lambda: not alive(provider_pid), timeout=120, what="the provider to stop once its consumer closed")
+
+
+def test_sigint_on_a_consumer_stops_its_provider_after_the_grace_and_leaves_nothing(ato, tmp_path: Path,
+                                                                                  running) -> None:
+    provider_project(tmp_path / "greeter", idle=1)
+    c_dir = consumer_project(tmp_path / "c", "di")
+    c = running(c_dir)
+    token = endpoint(c)["token"]
+    assert line_json(c, "GREETING")["result"] == {"greeting": "hello di"}
+    assert line_json(c, "BAD")["error"]["code"] == -32003
+    svc = wait_until(lambda: (ps_ipc(ato)["ipc"]["services"] or [None])[0], what="the provider to be counted")
+    assert svc["consumer_count"] == 1
+    record = next(r for r in ps_ipc(ato)["processes"] if r["id"] == svc["provider"]["run_id"])
+    provider_tree = {record["supervisor_pid"]: "provider supervisor", **descendants(record["supervisor_pid"])}
+    assert svc["provider"]["pid"] in provider_tree
+    consumer_tree = wait_until(lambda: (d := descendants(c.p.pid)) and len(d) >= 2 and d, what="the consumer's tree")
+
+    os.kill(c.p.pid, signal.SIGINT)  # Ctrl-C on the consumer's ato run
+    assert c.wait(timeout=120) == 130
+    assert_all_gone(consumer_tree, within=60)
+    # the provider outlives its consumer by its grace period (idle_timeout = 1), then every process of it goes
+    wait_until(lambda: not alive(svc["provider"]["pid"]), timeout=120, what="the provider to stop after its grace")
+    assert_all_gone(provider_tree, within=60)
+    final = ps_ipc(ato)
+    assert next(r for r in final["processes"] if r["id"] == record["id"])["status"] == "stopped"
+    assert all(s["consumer_count"] == 0 for s in final["ipc"]["services"])
+
+    # the schema violation was logged by the broker (code and reason, never the token or the values)
+    log = (Path(os.environ["ATO_HOME"]) / "run" / "ipc" / "broker.log").read_text()
+    refused = [line for line in log.splitlines() if " refused " in line and "code=-32003" in line]
+    assert refused and "method=greet" in refused[0], log
+    assert token not in log
