@@ -49,6 +49,8 @@ _ROWS = [
     ErrorCode("E108", EXIT_USER, "a file or member name is too long for the filesystem (ENAMETOOLONG)"),
     ErrorCode("CAPSULE_TOML_NOT_FOUND", EXIT_USER, "no `capsule.toml` where one was expected"),
     ErrorCode("TARGET_NOT_FOUND", EXIT_USER, "the manifest has no target of that name"),
+    ErrorCode("CAPSULE_TOML_EXISTS", EXIT_USER, "`ato init` would overwrite an existing `capsule.toml` "
+                                                "(pass `--force`)"),
     # registry, store and trust
     ErrorCode("E201", EXIT_USER, "a registry write needs a token (`ATO_TOKEN`), or the token was rejected"),
     ErrorCode("E202", EXIT_USER, "that version is already published (next actions are in the message)"),
@@ -120,6 +122,7 @@ E_LOCKFILE = "E102"  # manual intervention needed (also: a build or finalize com
 E_STRICT_FALLBACK = "E106"
 E_NAME_TOO_LONG = "E108"
 E_NOT_FOUND = "CAPSULE_TOML_NOT_FOUND"
+E_MANIFEST_EXISTS = "CAPSULE_TOML_EXISTS"
 E_TARGET_NOT_FOUND = "TARGET_NOT_FOUND"
 E_AUTH_REQUIRED = "E201"
 E_VERSION_CONFLICT = "E202"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,16 @@ from cas.store import CasStore
 from cas.tempfiles import sweep, temp_path
 from pipeline import paths
 from pipeline.envelope import validate
-from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
-from pipeline.manifest import Manifest, load_manifest
+from pipeline.errors import (
+    E_ENTRYPOINT,
+    E_LOCKFILE,
+    E_MANIFEST,
+    E_PAYLOAD_TOO_LARGE,
+    E_STRICT_FALLBACK,
+    E_USAGE,
+    AtoError,
+)
+from pipeline.manifest import Manifest, load_manifest, relpath
 from pipeline.progress import SILENT, Progress, human_bytes
 from stages import native_build
 from stages.capsule import archive, distribution, keys, signature
@@ -40,6 +49,7 @@ from stages.sources import DigestCache, PackFilter, SourceEntry, collect, genera
 BUILD_FORMAT = "ato-build/1"
 SCHEMA_VERSION = "0.1"
 MAX_PAYLOAD_BYTES = 200 * 1024 * 1024
+BUILD_HOOK_TIMEOUT = 3600
 _TRUTHY = {"1", "true", "yes", "on"}
 _FALSY = {"0", "false", "no", "off", ""}
 
@@ -121,7 +131,9 @@ def _check_entrypoint(manifest: Manifest, entries: list[SourceEntry]) -> None:
     looks_like_file = "/" in ep or "." in ep.rsplit("/", 1)[-1]
     if not looks_like_file:
         return
-    rel = ep[2:] if ep.startswith("./") else ep
+    rel = relpath.normalize(ep)
+    if not rel:  # "." or "./": the project root itself
+        return
     names = {e.relpath for e in entries}
     if rel not in names and not any(n.startswith(rel.rstrip("/") + "/") for n in names):
         raise AtoError(E_ENTRYPOINT, f"{manifest.path.name}: entrypoint {ep!r} is not in the payload "
@@ -154,6 +166,42 @@ def _resolve_source_digest(manifest: Manifest, strict: bool, store: CasStore,
         return None
 
 
+def build_hook(manifest: Manifest) -> list[str] | None:
+    """``[build.lifecycle].build`` as argv: a string runs under ``sh -c``, a list as is; None when unset."""
+    lifecycle = manifest.build.get("lifecycle")
+    hook = lifecycle.get("build") if isinstance(lifecycle, dict) else None
+    if isinstance(hook, str) and hook.strip():
+        return ["/bin/sh", "-c", hook]
+    if isinstance(hook, list) and hook and all(isinstance(x, str) and x for x in hook):
+        return list(hook)
+    if hook is not None:
+        raise AtoError(E_MANIFEST, f"{manifest.path.name}: build.lifecycle.build: expected a command string or a "
+                                   "non-empty list of strings")
+    return None
+
+
+def run_build_hook(manifest: Manifest) -> list[str] | None:
+    """Run the project's build command in its directory before the source set is collected, so the
+    payload holds what it built (a compiled program, a bundle). Its output is shown only when it fails."""
+    cmd = build_hook(manifest)
+    if cmd is None:
+        return None
+    shown = cmd[-1] if cmd[:2] == ["/bin/sh", "-c"] else " ".join(cmd)
+    try:
+        proc = subprocess.run(cmd, cwd=manifest.project_dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=BUILD_HOOK_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AtoError(E_LOCKFILE, f"build.lifecycle.build `{shown}` could not run: {exc}",
+                       details={"command": cmd}) from None
+    if proc.returncode != 0:
+        output = proc.stdout.decode("utf-8", "replace")
+        tail = [ln.strip() for ln in output.splitlines() if ln.strip()][-3:]
+        raise AtoError(E_LOCKFILE, f"build.lifecycle.build `{shown}` failed with status {proc.returncode}"
+                                   + (f": {' | '.join(tail)}" if tail else ""),
+                       details={"command": cmd, "exit_code": proc.returncode, "output_tail": output[-2000:]})
+    return cmd
+
+
 def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     manifest = load_manifest(project_dir)
     warnings = list(getattr(manifest, "warnings", []) or [])
@@ -165,6 +213,7 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     if source_payload is not None:
         entries, stored_files = list_stored_payload(store, source_payload)
     else:
+        run_build_hook(manifest)  # [build.lifecycle].build: the project's own build (e.g. make)
         native_build.prepare(manifest)  # native targets: run the command-mode build, check the app it made
         pack = manifest.pack
         entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),

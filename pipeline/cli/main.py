@@ -45,12 +45,14 @@ COMMANDS: dict[str, str] = {
     "gen-ci": "pipeline.cli.gen_ci",
     "source": "pipeline.cli.source",
     "completion": "pipeline.cli.completion",
+    "init": "pipeline.cli.init",
+    "lock": "pipeline.cli.init",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
 # `ato --help` lists the commands under these titles, in this order (deprecated ones are hidden).
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Build & publish": ("build", "publish", "gen-ci"),
+    "Build & publish": ("init", "lock", "build", "publish", "gen-ci"),
     "Install & run": ("install", "run", "ps", "logs", "close", "sync"),
     "Manage": ("config", "engine", "cas", "completion"),
     "Registry & Store": ("search", "registry", "login", "whoami", "logout", "source"),

@@ -20,6 +20,7 @@ from cas.canonical import jcs_digest
 from pipeline import paths
 from pipeline.errors import AtoError, Problem
 from pipeline.runtime.router import Route
+from stages.project_lock import find_lockfile
 
 MISSING_ENV = "ATO_ERR_MISSING_REQUIRED_ENV"
 POLICY = "ATO_ERR_POLICY_VIOLATION"
@@ -69,14 +70,6 @@ def check_required_env(route: Route, env_sources: list[dict[str, str]]) -> None:
 # ------------------------------------------------------------------ lockfiles
 
 
-def _find(project_dir: Path, names: tuple[str, ...]) -> Path | None:
-    for base in (project_dir, project_dir / "source"):
-        for name in names:
-            if (base / name).is_file():
-                return base / name
-    return None
-
-
 def required_lockfiles(route: Route) -> list[tuple[str, tuple[str, ...]]]:
     """(what, accepted file names) pairs the route needs, per seed 000's tier list."""
     driver = route.driver
@@ -96,7 +89,7 @@ def check_lockfiles(route: Route, project_dir: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     problems = []
     for what, names in required_lockfiles(route):
-        path = _find(project_dir, names)
+        path = find_lockfile(project_dir, names)
         if path is None:
             problems.append(Problem(LOCK_INCOMPLETE, f"{what} is required for {route.pair} execution",
                                     {"lockfile": names[0], "accepted": list(names), "target": route.label,
