@@ -8,6 +8,7 @@ It also sweeps the temp files killed processes left in the store (:mod:`cas.temp
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ class GcReport:
     manifests_removed: int
     objects_removed: int
     objects_kept: int
-    bytes_freed: int
+    bytes_freed: int  # the objects' sizes
     temps_removed: int = 0
     temp_bytes_freed: int = 0
+    disk_bytes_freed: int = 0  # disk usage given back (blocks, what `du` counts), manifests included
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -41,6 +43,7 @@ def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = Fa
     with store.exclusive():
         live: set[str] = set()
         manifests_removed = 0
+        disk = 0
         for artifact_hash in list(store.iter_manifest_hashes()):
             if artifact_hash in root_set:
                 try:
@@ -49,6 +52,8 @@ def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = Fa
                     pass
                 continue
             manifests_removed += 1
+            with contextlib.suppress(OSError):
+                disk += store.manifest_path(artifact_hash).stat().st_blocks * 512
             if not dry_run:
                 store.manifest_path(artifact_hash).unlink(missing_ok=True)
         removed = kept = freed = 0
@@ -57,12 +62,15 @@ def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = Fa
                 kept += 1
                 continue
             removed += 1
-            freed += store.objects.path(hex_digest).stat().st_size if dry_run else store.objects.remove(hex_digest)
+            path = store.objects.path(hex_digest)
+            with contextlib.suppress(OSError):
+                disk += path.stat().st_blocks * 512
+            freed += path.stat().st_size if dry_run else store.objects.remove(hex_digest)
         temps = sweep([store.root], recursive=True, dry_run=dry_run)
         if not dry_run:
             _remove_legacy_temps(store)
     return GcReport(dry_run, len(root_set), manifests_removed, removed, kept, freed, len(temps.removed),
-                    temps.bytes_freed)
+                    temps.bytes_freed, disk)
 
 
 def _remove_legacy_temps(store: CasStore) -> None:

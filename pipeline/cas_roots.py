@@ -11,6 +11,7 @@ only entries whose owner process is gone count (``cas.tempfiles``).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
@@ -20,9 +21,15 @@ from pipeline.errors import E_INTEGRITY, AtoError
 from stages.capsule import read_capsule
 
 
-def _from_build_records() -> list[str]:
+def _excluded(path: Path, excluded: frozenset[str]) -> bool:
+    return str(path) in excluded
+
+
+def _from_build_records(excluded: frozenset[str] = frozenset()) -> list[str]:
     out = []
     for record in sorted(paths.build_cache_dir().glob("*/payload.json")):
+        if _excluded(record.parent, excluded):
+            continue
         try:
             out.append(json.loads(record.read_bytes())["artifact_hash"])
         except (ValueError, KeyError, OSError) as exc:
@@ -31,17 +38,21 @@ def _from_build_records() -> list[str]:
     return out
 
 
-def _from_capsules(root: Path) -> list[str]:
+def _from_capsules(root: Path, excluded: frozenset[str] = frozenset()) -> list[str]:
     out = []
     for capsule in sorted(root.rglob("*.capsule")) if root.is_dir() else []:
+        if _excluded(capsule, excluded):
+            continue
         out.append(read_capsule(capsule).payload_manifest.artifact_hash)
     return out
 
 
-def _from_fetches() -> list[str]:
+def _from_fetches(excluded: frozenset[str] = frozenset()) -> list[str]:
     out = []
     root = paths.fetches_dir()
     for manifest in sorted(root.glob("*/artifact/payload.v3.manifest.json")) if root.is_dir() else []:
+        if _excluded(manifest.parent.parent, excluded):
+            continue
         try:
             out.append(PayloadManifest.from_json(json.loads(manifest.read_bytes())).artifact_hash)
         except (ValueError, PayloadManifestError) as exc:
@@ -49,8 +60,11 @@ def _from_fetches() -> list[str]:
     return out
 
 
-def live_payloads() -> list[str]:
-    return sorted(set(_from_build_records() + _from_capsules(paths.store_dir()) + _from_fetches()))
+def live_payloads(excluded: Iterable[Path | str] = ()) -> list[str]:
+    """Every payload still in use; ``excluded`` (store capsules, fetch dirs, build state dirs) are treated
+    as already gone, so a dry run of a removal reports what the CAS would then free."""
+    gone = frozenset(str(p) for p in excluded)
+    return sorted(set(_from_build_records(gone) + _from_capsules(paths.store_dir(), gone) + _from_fetches(gone)))
 
 
 def sweep_temps(*, dry_run: bool = False, skip: Path | None = None) -> SweepReport:

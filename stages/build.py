@@ -8,6 +8,7 @@ do the expensive work only when those digests changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -202,12 +203,23 @@ def run_build_hook(manifest: Manifest) -> list[str] | None:
     return cmd
 
 
+def _note_project(state_dir: Path, project: Path) -> None:
+    """``project.json``: which project a build state dir belongs to (``ato gc`` drops those of removed projects)."""
+    data = json.dumps({"project_dir": str(project)}, sort_keys=True).encode()
+    path = state_dir / "project.json"
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:
+            return
+    write_bytes_atomic(path, data)
+
+
 def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     manifest = load_manifest(project_dir)
     warnings = list(getattr(manifest, "warnings", []) or [])
     store = CasStore(paths.cas_root())
     key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
     state_dir = paths.build_cache_dir() / key
+    _note_project(state_dir, manifest.project_dir.resolve())
     source_payload = _resolve_source_digest(manifest, options.strict_v3, store, warnings)
     stored_files = None
     if source_payload is not None:

@@ -25,6 +25,7 @@ from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError, http_error, network_error
 from pipeline.progress import SILENT, Progress
+from stages import installed
 from stages.trust_port import TrustPort
 
 DEFAULT_GITHUB_API = "https://api.github.com"
@@ -146,4 +147,8 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
     }
     if checked is not None:
         doc.update(checked)
-    return validate(doc, "install")
+    validate(doc, "install")
+    from stages.install import capsule_type
+
+    installed.write_record({**doc, "registry": f"github:{repo}", "capsule_type": capsule_type(target)})
+    return doc

@@ -62,6 +62,7 @@ from pipeline import names, paths
 from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.progress import SILENT, Progress, counted
+from stages import installed
 from stages.capsule import Limits, Verdict, read_capsule, verify, verify_skeleton
 from stages.capsule.payload import FrameRef, stream_frames
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
@@ -439,7 +440,8 @@ class _Release:
     expect: _Expect
 
 
-def _release(client: RegistryPort, publisher: str, slug: str, wanted: str | None) -> _Release:
+def latest_release(client: RegistryPort, publisher: str, slug: str) -> tuple[dict[str, Any], str]:
+    """(the capsule's detail, its newest installable version) from the registry; E100 when it has neither."""
     scoped = f"{publisher}/{slug}"
     try:
         detail = client.detail(publisher, slug)
@@ -447,7 +449,13 @@ def _release(client: RegistryPort, publisher: str, slug: str, wanted: str | None
         if exc.status == 404:
             raise AtoError(E_USAGE, f"capsule {scoped} was not found in registry {client.base}") from None
         raise
-    target_version = wanted or str(detail.get("latestVersion") or detail.get("latest_version") or "")
+    return detail, str(detail.get("latestVersion") or detail.get("latest_version") or "")
+
+
+def _release(client: RegistryPort, publisher: str, slug: str, wanted: str | None) -> _Release:
+    scoped = f"{publisher}/{slug}"
+    detail, latest = latest_release(client, publisher, slug)
+    target_version = wanted or latest
     if not target_version:
         raise AtoError(E_USAGE, f"No installable version available for {scoped!r}")
     try:
@@ -517,7 +525,15 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
     }
     if checked is not None:
         doc.update(checked)
-    return validate(doc, "install")
+    validate(doc, "install")
+    installed.write_record({**doc, "capsule_type": capsule_type(target)})  # the ownership record (ato list)
+    return doc
+
+
+def capsule_type(path: Path) -> str | None:
+    """``type`` of a stored artifact's manifest (app, tool, ...)."""
+    value = read_capsule(path).manifest.get("type")
+    return value if isinstance(value, str) else None
 
 
 def _accept(path: Path, scoped: str, trust: TrustPort | None) -> dict[str, Any] | None:

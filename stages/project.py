@@ -506,6 +506,12 @@ def _removal_plan(record: dict[str, Any]) -> list[Path]:
     return remove
 
 
+def check_unproject(record: dict[str, Any]) -> list[Path]:
+    """What unproject would remove for ``record``; raises (removing nothing) when a launcher or command
+    path is no longer exactly what project created (uninstall checks every record before it starts)."""
+    return _removal_plan(record)
+
+
 def unproject(ref: str) -> dict[str, Any]:
     with _locked():
         meta, record = _find(ref)

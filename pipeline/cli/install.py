@@ -9,6 +9,7 @@ import click
 from pipeline.cli.common import emit, info, json_mode, json_option, registry_option, resolve_registry
 from pipeline.cli.help import examples
 from pipeline.cli.progress import reporter
+from pipeline.errors import E_USAGE, AtoError
 from pipeline.progress import human_bytes
 
 
@@ -20,7 +21,7 @@ def _trust_line(doc: dict) -> str:
 
 
 @click.command("install", epilog=examples("ato install acme/hello --registry http://127.0.0.1:18787",
-                                         "ato install acme/hello@1.2.0 --yes --json"))
+                                         "ato install acme/tool@1.2.0 --bin --yes   # and put its command on PATH"))
 @click.argument("ref", required=False, metavar="PUBLISHER/SLUG[@VERSION]")
 @click.option("--from-gh-repo", "gh_repo", metavar="OWNER/REPO",
               help="Download the GitHub repository archive ($ATO_GITHUB_API_URL), build it and install it.")
@@ -34,35 +35,26 @@ def _trust_line(doc: dict) -> str:
               help="Native apps: add (or do not add) a launcher projection (default: with --yes, or ask on a TTY).")
 @click.option("--force-large-payload", is_flag=True,
               help="Accept a payload that decodes to more than the ceiling (200 MiB unless configured).")
+@click.option("--bin", "bin_", is_flag=True,
+              help="A tool capsule (type = \"tool\"): put its command on PATH as ~/.local/bin/<slug> (removed by "
+                   "ato uninstall).")
 @json_option
 def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, version: str | None,
-                allow_unsigned: bool, yes: bool, project: bool | None, force_large_payload: bool) -> None:
+                allow_unsigned: bool, yes: bool, project: bool | None, force_large_payload: bool,
+                bin_: bool) -> None:
     """Install a capsule from a registry, downloading only missing chunks.
 
     The artifact is verified (size, SHA-256, BLAKE3, signature, trust) before it is stored
     under $ATO_HOME/store.
     """
     if gh_repo is not None:
-        if ref or registry or version:
-            raise click.UsageError("--from-gh-repo cannot be combined with a REF, --registry or --version")
+        if ref or registry or version or bin_:
+            raise click.UsageError("--from-gh-repo cannot be combined with a REF, --registry, --version or --bin")
         return _install_gh(gh_repo, allow_unsigned, yes, force_large_payload)
     if not ref:
         raise click.UsageError("missing REF (publisher/slug) or --from-gh-repo owner/repo")
-    from pipeline.cli.trust import artifact_trust, tty_consent
-    from pipeline.native_delivery import NativeInstall
-    from pipeline.registry.client import RegistryClient
-    from stages.install import install
-
-    # issue 4: a native artifact (payload ato.delivery.toml) needs consent before it is stored, then
-    # fetch -> finalize -> project after the standard install
-    native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
-    # issues 6 and 12: the format's verifier, the signature and the trust decision, judged on the
-    # skeleton before any chunk is downloaded and on the whole artifact before it enters the store
-    trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
-    with reporter(json=json_mode()) as progress:
-        doc = install(ref, resolve_registry(registry), version, connect=RegistryClient,
-                      token=os.environ.get("ATO_TOKEN"), progress=info, trust=native.wrap(trust), reporter=progress)
-    doc = native.complete(doc)
+    doc = install_one(ref, resolve_registry(registry), version, allow_unsigned=allow_unsigned, yes=yes,
+                      project=project, bin_=bin_, force_large_payload=force_large_payload)
     t = doc["transfer"]
     if doc["up_to_date"]:
         how = "already installed (nothing downloaded)"
@@ -80,8 +72,57 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
         f"  Run:  ato run {doc['scoped_id']} --registry {doc['registry']}" if doc["install_kind"] == "Standard"
         else f"  App:  {doc['launchable']['DerivedApp']['path']} (locally finalized; projection "
              f"{doc['projection']['state']})",
+        *[f"  Command: {launcher['path']}" for launcher in doc.get("launchers") or []],
     ])
     emit(doc, "install", human)
+
+
+def install_one(ref: str, registry: str, version: str | None, *, allow_unsigned: bool, yes: bool,
+                project: bool | None, bin_: bool, force_large_payload: bool = False,
+                shim_flags: list[str] | None = None) -> dict:
+    """One verified install (standard or native), its ownership record, and with ``bin_`` its PATH shim
+    (``shim_flags``: an upgrade keeps the flags the previous version's shim had)."""
+    from pipeline.cli.trust import artifact_trust, tty_consent
+    from pipeline.native_delivery import NativeInstall
+    from pipeline.registry.client import RegistryClient
+    from stages import installed
+    from stages.install import install
+
+    # issue 4: a native artifact (payload ato.delivery.toml) needs consent before it is stored, then
+    # fetch -> finalize -> project after the standard install
+    native = NativeInstall(yes=yes, project=project, interactive=not json_mode(), ask=tty_consent, notify=info)
+    # issues 6 and 12: the format's verifier, the signature and the trust decision, judged on the
+    # skeleton before any chunk is downloaded and on the whole artifact before it enters the store
+    trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
+    with reporter(json=json_mode()) as progress:
+        doc = install(ref, registry, version, connect=RegistryClient,
+                      token=os.environ.get("ATO_TOKEN"), progress=info, trust=native.wrap(trust), reporter=progress)
+    doc = native.complete(doc)
+    if doc["install_kind"] != "Standard":
+        installed.write_record(doc)  # the derived app and fetch belong to this version now
+    if bin_ or shim_flags is not None:
+        flags = shim_flags if shim_flags is not None else \
+            (["--allow-unsigned"] if allow_unsigned else []) + (["--yes"] if yes else [])
+        doc["launchers"] = [expose_command(doc, flags)]
+    return doc
+
+
+def expose_command(doc: dict, flags: list[str]) -> dict:
+    """``~/.local/bin/<slug>``: a shim that runs exactly this installed version (pipx-style)."""
+    import sys
+
+    from pipeline import paths
+    from stages import installed
+
+    entry = next(e for e in installed.scan(doc["scoped_id"]) if e.version == doc["version"])
+    kind = (entry.record or {}).get("type")
+    if kind != "tool":
+        raise AtoError(E_USAGE, f"{doc['scoped_id']} {doc['version']} was installed, but it is type "
+                                f"{kind or 'unknown'!r}: only type = \"tool\" capsules are put on PATH",
+                       hint=f"run it with `ato run {doc['scoped_id']}`")
+    data = installed.shim_text(scoped_id=doc["scoped_id"], version=doc["version"], python=sys.executable,
+                               ato_home=str(paths.ato_home().absolute()), flags=flags)
+    return installed.place_shim(entry, data, doc["slug"], flags)
 
 
 def _install_gh(repo: str, allow_unsigned: bool, yes: bool, force_large_payload: bool) -> None:

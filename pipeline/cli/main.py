@@ -47,6 +47,10 @@ COMMANDS: dict[str, str] = {
     "completion": "pipeline.cli.completion",
     "init": "pipeline.cli.init",
     "lock": "pipeline.cli.init",
+    "list": "pipeline.cli.manage",
+    "uninstall": "pipeline.cli.manage",
+    "upgrade": "pipeline.cli.manage",
+    "gc": "pipeline.cli.manage",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
@@ -54,7 +58,7 @@ COMMAND_MODULES = sorted(set(COMMANDS.values()))
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Build & publish": ("init", "lock", "build", "publish", "gen-ci"),
     "Install & run": ("install", "run", "ps", "logs", "close", "sync"),
-    "Manage": ("config", "engine", "cas", "completion"),
+    "Manage": ("list", "upgrade", "uninstall", "gc", "config", "engine", "cas", "completion"),
     "Registry & Store": ("search", "registry", "login", "whoami", "logout", "source"),
     "Trust": ("key", "sign", "verify", "trust"),
     "Advanced": ("inspect", "fetch", "finalize", "project", "unproject"),

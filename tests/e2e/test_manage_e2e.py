@@ -1,0 +1,275 @@
+"""Managing what is installed, against a real `ato registry serve`: `ato list`, `install --bin` shims,
+`ato upgrade` (delta, --keep), `ato uninstall` (files and launchers checked on disk), `ato gc --keep-last`
+with the bytes it reports compared with `du`, and the safety rules (ownership, symlinks, interrupted runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import assert_schema, cli_path
+from tests.e2e.registry_support import TOKEN, Registry
+
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None or shutil.which("npm") is None, reason="node and npm are not installed")
+OFFLINE = {"ATO_OFFLINE": "1"}
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    reg = Registry(tmp_path / "registry-data", token=TOKEN)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def consumer(tmp_path: Path) -> dict[str, str]:
+    """Another machine's HOME: the artifacts are foreign there (unsigned -> --allow-unsigned)."""
+    home = tmp_path / "consumer"
+    home.mkdir()
+    return {"HOME": str(home), "ATO_HOME": str(home / ".ato"), "XDG_DATA_HOME": str(home / ".local" / "share")}
+
+
+def du(path: Path) -> int:
+    """Disk usage in bytes as GNU du counts it (the independent measure of what gc frees)."""
+    out = subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def ok(res) -> dict:
+    assert res.code == 0, res.stderr
+    return res.json()
+
+
+def publish_version(ato, project: Path, version: str, registry: Registry, *, body: str | None = None,
+                    blob: bytes | None = None) -> None:
+    manifest = project / "capsule.toml"
+    text = manifest.read_text()
+    old = next(line for line in text.splitlines() if line.startswith("version = "))
+    manifest.write_text(text.replace(old, f'version = "{version}"  # bumped by the test'))
+    if body is not None:
+        (project / "main.js").write_text(body)
+    if blob is not None:
+        (project / "assets").mkdir(exist_ok=True)
+        (project / "assets" / "blob.bin").write_bytes(blob)
+    ok(ato(["lock", str(project), "--json"], env=OFFLINE))
+    artifact = Path(ok(ato(["build", str(project), "--json"]))["artifact"])
+    res = ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"],
+              env={"ATO_TOKEN": TOKEN})
+    assert res.code == 0, res.stderr
+
+
+def tool_project(ato, root: Path) -> Path:
+    ok(ato(["init", str(root), "--template", "tool", "--name", "greet", "--json"], env=OFFLINE))
+    return root
+
+
+def store(env: dict[str, str]) -> Path:
+    return Path(env["ATO_HOME"]) / "store"
+
+
+@needs_node
+def test_install_bin_list_upgrade_uninstall_a_tool(ato, tmp_path, registry, consumer):
+    project = tool_project(ato, tmp_path / "greet")
+    publish_version(ato, project, "0.1.0", registry, body="console.log('v1 says', ...process.argv.slice(2));\n",
+                    blob=os.urandom(600_000))  # an asset that stays the same: the upgrade reuses its chunks
+    shim = Path(consumer["HOME"]) / ".local" / "bin" / "greet"
+
+    doc = ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--yes", "--allow-unsigned",
+                  "--json"], env=consumer))
+    assert_schema(doc, "install")
+    assert doc["launchers"][0]["path"] == str(shim) and doc["launchers"][0]["flags"] == ["--allow-unsigned", "--yes"]
+    assert shim.is_file() and os.access(shim, os.X_OK)
+    run = subprocess.run([str(shim), "a", "b"], capture_output=True, text=True, env={**os.environ, **consumer},
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "v1 says a b\n"
+
+    listing = ok(ato(["list", "--json"], env=consumer))
+    assert_schema(listing, "list")
+    [cap] = listing["capsules"]
+    [v1] = cap["versions"]
+    assert (cap["scoped_id"], v1["version"], v1["type"], v1["trust"], v1["registry"]) == \
+        ("local/greet", "0.1.0", "tool", "unsigned", registry.url)
+    assert v1["launchers"] == [{"kind": "bin", "path": str(shim), "state": "ok"}]
+    assert v1["size_bytes"] == (store(consumer) / "local/greet/0.1.0/greet-0.1.0.capsule").stat().st_size
+    human = ato(["list"], env=consumer).stdout
+    assert "local/greet" in human and "~/.local/bin/greet" in human and "unsigned" in human
+
+    # a newer version: the dry run changes nothing, the upgrade moves the command to it
+    publish_version(ato, project, "0.2.0", registry, body="console.log('v2 says', ...process.argv.slice(2));\n")
+    before = sorted(str(p) for p in store(consumer).rglob("*"))
+    dry = ok(ato(["upgrade", "--all", "--dry-run", "--json"], env=consumer))
+    assert_schema(dry, "upgrade")
+    assert [(r["status"], r["from"], r["to"]) for r in dry["results"]] == [("would-upgrade", "0.1.0", "0.2.0")]
+    assert sorted(str(p) for p in store(consumer).rglob("*")) == before
+    up = ok(ato(["upgrade", "local/greet", "--allow-unsigned", "--json"], env=consumer))
+    assert_schema(up, "upgrade")
+    [result] = up["results"]
+    assert (result["status"], result["to"], result["removed_versions"]) == ("upgraded", "0.2.0", ["0.1.0"])
+    assert result["transfer"]["mode"] == "delta" and result["transfer"]["chunks_reused"] > 0
+    assert not (store(consumer) / "local/greet/0.1.0").exists()
+    assert "local/greet@0.2.0" in shim.read_text()
+    run = subprocess.run([str(shim), "c"], capture_output=True, text=True, env={**os.environ, **consumer}, timeout=120)
+    assert run.stdout == "v2 says c\n", run.stderr
+    again = ok(ato(["upgrade", "local/greet", "--json"], env=consumer))
+    assert again["results"][0]["status"] == "up-to-date"
+
+    # --keep 1: the previous version stays
+    publish_version(ato, project, "0.3.0", registry, body="console.log('v3');\n")
+    up = ok(ato(["upgrade", "local/greet", "--allow-unsigned", "--keep", "1", "--json"], env=consumer))
+    assert up["results"][0]["removed_versions"] == []
+    versions = ok(ato(["list", "--json"], env=consumer))["capsules"][0]["versions"]
+    assert [v["version"] for v in versions] == ["0.3.0", "0.2.0"]
+    assert [len(v["launchers"]) for v in versions] == [1, 0]  # the command belongs to the newest only
+
+    # uninstall one version, then all: store, shim and the chunks nothing else uses are gone
+    dry = ok(ato(["uninstall", "local/greet@0.2.0", "--dry-run", "--json"], env=consumer))
+    assert_schema(dry, "uninstall")
+    assert (store(consumer) / "local/greet/0.2.0").is_dir()
+    ok(ato(["uninstall", "local/greet@0.2.0", "--json"], env=consumer))
+    assert not (store(consumer) / "local/greet/0.2.0").exists() and shim.is_file()
+    gone = ok(ato(["uninstall", "local/greet", "--json"], env=consumer))
+    assert {i["kind"] for i in gone["removed"]} >= {"launcher", "capsule", "record"}
+    assert not shim.exists() and not (store(consumer) / "local").exists()
+    objects = Path(consumer["ATO_HOME"]) / "cas" / "objects"
+    assert not [p for p in objects.rglob("*") if p.is_file()]  # no build or install references a chunk now
+    assert ok(ato(["list", "--json"], env=consumer))["capsules"] == []
+    res = ato(["uninstall", "local/greet"], env=consumer)
+    assert res.code == 1 and "not installed" in res.stderr
+
+
+@needs_node
+def test_bin_refuses_what_ato_did_not_create(ato, tmp_path, registry, consumer):
+    project = tool_project(ato, tmp_path / "greet")
+    publish_version(ato, project, "1.0.0", registry)
+    bin_dir = Path(consumer["HOME"]) / ".local" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "greet").write_text("#!/bin/sh\necho mine\n")
+    res = ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned"], env=consumer)
+    assert res.code == 1 and "not created by ato" in res.stderr
+    assert (bin_dir / "greet").read_text() == "#!/bin/sh\necho mine\n"
+
+    (bin_dir / "greet").unlink()
+    ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned", "--json"],
+          env=consumer))
+    (bin_dir / "greet").write_text("#!/bin/sh\necho edited by hand\n")  # now someone else's
+    res = ato(["uninstall", "local/greet"], env=consumer)
+    assert res.code == 1 and "changed since" in res.stderr and "nothing was removed" in res.stderr
+    assert (bin_dir / "greet").read_text() == "#!/bin/sh\necho edited by hand\n"
+    assert (store(consumer) / "local/greet/1.0.0/greet-1.0.0.capsule").is_file()
+
+
+def test_bin_is_only_for_tools(ato, tmp_path, registry, consumer):
+    project = tmp_path / "site"
+    (project / "public").mkdir(parents=True)
+    (project / "public" / "index.html").write_text("<p>hi</p>\n")
+    ok(ato(["init", str(project), "--json"], env=OFFLINE))
+    publish_version(ato, project, "1.0.0", registry)
+    res = ato(["install", "local/site", "--registry", registry.url, "--bin", "--allow-unsigned"], env=consumer)
+    assert res.code == 1 and "only type = \"tool\" capsules" in res.stderr
+    assert not (Path(consumer["HOME"]) / ".local" / "bin").exists()
+
+
+def run_installed(ato, ref: str, env: dict[str, str]) -> None:
+    res = ato(["run", ref, "-y", "--allow-unsigned"], env=env)
+    assert res.code == 0, res.stderr
+
+
+@needs_node
+def test_gc_keep_last_frees_what_it_reports(ato, tmp_path, registry, consumer):
+    project = tmp_path / "app"
+    project.mkdir()
+    (project / "package.json").write_text(json.dumps({"name": "big-app", "version": "1.0.0", "main": "main.js"}))
+    (project / "main.js").write_text("console.log('big app');\n")
+    ok(ato(["init", str(project), "--json"], env=OFFLINE))
+    for i, version in enumerate(("1.0.0", "1.1.0", "2.0.0")):
+        publish_version(ato, project, version, registry, blob=os.urandom(300_000) + bytes([i]) * 200_000)
+        ok(ato(["install", f"local/big-app@{version}", "--registry", registry.url, "--allow-unsigned", "--json"],
+               env=consumer))
+        run_installed(ato, f"local/big-app@{version}", consumer)  # leaves an unpacked copy per version
+    # a build of a project that is then deleted leaves build state behind
+    gone = tmp_path / "gone"
+    shutil.copytree(project, gone)
+    ok(ato(["build", str(gone), "--json"], env=consumer))
+    shutil.rmtree(gone)
+    home = Path(consumer["ATO_HOME"])
+    assert len(list((home / "unpacked").iterdir())) == 3 and len(list((home / "state" / "builds").iterdir())) == 1
+
+    before = du(home)
+    dry = ok(ato(["gc", "--keep-last", "1", "--dry-run", "--json"], env=consumer))
+    assert_schema(dry, "gc")
+    assert du(home) == before
+    real = ok(ato(["gc", "--keep-last", "1", "--json"], env=consumer))
+    assert_schema(real, "gc")
+    after = du(home)
+    assert real["bytes_freed"] == dry["bytes_freed"]
+    assert before - after == real["bytes_freed"], (before, after, real["bytes_freed"])
+    assert real["bytes_freed"] > 1_000_000
+    kinds = {i["kind"] for i in real["removed"]}
+    assert {"capsule", "record", "unpacked", "build"} <= kinds and real["cas"]["objects_removed"] > 0
+    assert sorted(p.name for p in (store(consumer) / "local" / "big-app").iterdir()) == ["2.0.0"]
+    assert len(list((home / "unpacked").iterdir())) == 1 and not list((home / "state" / "builds").iterdir())
+    run_installed(ato, "local/big-app", consumer)  # what stays still runs
+    res = ato(["cas", "verify", "--json"], env=consumer)
+    assert res.code == 0, res.stderr
+    nothing = ok(ato(["gc", "--json"], env=consumer))
+    assert nothing["removed"] == [] and nothing["bytes_freed"] == 0
+
+
+def test_gc_never_follows_symlinks_out_of_ato_home(ato, tmp_path, consumer):
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data.txt").write_text("keep me\n")
+    home = Path(consumer["ATO_HOME"])
+    for where in (home / "unpacked", home / "fetches", home / "state" / "builds", home / "store" / "evil"):
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.mkdir(exist_ok=True)
+        os.symlink(outside, where / "link")
+    os.symlink(outside, home / "store" / "acme")  # a publisher dir that is a symlink
+    (home / ".trash").mkdir()
+    os.symlink(outside, home / ".trash" / "link")
+    res = ato(["gc", "--keep-last", "1", "--json"], env=consumer)
+    assert res.code == 0, res.stderr
+    assert (outside / "data.txt").read_text() == "keep me\n"
+    assert ok(ato(["list", "--json"], env=consumer))["capsules"] == []
+    res = ato(["uninstall", "acme/link"], env=consumer)
+    assert res.code == 1 and (outside / "data.txt").is_file()
+
+
+@needs_node
+def test_an_interrupted_uninstall_leaves_a_consistent_store(ato, tmp_path, registry, consumer):
+    """kill -9 at any moment: what is listed still runs, and running uninstall or gc again finishes the job."""
+    project = tool_project(ato, tmp_path / "greet")
+    publish_version(ato, project, "1.0.0", registry, blob=os.urandom(2_000_000))
+    home = Path(consumer["ATO_HOME"])
+    for delay in (0.05, 0.3, 0.8):
+        ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--yes", "--allow-unsigned",
+                "--json"], env=consumer))
+        run_installed(ato, "local/greet", consumer)
+        proc = subprocess.Popen([cli_path("ato"), "uninstall", "local/greet"], env={**os.environ, **consumer},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        listing = ok(ato(["list", "--json"], env=consumer))
+        for cap in listing["capsules"]:
+            for v in cap["versions"]:
+                assert Path(v["path"]).is_file()
+                run_installed(ato, f"{cap['scoped_id']}@{v['version']}", consumer)
+        res = ato(["uninstall", "local/greet", "--json"], env=consumer)
+        assert res.code in (0, 1), res.stderr
+        if res.code == 1:
+            assert "not installed" in res.stderr
+        ok(ato(["gc", "--json"], env=consumer))
+        assert not (home / "store" / "local").exists()
+        assert not (Path(consumer["HOME"]) / ".local" / "bin" / "greet").exists()
+        assert not (home / ".trash").exists()
+        assert not list((home / "unpacked").iterdir())
