@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import config, paths
+from pipeline import config, names, paths
 from pipeline.errors import E_NOT_FOUND, AtoError, http_error, network_error
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 
@@ -124,20 +124,13 @@ def trust_gate(artifact: Path) -> None:
     gate.verify_before_run(artifact)  # fail closed: no trust module, no run
 
 
-def _version_key(text: str) -> tuple:
-    out: list[tuple[int, Any]] = []
-    for part in re.split(r"[.+-]", text):
-        out.append((0, int(part)) if part.isdigit() else (-1, part))
-    return tuple(out)
-
-
 def installed_artifact(publisher: str, slug: str, version: str | None) -> Path | None:
     """The stored ``.capsule`` of an installed capsule (the highest version unless one is named)."""
     root = paths.store_dir() / publisher / slug
     if not root.is_dir():
         return None
     versions = [version] if version else sorted((p.name for p in root.iterdir() if p.is_dir()),
-                                                 key=_version_key, reverse=True)
+                                                 key=names.version_key, reverse=True)
     for ver in versions:
         candidate = root / ver / f"{slug}-{ver}.capsule"
         if candidate.is_file():
