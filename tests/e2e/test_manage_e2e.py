@@ -273,3 +273,34 @@ def test_an_interrupted_uninstall_leaves_a_consistent_store(ato, tmp_path, regis
         assert not (Path(consumer["HOME"]) / ".local" / "bin" / "greet").exists()
         assert not (home / ".trash").exists()
         assert not list((home / "unpacked").iterdir())
+
+
+def test_uninstall_a_native_app_takes_back_its_projection_derived_app_and_fetch(ato, tmp_path, registry, consumer):
+    from tests.native_support import native_project
+
+    project = native_project(tmp_path / "hello-native", message="native hi")
+    artifact = Path(ok(ato(["build", str(project), "--json"]))["artifact"])
+    ok(ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"], env={"ATO_TOKEN": TOKEN}))
+    inst = ok(ato(["install", "local/hello-native", "--registry", registry.url, "--yes", "--project",
+                   "--allow-unsigned", "--json"], env=consumer))
+    home, ato_home = Path(consumer["HOME"]), Path(consumer["ATO_HOME"])
+    desktop = Path(inst["projection"]["projected_path"])
+    command = home / ".local" / "bin" / "hello-native"
+    derived = Path(inst["local_derivation"]["derived_app_path"])
+    fetched = Path(inst["local_derivation"]["fetched_dir"])
+    assert desktop.is_file() and command.is_symlink() and derived.exists() and fetched.is_dir()
+
+    [cap] = ok(ato(["list", "--json"], env=consumer))["capsules"]
+    [version] = cap["versions"]
+    assert version["install_kind"] == "NativeRequiresLocalDerivation"
+    assert {"kind": "desktop", "path": str(desktop), "state": "ok"} in version["launchers"]
+    assert version["disk_bytes"] > version["size_bytes"]  # the derived app and the fetch count too
+
+    doc = ok(ato(["uninstall", "local/hello-native", "--json"], env=consumer))
+    assert_schema(doc, "uninstall")
+    assert {"projection", "derived_app", "fetch", "capsule", "record"} <= {i["kind"] for i in doc["removed"]}
+    assert not desktop.exists() and not os.path.lexists(command)
+    assert not derived.exists() and not fetched.exists()
+    assert not (ato_home / "store" / "local").exists()
+    assert not list((ato_home / "native-delivery" / "projections").glob("*.json"))
+    assert not (ato_home / "apps").exists() or not any((ato_home / "apps").rglob("local-derivation.json"))
