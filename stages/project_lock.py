@@ -51,6 +51,7 @@ DEPENDENCY_LOCKS: dict[str, tuple[str, ...]] = {
 }
 GENERATOR_INPUT = {"node": "package.json", "deno": "deno.json", "python": "pyproject.toml"}
 TOOL_TIMEOUT = 600
+DENO_EMPTY_LOCK = b'{\n  "version": "5"\n}\n'  # the lockfile format of the bundled deno (2.x)
 
 
 @dataclass
@@ -138,11 +139,18 @@ def _stale_reason(have: dict[str, Any] | None, want: dict[str, Any]) -> str | No
 
 
 def _tool(name: str) -> str | None:
-    """A package manager: uv ships with ato (next to this interpreter); the others come from PATH."""
-    if name == "uv":
-        local = Path(sys.executable).parent / "uv"
-        if local.is_file():
-            return str(local)
+    """A package manager: uv and deno ship with ato (Python packages beside this interpreter); npm comes
+    from PATH."""
+    if name == "deno":
+        try:
+            from deno import find_deno_bin
+
+            return str(find_deno_bin())
+        except (ImportError, FileNotFoundError):
+            pass
+    local = Path(sys.executable).parent / name
+    if name in ("uv", "deno") and local.is_file():
+        return str(local)
     return shutil.which(name)
 
 
@@ -184,6 +192,11 @@ def _generate(driver: str, manifest: Manifest, notify: Callable[[str], None]) ->
         raise _problem(PROVISIONING_FAILED, f"`{tool} {' '.join(args)}` could not run: {exc}",
                        lockfile=wanted, command=[tool, *args]) from None
     written = find_lockfile(base, DEPENDENCY_LOCKS[driver])
+    if driver == "deno" and proc.returncode == 0 and written is None:
+        # deno writes no lock when there is nothing remote to lock: the empty lock says exactly that,
+        # and `deno run --lock=deno.lock --frozen` holds the project to it
+        written = base / "deno.lock"
+        write_bytes_atomic(written, DENO_EMPTY_LOCK)
     if proc.returncode != 0 or written is None:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         why = f"exited with status {proc.returncode}" if proc.returncode else f"did not write {wanted}"

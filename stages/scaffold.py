@@ -270,7 +270,8 @@ def _deno(project: Path, name: str | None, port: int | None, tool: bool) -> Spec
     entry = entry or _first(project, DENO_ENTRIES)
     starters: dict[str, tuple[str, int]] = {}
     if conf_name is None:
-        starters["deno.json"] = (json.dumps({"name": final, "version": version}, indent=2) + "\n", 0o644)
+        starters["deno.json"] = (json.dumps({"name": final, "version": version, "exports": f"./{entry or 'main.ts'}"},
+                                            indent=2) + "\n", 0o644)
     if entry is None or not (project / entry).is_file():
         entry = entry or "main.ts"
         starters[entry] = (f"console.log(`hello from {final}`, ...Deno.args);\n", 0o644)
@@ -429,8 +430,8 @@ def _lines(rows: list[tuple[str, str]]) -> list[str]:
 
 DRIVER_NOTES = {
     "static": "serves the entrypoint directory over HTTP (Tier 1, no lockfile needed)",
-    "node": "runs `node <entrypoint>` on the host (Tier 1; needs capsule.lock + package-lock.json)",
-    "deno": "runs `deno run <entrypoint>` with deno's permission flags (Tier 1; needs capsule.lock + deno.lock)",
+    "node": "runs the entrypoint as Node code under Deno's permissions (Tier 1; needs package-lock.json)",
+    "deno": "runs `deno run <entrypoint>` under Deno's permissions (Tier 1; needs deno.lock)",
     "python": "runs under the sandbox in a uv environment from uv.lock (Tier 2)",
     "native": "runs the program under the sandbox (Tier 2)",
 }
