@@ -12,6 +12,9 @@ What is removed (everything else stays, and everything is found by ato's own rec
   or a projection uses them;
 - ``state/builds/<key>``: kept while the project it was built from still has a capsule.toml.
 
+Such a cache that no record explains is left alone for its first hour: it may belong to a
+command still running (an install between its finalize and its record, a run starting up).
+
 Then the CAS drops every payload manifest and chunk no remaining root names (the caller runs
 :func:`cas.gc.collect_garbage` with :func:`pipeline.cas_roots.live_payloads`).
 """
@@ -68,6 +71,15 @@ def _leftover(plan: Plan, path: Path) -> None:
              else (lambda p=path: remove_file(p)))
 
 
+def _project_gone(directory: Path) -> bool:
+    """The build state dir names its project, and that project no longer has a capsule.toml."""
+    try:
+        project = Path(json.loads((directory / BUILD_PROJECT).read_bytes())["project_dir"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not (project / "capsule.toml").is_file()
+
+
 def build_project(directory: Path) -> Path | None:
     """The project a build state dir belongs to, when it still exists and its key still names it."""
     try:
@@ -103,14 +115,15 @@ def plan_gc(*, keep_last: int | None = None, live_dirs: Iterable[str] = ()) -> t
         if not e.installed and e.record is None:
             plan.prune.append(e.dir)  # emptied by an interrupted removal (temp files go below)
 
-    # caches no remaining version or projection uses
+    # caches no remaining version or projection uses; one made in the last hour may belong to a command
+    # still running (an install between its finalize and its record, a run starting), so it waits
     installed_files = {os.path.realpath(e.capsule) for e in remaining if e.capsule is not None}
     for directory, artifact in ctx.unpacked:
         if plan.removes(directory):
             continue
         if os.path.realpath(directory) in ctx.live_dirs:
             plan.keep("unpacked", directory, "a running capsule uses it")
-        elif artifact is None or artifact not in installed_files:
+        elif (artifact is None or artifact not in installed_files) and _old(directory, now):
             plan.add("unpacked", directory, lambda d=directory: remove_tree(d))
     natives = [(e.record or {}).get("native") or {} for e in remaining]
     used_parents = {str(n.get("parent_digest") or "").removeprefix("blake3:") for n in natives}
@@ -119,17 +132,18 @@ def plan_gc(*, keep_last: int | None = None, live_dirs: Iterable[str] = ()) -> t
         used_parents.add(str(proj.get("parent_digest") or "").removeprefix("blake3:"))
         used_apps.add(os.path.realpath(str(proj.get("derived_app_path") or "-")))
     for directory, _doc in ctx.fetches:
-        if not plan.removes(directory) and directory.name not in used_parents:
+        if not plan.removes(directory) and directory.name not in used_parents and _old(directory, now):
             plan.add("fetch", directory, lambda d=directory: remove_tree(d))
-    for directory, provenance in ctx.derived:
+    for directory, _provenance in ctx.derived:
         real = os.path.realpath(directory)
         if plan.removes(directory) or any(a == real or a.startswith(real + os.sep) for a in used_apps):
             continue
-        if provenance is not None or _old(directory, now):
+        if _old(directory, now):
             plan.add("derived_app", directory, lambda d=directory: remove_tree(d))
             plan.prune.append(directory.parent)
     for directory in _real_dirs(paths.build_cache_dir(), lambda _n: True):
-        if build_project(directory) is None:
+        project = build_project(directory)
+        if project is None and (_project_gone(directory) or _old(directory, now)):
             plan.add("build", directory, lambda d=directory: remove_tree(d))
 
     # what interrupted operations left behind: .trash, and temp entries whose owner process is gone
