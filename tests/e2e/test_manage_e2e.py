@@ -304,3 +304,19 @@ def test_uninstall_a_native_app_takes_back_its_projection_derived_app_and_fetch(
     assert not (ato_home / "store" / "local").exists()
     assert not list((ato_home / "native-delivery" / "projections").glob("*.json"))
     assert not (ato_home / "apps").exists() or not any((ato_home / "apps").rglob("local-derivation.json"))
+
+
+def test_gc_leaves_a_young_orphan_cache_for_its_first_hour(ato, consumer):
+    """An unpacked copy no record explains may belong to a run that is starting: it waits an hour."""
+    home = Path(consumer["ATO_HOME"])
+    orphan = home / "unpacked" / ("ab" * 32)
+    orphan.mkdir(parents=True)
+    (orphan / "main.js").write_text("1;\n")
+    (orphan / ".ato-unpacked").write_text(json.dumps({"artifact": str(home / "gone.capsule")}))
+    assert ok(ato(["gc", "--json"], env=consumer))["removed"] == []
+    assert orphan.is_dir()
+    hour_ago = time.time() - 3700
+    os.utime(orphan, (hour_ago, hour_ago))
+    doc = ok(ato(["gc", "--json"], env=consumer))
+    assert [(i["kind"], i["path"]) for i in doc["removed"] if i["kind"] != "directory"] == [("unpacked", str(orphan))]
+    assert not orphan.exists()
