@@ -148,7 +148,7 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
     if checked is not None:
         doc.update(checked)
     validate(doc, "install")
-    from stages.install import capsule_type
+    from stages.install import record_facts
 
-    installed.write_record({**doc, "registry": f"github:{repo}", "capsule_type": capsule_type(target)})
+    installed.write_record({**doc, "registry": f"github:{repo}", **record_facts(target)})
     return doc

@@ -117,13 +117,13 @@ def plan_gc(*, keep_last: int | None = None, live_dirs: Iterable[str] = ()) -> t
 
     # caches no remaining version or projection uses; one made in the last hour may belong to a command
     # still running (an install between its finalize and its record, a run starting), so it waits
-    installed_files = {os.path.realpath(e.capsule) for e in remaining if e.capsule is not None}
-    for directory, artifact in ctx.unpacked:
+    installed_keys = {installed.manifest_key(e) for e in remaining}
+    for directory in ctx.unpacked:
         if plan.removes(directory):
             continue
         if os.path.realpath(directory) in ctx.live_dirs:
             plan.keep("unpacked", directory, "a running capsule uses it")
-        elif (artifact is None or artifact not in installed_files) and _old(directory, now):
+        elif directory.name not in installed_keys and _old(directory, now):
             plan.add("unpacked", directory, lambda d=directory: remove_tree(d))
     natives = [(e.record or {}).get("native") or {} for e in remaining]
     used_parents = {str(n.get("parent_digest") or "").removeprefix("blake3:") for n in natives}

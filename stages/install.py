@@ -526,14 +526,18 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
     if checked is not None:
         doc.update(checked)
     validate(doc, "install")
-    installed.write_record({**doc, "capsule_type": capsule_type(target)})  # the ownership record (ato list)
+    installed.write_record({**doc, **record_facts(target)})  # the ownership record (ato list, uninstall)
     return doc
 
 
-def capsule_type(path: Path) -> str | None:
-    """``type`` of a stored artifact's manifest (app, tool, ...)."""
-    value = read_capsule(path).manifest.get("type")
-    return value if isinstance(value, str) else None
+def record_facts(path: Path) -> dict[str, Any]:
+    """What the ownership record keeps from a stored artifact's manifest: its ``type`` (app, tool, ...)
+    and ``manifest_hash`` (the name of the copy ``ato run`` unpacks)."""
+    manifest = read_capsule(path).manifest
+    kind = manifest.get("type")
+    dist = manifest.get("distribution") if isinstance(manifest.get("distribution"), dict) else {}
+    return {"capsule_type": kind if isinstance(kind, str) else None,
+            "manifest_hash": dist.get("manifest_hash") if isinstance(dist.get("manifest_hash"), str) else None}
 
 
 def _accept(path: Path, scoped: str, trust: TrustPort | None) -> dict[str, Any] | None:

@@ -113,6 +113,7 @@ def write_record(doc: dict[str, Any], *, launchers: list[dict[str, Any]] | None 
             "signer": {"key_id": signer.get("key_id"), "short_fingerprint": signer.get("short_fingerprint")}
             if signer else None,
             "trust_status": trust.get("status"), "native": native,
+            "manifest_hash": doc.get("manifest_hash") or old.get("manifest_hash"),
             "launchers": list(old.get("launchers") or []) if launchers is None else launchers,
         }
         write_bytes_atomic(directory / RECORD, (json.dumps(validate(record, RECORD_SCHEMA), indent=2,
@@ -484,14 +485,29 @@ def _remove_launcher(launcher: dict[str, Any], known: set[str]) -> Callable[[], 
     return run
 
 
-def unpacked_artifact(directory: Path) -> str | None:
-    """The artifact an ``unpacked/<hash>`` dir was extracted from (its completion marker), or None."""
-    try:
-        doc = json.loads((directory / ".ato-unpacked").read_bytes())
-    except (OSError, ValueError):
+def manifest_key(entry: Entry) -> str | None:
+    """The name of the ``unpacked/<hash>`` copy ``ato run`` makes of this version: its manifest hash
+    (from the record, else read from the stored artifact); None when the artifact cannot be read."""
+    recorded = str((entry.record or {}).get("manifest_hash") or "")
+    if recorded:
+        return recorded.removeprefix("blake3:")
+    if entry.capsule is None:
         return None
-    artifact = doc.get("artifact") if isinstance(doc, dict) else None
-    return os.path.realpath(artifact) if isinstance(artifact, str) else None
+    try:
+        return artifact_manifest_hash(entry.capsule).removeprefix("blake3:")
+    except AtoError:
+        return None
+
+
+def artifact_manifest_hash(path: Path) -> str:
+    """``distribution.manifest_hash`` of a stored artifact (what the verifier checks and unpack keys on)."""
+    from stages.capsule import read_capsule
+
+    dist = read_capsule(path).manifest.get("distribution")
+    value = dist.get("manifest_hash") if isinstance(dist, dict) else None
+    if not isinstance(value, str):
+        raise AtoError(E_USAGE, f"{path.name} has no distribution.manifest_hash")
+    return value
 
 
 def _json_file(path: Path) -> dict[str, Any] | None:
@@ -512,7 +528,7 @@ class Context:
     live_dirs: set[str]  # project dirs of capsules running now (their unpacked dirs stay)
     derived: list[tuple[Path, dict[str, Any] | None]]  # apps/<p>/<s>/<parent>/derived-*, provenance
     fetches: list[tuple[Path, dict[str, Any] | None]]  # fetches/<parent>, fetch.json
-    unpacked: list[tuple[Path, str | None]]  # unpacked/<hash>, its artifact
+    unpacked: list[Path]  # unpacked/<manifest hash>
 
     @classmethod
     def load(cls, live_dirs: Iterable[str] = ()) -> Context:
@@ -525,7 +541,7 @@ class Context:
                     for d in _real_dirs(parent, lambda n: n.startswith("derived-")):
                         derived.append((d, _json_file(d / "local-derivation.json")))
         fetches = [(d, _json_file(d / "fetch.json")) for d in _real_dirs(paths.fetches_dir(), lambda _n: True)]
-        unpacked = [(d, unpacked_artifact(d)) for d in _real_dirs(paths.unpacked_dir(), lambda _n: True)]
+        unpacked = _real_dirs(paths.unpacked_dir(), lambda _n: True)
         return cls(project_stage.load_records(), {os.path.realpath(p) for p in live_dirs}, derived, fetches,
                    unpacked)
 
@@ -583,11 +599,14 @@ def plan_entry(plan: Plan, entry: Entry, ctx: Context, remaining: list[Entry]) -
             else:
                 plan.add("fetch", fetch, lambda d=fetch: remove_tree(d), entry)
     if entry.capsule is not None:
-        artifact = os.path.realpath(entry.capsule)
-        for directory, source in ctx.unpacked:
-            if source != artifact:
+        key = manifest_key(entry)
+        shared = key in {manifest_key(e) for e in remaining}  # the same artifact under another scope
+        for directory in ctx.unpacked:
+            if directory.name != key:
                 continue
-            if os.path.realpath(directory) in ctx.live_dirs:
+            if shared:
+                plan.keep("unpacked", directory, "another installed capsule is the same artifact", entry)
+            elif os.path.realpath(directory) in ctx.live_dirs:
                 plan.keep("unpacked", directory, "a running capsule uses it (removed by `ato gc` later)", entry)
             else:
                 plan.add("unpacked", directory, lambda d=directory: remove_tree(d), entry)

@@ -71,11 +71,11 @@ def _signature(entry: Entry) -> tuple[bool, dict[str, Any] | None]:
     record = entry.record
     if record is not None:
         return bool(record.get("signed")), record.get("signer")
-    from stages.artifact import open_capsule
-    from stages.sign import did_fingerprint, short_fingerprint
+    from stages.capsule import read_capsule
+    from stages.capsule.keys import did_fingerprint, short_fingerprint
 
     try:
-        sig = open_capsule(entry.capsule).signature if entry.capsule else {}
+        sig = read_capsule(entry.capsule).signature_doc if entry.capsule else {}
     except AtoError:
         return False, None
     key = sig.get("key_id") if sig.get("signed", True) else None
@@ -131,9 +131,9 @@ def _footprint(entry: Entry, ctx: installed.Context) -> int:
     """Disk bytes this version holds: its store dir, its unpacked copies, its native derived app and fetch."""
     seen: set[tuple[int, int]] = set()
     total = installed.disk_usage(entry.dir, seen)
-    artifact = os.path.realpath(entry.capsule) if entry.capsule else None
-    for directory, source in ctx.unpacked:
-        if artifact and source == artifact:
+    key = installed.manifest_key(entry)
+    for directory in ctx.unpacked:
+        if directory.name == key:
             total += installed.disk_usage(directory, seen)
     native = (entry.record or {}).get("native") or {}
     if native.get("derived_app_path"):

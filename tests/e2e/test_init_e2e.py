@@ -183,9 +183,9 @@ def test_native_c_project_init_build_run(tmp_path, ato):
     res = ato(["run", str(project), "-y", "--", "ok"])
     assert res.code == 0, res.stderr
     assert res.stdout == "native ok\n"
-    from stages.artifact import open_capsule
+    from stages.capsule import read_capsule
 
-    opened = open_capsule(artifact)
+    opened = read_capsule(artifact)
     assert "build" in opened.manifest and opened.manifest["type"] == "app"
 
 

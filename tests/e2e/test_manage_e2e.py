@@ -312,7 +312,6 @@ def test_gc_leaves_a_young_orphan_cache_for_its_first_hour(ato, consumer):
     orphan = home / "unpacked" / ("ab" * 32)
     orphan.mkdir(parents=True)
     (orphan / "main.js").write_text("1;\n")
-    (orphan / ".ato-unpacked").write_text(json.dumps({"artifact": str(home / "gone.capsule")}))
     assert ok(ato(["gc", "--json"], env=consumer))["removed"] == []
     assert orphan.is_dir()
     hour_ago = time.time() - 3700
