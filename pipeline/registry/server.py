@@ -59,6 +59,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -130,10 +131,31 @@ def _os_refusal(exc: BaseException) -> RegistryError | None:
     return RegistryError(400, "name_too_long", err.message)
 
 
+# C0/C1 controls and DEL (a %00 in a path reaches the handler as a NUL), and U+FFFD, which is what
+# percent-escaped bytes that are not UTF-8 (%ff) decode to: no name, version, digest or id holds one.
+_UNFIT_IN_PATH = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffd]")
+
+
+def _escaped(value: str) -> str:
+    """``value`` with every control character (newline and tab too) written as an escape, cut to 200 characters."""
+    return printable(value.replace("\n", "\\x0a").replace("\t", "\\x09"))[:200]
+
+
+def check_path_params(request: Request) -> None:
+    """Refuse (400, JSON) a path parameter with a control character or undecodable bytes, before any route
+    looks at it: no handler, file name or database query ever sees one."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str) and _UNFIT_IN_PATH.search(value):
+            raise RegistryError(400, "invalid_parameter",
+                                f"path parameter {name} holds a control character or bytes that are not UTF-8: "
+                                f"'{_escaped(value)}'")
+
+
 def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Every route: RegistryError → its JSON body; anything else → 500 JSON, never a traceback page."""
     async def wrapper(request: Request) -> Response:
         try:
+            check_path_params(request)
             return await fn(request)
         except RegistryError as err:
             return error_response(err)
@@ -844,6 +866,10 @@ def create_app(store: RegistryStore, token: str | None, listen_url: str,
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        path = request.scope["path"]  # not request.url.path: URL parsing drops newlines and tabs
+        if exc.status_code == 404 and _UNFIT_IN_PATH.search(path):  # a newline matches no ``{x:path}`` route
+            return error_response(RegistryError(400, "invalid_parameter", "the path holds a control character or "
+                                                f"bytes that are not UTF-8: '{_escaped(path)}'"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return json_response({"error": code, "message": str(exc.detail)}, exc.status_code)
 

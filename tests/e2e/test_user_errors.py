@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -297,8 +299,8 @@ def test_malformed_registry_parameters_are_400_never_500(ato, tmp_path: Path, re
         ("PUT", put + "?file_name=a%1b%5b2J.capsule", upload, data, 400, "invalid_file_name"),
         ("PUT", put + "?file_name=" + "a" * 300 + ".capsule", upload, data, 400, "invalid_file_name"),
         ("PUT", put + "?allow_existing=maybe", upload, data, 400, "invalid_parameter"),
-        ("PUT", f"{registry.url}/v1/local/capsules/lo%00cal/params/0.1.0", upload, data, 400, "invalid_scope"),
-        ("GET", f"{registry.url}/v1/artifacts/local/params/0.1.0/a%00.capsule", {}, None, 400, "invalid_file_name"),
+        ("PUT", f"{registry.url}/v1/local/capsules/lo%00cal/params/0.1.0", upload, data, 400, "invalid_parameter"),
+        ("GET", f"{registry.url}/v1/artifacts/local/params/0.1.0/a%00.capsule", {}, None, 400, "invalid_parameter"),
         ("GET", f"{registry.url}/v1/capsules?limit=abc", {}, None, 400, "invalid_parameter"),
         ("POST", f"{registry.url}/v1/sync/negotiate", auth, b"[" * 100_000, 400, "too_deep"),
         ("POST", f"{registry.url}/v1/sync/commit", auth,
@@ -315,10 +317,59 @@ def test_malformed_registry_parameters_are_400_never_500(ato, tmp_path: Path, re
         resp = httpx.request(method, url, headers=headers, content=body, timeout=60)
         assert (resp.status_code, resp.json()["error"]) == (status, error), (method, url[:90], resp.text[:300])
     # the error body escapes what it echoes
-    resp = httpx.put(f"{registry.url}/v1/local/capsules/a%1b%5b2Jb/params/0.1.0", headers=upload, content=data)
+    resp = httpx.put(f"{registry.url}/v1/local/capsules/local/a%1b%5b2Jb/0.1.0", headers=upload, content=data)
     assert resp.status_code == 400 and "\x1b" not in resp.text and "\\\\x1b" in resp.text
     # and a well-formed upload still works
     assert httpx.put(put, headers=upload, content=data, timeout=60).status_code == 201
+
+
+def registry_routes() -> list[tuple[str, str]]:
+    """(method, path template) of every route the registry serves, read from the app itself, so a route
+    added later is covered without editing this test."""
+    from pipeline.registry.server import create_app
+    from pipeline.registry.storage import RegistryStore
+
+    with tempfile.TemporaryDirectory() as data:
+        app = create_app(RegistryStore(Path(data)), TOKEN, "http://127.0.0.1:1")
+        out = []
+        for route in app.routes:
+            path = getattr(route, "path", "")
+            if "{" in path:
+                methods = sorted((getattr(route, "methods", None) or {"GET"}) - {"HEAD"})
+                out += [(method, path) for method in methods]
+        return out
+
+
+ROUTES = registry_routes()
+# NUL, ESC, DEL, a C1 control, a lone byte that is not UTF-8, a newline
+UNFIT = ["a%00b", "%1b%5b2J", "x%7f", "%c2%9b", "%ff", "a%0ab"]
+
+
+def test_every_route_refuses_control_bytes_in_path_parameters_with_400_json(registry: Registry) -> None:
+    """``%00`` and friends in any path parameter of any route: 400 with a JSON error, never a 500 or a page."""
+    assert len(ROUTES) >= 20, ROUTES
+    good = {"publisher": "local", "slug": "app", "version": "0.1.0", "file_name": "app.capsule",
+            "raw_hash": "blake3:" + "0" * 64, "source_id": "src_abc", "run_id": "run_abc", "handle": "local",
+            "path": "index.html", "rest": "anything"}
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    tried = 0
+    for method, template in ROUTES:
+        params = re.findall(r"{(\w+)(?::\w+)?}", template)
+        for param in params:
+            for bad in UNFIT:
+                fill = {**good, param: bad}
+                path = re.sub(r"{(\w+)(?::\w+)?}", lambda m, fill=fill: fill[m.group(1)], template)
+                resp = httpx.request(method, registry.url + path, headers=headers, content=b"{}", timeout=60)
+                where = (method, path, resp.status_code, resp.text[:200])
+                assert resp.status_code == 400 and resp.headers["content-type"] == "application/json", where
+                body = resp.json()
+                assert body["error"] == "invalid_parameter", where
+                assert not re.search(r"[\x00-\x1f\x7f-\x9f]", body["message"]), where
+                tried += 1
+    assert tried >= 200
+    assert registry.proc.poll() is None
+    # the same names without the bad bytes reach their routes
+    assert httpx.get(f"{registry.url}/v1/capsules/by/local/app", timeout=60).status_code == 404
 
 
 # ------------------------------------------------------------------ echoed control characters
