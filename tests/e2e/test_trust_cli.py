@@ -145,19 +145,30 @@ def test_rotation_inside_the_overlap_pins_the_new_key(ato, tmp_path: Path) -> No
     assert doc["trust"]["status"] == "previous-key"
 
 
-def test_rotation_seen_after_the_overlap_fails(ato, tmp_path: Path) -> None:
-    key = tmp_path / "k.json"
-    old = gen_key(ato, key)
-    build(ato, make_project(tmp_path / "p1", "1.0.0"), tmp_path / "v1.capsule", key)
-    build(ato, make_project(tmp_path / "p2", "1.1.0"), tmp_path / "v2.capsule")
-    ok_json(ato(["verify", str(tmp_path / "v1.capsule"), "--identity", "acme", "--yes", "--json"]), "verify")
-    rot = ok_json(ato(["key", "rotate", "--key", str(key), "--overlap", "3s", "--json"]), "key")
-    ok_json(ato(["sign", str(tmp_path / "v2.capsule"), "--key", str(key), "--json"]), "sign")
-    signed = json.loads(_member(tmp_path / "v2.capsule", "signature.json"))
-    assert signed["key_id"] == rot["key_id"] and signed["previous_key"]["key_id"] == old["key_id"]  # inside the window
+def test_rotation_seen_after_the_overlap_fails(ato, tmp_path: Path, monkeypatch) -> None:
+    # The signature must be made inside the overlap window and verified after it. On a loaded
+    # machine `ato sign` may start after a short window has ended, so widen the window and start
+    # over (fresh ATO_HOME) until the signing lands inside it: a condition, not a sleep.
+    for overlap in (3, 10, 30, 90):
+        home = tmp_path / f"overlap-{overlap}"
+        monkeypatch.setenv("ATO_HOME", str(home / ".ato"))
+        key = home / "k.json"
+        old = gen_key(ato, key)
+        build(ato, make_project(home / "p1", "1.0.0"), home / "v1.capsule", key)
+        build(ato, make_project(home / "p2", "1.1.0"), home / "v2.capsule")
+        ok_json(ato(["verify", str(home / "v1.capsule"), "--identity", "acme", "--yes", "--json"]), "verify")
+        rot = ok_json(ato(["key", "rotate", "--key", str(key), "--overlap", f"{overlap}s", "--json"]), "key")
+        ok_json(ato(["sign", str(home / "v2.capsule"), "--key", str(key), "--json"]), "sign")
+        signed = json.loads(_member(home / "v2.capsule", "signature.json"))
+        assert signed["key_id"] == rot["key_id"]
+        if "previous_key" in signed:  # signed inside the window
+            break
+    else:
+        pytest.fail("ato sign never ran inside a 90 s rotation overlap")
+    assert signed["previous_key"]["key_id"] == old["key_id"]
     until = calendar.timegm(time.strptime(signed["previous_key"]["overlap_until"], "%Y-%m-%dT%H:%M:%SZ"))
-    time.sleep(max(0.0, until - time.time()) + 1.1)
-    res = ato(["verify", str(tmp_path / "v2.capsule"), "--identity", "acme", "--json"])
+    time.sleep(max(0.0, until - time.time()) + 1.1)  # the clock must pass the window's end
+    res = ato(["verify", str(home / "v2.capsule"), "--identity", "acme", "--json"])
     err = failure(res, "E208", "ATO_ERR_INTEGRITY_FAILURE")
     assert err["details"]["reason"] == "rotation-overlap-ended"
     assert ok_json(ato(["trust", "ls", "--json"]), "trust")["identities"][0]["via"] == "tofu"  # pin unchanged
