@@ -308,7 +308,7 @@ def upgrade_cmd(ref: str | None, all_: bool, dry_run: bool, keep: int, registry:
     doc = {"schema_version": "1", "dry_run": dry_run, "results": results,
            "upgraded": sum(1 for r in results if r["status"] == "upgraded"),
            "failed": sum(1 for r in results if r["status"] == "failed")}
-    emit(doc, "upgrade", "\n".join(_upgrade_line(r) for r in results) or "Nothing is installed.")
+    emit(doc, "upgrade", "\n".join(_upgrade_line(r, dry_run) for r in results) or "Nothing is installed.")
     if first_error is not None:
         if json_mode():
             raise first_error
@@ -316,15 +316,18 @@ def upgrade_cmd(ref: str | None, all_: bool, dry_run: bool, keep: int, registry:
                                          f"{first_error.message}", details=first_error.details)
 
 
-def _upgrade_line(r: dict[str, Any]) -> str:
+def _upgrade_line(r: dict[str, Any], dry: bool) -> str:
     sid, status = r["scoped_id"], r["status"]
     if status == "upgraded":
         removed = f"; removed {', '.join(r['removed_versions'])}" if r["removed_versions"] else ""
         return f"{sid}: {r['from']} -> {r['to']}{removed}"
     if status == "would-upgrade":
-        return f"{sid}: {r['from']} -> {r['to']} (dry run)"
+        removed = f"; would remove {', '.join(r['removed_versions'])}" if r["removed_versions"] else ""
+        return f"{sid}: {r['from']} -> {r['to']}{removed} (dry run)"
     if status == "up-to-date":
-        return f"{sid}: {r['from']} is the newest"
+        removed = r["removed_versions"]
+        return f"{sid}: {r['from']} is the newest" + (f"; {'would remove' if dry else 'removed'} "
+                                                      f"{', '.join(removed)}" if removed else "")
     return f"{sid}: {status}: {r['reason']}"
 
 
@@ -348,33 +351,64 @@ def _upgrade_one(sid: str, versions: list[Entry], *, dry_run: bool, keep: int, r
         _detail, latest = latest_release(client, publisher, slug)
     if not latest:
         raise AtoError(E_USAGE, f"{client.base} has no installable version of {sid}")
-    base["to"] = latest
+    # the command on PATH, whichever installed version holds it now (an explicit older install --bin)
+    shims = [lau for e in versions for lau in (e.record or {}).get("launchers") or [] if lau.get("kind") == "bin"]
+    flags = sorted({f for lau in shims for f in lau.get("flags") or []}) if shims else None
     if version_key(latest) <= version_key(newest.version):
-        return {**base, "to": newest.version, "status": "up-to-date"}
+        # nothing newer to download; still the upgraded state: the command on the newest, older versions gone
+        moving = [] if flags is None or _has_shim(newest) else [str(lau.get("path")) for lau in shims]
+        if moving and not dry_run:
+            from pipeline.cli.install import expose_command
+
+            expose_command({"scoped_id": sid, "version": newest.version, "slug": slug}, flags)
+        removed, freed = _drop_older(sid, newest.version, keep, dry_run, moving=moving)
+        return {**base, "to": newest.version, "status": "up-to-date", "removed_versions": removed,
+                "bytes_freed": freed}
     if dry_run:
-        return {**base, "status": "would-upgrade"}
+        return {**base, "to": latest, "status": "would-upgrade",
+                "removed_versions": [e.version for e in _older(versions, latest)[keep:]]}
     from pipeline.cli.install import install_one
 
     info(f"Upgrading {sid} {newest.version} -> {latest}")
-    shims = [lau for lau in (newest.record or {}).get("launchers") or [] if lau.get("kind") == "bin"]
     doc = install_one(f"{sid}@{latest}", source, None, allow_unsigned=allow_unsigned, yes=yes, project=None,
-                      bin_=False, shim_flags=sorted({f for lau in shims for f in lau.get("flags") or []})
-                      if shims else None)
+                      bin_=False, shim_flags=flags)
+    removed, freed = _drop_older(sid, latest, keep, dry_run)
+    return {**base, "to": latest, "status": "upgraded", "transfer": doc.get("transfer"),
+            "removed_versions": removed, "bytes_freed": freed}
+
+
+def _has_shim(entry: Entry) -> bool:
+    return any(lau.get("kind") == "bin" for lau in (entry.record or {}).get("launchers") or [])
+
+
+def _older(entries: list[Entry], version: str) -> list[Entry]:
+    """Installed versions older than ``version``, newest first."""
+    from pipeline.names import version_key
+
+    return [e for e in entries if e.installed and version_key(e.version) < version_key(version)]
+
+
+def _drop_older(sid: str, version: str, keep: int, dry_run: bool, *, moving: list[str] | None = None) \
+        -> tuple[list[str], int]:
+    """Remove the installed versions of ``sid`` older than ``version`` beyond the newest ``keep`` of them
+    (only called once ``version`` is installed and verified). Returns (versions, bytes freed). ``moving``:
+    the commands a real run moves to ``version`` first, so a dry run must not count them as removed."""
     entries = [e for e in installed.scan(sid) if e.installed]
-    older = [e for e in entries if version_key(e.version) < version_key(latest)]
-    doomed = older[keep:]
+    doomed = _older(entries, version)[keep:]
+    if not doomed:
+        return [], 0
+    ctx = installed.Context.load(live_dirs())
+    remaining = [e for e in entries if e not in doomed]
     plan = Plan()
-    if doomed:
-        ctx = installed.Context.load(live_dirs())
-        remaining = [e for e in entries if e not in doomed]
-        for e in doomed:
-            installed.plan_entry(plan, e, ctx, remaining)
-        plan.settle().apply()
-        plan_bytes = plan.bytes + collect_cas(plan, False)["bytes"]
-    else:
-        plan_bytes = 0
-    return {**base, "status": "upgraded", "transfer": doc.get("transfer"),
-            "removed_versions": [e.version for e in doomed], "bytes_freed": plan_bytes}
+    for e in doomed:
+        installed.plan_entry(plan, e, ctx, remaining)
+    if dry_run and moving:
+        plan.remove = [i for i in plan.remove if not (i.kind == "launcher" and i.path in moving)]
+        plan.paths -= set(moving)
+    plan.settle()
+    if not dry_run:
+        plan.apply()
+    return [e.version for e in doomed], plan.bytes + collect_cas(plan, dry_run)["bytes"]
 
 
 def register(group: click.Group) -> None:

@@ -147,6 +147,45 @@ def test_install_bin_list_upgrade_uninstall_a_tool(ato, tmp_path, registry, cons
 
 
 @needs_node
+def test_upgrade_when_the_newest_is_already_installed_leaves_one_version_with_the_command(ato, tmp_path, registry,
+                                                                                         consumer):
+    """install 0.1.0 --bin, then install 0.2.0 by hand: `ato upgrade` has nothing to download, yet it still
+    moves the command to 0.2.0 and removes 0.1.0, so `ato list` shows one version."""
+    project = tool_project(ato, tmp_path / "greet")
+    publish_version(ato, project, "0.1.0", registry, body="console.log('one');\n")
+    publish_version(ato, project, "0.2.0", registry, body="console.log('two');\n")
+    shim = Path(consumer["HOME"]) / ".local" / "bin" / "greet"
+    ok(ato(["install", "local/greet@0.1.0", "--registry", registry.url, "--bin", "--yes", "--allow-unsigned",
+            "--json"], env=consumer))
+    ok(ato(["install", "local/greet@0.2.0", "--registry", registry.url, "--allow-unsigned", "--json"], env=consumer))
+    assert [v["version"] for v in ok(ato(["list", "--json"], env=consumer))["capsules"][0]["versions"]] == \
+        ["0.2.0", "0.1.0"]
+    assert "local/greet@0.1.0" in shim.read_text()
+
+    dry = ok(ato(["upgrade", "local/greet", "--dry-run", "--json"], env=consumer))
+    assert_schema(dry, "upgrade")
+    assert [(r["status"], r["removed_versions"]) for r in dry["results"]] == [("up-to-date", ["0.1.0"])]
+    assert (store(consumer) / "local/greet/0.1.0").is_dir() and "local/greet@0.1.0" in shim.read_text()
+
+    before = du(Path(consumer["ATO_HOME"]))
+    doc = ok(ato(["upgrade", "local/greet", "--json"], env=consumer))
+    assert_schema(doc, "upgrade")
+    [result] = doc["results"]
+    assert (result["status"], result["from"], result["to"], result["removed_versions"], result["transfer"]) == \
+        ("up-to-date", "0.2.0", "0.2.0", ["0.1.0"], None)
+    assert result["bytes_freed"] == dry["results"][0]["bytes_freed"] > 0
+    assert before - du(Path(consumer["ATO_HOME"])) == result["bytes_freed"]
+    listing = ok(ato(["list", "--json"], env=consumer))
+    [cap] = listing["capsules"]
+    [only] = cap["versions"]
+    assert only["version"] == "0.2.0" and only["launchers"] == [{"kind": "bin", "path": str(shim), "state": "ok"}]
+    assert not (store(consumer) / "local/greet/0.1.0").exists()
+    run = subprocess.run([str(shim)], capture_output=True, text=True, env={**os.environ, **consumer}, timeout=120)
+    assert run.stdout == "two\n", run.stderr
+    assert ok(ato(["upgrade", "--all", "--json"], env=consumer))["results"][0]["removed_versions"] == []
+
+
+@needs_node
 def test_bin_refuses_what_ato_did_not_create(ato, tmp_path, registry, consumer):
     project = tool_project(ato, tmp_path / "greet")
     publish_version(ato, project, "1.0.0", registry)
