@@ -29,7 +29,7 @@ class Session:
 def load() -> dict[str, Any] | None:
     try:
         doc = json.loads(paths.credentials_path().read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable is the same as logged out
         return None
     return doc if isinstance(doc, dict) and isinstance(doc.get("token"), str) and doc["token"] else None
 

@@ -54,7 +54,7 @@ def read_doc(path: Path, what: str) -> dict[str, Any]:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise AtoError(E_INTEGRITY, f"{what} is missing: {path}", details={"path": str(path)}) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise AtoError(E_INTEGRITY, f"failed to parse {what}: {path}: {exc}", details={"path": str(path)}) from None
     if not isinstance(doc, dict):
         raise AtoError(E_INTEGRITY, f"failed to parse {what}: {path}: not a JSON object", details={"path": str(path)})

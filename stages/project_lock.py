@@ -119,7 +119,7 @@ def render(doc: dict[str, Any]) -> bytes:
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: stale, rewritten
         return None
     return doc if isinstance(doc, dict) else None
 

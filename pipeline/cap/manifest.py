@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import nesting
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_MANIFEST, AtoError
 
@@ -99,7 +100,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
             details={"file": str(path)}, hint="run `cap init namespace/name` or pass --manifest",
         )
     try:
-        doc = json.loads(path.read_text("utf-8"))
+        doc = nesting.loads_json(path.read_text("utf-8"), str(path))
     except UnicodeDecodeError as exc:
         raise AtoError(E_MANIFEST, f"{path}: not UTF-8 text: {exc.reason}", details={"file": str(path)}) from None
     except OSError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from pipeline import nesting
 from pipeline.cli.term import decorated, for_stream
 from pipeline.envelope import render
 from pipeline.errors import (
@@ -151,6 +152,8 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
         if os.environ.get("ATO_DEBUG") == "1":
             traceback.print_exc()
         err = from_os_error(exc)  # disk full, name too long: the user's to fix, with their own codes
+        if err is None and isinstance(exc, RecursionError):  # a reader without its own depth check (E004)
+            err = nesting.too_deep("an input")
         if err is not None:
             report_error(err, as_json)
             return err.exit_code

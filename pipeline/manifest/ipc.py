@@ -323,6 +323,8 @@ def schema_problem(project_dir: Path, rel: str) -> str | None:
         return f"cannot be read ({exc})"
     except ValueError as exc:
         return f"is not JSON ({exc})"
+    except RecursionError:
+        return "is nested too deeply to read"
     if not isinstance(doc, dict | bool):
         return "is not a JSON Schema (an object or a boolean)"
     try:

@@ -32,7 +32,7 @@ from typing import Any
 
 from cas.atomic import write_bytes_atomic
 from cas.tempfiles import sweep
-from pipeline import paths
+from pipeline import nesting, paths
 from pipeline.envelope import validation_errors
 from pipeline.errors import E_INTEGRITY, E_INTERNAL, E_USAGE, AtoError
 from stages.capsule.keys import did_fingerprint, is_did, rfc3339, short_fingerprint
@@ -229,7 +229,7 @@ def load(path: Path | None = None) -> TrustStore:
     except OSError as exc:
         raise _corrupt(path, f"cannot be read: {exc.strerror}") from None
     try:
-        data = json.loads(raw)
+        data = nesting.loads_json(raw, str(path))
     except (ValueError, UnicodeDecodeError) as exc:
         raise _corrupt(path, f"not JSON ({exc})") from None
     problems = validation_errors(data, SCHEMA)

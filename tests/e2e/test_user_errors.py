@@ -176,6 +176,23 @@ def test_nesting_up_to_the_limit_is_read(ato, tmp_path: Path) -> None:
     assert res.code == 0, res.stderr
 
 
+DEEP_JSON = '{"name": ' + "[" * 5000 + "]" * 5000 + "}"
+
+
+def test_json_nested_5000_deep_is_e004(ato, tmp_path: Path) -> None:
+    """User JSON files (a capability.json, the trust store) nested too deep: E004 naming the file."""
+    (tmp_path / "capability.json").write_text(DEEP_JSON)
+    res = subprocess.run([cli_path("cap"), "preview"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    line = one_line_failure(Result(res.returncode, res.stdout, res.stderr), "E004")
+    assert "capability.json: nested more than 64 levels" in line
+    env = home_env(tmp_path / "home")
+    store = tmp_path / "home" / ".capsule" / "trust_store.json"
+    store.parent.mkdir(parents=True)
+    store.write_text(DEEP_JSON)
+    line = one_line_failure(ato(["trust", "ls"], env=env), "E004")
+    assert "trust_store.json: nested more than 64 levels" in line
+
+
 def chain(count: int) -> str:
     out = []
     for i in range(count):
