@@ -31,6 +31,7 @@ from cas.atomic import fsync_dir
 from cas.canonical import jcs_digest
 from cas.digest import DigestError, label, parse
 from cas.filelock import flocked
+from cas.stoppoints import stop_point
 from cas.tempfiles import sweep, temp_name, temp_path
 from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
@@ -227,6 +228,7 @@ def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str, tr
         os.mkdir(artifact, 0o755)
         os.chmod(artifact, 0o755)
         unpack_payload(capsule, artifact, durable=True)
+        stop_point("fetch.unpacked")  # crash tests: the payload tree in its temp dir, nothing committed
         _copy_synced(path, tmp / ARTIFACT_FILE)
         parent_hex = tree_hex(artifact)
         record = _record(scoped_id, version, registry, parent_hex, artifact_hex)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from cas.digest import parse
-from cas.tempfiles import temp_name
+from cas.stoppoints import stop_point
+from cas.tempfiles import sweep, temp_name
 from pipeline import paths
 from stages.capsule import Limits, unpack_payload, verify, write_root_file
 from stages.capsule.distribution import toml_bytes
@@ -35,6 +36,7 @@ def unpack_capsule(artifact: Path, limits: Limits | None = None) -> tuple[Path, 
     if dest.is_dir() and not dest.is_symlink():
         return dest, summary
     dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep([dest.parent])  # what a killed unpack left (only if its process is gone)
     tmp = dest.parent / temp_name(key[:16])
     os.mkdir(tmp, 0o700)
     try:
@@ -43,6 +45,7 @@ def unpack_capsule(artifact: Path, limits: Limits | None = None) -> tuple[Path, 
         # The artifact's own manifest and lock are the verified ones; they win over payload copies.
         write_root_file(tmp, "capsule.toml", toml_bytes(capsule.manifest))
         write_root_file(tmp, "capsule.lock.json", json.dumps(capsule.lock, indent=2).encode("utf-8"))
+        stop_point("unpack.written")  # crash tests: the whole tree in its temp dir, not renamed
         try:
             os.rename(tmp, dest)
         except OSError:

@@ -7,6 +7,7 @@ Points and what is on disk when they are reached:
 
 - ``artifact.written``: the build's whole ``.capsule`` in its temp file, not renamed;
 - ``cas.publish-temps``: new CAS frames in temp files (build or install), none linked;
+- ``unpack.written`` (run) / ``fetch.unpacked``: the payload tree in its temp dir, not renamed;
 - ``install.downloaded``: the downloaded artifact in its temp file, nothing stored;
 - ``publish.uploading``: the registry holds the uploaded frames in a session, no commit;
 - ``registry.upload-received``: the registry has the frames in an upload temp file;
@@ -165,6 +166,37 @@ def test_a_live_writers_temp_file_is_never_swept(ato, tmp_path: Path) -> None:
     res = ato(["cas", "verify", "--json"], env=env)
     assert res.json()["leftover_temps"] == [str(theirs)]  # the sleeper is gone now; this process is not
     assert "ato cas gc" in ato(["cas", "verify"], env=env).stdout
+
+
+@pytest.mark.parametrize("verb,point", [("run", "unpack.written"), ("fetch", "fetch.unpacked")])
+def test_run_and_fetch_killed_mid_unpack_then_retried(ato, tmp_path: Path, verb: str, point: str) -> None:
+    """A killed unpack leaves only a temp dir: never taken for a complete tree, swept by the next run/fetch."""
+    project = crash_project(tmp_path / "p")
+    if verb == "run":  # a program Tier 1 runs (Node under Deno) with nothing to install
+        (project / "capsule.toml").write_text((project / "capsule.toml").read_text().replace(
+            'driver = "python"', 'driver = "node"').replace('entrypoint = "main.py"', 'entrypoint = "main.js"'))
+        (project / "main.js").write_text("console.log('hello from crashy')\n")
+        (project / "capsule.lock").write_text('version = "1"\n')
+        (project / "package-lock.json").write_text('{"lockfileVersion": 3, "packages": {}}\n')
+    env = home_env(tmp_path / "home")
+    ato_home = Path(env["ATO_HOME"])
+    res = ato(["build", ".", "--json"], cwd=project, env=env)
+    assert res.code == 0, res.stderr
+    artifact = res.json()["artifact"]
+    args = [verb, artifact, "--yes"] if verb == "run" else [verb, artifact]
+    ato_killed_at(point, args, env=env, cwd=tmp_path, tmp=tmp_path)
+    left = temps(ato_home)
+    assert left and all(p.is_dir() for p in left), left
+    trees = ato_home / ("unpacked" if verb == "run" else "fetches")
+    assert [p for p in trees.iterdir() if p not in left] == [], "nothing but the temp dir is there"
+
+    res = ato(args, cwd=tmp_path, env=env)
+    assert res.code == 0, res.stderr
+    if verb == "run":
+        assert "hello from crashy" in res.stdout
+    assert not any(p.exists() for p in left), f"the next {verb} sweeps what the killed one left"
+    assert temps(ato_home) == []
+    assert_cas_clean(ato, env)
 
 
 # ------------------------------------------------------------------ install and publish
