@@ -101,10 +101,16 @@ def install_one(ref: str, registry: str, version: str | None, *, allow_unsigned:
     if doc["install_kind"] != "Standard":
         installed.write_record(doc)  # the derived app and fetch belong to this version now
     if bin_ or shim_flags is not None:
-        flags = shim_flags if shim_flags is not None else \
-            (["--allow-unsigned"] if allow_unsigned else []) + (["--yes"] if yes else [])
-        doc["launchers"] = [expose_command(doc, flags)]
+        wanted = shim_flags if shim_flags is not None else (["--yes"] if yes else [])
+        doc["launchers"] = [expose_command(doc, command_flags(wanted, signed=bool(doc.get("signed"))))]
     return doc
+
+
+def command_flags(wanted: list[str], *, signed: bool) -> list[str]:
+    """The flags a PATH shim passes to ``ato run``: ``--yes`` as the install (or the shim it replaces) had it,
+    ``--allow-unsigned`` only when the version it runs is unsigned (its install was allowed explicitly), so
+    a signed upgrade of an unsigned tool runs fail-closed again."""
+    return sorted({f for f in wanted if f != "--allow-unsigned"} | (set() if signed else {"--allow-unsigned"}))
 
 
 def expose_command(doc: dict, flags: list[str]) -> dict:

@@ -358,9 +358,10 @@ def _upgrade_one(sid: str, versions: list[Entry], *, dry_run: bool, keep: int, r
         # nothing newer to download; still the upgraded state: the command on the newest, older versions gone
         moving = [] if flags is None or _has_shim(newest) else [str(lau.get("path")) for lau in shims]
         if moving and not dry_run:
-            from pipeline.cli.install import expose_command
+            from pipeline.cli.install import command_flags, expose_command
 
-            expose_command({"scoped_id": sid, "version": newest.version, "slug": slug}, flags)
+            expose_command({"scoped_id": sid, "version": newest.version, "slug": slug},
+                           command_flags(flags, signed=bool((newest.record or {}).get("signed"))))
         removed, freed = _drop_older(sid, newest.version, keep, dry_run, moving=moving)
         return {**base, "to": newest.version, "status": "up-to-date", "removed_versions": removed,
                 "bytes_freed": freed}

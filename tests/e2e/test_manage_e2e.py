@@ -358,3 +358,64 @@ def test_gc_leaves_a_young_orphan_cache_for_its_first_hour(ato, consumer):
     doc = ok(ato(["gc", "--json"], env=consumer))
     assert [(i["kind"], i["path"]) for i in doc["removed"] if i["kind"] != "directory"] == [("unpacked", str(orphan))]
     assert not orphan.exists()
+
+
+@needs_node
+def test_failed_upgrade_keeps_the_old_version_signed_upgrade_pins_and_purge_takes_the_data(ato, tmp_path, registry,
+                                                                                          consumer):
+    """An upgrade the trust policy refuses changes nothing; a signed one is pinned, listed with its signer,
+    and its command no longer passes --allow-unsigned; uninstall --purge also takes the saved state and
+    the consent approvals."""
+    project = tool_project(ato, tmp_path / "greet")
+    with (project / "capsule.toml").open("a") as f:
+        f.write('\n[state.data]\nkind = "filesystem"\ndurability = "persistent"\npurpose = "notes"\n')
+    note = ("const fs = require('fs');\n"
+            "fs.writeFileSync(require('path').join(process.env.ATO_STATE_DATA, 'note.txt'), 'VERSION');\n"
+            "console.log('VERSION');\n")
+    publish_version(ato, project, "0.1.0", registry, body=note.replace("VERSION", "one"))
+    shim = Path(consumer["HOME"]) / ".local" / "bin" / "greet"
+    ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--yes", "--allow-unsigned", "--json"],
+           env=consumer))
+    shell = {**os.environ, **consumer}
+    assert subprocess.run([str(shim)], capture_output=True, text=True, env=shell, timeout=120).stdout == "one\n"
+    ato_home = Path(consumer["ATO_HOME"])
+    state = ato_home / "capsule-state" / "greet"
+    assert (state / "data" / "note.txt").read_text() == "one"
+
+    # 0.2.0 is unsigned and this upgrade does not allow it: refused, nothing changes
+    publish_version(ato, project, "0.2.0", registry, body=note.replace("VERSION", "two"))
+    before = sorted(str(p) for p in (ato_home / "store").rglob("*"))
+    shim_bytes = shim.read_bytes()
+    res = ato(["upgrade", "local/greet", "--json"], env=consumer)
+    assert res.code == 1
+    doc = res.json()
+    assert_schema(doc, "upgrade")
+    assert (doc["failed"], doc["results"][0]["status"], doc["results"][0]["error"]["code"]) == (1, "failed", "E301")
+    assert sorted(str(p) for p in (ato_home / "store").rglob("*")) == before and shim.read_bytes() == shim_bytes
+    assert subprocess.run([str(shim)], capture_output=True, text=True, env=shell, timeout=120).stdout == "one\n"
+
+    # 0.3.0 is signed: pinned on first sight (--yes), listed with its signer, the shim runs fail-closed again
+    key = ok(ato(["key", "gen", "--json"]))
+    (project / "main.js").write_text(note.replace("VERSION", "three"))
+    text = (project / "capsule.toml").read_text()
+    (project / "capsule.toml").write_text(text.replace('version = "0.2.0"', 'version = "0.3.0"'))
+    ok(ato(["lock", str(project), "--json"], env=OFFLINE))
+    artifact = Path(ok(ato(["build", str(project), "--key", key["path"], "--json"]))["artifact"])
+    ok(ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"], env={"ATO_TOKEN": TOKEN}))
+    up = ok(ato(["upgrade", "local/greet", "--yes", "--json"], env=consumer))
+    assert (up["results"][0]["status"], up["results"][0]["removed_versions"]) == ("upgraded", ["0.1.0"])
+    [cap] = ok(ato(["list", "--json"], env=consumer))["capsules"]
+    [v3] = cap["versions"]
+    assert (v3["version"], v3["signed"], v3["trust"]) == ("0.3.0", True, "pinned")
+    assert v3["signer"] == {"key_id": key["key_id"], "short_fingerprint": key["short_fingerprint"]}
+    assert "pinned " + key["short_fingerprint"] in ato(["list"], env=consumer).stdout
+    assert "--allow-unsigned" not in shim.read_text() and "local/greet@0.3.0 --yes" in shim.read_text()
+    assert subprocess.run([str(shim)], capture_output=True, text=True, env=shell, timeout=120).stdout == "three\n"
+
+    consent = ato_home / "consent" / "executionplan_v1.jsonl"
+    assert '"local/greet"' in consent.read_text()
+    gone = ok(ato(["uninstall", "local/greet", "--purge", "--json"], env=consumer))
+    assert_schema(gone, "uninstall")
+    assert "purge" in {i["kind"] for i in gone["removed"]}
+    assert not state.exists() and not shim.exists()
+    assert '"local/greet"' not in (consent.read_text() if consent.exists() else "")
