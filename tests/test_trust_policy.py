@@ -151,6 +151,21 @@ def test_unsigned_is_refused_unless_allowed() -> None:
     assert d.status == "unsigned" and d.key_id is None and d.change is None
 
 
+def test_a_pinned_publisher_never_accepts_a_stripped_signature() -> None:
+    """Unsigned under a pinned identity is a downgrade: E208 naming the pin, whatever --allow-unsigned says."""
+    k = sign.generate_key()
+    pin("acme", k)
+    for allow in (False, True):
+        with pytest.raises(AtoError) as err:
+            decide(SignatureInfo(False), allow_unsigned=allow)
+        assert err.value.code == "E208" and err.value.details["reason"] == "unsigned-but-pinned"
+        assert k.did in err.value.message and "ato trust forget acme" in err.value.hint
+        assert err.value.problems[0].code == "ATO_ERR_INTEGRITY_FAILURE"
+    assert decide(SignatureInfo(False), identity="other", allow_unsigned=True).status == "unsigned"
+    # the exact bytes this ATO_HOME built are its own, pinned publisher or not
+    assert decide(SignatureInfo(False), built_here=True).status == "local-build"
+
+
 def test_expected_signer() -> None:
     k, other = sign.generate_key(), sign.generate_key()
     assert decide(signed_by(k), expected_signer=k.did).status == "expected-signer"

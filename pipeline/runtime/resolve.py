@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import config, names, paths
-from pipeline.errors import E_NOT_FOUND, AtoError, http_error, network_error
+from pipeline.errors import E_NOT_FOUND, E_USAGE, AtoError, http_error, network_error
 from pipeline.manifest import MANIFEST_NAME, Manifest, load_manifest
 
 SCOPED_REF = re.compile(r"^@?([a-z0-9][a-z0-9._-]*)/([a-z0-9][a-z0-9._-]*)(?:@([^/\s]+))?$", re.IGNORECASE)
@@ -107,6 +107,7 @@ def _from_artifact(raw: str, artifact: Path, kind: str, *, verified: bool = Fals
 
     if not verified:
         trust_gate(artifact)
+    refuse_native(artifact, gate.port().limits)
     project_dir, _summary = unpack_capsule(artifact, gate.port().limits)
     manifest = load_manifest(project_dir)
     return Resolved(kind, raw, project_dir, manifest, artifact=artifact)
@@ -151,9 +152,10 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
     from pipeline.trust import gate
     from stages.install import install
 
-    # The same check as `ato install`: nothing unverified lands in the store.
+    # The same check as `ato install`: nothing unverified lands in the store, and no native app either
+    # (it needs `ato install`'s local finalize, and run would not launch it).
     envelope = install(scoped_id, registry, version, connect=RegistryClient, token=os.environ.get("ATO_TOKEN"),
-                       trust=gate.port())
+                       trust=_NotNative(gate.port(), scoped_id))
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)
@@ -165,6 +167,37 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
     return Path(path)
 
 
+def refuse_native(artifact: Path, limits: Any = None, scoped_id: str | None = None) -> None:
+    """``ato run`` does not launch a native app's ``.capsule``: it runs from its locally derived copy."""
+    from pipeline.native_delivery import payload_delivery
+
+    if payload_delivery(Path(artifact), limits) is not None:
+        ref = scoped_id or str(artifact)
+        raise AtoError(E_USAGE, f"{ref} is a native app: it runs from its locally finalized copy, not from the "
+                                ".capsule", hint=f"install it with `ato install {ref} --yes` and launch it from its "
+                                                 "projection (the install's launchable.path)",
+                       details={"artifact": str(artifact)})
+
+
+class _NotNative:
+    """The run's trust port for install-on-demand, refusing a native app before it is stored."""
+
+    def __init__(self, inner: Any, scoped_id: str) -> None:
+        self.inner, self.scoped_id = inner, scoped_id
+
+    @property
+    def limits(self) -> Any:
+        return self.inner.limits
+
+    def precheck(self, verdict: Any, scoped_id: str | None) -> None:
+        self.inner.precheck(verdict, scoped_id)
+
+    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
+        result = self.inner.check(path, scoped_id)
+        refuse_native(path, self.inner.limits, self.scoped_id)
+        return result
+
+
 def _installed_path(envelope: Any) -> str | None:
     if not isinstance(envelope, dict):
         return None
@@ -174,7 +207,7 @@ def _installed_path(envelope: Any) -> str | None:
         if isinstance(archive, dict) and archive.get("path"):
             return str(archive["path"])
         if launchable.get("DerivedApp"):
-            raise AtoError("E999", "this capsule installs as a native app; launch it from its projection",
+            raise AtoError(E_USAGE, "this capsule installs as a native app; launch it from its projection",
                            details={"launchable": launchable})
     path = envelope.get("path")
     return str(path) if isinstance(path, str) and path.endswith(".capsule") else None

@@ -19,7 +19,9 @@ Identity
     and petnames are ways for people to refer to a key, resolved through the store.
 
 Decisions (:mod:`pipeline.trust.policy`), in this order, after every digest and the signature hold:
-    unsigned          refused unless ``--allow-unsigned``; reported ``signed: false`` everywhere.
+    unsigned          refused unless ``--allow-unsigned``; reported ``signed: false`` everywhere. An
+                      identity with a pinned key refuses unsigned artifacts (E208) even then: a stripped
+                      signature is a downgrade. (Bytes this ATO_HOME built itself stay ``local-build``.)
     revoked key       refused, even for artifacts installed before the revocation.
     first sight       TOFU: pin the signer for the identity, after a prompt on a TTY or ``--yes``;
                       refused when non-interactive without ``--yes``.

@@ -79,6 +79,14 @@ def decide(store: TrustStore, *, identity: str | None, signature: SignatureInfo 
         if built_here:
             return Decision("local-build", identity, None, _pinned(store, identity),
                             "unsigned, built on this machine (its digest is in this ATO_HOME's build records)")
+        pinned = _pinned(store, identity)
+        if pinned is not None:  # a stripped signature is a downgrade, whatever --allow-unsigned says
+            raise _integrity(f"the artifact is unsigned, but {identity} is pinned to {_who(pinned, store)}: an "
+                             "artifact of a pinned publisher must carry that key's signature (a stripped signature "
+                             "is refused even with --allow-unsigned)",
+                             f"if {identity} really stopped signing, forget its pin with `ato trust forget {identity}` "
+                             "and retry", identity=identity, pinned_key=pinned, signed=False,
+                             reason="unsigned-but-pinned")
         if not allow_unsigned:
             msg = "the artifact is unsigned; unsigned artifacts are refused"
             raise AtoError(E_POLICY, msg, hint="sign it (ato sign --key / ato build --key), or pass --allow-unsigned "

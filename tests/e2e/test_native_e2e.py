@@ -304,3 +304,29 @@ def test_a_derived_app_without_an_executable_is_refused(ato, tmp_path: Path) -> 
     assert error_of(res)["message"] == ("Projection input is missing an executable command within 3 levels of "
                                         f"{out / 'app'}")
     assert not paths.applications_dir().exists() and not paths.user_bin_dir().exists()
+
+
+def test_a_refused_native_install_leaves_nothing_in_the_store(ato, tmp_path: Path, registry: Registry) -> None:
+    """A native install refused after its artifact was verified (here: a darwin/arm64 app cannot be
+    finalized on a Linux host) takes the artifact back out of the store: `ato verify` and `ato run` do
+    not find it installed, and asking run to install it again is refused again."""
+    proj = tmp_path / "mac"
+    macos = proj / "MyApp.app" / "Contents" / "MacOS"
+    macos.mkdir(parents=True)
+    (macos / "MyApp").write_bytes(b"\xcf\xfa\xed\xfe fake mach-o")
+    (macos / "MyApp").chmod(0o755)
+    (proj / "capsule.toml").write_text('schema_version = "0.2"\nname = "my-mac-app"\nversion = "0.1.0"\n'
+                                       'type = "app"\ndefault_target = "desktop"\n\n[targets.desktop]\n'
+                                       'runtime = "source"\ndriver = "native"\nentrypoint = "MyApp.app"\n')
+    artifact = Path(ok(ato(["build", str(proj), "--json"]))["artifact"])
+    ok(ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"], env={"ATO_TOKEN": TOKEN}))
+    res = ato(["install", "local/my-mac-app", "--registry", registry.url, "--yes", "--json"])
+    assert res.code == 1 and "darwin/arm64" in error_of(res)["message"], res.stderr
+    store = paths.store_dir()
+    assert not store.exists() or not list(store.rglob("*.capsule")), list(store.rglob("*"))
+    assert not paths.apps_dir().exists() or not list(paths.apps_dir().rglob("derived-*"))
+    not_installed = ato(["verify", "local/my-mac-app"])
+    assert not_installed.code == 1 and "is not installed" in not_installed.stderr
+    again = ato(["run", "local/my-mac-app", "--registry", registry.url, "--yes"])  # run does not store it either
+    assert again.code == 1 and again.stderr.startswith("error[E100]: local/my-mac-app is a native app"), again.stderr
+    assert not store.exists() or not list(store.rglob("*.capsule"))

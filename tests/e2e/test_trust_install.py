@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from cas import tempfiles
 from pipeline import paths
 from tests.conftest import assert_schema, cli_path, forget_local_builds
+from tests.e2e.registry_support import CountingProxy
 from tests.e2e.test_trust_cli import build, failure, gen_key, ok_json
 from tests.test_trust_sign import make_project
 
@@ -151,3 +153,63 @@ def test_publish_signs_with_the_publisher_key(ato, registry: str, tmp_path: Path
     res = ato(["publish", "--registry", registry, "--artifact", str(installed("3.0.0")), "--key",
                str(tmp_path / "publisher.json")])
     assert res.code == 1 and "ato sign" in res.stderr
+
+
+def _big_release(ato, registry: str, tmp_path: Path, version: str, key: Path | None) -> Path:
+    """A release whose payload (3 MB of random bytes) dwarfs its skeleton."""
+    project = make_project(tmp_path / f"src-{version}", version)
+    (project / "blob.bin").write_bytes(os.urandom(3 << 20))
+    out = tmp_path / f"{SLUG}-{version}.capsule"
+    build(ato, project, out, key)
+    publish(ato, registry, out)
+    shutil.rmtree(paths.cas_root())  # the consumer is another machine: none of the chunks are local
+    return out
+
+
+def test_install_decides_trust_before_it_downloads_the_payload(ato, registry: str, tmp_path: Path) -> None:
+    """An unsigned artifact, or a first-seen signer without consent, is refused from the skeleton (its small
+    members): no payload chunk crosses the wire, and nothing is stored."""
+    unsigned = _big_release(ato, registry, tmp_path, "1.0.0", None)
+    forget_local_builds()  # the consumer is another machine
+    proxy = CountingProxy(registry)
+    try:
+        failure(install(ato, proxy.url), "E301", "ATO_ERR_POLICY_VIOLATION")
+        assert proxy.down < unsigned.stat().st_size // 10, (proxy.down, unsigned.stat().st_size)
+        assert not installed("1.0.0").exists()
+        proxy.reset()
+        ok_json(install(ato, proxy.url, "--allow-unsigned"), "install")
+        assert proxy.down > 3 << 20  # now the payload came
+
+        gen_key(ato, tmp_path / "k.json")
+        signed = _big_release(ato, registry, tmp_path, "2.0.0", tmp_path / "k.json")
+        proxy.reset()
+        failure(install(ato, proxy.url), "E301", "ATO_ERR_CONSENT_REQUIRED")  # first sight, no --yes
+        assert proxy.down < signed.stat().st_size // 10, (proxy.down, signed.stat().st_size)
+        assert not installed("2.0.0").exists() and not paths.trust_store_path().exists()
+    finally:
+        proxy.close()
+
+
+def test_an_unsigned_artifact_of_a_pinned_publisher_is_refused_even_with_allow_unsigned(
+        ato, registry: str, tmp_path: Path) -> None:
+    """Stripping the signature is a downgrade: E208 naming the pinned key and how to forget it."""
+    k = gen_key(ato, tmp_path / "k.json")
+    release(ato, registry, tmp_path, "1.0.0", tmp_path / "k.json")
+    ok_json(install(ato, registry, "--yes"), "install")
+    unsigned = _big_release(ato, registry, tmp_path, "1.1.0", None)
+    forget_local_builds()
+    proxy = CountingProxy(registry)
+    try:
+        res = install(ato, proxy.url, "--allow-unsigned", "--yes")
+        err = failure(res, "E208", "ATO_ERR_INTEGRITY_FAILURE")
+        assert "acme is pinned to" in err["message"] and k["key_id"] in err["message"]
+        assert "ato trust forget acme" in err["details"]["hint"]
+        assert proxy.down < unsigned.stat().st_size // 10
+        assert not installed("1.1.0").exists()
+    finally:
+        proxy.close()
+    human = ato(["verify", str(unsigned), "--allow-unsigned", "--identity", "acme"])
+    assert human.code == 1 and "error[E208]: " in human.stderr and "ato trust forget acme" in human.stderr
+    ok_json(ato(["trust", "forget", "acme", "--json"]), "trust")
+    doc = ok_json(install(ato, registry, "--allow-unsigned"), "install")  # the user chose to forget the pin
+    assert doc["version"] == "1.1.0" and doc["trust"]["status"] == "unsigned"
