@@ -36,7 +36,7 @@ from stages import finalize as finalize_stage
 from stages import project as project_stage
 from stages.capsule import Limits, verify
 from stages.native import SCHEMA_VERSION, host_os, host_target
-from stages.trust_port import TrustPort
+from stages.trust_port import GatedPort, TrustPort
 
 INSTALL_KIND = "NativeRequiresLocalDerivation"
 
@@ -308,7 +308,7 @@ class NativeInstall:
     def wrap(self, trust: TrustPort) -> TrustPort:
         """``trust`` plus the native gate (consent to a local finalize) after the complete check."""
         self.trust = trust
-        return _GatedTrust(trust, self)
+        return GatedPort(trust, self.gate)
 
     def gate(self, path: Path) -> None:
         self.native = payload_delivery(path, self.trust.limits if self.trust is not None else None) is not None
@@ -349,25 +349,6 @@ class NativeInstall:
         if not project:
             self.notify("Launcher projection skipped.")
         return {**doc, **fields}
-
-
-class _GatedTrust:
-    """A trust port that also runs the native gate once the artifact is completely checked."""
-
-    def __init__(self, inner: TrustPort, native: NativeInstall) -> None:
-        self.inner, self.native = inner, native
-
-    @property
-    def limits(self) -> Limits:
-        return self.inner.limits
-
-    def precheck(self, verdict: Any, scoped_id: str | None) -> None:
-        self.inner.precheck(verdict, scoped_id)
-
-    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
-        result = self.inner.check(path, scoped_id)
-        self.native.gate(path)
-        return result
 
 
 def _unstore(path: Path) -> None:

@@ -9,6 +9,7 @@ unpacks or derives anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,3 +32,23 @@ class TrustPort(Protocol):
     def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
         """The complete check of the file at ``path``; returns ``{"signed", "signer", "trust"}``."""
         ...
+
+
+class GatedPort:
+    """A trust port that also runs ``after(path)`` once ``inner`` has accepted the complete artifact
+    (install's native gate; run refusing a native app before it is stored)."""
+
+    def __init__(self, inner: TrustPort, after: Callable[[Path], None]) -> None:
+        self.inner, self.after = inner, after
+
+    @property
+    def limits(self) -> Limits:
+        return self.inner.limits
+
+    def precheck(self, verdict: Verdict, scoped_id: str | None) -> None:
+        self.inner.precheck(verdict, scoped_id)
+
+    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
+        result = self.inner.check(path, scoped_id)
+        self.after(path)
+        return result

@@ -118,3 +118,20 @@ def forget_local_builds() -> None:
     the unsigned-refusal rule need the bytes to look foreign.
     """
     shutil.rmtree(paths.local_builds_dir(), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hostile_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory outside every ATO_HOME that the hostile payloads of issue 12 aim at; it must never change."""
+    root = tmp_path_factory.mktemp("sentinel")
+    (root / "keep.txt").write_text("do not touch\n")
+    (root / "x").write_text("the symlink chains aim here\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def hostile_artifacts(tmp_path_factory: pytest.TempPathFactory, hostile_sentinel: Path) -> dict[str, Path]:
+    """The hostile artifact classes of issue 12 (tests/e2e/hostile_cases.py), built once per test worker."""
+    from tests.e2e.hostile_cases import build_all
+
+    return build_all(tmp_path_factory.mktemp("hostile"), hostile_sentinel)

@@ -105,22 +105,27 @@ def assemble(parts: Parts, out: Path) -> Path:
     return out
 
 
-def parts_for(out: Path, name: str, version: str, raw_tar: bytes, key: keys.SigningKey | None = None) -> Parts:
-    """Parts whose payload is ``raw_tar`` cut by content-defined chunking, one frame per chunk."""
+def parts_for(out: Path, name: str, version: str, raw_tar: bytes, key: keys.SigningKey | None = None, *,
+              single_frame: bool = False) -> Parts:
+    """Parts whose payload is ``raw_tar`` cut by content-defined chunking, one frame per chunk
+    (``single_frame``: the whole payload as one zstd frame, valid but not spliceable, as another tool
+    might write it)."""
     refs, frames = [], []
     for offset, length in chunk_spans(raw_tar):
         raw = raw_tar[offset:offset + length]
         frame = compress(raw)
         refs.append(ChunkRef(blake3.blake3(raw).hexdigest(), len(raw), len(frame)))
         frames.append(frame)
+    if single_frame:
+        frames = [compress(raw_tar)]
     return _parts(out, name, version, PayloadManifest(refs), iter(frames), key)
 
 
 def capsule(out: Path, name: str, version: str, entries: list[Entry] | None = None, *, raw_tar: bytes | None = None,
-            key: keys.SigningKey | None = None) -> Path:
+            key: keys.SigningKey | None = None, single_frame: bool = False) -> Path:
     """A complete artifact around a payload tar of ``entries`` (or the given raw payload bytes)."""
     payload = raw_tar if raw_tar is not None else tar_bytes(entries or [])
-    parts = parts_for(out, name, version, payload, key)
+    parts = parts_for(out, name, version, payload, key, single_frame=single_frame)
     try:
         return assemble(parts, out)
     finally:

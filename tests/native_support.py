@@ -29,6 +29,18 @@ def trust(**kwargs: Any) -> Any:
     return installer_verifier(allow_unsigned=True, **kwargs)
 
 
+def mac_app_project(root: Path, name: str = "my-app") -> Path:
+    """A `.app`-entrypoint project (a darwin/arm64 native target) with a stand-in Mach-O binary."""
+    macos = root / "MyApp.app" / "Contents" / "MacOS"
+    macos.mkdir(parents=True)
+    (macos / "MyApp").write_bytes(b"\xcf\xfa\xed\xfe fake mach-o")
+    (macos / "MyApp").chmod(0o755)
+    (root / "capsule.toml").write_text(f'schema_version = "0.2"\nname = "{name}"\nversion = "0.1.0"\ntype = "app"\n'
+                                       'default_target = "desktop"\n\n[targets.desktop]\nruntime = "source"\n'
+                                       'driver = "native"\nentrypoint = "MyApp.app"\n')
+    return root
+
+
 def need_cc() -> str:
     if CC is None:
         pytest.skip("no C compiler (gcc/cc) on this machine")

@@ -170,3 +170,13 @@ def test_a_corrupt_chunk_and_an_unsafe_entry_give_one_verdict_whatever_the_frame
                             members=[("../evil", b"x"), ("a.bin", os.urandom(300_000))])
         messages.add(verify(art, NO_CEILING).error.message.split(": ", 1)[1])
     assert len(messages) == 1, messages
+
+
+def test_a_frame_longer_than_one_chunk_is_refused_while_it_is_read() -> None:
+    """read_frame stops at MAX_FRAME instead of collecting a long run of blocks into memory."""
+    header = fr.ZSTD_MAGIC + bytes([0x00, 0x70])  # no content size, one window-descriptor byte
+    raw_block = (16384 << 3).to_bytes(3, "little") + b"\0" * 16384  # a raw block, not the last one
+    stream = io.BytesIO(header + raw_block * 40)
+    with pytest.raises(fr.FrameError, match="longer than"):
+        fr.read_frame(stream)
+    assert stream.tell() < fr.MAX_FRAME + 20_000

@@ -24,6 +24,7 @@ from tests.native_support import (
     HOST_TARGET,
     build_in_process,
     independent_tree_digest,
+    mac_app_project,
     native_project,
     need_cc,
     trust,
@@ -52,14 +53,7 @@ def native_capsule(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def darwin_capsule(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("darwin")
-    proj = root / "proj"
-    macos = proj / "MyApp.app" / "Contents" / "MacOS"
-    macos.mkdir(parents=True)
-    (macos / "MyApp").write_bytes(b"\xcf\xfa\xed\xfe fake mach-o")
-    (macos / "MyApp").chmod(0o755)
-    (proj / "capsule.toml").write_text('schema_version = "0.2"\nname = "my-app"\nversion = "0.1.0"\ntype = "app"\n'
-                                       'default_target = "desktop"\n\n[targets.desktop]\nruntime = "source"\n'
-                                       'driver = "native"\nentrypoint = "MyApp.app"\n')
+    proj = mac_app_project(root / "proj")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HOME", str(root / "home"))
         mp.setenv("ATO_HOME", str(root / "home" / ".ato"))

@@ -93,6 +93,7 @@ from pipeline.registry.storage import (
 )
 from stages.capsule import Limits
 from stages.capsule.keys import did_fingerprint, short_fingerprint
+from stages.capsule.payload import MAX_FRAME
 
 log = logging.getLogger("ato.registry")
 
@@ -649,8 +650,8 @@ class RegistryApp:
         body = bytearray()
         async for piece in request.stream():
             body += piece
-            if len(body) > 32 << 20:
-                raise RegistryError(413, "payload_too_large", "a chunk frame is at most 32 MiB")
+            if len(body) > MAX_FRAME:
+                raise RegistryError(413, "payload_too_large", f"a chunk frame is at most {MAX_FRAME} bytes")
         session = request.query_params.get("session")
         doc = await run_in_threadpool(self.store.stage_chunk, session, raw, raw_size, bytes(body))
         return json_response(doc, 201 if doc["inserted"] else 200)

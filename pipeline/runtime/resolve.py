@@ -151,11 +151,13 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
     from pipeline.registry.client import RegistryClient
     from pipeline.trust import gate
     from stages.install import install
+    from stages.trust_port import GatedPort
 
+    port = gate.port()
     # The same check as `ato install`: nothing unverified lands in the store, and no native app either
     # (it needs `ato install`'s local finalize, and run would not launch it).
     envelope = install(scoped_id, registry, version, connect=RegistryClient, token=os.environ.get("ATO_TOKEN"),
-                       trust=_NotNative(gate.port(), scoped_id))
+                       trust=GatedPort(port, lambda path: refuse_native(path, port.limits, scoped_id)))
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)
@@ -177,25 +179,6 @@ def refuse_native(artifact: Path, limits: Any = None, scoped_id: str | None = No
                                 ".capsule", hint=f"install it with `ato install {ref} --yes` and launch it from its "
                                                  "projection (the install's launchable.path)",
                        details={"artifact": str(artifact)})
-
-
-class _NotNative:
-    """The run's trust port for install-on-demand, refusing a native app before it is stored."""
-
-    def __init__(self, inner: Any, scoped_id: str) -> None:
-        self.inner, self.scoped_id = inner, scoped_id
-
-    @property
-    def limits(self) -> Any:
-        return self.inner.limits
-
-    def precheck(self, verdict: Any, scoped_id: str | None) -> None:
-        self.inner.precheck(verdict, scoped_id)
-
-    def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
-        result = self.inner.check(path, scoped_id)
-        refuse_native(path, self.inner.limits, self.scoped_id)
-        return result
 
 
 def _installed_path(envelope: Any) -> str | None:

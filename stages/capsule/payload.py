@@ -41,6 +41,7 @@ SIDECARS = frozenset({SIDECAR_NAME})  # payload-root files install reads before 
 MAX_SIDECAR = 1 << 20
 BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2
 READ = 1 << 20
+MAX_FRAME = MAX_CHUNK + (64 << 10)  # a frame of one chunk, even of incompressible bytes, is never larger
 
 
 class FrameError(ValueError):
@@ -90,8 +91,9 @@ def _header_size(head: bytes) -> int:
     return size
 
 
-def read_frame(fh: BinaryIO) -> bytes | None:
-    """Read exactly one zstd frame from ``fh``; None at a clean end of input."""
+def read_frame(fh: BinaryIO, limit: int = MAX_FRAME) -> bytes | None:
+    """Read exactly one zstd frame from ``fh``; None at a clean end of input. A frame longer than
+    ``limit`` bytes is refused while it is read (it cannot be one chunk's frame)."""
     first = fh.read(5)
     if not first:
         return None
@@ -112,6 +114,8 @@ def read_frame(fh: BinaryIO) -> bytes | None:
         if btype == 3:
             raise FrameError("zstd block of the reserved type")
         body = 1 if btype == BLOCK_RLE else bsize
+        if len(buf) + body > limit:
+            raise FrameError(f"zstd frame is longer than {limit} bytes: more than one chunk's frame")
         data = fh.read(body)
         if len(data) != body:
             raise FrameError("truncated zstd block")

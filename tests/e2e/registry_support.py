@@ -19,11 +19,7 @@ from typing import Any
 import blake3
 import httpx
 
-from cas.chunker import chunk_spans
-from cas.objects import compress
-from cas.payload_manifest import ChunkRef, PayloadManifest
-from stages.capsule import archive, distribution
-from stages.capsule import signature as sign
+from tests import hostile_support
 from tests.conftest import cli_path
 
 TOKEN = "pwd"
@@ -194,39 +190,7 @@ def forge_capsule(out: Path, name: str, version: str, members: list[tuple[str, b
         info = tarfile.TarInfo(path)
         info.mode = 0o644
         entries.append((info, data))
-    payload_tar = _tar_bytes(entries)
-    refs, frames = [], []
-    for offset, length in chunk_spans(payload_tar):
-        raw = payload_tar[offset:offset + length]
-        frame = compress(raw)
-        refs.append(ChunkRef(blake3.blake3(raw).hexdigest(), len(raw), len(frame)))
-        frames.append(frame)
-    payload = PayloadManifest(refs)
-    normalized = {"schema_version": "0.2", "name": name, "version": version, "type": "app",
-                  "default_target": "default",
-                  "targets": {"default": {"runtime": "source", "driver": "python", "entrypoint": "main.py"}}}
-    dist = distribution.distribution_manifest(normalized, payload)
-    payload_bytes = compress(payload_tar) if single_frame else b"".join(frames)
-    small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": distribution.jcs({"version": 1}),
-             "sbom.spdx.json": distribution.jcs({"spdxVersion": "SPDX-2.3"}),
-             "payload.v3.manifest.json": payload.to_bytes()}
-    signature = sign.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
-                                        payload_hash="blake3:" + blake3.blake3(payload_bytes).hexdigest(),
-                                        members=small, epoch=0)
-    scratch = out.with_suffix(".payload")
-    scratch.write_bytes(payload_bytes)
-    try:
-        archive.write_capsule(out, [
-            archive.Member("capsule.toml", small["capsule.toml"]),
-            archive.Member("capsule.lock.json", small["capsule.lock.json"]),
-            archive.Member("sbom.spdx.json", small["sbom.spdx.json"]),
-            archive.Member("signature.json", sign.signature_bytes(signature)),
-            archive.Member("payload.tar.zst", path=scratch),
-            archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
-        ], 0)
-    finally:
-        scratch.unlink(missing_ok=True)
-    return out
+    return hostile_support.capsule(out, name, version, raw_tar=_tar_bytes(entries), single_frame=single_frame)
 
 
 def digests(path: Path) -> dict[str, str]:

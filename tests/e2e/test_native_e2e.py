@@ -20,6 +20,7 @@ from tests.native_support import (
     HOST_TARGET,
     build_in_process,
     independent_tree_digest,
+    mac_app_project,
     native_project,
     snapshot,
 )
@@ -310,14 +311,7 @@ def test_a_refused_native_install_leaves_nothing_in_the_store(ato, tmp_path: Pat
     """A native install refused after its artifact was verified (here: a darwin/arm64 app cannot be
     finalized on a Linux host) takes the artifact back out of the store: `ato verify` and `ato run` do
     not find it installed, and asking run to install it again is refused again."""
-    proj = tmp_path / "mac"
-    macos = proj / "MyApp.app" / "Contents" / "MacOS"
-    macos.mkdir(parents=True)
-    (macos / "MyApp").write_bytes(b"\xcf\xfa\xed\xfe fake mach-o")
-    (macos / "MyApp").chmod(0o755)
-    (proj / "capsule.toml").write_text('schema_version = "0.2"\nname = "my-mac-app"\nversion = "0.1.0"\n'
-                                       'type = "app"\ndefault_target = "desktop"\n\n[targets.desktop]\n'
-                                       'runtime = "source"\ndriver = "native"\nentrypoint = "MyApp.app"\n')
+    proj = mac_app_project(tmp_path / "mac", "my-mac-app")
     artifact = Path(ok(ato(["build", str(proj), "--json"]))["artifact"])
     ok(ato(["publish", "--artifact", str(artifact), "--registry", registry.url, "--json"], env={"ATO_TOKEN": TOKEN}))
     res = ato(["install", "local/my-mac-app", "--registry", registry.url, "--yes", "--json"])
