@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cas.tree import tree_digest
-from pipeline.errors import AtoError
+from pipeline.errors import E_DISK_FULL, AtoError
 from stages.capsule import NO_CEILING, read_capsule, unpack_payload, verify, write_root_file
 from stages.capsule import unpack as unpack_module
 from tests.hostile_support import Entry, capsule
@@ -72,7 +72,7 @@ def test_free_space_is_checked_before_anything_is_written(tmp_path: Path, monkey
     monkeypatch.setattr(unpack_module.os, "statvfs", lambda p: Tiny(real(p)))
     with pytest.raises(AtoError) as err:
         unpack_payload(read_capsule(art), dest)
-    assert err.value.code == unpack_module.E_NO_SPACE and "not enough free space" in err.value.message
+    assert err.value.code == E_DISK_FULL and "not enough free space" in err.value.message
     assert list(dest.iterdir()) == []
 
 
