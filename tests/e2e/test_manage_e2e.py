@@ -419,3 +419,31 @@ def test_failed_upgrade_keeps_the_old_version_signed_upgrade_pins_and_purge_take
     assert "purge" in {i["kind"] for i in gone["removed"]}
     assert not state.exists() and not shim.exists()
     assert '"local/greet"' not in (consent.read_text() if consent.exists() else "")
+
+
+def test_gc_takes_a_fetch_nothing_installed_uses_once_an_hour_old(ato, tmp_path, consumer):
+    """`ato fetch` by hand leaves a cache no install record explains: gc leaves it for an hour (a command
+    may still be using it), then frees it, and the bytes it reports are what du sees. What `ato finalize`
+    wrote where the user asked is theirs: gc never touches it."""
+    from tests.native_support import native_project
+
+    project = native_project(tmp_path / "hello-native", message="by hand")
+    artifact = ok(ato(["build", str(project), "--json"], env=consumer))["artifact"]
+    fetch = ok(ato(["fetch", artifact, "--json"], env=consumer))
+    out = tmp_path / "my-apps"
+    ok(ato(["finalize", fetch["cache_dir"], "--allow-external-finalize", "--output-dir", str(out), "--json"],
+           env=consumer))
+    cache, home = Path(fetch["cache_dir"]), Path(consumer["ATO_HOME"])
+    mine = sorted(str(p) for p in out.rglob("*"))
+    assert cache.is_dir() and home in cache.parents and mine
+    assert ok(ato(["gc", "--json"], env=consumer))["removed"] == []
+    hour_ago = time.time() - 3700
+    os.utime(cache, (hour_ago, hour_ago))
+    before = du(home)
+    doc = ok(ato(["gc", "--json"], env=consumer))
+    assert_schema(doc, "gc")
+    assert [i["path"] for i in doc["removed"] if i["kind"] == "fetch"] == [str(cache)]
+    assert not cache.exists()
+    assert before - du(home) == doc["bytes_freed"] > 0
+    assert sorted(str(p) for p in out.rglob("*")) == mine and Path(artifact).is_file()
+    assert ok(ato(["cas", "verify", "--json"], env=consumer))
