@@ -195,9 +195,9 @@ def scan(scoped_id: str | None = None, *, include_empty: bool = False) -> list[E
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """``publisher/slug[@version]`` -> (scoped id, version or None)."""
     text = ref.strip().lstrip("@")
-    scoped, _, version = text.partition("@")
+    scoped, at, version = text.partition("@")
     parsed = names.parse_scoped_id(scoped)
-    if parsed is None or (version and not names.valid_version(version)):
+    if parsed is None or (at and not names.valid_version(version)):
         raise AtoError(E_USAGE, f"invalid capsule reference {ref!r}: expected publisher/slug[@version]")
     return f"{parsed[0]}/{parsed[1]}", version or None
 

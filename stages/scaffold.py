@@ -391,6 +391,9 @@ def plan_spec(project: Path, template: str | None, name: str | None, port: int |
     detected, evidence = detect(project)
     chosen = template or detected
     if chosen is None:
+        if not project.exists():
+            raise AtoError(E_USAGE, f"{project} does not exist, so there is no project to detect",
+                           hint=f"create it with a starter: ato init {project} --template {'|'.join(TEMPLATES)}")
         raise AtoError(E_USAGE, f"cannot tell what kind of project {project} is (no package.json, pyproject.toml, "
                                 "deno.json, Makefile, *.c or index.html)",
                        hint=f"pass --template {'|'.join(TEMPLATES)}")

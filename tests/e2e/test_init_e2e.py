@@ -246,6 +246,10 @@ def test_init_of_an_unknown_project_names_the_templates(tmp_path, ato):
     res = ato(["init", str(project)])
     assert res.code == 1 and "--template static|node|deno|python|native|tool" in res.stderr
     assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+    missing = tmp_path / "not-there"
+    res = ato(["init", str(missing)])
+    assert res.code == 1 and "does not exist" in res.stderr and "--template" in res.stderr
+    assert not missing.exists()
 
 
 def test_init_that_cannot_lock_leaves_the_directory_as_it_was(tmp_path, ato):

@@ -447,3 +447,23 @@ def test_gc_takes_a_fetch_nothing_installed_uses_once_an_hour_old(ato, tmp_path,
     assert before - du(home) == doc["bytes_freed"] > 0
     assert sorted(str(p) for p in out.rglob("*")) == mine and Path(artifact).is_file()
     assert ok(ato(["cas", "verify", "--json"], env=consumer))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["uninstall", "a/b@"], "invalid capsule reference"),
+    (["uninstall", "../x"], "invalid capsule reference"),
+    (["uninstall", "a/b@1.0.0/../x"], "invalid capsule reference"),
+    (["uninstall", "a/b"], "a/b is not installed"),
+    (["upgrade"], "name one capsule (publisher/slug) or pass --all"),
+    (["upgrade", "a/b", "--all"], "name one capsule (publisher/slug) or pass --all"),
+    (["upgrade", "a/b"], "a/b is not installed"),
+    (["gc", "--keep-last", "0"], "--keep-last"),
+])
+def test_management_refusals_are_one_line_e100(ato, consumer, args, message):
+    res = ato([*args, "--json"], env=consumer)
+    assert res.code == 1 and res.stdout == ""
+    err = json.loads(res.stderr.strip().splitlines()[-1])["error"]
+    assert err["code"] == "E100" and message in err["message"]
+    human = ato(args, env=consumer)
+    assert human.code == 1 and "Traceback" not in human.stderr and message in human.stderr
+    assert not (Path(consumer["ATO_HOME"]) / "store").exists()
