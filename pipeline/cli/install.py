@@ -73,8 +73,17 @@ def install_cmd(ref: str | None, gh_repo: str | None, registry: str | None, vers
         else f"  App:  {doc['launchable']['DerivedApp']['path']} (locally finalized; projection "
              f"{doc['projection']['state']})",
         *[f"  Command: {launcher['path']}" for launcher in doc.get("launchers") or []],
+        *_path_note(doc.get("launchers") or []),
     ])
     emit(doc, "install", human)
+
+
+def _path_note(launchers: list[dict]) -> list[str]:
+    """pipx's hint: a command put where the shell does not look is not on PATH yet."""
+    on_path = {os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p}
+    dirs = sorted({os.path.dirname(str(lau["path"])) for lau in launchers if lau.get("kind") == "bin"})
+    return [f"  Note: {d} is not on your PATH; add it to run the command by name "
+            f'(export PATH="{d}:$PATH")' for d in dirs if os.path.realpath(d) not in on_path]
 
 
 def install_one(ref: str, registry: str, version: str | None, *, allow_unsigned: bool, yes: bool,

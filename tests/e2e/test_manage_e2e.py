@@ -197,8 +197,12 @@ def test_bin_refuses_what_ato_did_not_create(ato, tmp_path, registry, consumer):
     assert (bin_dir / "greet").read_text() == "#!/bin/sh\necho mine\n"
 
     (bin_dir / "greet").unlink()
-    ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned", "--json"],
-          env=consumer))
+    res = ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned"], env=consumer)
+    assert res.code == 0, res.stderr
+    assert f"Note: {bin_dir} is not on your PATH" in res.stdout  # pipx's hint
+    res = ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned"],
+              env={**consumer, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert res.code == 0 and "not on your PATH" not in res.stdout, res.stderr
     (bin_dir / "greet").write_text("#!/bin/sh\necho edited by hand\n")  # now someone else's
     res = ato(["uninstall", "local/greet"], env=consumer)
     assert res.code == 1 and "changed since" in res.stderr and "nothing was removed" in res.stderr
