@@ -252,10 +252,11 @@ def from_os_error(exc: BaseException) -> AtoError | None:
     if not isinstance(exc, OSError) or exc.errno not in _OS_ERRORS:
         return None
     code, what, hint = _OS_ERRORS[exc.errno]
-    where = exc.filename if isinstance(exc.filename, str) else None
+    names = [n for n in (exc.filename, exc.filename2) if isinstance(n, str)]  # a rename has two
+    where = names[-1] if names else None
     shown = where
     if where and exc.errno == errno.ENAMETOOLONG:  # name the component that is too long, not a temp path
-        part = max(where.split("/"), key=lambda p: len(p.encode("utf-8", "surrogateescape")))
+        part = max((p for n in names for p in n.split("/")), key=lambda p: len(p.encode("utf-8", "surrogateescape")))
         size = len(part.encode("utf-8", "surrogateescape"))
         shown = f"{part[:40]}...{part[-16:]} ({size} bytes)" if size > 60 else part
     message = f"{what}" + (f": {shown}" if shown else "")

@@ -223,6 +223,15 @@ def test_a_300_character_member_name_is_e108(ato, tmp_path: Path) -> None:
     assert list(tempfiles.find(Path(os.environ["ATO_HOME"]), recursive=True)) == []
 
 
+def test_a_300_character_output_name_is_e108_naming_it(ato, tmp_path: Path) -> None:
+    """The final rename fails, not the temp file: the message names the user's name, not ato's temp."""
+    src = project(tmp_path / "p", "longout")
+    out = tmp_path / ("o" * 300 + ".capsule")
+    line = one_line_failure(ato(["build", ".", "--out", str(out)], cwd=src), "E108")
+    assert "oooooooo.capsule (308 bytes)" in line and "ato-tmp" not in line
+    assert list(tempfiles.find(tmp_path, recursive=True)) == []
+
+
 @pytest.fixture(scope="module")
 def whole_artifact(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     root = tmp_path_factory.mktemp("cut")
