@@ -56,7 +56,8 @@ _ROWS = [
     ErrorCode("E202", EXIT_USER, "that version is already published (next actions are in the message)"),
     ErrorCode("E207", EXIT_USER, "a lockfile does not match what it locks"),
     ErrorCode("E208", EXIT_USER, "an artifact or CAS object failed an integrity check"),
-    ErrorCode("E211", EXIT_USER, "no space left on the disk (ENOSPC, or the disk quota is used up)"),
+    ErrorCode("E211", EXIT_USER, "no space left on the disk (ENOSPC, the disk quota is used up, or a file outgrew "
+                                 "the file size limit)"),
     ErrorCode("E212", EXIT_USER, "the payload is over the size ceiling (200 MiB unless raised)"),
     ErrorCode("E213", EXIT_USER, "an artifact or download is truncated (it ends before its own structure does)"),
     ErrorCode("E220", EXIT_USER, "a source sync run failed, or `ato source rebuild --wait` timed out"),
@@ -242,6 +243,9 @@ _OS_ERRORS = {
     errno.ENOSPC: (E_DISK_FULL, "no space left on the disk", "free some space (`ato cas gc` removes what nothing "
                                                             "uses) and run the command again"),
     errno.EDQUOT: (E_DISK_FULL, "the disk quota is used up", "free some space and run the command again"),
+    # Python ignores SIGXFSZ, so a write past `ulimit -f` (RLIMIT_FSIZE) or the filesystem's largest file fails here
+    errno.EFBIG: (E_DISK_FULL, "a file grew past the file size limit", "raise `ulimit -f` or write to another "
+                                                                       "filesystem, then run the command again"),
     errno.ENAMETOOLONG: (E_NAME_TOO_LONG, "a file name is too long for the filesystem",
                          "shorten the name (at most 255 bytes per path component)"),
 }

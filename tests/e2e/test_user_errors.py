@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import tempfile
@@ -156,6 +157,41 @@ def test_disk_full_on_the_registry_is_507_not_500(ato, tmp_path: Path, small_dis
         line = one_line_failure(pub, "E901", 3)  # the server's disk, not the user's: a server error
         assert "507" in line and "disk is full" in line
         assert small_disk.leftovers() == []
+    finally:
+        reg.stop()
+
+
+def limited(args: list[str], cwd: Path, env: dict[str, str], max_file: int) -> Result:
+    """``ato args`` with ``ulimit -f`` at ``max_file`` bytes: every write past it fails with EFBIG, as a
+    full disk fails with ENOSPC, and this needs no privilege (the tmpfs tests above need root)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+    proc = subprocess.run([cli_path("ato"), *args], cwd=cwd, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_a_write_past_the_file_size_limit_is_e211_and_leaves_nothing(ato, tmp_path: Path) -> None:
+    src = project(tmp_path / "src", "fsize", files=big_files())
+    env = home_env(tmp_path / "home")
+    line = one_line_failure(limited(["build", ".", "--out", str(tmp_path / "a.capsule")], src, env, 1 << 20), "E211")
+    assert "file size limit" in line
+    assert list(tempfiles.find(tmp_path, recursive=True)) == [] and not (tmp_path / "a.capsule").exists()
+    # the same build without the limit works, and so does an install the limit stops halfway
+    res = ato(["build", ".", "--out", str(tmp_path / "a.capsule"), "--json"], cwd=src, env=env)
+    assert res.code == 0, res.stderr
+    reg = Registry(tmp_path / "data", token=TOKEN)
+    try:
+        pub = ato(["publish", "--artifact", str(tmp_path / "a.capsule"), "--registry", reg.url], cwd=src,
+                  env={**env, "ATO_TOKEN": TOKEN})
+        assert pub.code == 0, pub.stderr
+        consumer = home_env(tmp_path / "consumer")
+        args = ["install", "local/fsize", "--registry", reg.url, *install_flags()]
+        one_line_failure(limited(args, tmp_path, consumer, 1 << 20), "E211")
+        assert list(tempfiles.find(tmp_path / "consumer", recursive=True)) == []
+        assert not list((tmp_path / "consumer").rglob("*.capsule"))
+        res = ato(args, env=consumer)
+        assert res.code == 0, res.stderr
     finally:
         reg.stop()
 
