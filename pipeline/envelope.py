@@ -45,6 +45,12 @@ def validator(name: str) -> Draft202012Validator:
     return Draft202012Validator(schema, registry=_registry())
 
 
+def schema_resolver(name: str) -> tuple[dict[str, Any], Any]:
+    """Schema ``name`` and a resolver for the ``$ref``s in it (for walks other than validation)."""
+    schema = validator(name).schema
+    return schema, _registry().resolver(base_uri=schema["$id"])
+
+
 def schema_names() -> list[str]:
     return sorted(_schemas())
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,6 @@ from pipeline import paths
 from pipeline.envelope import validate
 from pipeline.errors import (
     E_ENTRYPOINT,
-    E_LOCKFILE,
-    E_MANIFEST,
     E_PAYLOAD_TOO_LARGE,
     E_STRICT_FALLBACK,
     E_USAGE,
@@ -39,7 +37,7 @@ from pipeline.errors import (
 )
 from pipeline.manifest import Manifest, load_manifest, relpath
 from pipeline.progress import SILENT, Progress, human_bytes
-from stages import native_build
+from stages import build_steps, native_build
 from stages.capsule import archive, distribution, keys, signature
 from stages.lock import build_lock, entries_listing
 from stages.payload import PackedFile, list_stored_payload, pack_payload
@@ -50,9 +48,7 @@ from stages.sources import DigestCache, PackFilter, SourceEntry, collect, genera
 BUILD_FORMAT = "ato-build/1"
 SCHEMA_VERSION = "0.1"
 MAX_PAYLOAD_BYTES = 200 * 1024 * 1024
-BUILD_HOOK_TIMEOUT = 3600
-_TRUTHY = {"1", "true", "yes", "on"}
-_FALSY = {"0", "false", "no", "off", ""}
+CONSENT_REQUIRED = "ATO_ERR_CONSENT_REQUIRED"
 
 
 @dataclass
@@ -63,6 +59,8 @@ class BuildOptions:
     epoch: int = 0
     signing_key: keys.SigningKey | None = None  # signature.json is signed when set (ato build --key)
     reporter: Progress = SILENT  # progress of the packing (a bar on a terminal); never part of any digest
+    # Asked before the manifest's build steps run (host commands); raises to refuse. None: refuse.
+    approve_steps: Callable[[Manifest], None] | None = None
 
 
 @dataclass
@@ -95,18 +93,6 @@ def source_date_epoch() -> int:
     if not raw.isdigit():
         raise AtoError(E_USAGE, f"SOURCE_DATE_EPOCH must be a non-negative integer, got {raw!r}")
     return int(raw)
-
-
-def strict_from_env() -> bool:
-    raw = os.environ.get("ATO_STRICT_MANIFEST")
-    if raw is None:
-        return False
-    value = raw.strip().lower()
-    if value in _TRUTHY:
-        return True
-    if value in _FALSY:
-        return False
-    raise AtoError(E_USAGE, f"invalid ATO_STRICT_MANIFEST value {raw!r}; expected one of 1,true,yes,on,0,false,no,off")
 
 
 def _strategy(manifest: Manifest) -> tuple[str, str, str]:
@@ -167,40 +153,17 @@ def _resolve_source_digest(manifest: Manifest, strict: bool, store: CasStore,
         return None
 
 
-def build_hook(manifest: Manifest) -> list[str] | None:
-    """``[build.lifecycle].build`` as argv: a string runs under ``sh -c``, a list as is; None when unset."""
-    lifecycle = manifest.build.get("lifecycle")
-    hook = lifecycle.get("build") if isinstance(lifecycle, dict) else None
-    if isinstance(hook, str) and hook.strip():
-        return ["/bin/sh", "-c", hook]
-    if isinstance(hook, list) and hook and all(isinstance(x, str) and x for x in hook):
-        return list(hook)
-    if hook is not None:
-        raise AtoError(E_MANIFEST, f"{manifest.path.name}: build.lifecycle.build: expected a command string or a "
-                                   "non-empty list of strings")
-    return None
-
-
-def run_build_hook(manifest: Manifest) -> list[str] | None:
-    """Run the project's build command in its directory before the source set is collected, so the
-    payload holds what it built (a compiled program, a bundle). Its output is shown only when it fails."""
-    cmd = build_hook(manifest)
-    if cmd is None:
-        return None
-    shown = cmd[-1] if cmd[:2] == ["/bin/sh", "-c"] else " ".join(cmd)
-    try:
-        proc = subprocess.run(cmd, cwd=manifest.project_dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=BUILD_HOOK_TIMEOUT, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AtoError(E_LOCKFILE, f"build.lifecycle.build `{shown}` could not run: {exc}",
-                       details={"command": cmd}) from None
-    if proc.returncode != 0:
-        output = proc.stdout.decode("utf-8", "replace")
-        tail = [ln.strip() for ln in output.splitlines() if ln.strip()][-3:]
-        raise AtoError(E_LOCKFILE, f"build.lifecycle.build `{shown}` failed with status {proc.returncode}"
-                                   + (f": {' | '.join(tail)}" if tail else ""),
-                       details={"command": cmd, "exit_code": proc.returncode, "output_tail": output[-2000:]})
-    return cmd
+def run_build_steps(manifest: Manifest, options: BuildOptions) -> None:
+    """The manifest's build steps, after consent (they are commands on this machine)."""
+    if not manifest.build_steps:
+        return
+    if options.approve_steps is None:
+        commands = [build_steps.shown(s) for s in manifest.build_steps]
+        raise AtoError(CONSENT_REQUIRED, f"{manifest.path.name} asks ato build to run {len(commands)} build "
+                                         f"command(s) on this machine ({'; '.join(commands)}); that needs consent",
+                       details={"commands": commands}, hint="re-run `ato build` with --yes to approve them")
+    options.approve_steps(manifest)
+    build_steps.run_steps(manifest)
 
 
 def _note_project(state_dir: Path, project: Path) -> None:
@@ -214,8 +177,8 @@ def _note_project(state_dir: Path, project: Path) -> None:
 
 
 def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
-    manifest = load_manifest(project_dir)
-    warnings = list(getattr(manifest, "warnings", []) or [])
+    manifest = load_manifest(project_dir, strict=options.strict_v3 or None)
+    warnings = manifest.warning_lines()
     store = CasStore(paths.cas_root())
     key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
     state_dir = paths.build_cache_dir() / key
@@ -225,7 +188,7 @@ def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     if source_payload is not None:
         entries, stored_files = list_stored_payload(store, source_payload)
     else:
-        run_build_hook(manifest)  # [build.lifecycle].build: the project's own build (e.g. make)
+        run_build_steps(manifest, options)  # 0.3 build / v1 [[build.steps]]: what they make is packed
         native_build.prepare(manifest)  # native targets: run the command-mode build, check the app it made
         pack = manifest.pack
         entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),
@@ -375,7 +338,8 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
     payload = store.get_manifest(recorded["artifact_hash"])
     files = [PackedFile(p, s) for p, s in recorded["files"]]
     manifest = plan.manifest
-    dist = distribution.distribution_manifest(manifest.normalized(), payload)
+    dist = distribution.distribution_manifest(manifest.normalized(), payload,
+                                              source_schema_version=manifest.schema_version)
     lock_bytes = lock_path(plan).read_bytes()
     # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
     sbom_bytes = distribution.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))

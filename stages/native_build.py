@@ -20,18 +20,13 @@ from __future__ import annotations
 import os
 import stat
 import struct
-import subprocess
 from pathlib import Path
 
 from pipeline.errors import E_ENTRYPOINT, E_MANIFEST, AtoError
 from pipeline.manifest import DeliveryMeta, Manifest
 from pipeline.manifest import relpath as relpaths
+from stages.build_steps import clean_env, run_command
 
-E_BUILD_COMMAND = "E102"  # the build command failed: manual intervention needed
-# What a clean build environment keeps from ours (plus the target's own [env]).
-CLEAN_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM",
-                  "SOURCE_DATE_EPOCH")
-OUTPUT_TAIL = 2000
 _ELF_MACHINES = {62: "x86_64", 183: "arm64", 3: "x86", 40: "arm"}
 MAX_SCAN_DEPTH = 6
 
@@ -58,35 +53,14 @@ def build_command(manifest: Manifest) -> tuple[str, list[str], Path] | None:
     return program, [str(a) for a in target.cmd], workdir
 
 
-def clean_env(manifest: Manifest) -> dict[str, str]:
-    env = {k: os.environ[k] for k in CLEAN_ENV_KEYS if k in os.environ}
-    env.setdefault("PATH", os.defpath)
-    env.update({str(k): str(v) for k, v in manifest.primary_target().env.items()})
-    return env
-
-
 def run_build_command(manifest: Manifest) -> dict[str, object] | None:
     """Run the command-mode build; its output is captured and shown only when it fails."""
     command = build_command(manifest)
     if command is None:
         return None
     program, args, workdir = command
-    shown = " ".join([program, *args])
-    try:
-        proc = subprocess.run([program, *args], cwd=workdir, env=clean_env(manifest), stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
-    except OSError as exc:
-        raise AtoError(E_BUILD_COMMAND, f"cannot run the native delivery build command '{shown}' in {workdir}: "
-                                        f"{exc.strerror or exc}",
-                       details={"command": [program, *args], "working_dir": str(workdir)}) from None
-    if proc.returncode != 0:
-        output = proc.stdout.decode("utf-8", "replace")
-        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
-        status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
-        raise AtoError(E_BUILD_COMMAND, f"native delivery build command failed with {status}: {shown}"
-                                        + (f": {last}" if last else ""),
-                       details={"command": [program, *args], "working_dir": str(workdir),
-                                "output_tail": output[-OUTPUT_TAIL:]})
+    run_command([program, *args], workdir, clean_env(manifest), what="native delivery build command",
+                shown_as=" ".join([program, *args]))
     return {"command": [program, *args], "working_dir": str(workdir)}
 
 

@@ -220,9 +220,9 @@ CASES = [
     # (manifest, code, exact message)
     ('name = "x"\nversion = \n', "E001", "capsule.toml: line 2, column 11: invalid TOML: Invalid value"),
     (BASE.replace('schema_version = "0.2"\n', ""), "E003", "capsule.toml: schema_version: required key is missing"),
-    (BASE.replace('"0.2"', '"0.3"'), "E002",
-     'capsule.toml: schema_version: expected "0.2" ([targets.<label>] form) or "1.1" ([execution] form; "1.0" is '
-     'also read), got string "0.3"'),
+    (BASE.replace('"0.2"', '"0.4"'), "E002",
+     'capsule.toml: schema_version: expected "0.2" ([targets.<label>] form), "0.3" (flat or [targets.<label>] form), '
+     '"1" (v1 authoring form) or "1.1" ([execution] form; "1.0" is also read), got string "0.4"'),
     (BASE.replace('name = "sample"\n', ""), "E003", "capsule.toml: name: required key is missing"),
     (BASE.replace('"sample"', '"My App"'), "E002",
      "capsule.toml: name: expected a lowercase kebab-case name ([a-z0-9-], starting and ending with a letter or "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -10,8 +11,9 @@ from pipeline.cli.common import emit, json_mode, json_option, warn
 from pipeline.cli.help import examples
 from pipeline.cli.progress import reporter
 from pipeline.graph import run_build
+from pipeline.manifest.strictness import strict_from_env
 from pipeline.progress import human_bytes
-from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
+from stages.build import BuildOptions, plan_build, source_date_epoch
 from stages.capsule.keys import load_signing_key
 
 
@@ -25,6 +27,36 @@ def _explain(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def approve_build_steps(yes: bool) -> Callable[..., None]:
+    """Consent for a manifest's build steps, under the rules of a run's [tasks]: a recorded approval of
+    exactly these commands, ``--yes``, or a prompt on a terminal; otherwise ATO_ERR_CONSENT_REQUIRED."""
+    def approve(manifest) -> None:
+        from pipeline.errors import AtoError
+        from pipeline.runtime import policy
+        from stages.build_steps import shown
+
+        commands = [shown(step) for step in manifest.build_steps]
+        plan = policy.Plan(capsule=manifest.name, version=manifest.version, target="build", runtime="build",
+                           driver="", tier=None, permissions={"host_execution": commands})
+
+        def prompt(_plan) -> bool:
+            click.echo(f"{manifest.path.name} asks ato build to run these commands on this machine:", err=True)
+            for key, command in zip((s.key for s in manifest.build_steps), commands, strict=True):
+                click.echo(f"  {key}: {command}", err=True)
+            return click.confirm("Run them?", default=False, err=True)
+
+        try:
+            policy.ensure_consent(plan, yes=yes, prompt=prompt)
+        except AtoError as err:
+            if err.code != policy.CONSENT or "not interactive" not in err.message:
+                raise
+            raise policy.fail(policy.CONSENT, f"ato build would run {len(commands)} build command(s) on this "
+                                              f"machine ({'; '.join(commands)}) and needs consent; the session is "
+                                              "not interactive: re-run with -y/--yes to approve them",
+                              commands=commands, policy_hash=plan.policy_hash()) from None
+    return approve
+
+
 @click.command("build", epilog=examples("ato build .", "ato build . --out dist/app.capsule --key ~/.ato/keys/signing-key.json"))
 @click.argument("directory", metavar="[DIR]", required=False, default=".",
                 type=click.Path(file_okay=False, path_type=Path))
@@ -35,9 +67,10 @@ def _explain(doc: dict) -> str:
 @click.option("--explain", is_flag=True, help="Show the task graph: inputs digests and which tasks ran.")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Sign signature.json with this Ed25519 key file (ato key gen).")
+@click.option("-y", "--yes", is_flag=True, help="Approve the manifest's build steps (commands run on this machine).")
 @json_option
 def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_payload: bool, explain: bool,
-              key_file: Path | None) -> None:
+              key_file: Path | None, yes: bool) -> None:
     """Build a project into a byte-reproducible .capsule.
 
     DIR defaults to the current directory. The artifact is DIR/<name>.capsule unless --out;
@@ -46,7 +79,8 @@ def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_pa
     with reporter(json=json_mode()) as progress:
         options = BuildOptions(out=out, strict_v3=strict_v3 or strict_from_env(),
                                force_large_payload=force_large_payload, epoch=source_date_epoch(),
-                               signing_key=load_signing_key(key_file) if key_file else None, reporter=progress)
+                               signing_key=load_signing_key(key_file) if key_file else None, reporter=progress,
+                               approve_steps=approve_build_steps(yes))
         plan = plan_build(directory, options)
         for w in plan.warnings:
             warn(w)

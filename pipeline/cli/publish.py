@@ -15,12 +15,16 @@ from pipeline.errors import E_USAGE, AtoError
 from pipeline.progress import SILENT, Progress
 
 
-def _build(project_dir: Path, force_large_payload: bool, signing_key=None, progress: Progress = SILENT) -> dict:
+def _build(project_dir: Path, force_large_payload: bool, signing_key=None, progress: Progress = SILENT,
+           yes: bool = False) -> dict:
+    from pipeline.cli.build import approve_build_steps
     from pipeline.graph import run_build
-    from stages.build import BuildOptions, plan_build, source_date_epoch, strict_from_env
+    from pipeline.manifest.strictness import strict_from_env
+    from stages.build import BuildOptions, plan_build, source_date_epoch
 
     options = BuildOptions(strict_v3=strict_from_env(), force_large_payload=force_large_payload,
-                           epoch=source_date_epoch(), signing_key=signing_key, reporter=progress)
+                           epoch=source_date_epoch(), signing_key=signing_key, reporter=progress,
+                           approve_steps=approve_build_steps(yes))
     plan = plan_build(project_dir, options)
     for w in plan.warnings:
         warn(w)
@@ -57,10 +61,11 @@ def _fix_workflow(project_dir: Path) -> tuple[dict[str, Any], int]:
 @click.option("--ci", is_flag=True, help="Official CI publish (GitHub Actions with OIDC).")
 @click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Sign the build with this publisher key (ato key gen); sign an --artifact with `ato sign` first.")
+@click.option("-y", "--yes", is_flag=True, help="Approve the manifest's build steps (build phase).")
 @json_option
 def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | None, allow_existing: bool,
                 prepare_: bool, build_: bool, deploy_: bool, legacy_full_publish: bool, fix: bool, no_tui: bool,
-                force_large_payload: bool, dry_run: bool, ci: bool, key_file: Path | None) -> None:
+                force_large_payload: bool, dry_run: bool, ci: bool, key_file: Path | None, yes: bool) -> None:
     """Publish a capsule: prepare, build, then deploy to a registry.
 
     Writes need ATO_TOKEN when the registry was started with a token.
@@ -95,7 +100,7 @@ def publish_cmd(registry: str | None, artifact: Path | None, scoped_id: str | No
 
     signing_key = load_signing_key(key_file) if key_file is not None else None
     with reporter(json=json_mode()) as progress:
-        ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key, progress),
+        ports = PublishPorts(connect=RegistryClient, build=lambda d, f: _build(d, f, signing_key, progress, yes),
                              personal_dock=credentials.personal_dock, store_api_url=credentials.store_api_url,
                              fix_workflow=_fix_workflow, reporter=progress)
         outcome = run_publish(req, ports=ports, progress=info)

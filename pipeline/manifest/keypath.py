@@ -60,3 +60,24 @@ def toml_type(value: object) -> str:
 def fail(file: str, parts: Iterable[str | int], expected: str, *, code: str = E_MANIFEST) -> AtoError:
     """The one-line manifest error: ``<file>: <key path>: <what was expected>``."""
     return manifest_error(file, key_path(parts), expected, code=code)
+
+
+_SEGMENT = re.compile(r'\.?(?:(?P<bare>[A-Za-z0-9_-]+)|"(?P<quoted>(?:[^"\\]|\\.)*)"|\[(?P<index>\d+)\])')
+
+
+def parse_key_path(text: str) -> list[str | int] | None:
+    """The parts of a key path made by :func:`key_path` (None when ``text`` is not one)."""
+    parts: list[str | int] = []
+    pos = 0
+    while pos < len(text):
+        match = _SEGMENT.match(text, pos)
+        if match is None or match.end() == pos:
+            return None
+        if match.group("index") is not None:
+            parts.append(int(match.group("index")))
+        elif match.group("quoted") is not None:
+            parts.append(re.sub(r"\\(.)", r"\1", match.group("quoted")))
+        else:
+            parts.append(match.group("bare"))
+        pos = match.end()
+    return parts

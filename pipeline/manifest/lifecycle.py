@@ -11,14 +11,11 @@ import re
 from typing import Any
 
 from pipeline.errors import E_CHAIN_TOO_LONG, E_MANIFEST_MISSING, AtoError
-from pipeline.manifest.keypath import describe, fail, key_path, quote
+from pipeline.manifest.keypath import describe, fail, quote
 from pipeline.manifest.model import Service, Task
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SERVICE_KEYS = frozenset({"entrypoint", "command", "cmd", "target", "depends_on", "expose", "env",
-                          "readiness_probe", "network", "state_bindings"})
-TASK_KEYS = frozenset({"cmd", "depends_on", "env"})
 MAX_CHAIN = 256  # units that may wait on each other in a row (each waits for the previous one to be ready)
 
 
@@ -28,7 +25,6 @@ def read_services(table: dict[str, Any], file: str, targets: set[str], warnings:
     for name in sorted(table):
         spec, parts = table[name], ["services", name]
         _check_name(name, parts, file)
-        _warn_unknown(spec, SERVICE_KEYS, parts, file, warnings)
         entrypoint = (spec.get("entrypoint") or spec.get("command") or "").strip() or None
         cmd = spec.get("cmd")
         cmd = tuple(cmd) if isinstance(cmd, list) else (cmd.strip() or None if isinstance(cmd, str) else None)
@@ -55,7 +51,6 @@ def read_tasks(table: dict[str, Any], file: str, warnings: list[str]) -> dict[st
     for name in sorted(table):
         spec, parts = table[name], ["tasks", name]
         _check_name(name, parts, file)
-        _warn_unknown(spec, TASK_KEYS, parts, file, warnings)
         cmd = spec["cmd"]
         if isinstance(cmd, str) and not cmd.strip() or isinstance(cmd, list) and not cmd:
             raise fail(file, parts + ["cmd"], "expected a non-empty command")
@@ -164,10 +159,3 @@ def _check_name(name: str, parts: list[str | int], file: str) -> None:
     if not NAME.match(name):
         raise fail(file, parts, "expected a name of letters, digits, '.', '_' or '-' (starting with a letter or "
                                 "digit, at most 64 characters)")
-
-
-def _warn_unknown(spec: dict[str, Any], known: frozenset[str], parts: list[str | int], file: str,
-                  warnings: list[str]) -> None:
-    for key in sorted(spec):
-        if key not in known:
-            warnings.append(f"{file}: {key_path(parts + [key])}: unknown key, ignored")

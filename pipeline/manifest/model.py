@@ -1,7 +1,9 @@
 """The typed manifest: what every stage reads instead of the raw TOML.
 
-One model serves both capsule.toml forms (0.2 ``[targets.<label>]`` and 1.1
-``[execution]``), so build, run and inspect never branch on the form except
+One model serves every capsule.toml generation: 0.2 ``[targets.<label>]``, 0.3
+(flat or named targets), the v1 authoring form (``schema_version = "1"``) and
+1.0/1.1 ``[execution]``. The 0.3 and v1 readers translate their documents into the
+0.2 form first, so build, run and inspect never branch on the generation except
 through :meth:`Manifest.primary_target`.
 """
 
@@ -16,6 +18,7 @@ from pipeline.manifest.delivery import DeliveryMeta
 
 FORM_02 = "0.2"
 FORM_11 = "1.1"
+DEFAULT_TYPE = "app"
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class Target:
     working_dir: str | None = None
     digest: str | None = None  # wasm module digest
     readiness_probe: dict[str, Any] | None = None
+    needs: tuple[str, ...] = ()  # dependency aliases (or sibling targets) that must be ready first
+    bind: str | None = None  # v1 [web] bind: the address the app itself listens on
+    secret_env: tuple[str, ...] = ()  # required_env names declared secret (0.3 config_schema, v1 [config])
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,18 @@ class Task:
     cmd: tuple[str, ...] | str
     depends_on: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """One command ``ato build`` runs in the project before packing (0.3 ``build``, v1 ``[[build.steps]]``).
+
+    A string runs under ``/bin/sh -c`` (the 0.3 form is a command line); an array is argv.
+    """
+
+    command: str | tuple[str, ...]
+    key: str  # where it was declared (key path in the source manifest), for messages
+    working_dir: str | None = None  # relative to the project
 
 
 @dataclass(frozen=True)
@@ -97,11 +115,32 @@ class Manifest:
     state: dict[str, Any] = field(default_factory=dict)
     network: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Generation-independent additions (all default to "none declared").
+    generation: str = ""  # the source's generation: 0.2, 0.3, 1 (v1 authoring), 1.0 or 1.1
+    build_steps: tuple[BuildStep, ...] = ()
+    required_env: tuple[str, ...] = ()  # top-level required_env: the scope of {{env.X}} in [dependencies]
+    dependencies: dict[str, Any] = field(default_factory=dict)  # alias -> contracts.Dependency
+    contracts: dict[str, Any] = field(default_factory=dict)  # "name@major" -> contracts.Contract
+    platforms: dict[str, Any] = field(default_factory=dict)  # type = "tool": "<os>-<arch>" -> {artifact, sha256}
+    document: dict[str, Any] | None = None  # the 0.2-form document a 0.3/v1 source was translated into
+    hints: dict[str, str] = field(default_factory=dict)  # warning -> "did you mean" suggestion
 
     @property
     def form(self) -> str:
-        """``"0.2"`` or ``"1.1"`` (a 1.0 file is read as the 1.1 form)."""
-        return FORM_02 if self.schema_version == FORM_02 else FORM_11
+        """``"0.2"`` (``[targets.<label>]``: 0.2, 0.3 and v1) or ``"1.1"`` (``[execution]``: 1.0 and 1.1)."""
+        return FORM_11 if self.schema_version in ("1.0", "1.1") else FORM_02
+
+    def target_table(self, label: str) -> dict[str, Any]:
+        """A target's table as the 0.2/1.x document says it (also for 0.3 and v1 sources, translated);
+        for keys a driver reads itself rather than through :class:`Target`."""
+        doc = self.document if self.document is not None else self.raw
+        if label == "execution" and self.execution is not None:
+            return dict(doc.get("execution") or {})
+        return dict((doc.get("targets") or {}).get(label) or {})
+
+    def warning_lines(self) -> list[str]:
+        """The warnings as shown to a person: each with its did-you-mean suggestion, if any."""
+        return [f"{w} (did you mean {self.hints[w]}?)" if w in self.hints else w for w in self.warnings]
 
     def primary_target(self) -> Target:
         """The target a plain build/run uses: ``default_target`` (0.2) or ``[execution]`` (1.1)."""
@@ -121,13 +160,20 @@ class Manifest:
         return {k: out[k] for k in sorted(out)}
 
     def normalized(self) -> dict[str, Any]:
-        """The TOML as written into the artifact: keys sorted, ``[distribution]`` dropped, dates as text.
+        """The normalized model: the TOML written into the artifact (and printed by ``ato validate``).
 
+        Keys sorted, ``[distribution]`` dropped, dates as text, ``type`` filled in. A 0.3 or
+        v1 source is stored in the 0.2 form it was translated into, so every generation
+        installs and runs through the same reader, and a manifest moved between
+        generations by ``ato manifest upgrade`` normalizes to the same document.
         ``[distribution]`` is the build's own output, so a manifest read back from an
         artifact normalizes to the same document as its source; dates become RFC 3339
         strings because the canonical JSON the build hashes has no date type.
         """
-        return _normalize({k: v for k, v in self.raw.items() if k != "distribution"})
+        source = self.document if self.document is not None else self.raw
+        doc = {k: v for k, v in source.items() if k != "distribution"}
+        doc.setdefault("type", DEFAULT_TYPE)
+        return _normalize(doc)
 
 
 def _normalize(value: Any) -> Any:

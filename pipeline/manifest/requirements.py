@@ -16,17 +16,12 @@ from typing import Any
 from pipeline.errors import E_NOT_FOUND, AtoError
 from pipeline.manifest.model import Manifest
 from pipeline.manifest.reader import MANIFEST_NAME, load_manifest
+from pipeline.manifest.secrets import is_secret
 
 SCHEMA_VERSION = "1"
 TARGET_NOT_FOUND = "TARGET_NOT_FOUND"
-_SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY")
 _REMOTE_REF = re.compile(r"^@?[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^/\s]+)?$")
 _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-
-
-def is_secret(key: str) -> bool:
-    upper = key.upper()
-    return any(m in upper for m in _SECRET_MARKERS) or upper.endswith("_KEY")
 
 
 def derive(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:

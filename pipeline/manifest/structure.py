@@ -27,12 +27,15 @@ _ARTICLE = {"string": "a string", "integer": "an integer", "number": "a number",
 _PRIORITY = {"required": 0, "type": 1}
 
 
-def check_structure(doc: dict[str, Any], file: str) -> None:
-    """Raise the first structural problem of ``doc`` (shallowest key first), or return."""
-    problems = sorted(_problems(doc, file), key=lambda p: p[0])
+def check_structure(doc: dict[str, Any], file: str, schema: str = SCHEMA) -> None:
+    """Raise the first structural problem of ``doc`` (shallowest key first), or return.
+
+    Every problem found is listed once in the error's ``details.problems``.
+    """
+    problems = sorted(_problems(doc, file, schema), key=lambda p: p[0])
     if problems:
         first = problems[0][1]
-        first.details["problems"] = [p[1].message for p in problems[:20]]
+        first.details["problems"] = list(dict.fromkeys(p[1].message for p in problems))[:20]
         raise first
     for parts, value in _walk(doc, []):
         if isinstance(value, float) and not math.isfinite(value):
@@ -41,8 +44,8 @@ def check_structure(doc: dict[str, Any], file: str) -> None:
             raise fail(file, parts, f"expected an integer within ±{_SAFE_INT}, got {value}")
 
 
-def _problems(doc: dict[str, Any], file: str) -> Iterator[tuple[tuple, AtoError]]:
-    for error in validator(SCHEMA).iter_errors(doc):
+def _problems(doc: dict[str, Any], file: str, schema: str) -> Iterator[tuple[tuple, AtoError]]:
+    for error in validator(schema).iter_errors(doc):
         parts = list(error.absolute_path)
         for sub_parts, err in _translate(error, parts, file):
             yield (len(sub_parts), [str(p) for p in sub_parts], _PRIORITY.get(str(error.validator), 9)), err

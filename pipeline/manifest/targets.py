@@ -27,25 +27,19 @@ RUNTIME_DRIVERS: dict[str, tuple[str, ...]] = {
 LEGACY_REQUIRED_ENVS = "ATO_ORCH_REQUIRED_ENVS"
 DEPRECATED_ENTRYPOINT = "ato-entry.ts"
 LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-KNOWN_KEYS = frozenset({
-    "runtime", "driver", "language", "entrypoint", "cmd", "port", "required_env", "runtime_version",
-    "runtime_tools", "env", "image", "digest", "world", "config", "source_digest", "working_dir", "public",
-    "readiness_probe", "health_check", "startup_timeout", "signals",
-    "mounts",  # runtime=oci: read-only mounts of capsule dirs (read by the OCI driver)
-})
 _RUNTIME_HINTS = {"native": ' (use runtime = "source" with driver = "native")',
                   "docker": ' (use runtime = "oci")', "youki": ' (use runtime = "oci")'}
 
 
 def read_target(label: str, table: dict[str, Any], parts: list[str | int], file: str, *,
                 default_runtime: str | None, fallback_digest: str | None, warnings: list[str]) -> Target:
-    """Build a Target from its (structurally valid) table; the legacy env list is folded in here."""
+    """Build a Target from its (structurally valid) table; the legacy env list is folded in here.
+
+    Unknown keys are reported by :mod:`pipeline.manifest.strictness` from the schema.
+    """
     if not LABEL.match(label):
         raise fail(file, parts, "expected a label of letters, digits, '.', '_' or '-' (starting with a letter "
                                 "or digit, at most 64 characters)")
-    for key in sorted(table):
-        if key not in KNOWN_KEYS:
-            warnings.append(f"{file}: {key_path(parts + [key])}: unknown key, ignored")
     env = dict(table.get("env") or {})
     required = list(table.get("required_env") or [])
     legacy = env.pop(LEGACY_REQUIRED_ENVS, None)
@@ -80,6 +74,9 @@ def read_target(label: str, table: dict[str, Any], parts: list[str | int], file:
         working_dir=table.get("working_dir"),
         digest=table.get("digest"),
         readiness_probe=table.get("readiness_probe"),
+        needs=tuple(dict.fromkeys(n.strip() for n in table.get("needs") or () if n.strip())),
+        bind=table.get("bind"),
+        secret_env=tuple(f["name"] for f in table.get("config_schema") or () if f.get("kind", "secret") == "secret"),
     )
 
 

@@ -269,6 +269,12 @@ class Planner:
         if port is None and probe_port is not None:
             port = probe_port
         argv = self.target_argv()
+        if self.route.driver == "native" and self.target.digest and self.target.entrypoint:
+            program = self.runtime_dir() / self.target.entrypoint.split()[0]
+            if not program.is_file():
+                raise AtoError("E101", f"{self.target.entrypoint} (targets.{self.target.label}) was not found in the "
+                                       "capsule", details={"entrypoint": self.target.entrypoint})
+            _check_digest(program, self.target.digest)  # a tool's per-platform program is pinned by sha256
         env = self._env(extra)
         url = f"http://127.0.0.1:{port}/" if port and self.route.runtime == "web" else None
         unit = Unit("main", "service", self.map_argv(argv, env), env, str(self.runtime_dir()),
@@ -482,7 +488,7 @@ class Planner:
 
     def oci_mounts(self) -> list[tuple[str, str]]:
         """``mounts = [{ source = "<dir in the capsule>", target = "/abs/in/container" }]``, all read-only."""
-        raw = ((self.m.raw.get("targets") or {}).get(self.target.label) or {}).get("mounts") or []
+        raw = self.m.target_table(self.target.label).get("mounts") or []
         where = f"targets.{self.target.label}.mounts"
         if not isinstance(raw, list):
             raise AtoError("E002", f"{where}: expected a list of {{ source, target }} tables")

@@ -111,9 +111,11 @@ def route(manifest: Manifest, explicit_target: str | None = None) -> Route:
             wasm = (target.entrypoint or "").split(" ")[0].endswith(WASM_SUFFIXES)
             return _finish("wasm" if wasm else "source", target, services_cmds, "--target execution")
         runtime = target.runtime or explicit_target
-        if manifest.execution is not None and target.label in ("oci", "wasm"):
+        if manifest.execution is not None and target.label in ("oci", "wasm", "source"):
             target = _merge(manifest.execution, target)
         return _finish(runtime, target, services_cmds, f"--target {explicit_target}")
+    if manifest.execution is None and manifest.platforms:
+        return _tool_platform(manifest, services_cmds)
     if manifest.execution is None:
         target = manifest.primary_target()
         assert target.runtime is not None
@@ -127,6 +129,19 @@ def route(manifest: Manifest, explicit_target: str | None = None) -> Route:
             target = execution
         return _finish(execution.runtime, target, services_cmds, f"execution.runtime={execution.runtime}")
     return _default_order(manifest, services_cmds, "router default order oci -> wasm -> source")
+
+
+def _tool_platform(manifest: Manifest, services_cmds: list[str]) -> Route:
+    """A tool with ``[platforms]``: the target of this host's platform, never another's binary."""
+    from pipeline.manifest.platforms import host_platform
+
+    host = host_platform()
+    target = manifest.targets.get(host)
+    if target is None:
+        raise AtoError("ATO_ERR_COMPAT_HARDWARE", f"{manifest.name} has no program for this platform ({host}); it "
+                                                  f"ships: {', '.join(sorted(manifest.platforms)) or 'none'}",
+                       details={"platform": host, "platforms": sorted(manifest.platforms)})
+    return _finish(target.runtime or "source", target, services_cmds, f"type=tool: platforms.{host}")
 
 
 def _default_order(manifest: Manifest, services_cmds: list[str], why: str) -> Route:

@@ -77,7 +77,7 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     if resolved is None:
         resolved = resolve(req.input, registry=req.registry, confirm_install=confirm_install)
     manifest = resolved.manifest
-    for warning in manifest.warnings:
+    for warning in manifest.warning_lines():
         notify(f"warning: {warning}")
     rt = route(manifest, req.target or resolved.selected_target)
     overrides = resolved.overrides(rt.label)

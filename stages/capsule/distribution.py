@@ -22,8 +22,13 @@ from cas.payload_manifest import PayloadManifest
 from stages.capsule.errors import CapsuleError
 
 
-def distribution_manifest(normalized: dict[str, Any], payload: PayloadManifest) -> dict[str, Any]:
-    """The project manifest plus ``[distribution]`` with chunk list, Merkle root and manifest hash."""
+def distribution_manifest(normalized: dict[str, Any], payload: PayloadManifest, *,
+                          source_schema_version: str | None = None) -> dict[str, Any]:
+    """The project manifest plus ``[distribution]`` with chunk list, Merkle root and manifest hash.
+
+    ``source_schema_version`` records the generation the source capsule.toml was written in
+    (the stored manifest is always its normalized 0.2 or 1.x form).
+    """
     offset = 0
     chunk_list = []
     for c in payload.chunks:
@@ -35,6 +40,8 @@ def distribution_manifest(normalized: dict[str, Any], payload: PayloadManifest) 
         "merkle_root": label(merkle_root([c.raw_hash for c in payload.chunks])),
         "chunk_list": chunk_list,
     }
+    if source_schema_version is not None:
+        doc["distribution"]["source_schema_version"] = source_schema_version
     doc["distribution"]["manifest_hash"] = manifest_hash(doc)
     doc["distribution"]["signatures"] = []
     return doc
