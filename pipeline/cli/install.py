@@ -147,7 +147,7 @@ def _install_gh(repo: str, allow_unsigned: bool, yes: bool, force_large_payload:
 
     trust = artifact_trust(allow_unsigned=allow_unsigned, yes=yes, force_large_payload=force_large_payload)
     with reporter(json=json_mode()) as progress:
-        doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, force_large_payload, None, progress),
+        doc = install_from_gh_repo(repo, build_fn=lambda d: _build(d, force_large_payload, None, progress, yes=yes),
                                    trust=trust, progress=info, reporter=progress)
     emit(doc, "install", "\n".join([
         f"Installed {doc['scoped_id']} {doc['version']} (built from github.com/{repo})",

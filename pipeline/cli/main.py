@@ -51,6 +51,8 @@ COMMANDS: dict[str, str] = {
     "uninstall": "pipeline.cli.manage",
     "upgrade": "pipeline.cli.manage",
     "gc": "pipeline.cli.manage",
+    "validate": "pipeline.cli.validate",
+    "manifest": "pipeline.cli.manifest_cmd",
 }
 COMMAND_MODULES = sorted(set(COMMANDS.values()))
 

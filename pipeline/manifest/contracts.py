@@ -325,3 +325,23 @@ def check_provider(alias: str, dependency: Dependency, provider_contracts: dict[
                     raise fail(file, where, f"{{{{{expr}}}}}: the provider's {dependency.contract} does not export "
                                             f"{quote(expr.key or '')} as {expr.kind} (exports: "
                                             f"{', '.join(sorted(exports)) or 'none'})")
+
+
+def unmet_at_run(target: Target, dependencies: dict[str, Dependency]) -> str | None:
+    """Why ``target`` cannot start without a dependency orchestrator (None when it can).
+
+    A target that needs a provider, or whose command or env still holds a ``{{...}}``
+    template, would start with literal template text or without its database: refused.
+    """
+    for need in target.needs:
+        dep = dependencies.get(need)
+        what = f"dependency '{need}' ({dep.capsule}, {dep.contract})" if dep else f"target '{need}'"
+        return (f"target '{target.label}' needs {what} to be running first, and this ato does not start "
+                "dependencies yet")
+    places = [("env." + k, v) for k, v in target.env.items()] + [("entrypoint", target.entrypoint or "")] + \
+        [(f"cmd[{i}]", a) for i, a in enumerate(target.cmd)]
+    for where, value in places:
+        if has_template(value):
+            return (f"targets.{target.label}.{where} holds a template ({value}) that only the dependency "
+                    "orchestrator fills in, and this ato does not run it yet")
+    return None

@@ -44,7 +44,8 @@ class Target:
     readiness_probe: dict[str, Any] | None = None
     needs: tuple[str, ...] = ()  # dependency aliases (or sibling targets) that must be ready first
     bind: str | None = None  # v1 [web] bind: the address the app itself listens on
-    secret_env: tuple[str, ...] = ()  # required_env names declared secret (0.3 config_schema, v1 [config])
+    secret_env: tuple[str, ...] = ()  # names declared secret (0.3 config_schema, v1 [config] kind = "secret")
+    optional_env: tuple[str, ...] = ()  # declared settings that are not required (config_schema required = false)
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def _build(doc: dict[str, Any], source: dict[str, Any], path: Path, sidecar: str
                              sidecar)
     translated = source is not doc
     return Manifest(
-        path=path, project_dir=path.parent, schema_version=source["schema_version"] if translated else version,
+        path=path, project_dir=path.parent, schema_version=source.get("schema_version", generation) if translated else version,
         name=raw["name"], version=raw["version"],
         type=kind, default_target=default_target, targets=targets, execution=execution,
         services=services, tasks=tasks, lifecycle_run=lifecycle_run, pack=pack, delivery=meta,

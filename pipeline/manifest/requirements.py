@@ -27,7 +27,8 @@ _DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 def derive(manifest: Manifest) -> dict[str, list[dict[str, Any]]]:
     """The six requirement lists, each sorted by key so the output is stable."""
     secrets, env = _env_items(manifest)
-    state = [_state_item(key, spec) for key, spec in sorted(manifest.state.items())]
+    state = sorted([_state_item(key, spec) for key, spec in manifest.state.items()] + _dependency_state(manifest),
+                   key=lambda item: item["key"])
     network = _network_items(manifest.network)
     services = _service_items(manifest)
     consent = []
@@ -88,21 +89,44 @@ def looks_local(raw_input: str, base: Path) -> bool:
 
 
 def _env_items(manifest: Manifest) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Required env of every target, the top-level required_env (the scope of {{env.X}} in
+    [dependencies]) and isolation.allow_env; secret-looking or declared-secret names go to secrets."""
     required: dict[str, set[str]] = {}
+    declared_secret: set[str] = set()
+    optional: set[str] = set()
     for label, target in manifest.all_targets().items():
         for key in target.required_env:
             required.setdefault(key, set()).add(label)
+        declared_secret.update(target.secret_env)
+        optional.update(target.optional_env)
+    credential_env = {key: alias for alias, dep in manifest.dependencies.items() for key in dep.credential_env()}
+    scope = [k for k in manifest.required_env if k not in required]
     allowed = [k.strip() for k in manifest.isolation.get("allow_env", []) if k.strip()]
     secrets: list[dict[str, Any]] = []
     env: list[dict[str, Any]] = []
-    for key in sorted(set(required) | set(allowed)):
+    for key in sorted(set(required) | set(scope) | set(allowed) | optional):
         if key in required:
             item = {"key": key, "required": True,
                     "description": f"Required environment variable for target(s): {', '.join(sorted(required[key]))}"}
+        elif key in credential_env:
+            item = {"key": key, "required": True,
+                    "description": f"Required for the credentials of dependency '{credential_env[key]}'"}
+        elif key in scope:
+            item = {"key": key, "required": True, "description": "Required environment variable (top-level "
+                                                                 "required_env)"}
+        elif key in optional:
+            item = {"key": key, "required": False, "description": "Optional setting declared by the manifest"}
         else:
             item = {"key": key, "required": False, "description": "Optional host environment variable passthrough"}
-        (secrets if is_secret(key) else env).append(item)
+        (secrets if is_secret(key) or key in declared_secret else env).append(item)
     return secrets, env
+
+
+def _dependency_state(manifest: Manifest) -> list[dict[str, Any]]:
+    """The provider state each dependency's consumer owns (``[dependencies.<alias>.state]``)."""
+    return [{"key": f"{alias}/{dep.state}", "required": True, "kind": "filesystem", "durability": "persistent",
+             "attach": "auto", "purpose": f"State of dependency '{alias}' ({dep.capsule}), owned by this capsule"}
+            for alias, dep in sorted(manifest.dependencies.items()) if dep.state]
 
 
 def _state_item(key: str, spec: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +155,7 @@ def _network_items(network: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _service_items(manifest: Manifest) -> list[dict[str, Any]]:
+    """``[services]`` entries, then each dependency (a provider capsule that must be running)."""
     primary = manifest.lifecycle_run or "main"
     out = []
     for name, service in sorted(manifest.services.items()):
@@ -146,4 +171,10 @@ def _service_items(manifest: Manifest) -> list[dict[str, Any]]:
         if service.depends_on:
             item["dependsOn"] = list(service.depends_on)
         out.append(item)
-    return out
+    for alias, dep in sorted(manifest.dependencies.items()):
+        needed_by = sorted(label for label, t in manifest.targets.items() if alias in t.needs)
+        description = f"Dependency {dep.capsule} offering {dep.contract}"
+        if needed_by:
+            description += f", needed by target(s): {', '.join(needed_by)}"
+        out.append({"key": alias, "required": True, "description": description})
+    return sorted(out, key=lambda item: item["key"])

@@ -77,6 +77,8 @@ def read_target(label: str, table: dict[str, Any], parts: list[str | int], file:
         needs=tuple(dict.fromkeys(n.strip() for n in table.get("needs") or () if n.strip())),
         bind=table.get("bind"),
         secret_env=tuple(f["name"] for f in table.get("config_schema") or () if f.get("kind", "secret") == "secret"),
+        optional_env=tuple(f["name"] for f in table.get("config_schema") or ()
+                           if not f.get("required", True) and f["name"] not in required),
     )
 
 

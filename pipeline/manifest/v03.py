@@ -84,6 +84,7 @@ def translate(raw: dict[str, Any], file: str, warnings: list[str]) -> tuple[dict
         targets = platform_targets(raw["platforms"])  # ato run picks the host's; the first is the default
         for key in targets:
             origins.add(("targets", key), ("platforms", key))
+        default = default or next(iter(targets))
     if default is None and targets:
         default = next(iter(targets)) if len(targets) == 1 else None
     doc["targets"] = targets

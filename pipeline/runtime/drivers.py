@@ -156,6 +156,8 @@ class Planner:
         return self.ov.port or self.target.port
 
     def runtime_dir(self) -> Path:
+        if self.target.working_dir:  # checked to stay inside the project when the manifest was read
+            return self.project / self.target.working_dir
         source = self.project / "source"
         return source if source.is_dir() and not (self.project / (self.target.entrypoint or "-")).exists() \
             else self.project
@@ -179,7 +181,8 @@ class Planner:
         for key in PASS_THROUGH:
             if os.environ.get(key):
                 env[key] = os.environ[key]
-        allow = list(self.m.isolation.get("allow_env") or []) + list(self.target.required_env)
+        allow = list(self.m.isolation.get("allow_env") or []) + list(self.target.required_env) + \
+            list(self.target.optional_env)
         for key in allow:
             if key in os.environ:
                 env[key] = os.environ[key]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AtoError, Problem
+from pipeline.manifest.contracts import unmet_at_run
 from pipeline.runtime import drivers, engines, policy, table
 from pipeline.runtime.resolve import Resolved, resolve
 from pipeline.runtime.router import Route, route
@@ -80,6 +81,9 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     for warning in manifest.warning_lines():
         notify(f"warning: {warning}")
     rt = route(manifest, req.target or resolved.selected_target)
+    unmet = unmet_at_run(rt.target, manifest.dependencies)
+    if unmet:
+        raise policy.fail("ATO_ERR_RUNTIME_NOT_RESOLVED", unmet, target=rt.label)
     overrides = resolved.overrides(rt.label)
     dangerous = req.dangerous
     if overrides.permission_mode == "dangerous" and rt.tier == 2 and not dangerous:
