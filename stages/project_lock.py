@@ -75,9 +75,10 @@ def _problem(code: str, message: str, hint: str | None = None, **details: Any) -
     return AtoError(code, message, details=details, hint=hint, problems=[Problem(code, message, dict(details))])
 
 
-def find_lockfile(project_dir: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of ``names`` in the project dir or its ``source/`` dir (where the runtime looks too)."""
-    for base in (project_dir, project_dir / "source"):
+def find_lockfile(project_dir: Path, names: tuple[str, ...], working_dir: str | None = None) -> Path | None:
+    """The first of ``names`` in the project dir, its ``source/`` dir (where the runtime looks too) or the
+    target's ``working_dir`` (a v1 ``[source] root``)."""
+    for base in [project_dir, project_dir / "source"] + ([project_dir / working_dir] if working_dir else []):
         for name in names:
             if (base / name).is_file():
                 return base / name

@@ -502,7 +502,7 @@ port = {PORT}
 bind = "127.0.0.1"
 """,
         "app/server.js": NODE_HTTP, "app/debug.log": "ignored\n", "app/scratch/tmp.txt": "ignored\n",
-        "outside.txt": "not packed: outside the source root\n", **NODE_LOCKS,
+        "outside.txt": "not packed: outside the source root\n", **{f"app/{k}": v for k, v in NODE_LOCKS.items()},
     }, {"kind": "http", "path": "/r", "expect": "rooted ok  /r"}, needs=("node",), covers=("source", "node", "web")),
 
     Fixture("v1-native-script", "1", {

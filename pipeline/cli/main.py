@@ -58,9 +58,9 @@ COMMAND_MODULES = sorted(set(COMMANDS.values()))
 
 # `ato --help` lists the commands under these titles, in this order (deprecated ones are hidden).
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Build & publish": ("init", "lock", "build", "publish", "gen-ci"),
+    "Build & publish": ("init", "lock", "build", "validate", "publish", "gen-ci"),
     "Install & run": ("install", "run", "ps", "logs", "close", "sync"),
-    "Manage": ("list", "upgrade", "uninstall", "gc", "config", "engine", "cas", "completion"),
+    "Manage": ("list", "upgrade", "uninstall", "gc", "config", "engine", "cas", "manifest", "completion"),
     "Registry & Store": ("search", "registry", "login", "whoami", "logout", "source"),
     "Trust": ("key", "sign", "verify", "trust"),
     "Advanced": ("inspect", "fetch", "finalize", "project", "unproject"),

@@ -8,22 +8,26 @@ from pathlib import Path
 import click
 
 from pipeline.cli.common import emit, json_mode, json_option, warn
+from pipeline.cli.help import AtoGroup, examples
 
 
-@click.group("manifest")
+@click.group("manifest", cls=AtoGroup, epilog=examples("ato manifest upgrade .", "ato manifest upgrade . --to 0.3 --write"))
 def manifest_group() -> None:
-    """Work with capsule.toml itself."""
+    """Work with capsule.toml itself (move it between generations)."""
 
 
-@manifest_group.command("upgrade")
-@click.argument("directory", required=False, default=".", type=click.Path(path_type=Path))
+@manifest_group.command("upgrade", epilog=examples("ato manifest upgrade .", "ato manifest upgrade . --to 1.1 --write"))
+@click.argument("directory", metavar="[DIR]", required=False, default=".", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["0.3", "1.1", "0.2"]), default="0.3", show_default=True,
               help="The generation to write (0.2 is the way back from 0.3 or v1).")
 @click.option("--write", is_flag=True, help="Replace capsule.toml (atomically) instead of printing a diff.")
 @json_option
 def upgrade_cmd(directory: Path, to: str, write: bool) -> None:
-    """Rewrite DIR/capsule.toml in another generation. The result is read back and must give the same
-    normalized model; otherwise nothing is written and the key that cannot move is named."""
+    """Rewrite capsule.toml in another generation (a diff unless --write).
+
+    The result is read back and must give the same normalized model; otherwise nothing is
+    written and the key that cannot move is named. DIR defaults to the current directory.
+    """
     from cas.atomic import write_bytes_atomic
     from pipeline.manifest import load_manifest
     from pipeline.manifest.upgrade import upgrade

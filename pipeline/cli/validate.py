@@ -9,11 +9,12 @@ import click
 import tomli_w
 
 from pipeline.cli.common import emit, json_mode, json_option, warn
+from pipeline.cli.help import examples
 from pipeline.errors import E_USAGE, AtoError
 
 
-@click.command("validate")
-@click.argument("directory", required=False, default=".", type=click.Path(path_type=Path))
+@click.command("validate", epilog=examples("ato validate .", "ato validate . --strict-v3 --json"))
+@click.argument("directory", metavar="[DIR]", required=False, default=".", type=click.Path(path_type=Path))
 @click.option("--strict-v3", "strict", is_flag=True,
               help="Unknown and unsupported keys are errors (also ATO_STRICT_MANIFEST=1).")
 @click.option("--provider", "providers", multiple=True, metavar="ALIAS=DIR",
@@ -21,8 +22,11 @@ from pipeline.errors import E_USAGE, AtoError
                    "credentials, the exports read). Repeatable.")
 @json_option
 def validate_cmd(directory: Path, strict: bool, providers: tuple[str, ...]) -> None:
-    """Read DIR/capsule.toml (any generation): print the generation, the normalized model the build stores,
-    the build steps and every warning. Exit 1 on any error."""
+    """Check a capsule.toml of any generation and show the model it gives.
+
+    Prints the generation, the build steps, the normalized model the build stores and every
+    warning (did you mean ...?). DIR defaults to the current directory. Exit 1 on any error.
+    """
     from pipeline.manifest import load_manifest
     from pipeline.manifest.contracts import check_provider
     from pipeline.manifest.strictness import strict_from_env

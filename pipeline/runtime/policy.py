@@ -89,7 +89,7 @@ def check_lockfiles(route: Route, project_dir: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     problems = []
     for what, names in required_lockfiles(route):
-        path = find_lockfile(project_dir, names)
+        path = find_lockfile(project_dir, names, route.target.working_dir)
         if path is None:
             problems.append(Problem(LOCK_INCOMPLETE, f"{what} is required for {route.pair} execution",
                                     {"lockfile": names[0], "accepted": list(names), "target": route.label,

@@ -83,6 +83,10 @@ def test_fixture_is_inspected_validated_built_and_run(fx: Fixture, tmp_path: Pat
     dist = stored.pop("distribution")
     assert dist["source_schema_version"] == validated["schema_version"]
     assert stored == validated["normalized"]  # the build stores exactly the normalized model validate printed
+    if fx.name == "v1-source-root":  # [source] root: only app/ is packed, its ignore patterns applied
+        from tests.e2e.test_build_e2e import payload_names
+
+        assert sorted(payload_names(Path(built["artifact"]))) == ["app/package-lock.json", "app/server.js"]
 
     lacking = missing(fx.needs)
     if lacking:
@@ -90,7 +94,7 @@ def test_fixture_is_inspected_validated_built_and_run(fx: Fixture, tmp_path: Pat
     if "bwrap" in fx.needs:
         res = ato(["engine", "register", "--json"])
         assert res.code == 0, res.stderr
-    subject = str(project) if fx.name == "v1-source-root" else built["artifact"]
+    subject = built["artifact"]
     run, env = fx.run, dict(fx.env)
     if run["kind"] == "http":
         res = ato(["run", subject, "--yes", "--background", "--json"], env=env)
