@@ -23,9 +23,11 @@ PORT2 = "40124"
 NODE_HTTP = """\
 const http = require('http');
 const name = process.argv[2] || 'node';
+// Under Tier 1 (Deno) reading a variable the manifest does not declare throws: treat it as unset.
+const env = (key) => { try { return process.env[key] || ''; } catch (e) { return ''; } };
 http.createServer((req, res) => {
   if (req.url === '/health') { res.end('ok'); return; }
-  res.end(`${name} ok ${process.env.GREETING_PREFIX || ''}${process.env.GREETING || ''} ${req.url}`);
+  res.end(`${name} ok ${env('GREETING_PREFIX')}${env('GREETING')} ${req.url}`);
 }).listen(Number(process.env.PORT), '127.0.0.1', () => console.log('listening'));
 """
 NODE_LOCKS = {"capsule.lock": 'version = "1"\n', "package-lock.json": '{"lockfileVersion": 3, "packages": {}}\n'}
@@ -179,26 +181,29 @@ runtime_tools = {{ node = "@NODE_MAJOR@" }}
 [services.main]
 entrypoint = "node main.js"
 depends_on = ["api"]
+env = {{ API_PORT = "{PORT2}" }}
 readiness_probe = {{ http_get = "/health", port = "PORT" }}
 
 [services.api]
 entrypoint = "node api.js"
 env = {{ API_PORT = "{PORT2}" }}
-readiness_probe = {{ tcp_connect = "127.0.0.1", port = "API_PORT" }}
+readiness_probe = {{ http_get = "/", port = "API_PORT" }}
 """,
         "main.js": """\
 const http = require('http');
-const fs = require('fs');
 http.createServer((req, res) => {
   if (req.url === '/health') { res.end('ok'); return; }
-  res.end('main sees ' + fs.readFileSync('api.started', 'utf8'));
+  http.get(`http://127.0.0.1:${process.env.API_PORT}/`, (r) => {
+    let body = '';
+    r.on('data', (c) => { body += c; });
+    r.on('end', () => res.end('main sees ' + body));
+  });
 }).listen(Number(process.env.PORT), '127.0.0.1');
 """,
         "api.js": """\
-const net = require('net');
-const fs = require('fs');
+const http = require('http');
 const port = Number(process.env.API_PORT);
-net.createServer(() => {}).listen(port, '127.0.0.1', () => fs.writeFileSync('api.started', 'api on ' + port));
+http.createServer((req, res) => res.end('api on ' + port)).listen(port, '127.0.0.1');
 """,
         **NODE_LOCKS,
     }, {"kind": "http", "path": "/", "expect": "main sees api on"}, needs=("node",), covers=("services", "node")),

@@ -311,8 +311,8 @@ class Planner:
 
     def deno_env(self, extra: dict[str, str]) -> dict[str, str]:
         """Only what the manifest declares (values of required/allowed host vars included) and what ato injects."""
-        declared = {k: os.environ[k] for k in (*(self.m.isolation.get("allow_env") or []), *self.target.required_env)
-                    if k in os.environ}
+        declared = {k: os.environ[k] for k in (*(self.m.isolation.get("allow_env") or []), *self.target.required_env,
+                                               *self.target.optional_env) if k in os.environ}
         declared.update(self.state_env())
         return deno.unit_env({**declared, **self.target_env(), **extra}, self.scratch)
 

@@ -40,8 +40,19 @@ def node_major() -> str:
     return out.lstrip("v").split(".")[0]
 
 
+def have(tool: str) -> bool:
+    if tool == "deno":  # ato runs the deno of the `deno` package it was installed with
+        try:
+            from deno import find_deno_bin
+
+            return bool(find_deno_bin())
+        except (ImportError, FileNotFoundError):
+            return False
+    return shutil.which(tool) is not None
+
+
 def missing(needs: tuple[str, ...]) -> list[str]:
-    return [n for n in needs if shutil.which(n) is None]
+    return [n for n in needs if not have(n)]
 
 
 def http_get(url: str) -> str:
