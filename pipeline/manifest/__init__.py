@@ -1,4 +1,4 @@
-"""capsule.toml (0.2 and 1.1 forms) and ato.delivery.toml -> one typed, validated model."""
+"""capsule.toml (0.2, 0.3, v1 and 1.x generations) and ato.delivery.toml -> one typed, validated model."""
 
 from pipeline.manifest.delivery import SIDECAR_NAME, DeliveryMeta
 from pipeline.manifest.model import Manifest, PackRules, Service, Target, Task

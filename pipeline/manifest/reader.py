@@ -20,7 +20,7 @@ from pipeline.errors import E_MANIFEST_MISSING, E_NOT_FOUND, AtoError
 from pipeline.manifest import delivery as delivery_
 from pipeline.manifest import generations, relpath, strictness, v03, v1
 from pipeline.manifest.contracts import read_contracts
-from pipeline.manifest.keypath import fail, quote
+from pipeline.manifest.keypath import fail, key_path, quote
 from pipeline.manifest.lifecycle import check_graph, read_services, read_tasks
 from pipeline.manifest.model import FORM_02, BuildStep, Manifest, PackRules, Target
 from pipeline.manifest.origins import Origins
@@ -166,8 +166,6 @@ def _build_steps(doc: dict[str, Any], targets: dict[str, Target], default_target
     """What ``ato build`` runs before packing: ``[build.lifecycle] build``, ``[[build.steps]]``, then each
     target's ``build`` (the default target first). ``[build.lifecycle] prepare`` is ``ato publish``'s prepare
     phase, not a build step."""
-    from pipeline.manifest.keypath import key_path
-
     def where(parts: tuple[str | int, ...]) -> str:
         return key_path(origins.source_of(parts))
 
