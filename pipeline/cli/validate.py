@@ -63,7 +63,7 @@ def document(manifest: Any, *, strict: bool) -> dict[str, Any]:
         warnings.append(item)
     return {
         "ok": True,
-        "path": str(manifest.path),
+        "path": str(manifest.path.absolute()),
         "generation": manifest.generation,
         "schema_version": manifest.schema_version,
         "strict": strict,
