@@ -28,14 +28,9 @@ from cas.store import CasStore
 from cas.tempfiles import sweep, temp_path
 from pipeline import paths
 from pipeline.envelope import validate
-from pipeline.errors import (
-    E_ENTRYPOINT,
-    E_PAYLOAD_TOO_LARGE,
-    E_STRICT_FALLBACK,
-    E_USAGE,
-    AtoError,
-)
+from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
 from pipeline.manifest import Manifest, load_manifest, relpath
+from pipeline.manifest.ipc import check_document
 from pipeline.progress import SILENT, Progress, human_bytes
 from stages import build_steps, native_build
 from stages.capsule import archive, distribution, keys, signature
@@ -179,6 +174,9 @@ def _note_project(state_dir: Path, project: Path) -> None:
 def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
     manifest = load_manifest(project_dir, strict=options.strict_v3 or None)
     warnings = manifest.warning_lines()
+    warnings += [f"[{f.code}] {f.message} (at {f.location})"
+                 for f in check_document(manifest.raw, manifest.project_dir, str(manifest.path),
+                                         store_dir=paths.store_dir())]
     store = CasStore(paths.cas_root())
     key = blake3.blake3(str(manifest.project_dir.resolve()).encode()).hexdigest()[:16]
     state_dir = paths.build_cache_dir() / key

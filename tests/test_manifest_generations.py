@@ -263,8 +263,10 @@ CASES = [
     (FLAT + "prot = 8080\n", True, "E002", 'capsule.toml: prot: unknown key (did you mean "port"?)'),
     (V1_BASE + '[web]\nport = 8080\nbind = "127.0.0.1"\nbnid = "x"\n', True, "E002",
      'capsule.toml: web.bnid: unknown key (did you mean "bind"?)'),
-    (FLAT + '[ipc.imports.x]\nfrom = "y"\n', True, "E002",
-     "capsule.toml: ipc: unsupported: IPC imports and exports (the IPC broker is not built yet)"),
+    (FLAT + '[storage.volumes]\ndata = "/data"\n', True, "E002",
+     "capsule.toml: storage: unsupported: [storage] volumes are not mounted by this ato"),
+    (FLAT + '[ipc.imprts.x]\nfrom = "y"\n', True, "E002",
+     'capsule.toml: ipc.imprts: unknown table (did you mean "imports"?)'),
     # templates
     (CONSUMER.replace("runtime_exports.DATABASE_URL", "runtime_export.DATABASE_URL"), False, "E002",
      "capsule.toml: targets.app.env.DATABASE_URL: invalid template: unsupported template expression "
@@ -353,17 +355,18 @@ def test_without_schema_version_03_spellings_read_as_03_and_the_rest_is_refused(
 
 def test_unknown_keys_warn_with_did_you_mean_at_every_level() -> None:
     m = parse(FLAT + 'prot = 1\n[buid]\nx = 1\n[metadata]\ndescripton = "d"\n[network]\negress_alow = []\n'
-                     '[ipc]\nx = 1\n[services.main]\nentrypoint = "node a.js"\ndepnds_on = []\n')
+                     '[ipc]\nexprts = {}\n[storage]\nx = 1\n[services.main]\nentrypoint = "node a.js"\ndepnds_on = []\n')
     assert m.warning_lines() == [
         'capsule.toml: prot: unknown key, ignored (did you mean "port"?)',
         'capsule.toml: buid: unknown table, ignored (did you mean "build"?)',
         'capsule.toml: metadata.descripton: unknown key, ignored (did you mean "description"?)',
         'capsule.toml: network.egress_alow: unknown key, ignored (did you mean "egress_allow"?)',
-        "capsule.toml: ipc: unsupported: IPC imports and exports (the IPC broker is not built yet); kept, but "
-        "nothing acts on it",
+        'capsule.toml: ipc.exprts: unknown table, ignored (did you mean "exports"?)',
+        "capsule.toml: storage: unsupported: [storage] volumes are not mounted by this ato; kept, but nothing acts "
+        "on it",
         'capsule.toml: services.main.depnds_on: unknown key, ignored (did you mean "depends_on"?)',
     ]
-    assert m.normalized()["buid"] == {"x": 1} and m.normalized()["ipc"] == {"x": 1}  # kept, never dropped
+    assert m.normalized()["buid"] == {"x": 1} and m.normalized()["ipc"] == {"exprts": {}}  # kept, never dropped
     err = error(FLAT + 'prot = 1\n[buid]\nx = 1\n', strict=True)
     assert err.details["problems"] == ['capsule.toml: prot: unknown key (did you mean "port"?)',
                                        'capsule.toml: buid: unknown table (did you mean "build"?)']

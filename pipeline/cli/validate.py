@@ -27,11 +27,17 @@ def validate_cmd(directory: Path, strict: bool, providers: tuple[str, ...]) -> N
     Prints the generation, the build steps, the normalized model the build stores and every
     warning (did you mean ...?). DIR defaults to the current directory. Exit 1 on any error.
     """
+    from pipeline import paths
     from pipeline.manifest import load_manifest
     from pipeline.manifest.contracts import check_provider
+    from pipeline.manifest.ipc import check_document
     from pipeline.manifest.strictness import strict_from_env
 
     manifest = load_manifest(directory, strict=strict or strict_from_env())
+    ipc_warnings = [f"{manifest.path.name}: {f.location}: [{f.code}] {f.message}"
+                    for f in check_document(manifest.raw, manifest.project_dir, str(manifest.path),
+                                            store_dir=paths.store_dir())]
+    manifest.warnings.extend(w for w in ipc_warnings if w not in manifest.warnings)
     for spec in providers:
         alias, sep, where = spec.partition("=")
         if not sep or not alias or not where:

@@ -36,7 +36,7 @@ from typing import Any
 from cas.filelock import flocked
 from pipeline.errors import AtoError, Problem
 from pipeline.ipc import client, sockets
-from pipeline.manifest.ipc import SCOPED, Finding, IpcImport, check_ipc, read_ipc
+from pipeline.manifest.ipc import SCOPED, Finding, IpcImport, check_document, read_ipc
 from pipeline.runtime import session, table
 from pipeline.runtime.resolve import Resolved, resolve
 
@@ -45,29 +45,12 @@ ATTACH_TRIES = 200
 LAUNCH_FAILED = "ATO_ERR_RUNTIME_LAUNCH_FAILED"
 
 
-def findings_error(findings: list[Finding], file: str) -> AtoError | None:
-    """The first IPC error as an AtoError (its code is the finding's), every finding in the details."""
-    errors = [f for f in findings if f.severity == "error"]
-    if not errors:
-        return None
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return AtoError(first.code, f"{file}: {first.line()}{more}", hint=first.hint,
-                    details={"file": file, "findings": [f.to_json() for f in findings]})
-
-
 def check_manifest(resolved: Resolved) -> list[Finding]:
     """Upstream's IPC checks on a resolved capsule; raises on an error, returns the warnings."""
-    manifest = resolved.manifest
-    findings: list[Finding] = []
-    decl = read_ipc(manifest.raw, findings)
     from pipeline import paths
 
-    check_ipc(manifest.raw, decl, manifest.project_dir, findings, store_dir=paths.store_dir())
-    err = findings_error(findings, str(manifest.path))
-    if err is not None:
-        raise err
-    return [f for f in findings if f.severity != "error"]
+    manifest = resolved.manifest
+    return check_document(manifest.raw, manifest.project_dir, str(manifest.path), store_dir=paths.store_dir())
 
 
 def _provider_ref(imp: IpcImport, consumer_dir: Path) -> str:

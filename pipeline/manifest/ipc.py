@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import AtoError
+
 SHARING_MODES = ("singleton", "exclusive", "daemon")
 ACTIVATIONS = ("eager", "lazy")
 DEFAULT_MODE = "singleton"
@@ -242,6 +244,37 @@ def _read_export(raw: Any, findings: list[Finding]) -> IpcExport | None:
 
 
 # ------------------------------------------------------------------ the checks
+
+
+def findings_error(findings: list[Finding], file: str) -> AtoError | None:
+    """The first IPC error as an AtoError (its code is the finding's), every finding in the details."""
+    errors = [f for f in findings if f.severity == "error"]
+    if not errors:
+        return None
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return AtoError(first.code, f"{file}: {first.line()}{more}", hint=first.hint,
+                    details={"file": file, "findings": [f.to_json() for f in findings]})
+
+
+def check_document(doc: dict[str, Any], project_dir: Path, file: str, *,
+                   store_dir: Path | None = None) -> list[Finding]:
+    """Read and check a manifest's ``[ipc]``: raise the first IPC error, return the warnings.
+
+    One entry point for ``ato validate``, ``ato build`` and ``ato run``, so all three refuse
+    the same manifests with the same codes.
+    """
+    if "ipc" not in doc:
+        return []
+    findings: list[Finding] = []
+    decl = read_ipc(doc, findings)
+    check_ipc(doc, decl, project_dir, findings, store_dir=store_dir)
+    err = findings_error(findings, file)
+    if err is not None:
+        raise err
+    return [f for f in findings if f.severity != "error"]
+
+
 
 
 def _reserved(name: str) -> bool:
