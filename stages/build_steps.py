@@ -6,7 +6,7 @@ environment (the few variables a toolchain needs plus the target's ``[env]``), s
 that what they produce (``dist/``...) is packed. They are host commands: the build
 asks for consent first, under the same rules as a run's ``[tasks]`` (a recorded
 approval, ``--yes``, or a prompt on a terminal; refused otherwise). Output is
-captured and shown only when a step fails (error E102 with its last line).
+captured and shown only when a step fails (error E102 with its last lines).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def working_dir(manifest: Manifest, rel: str | None, key: str) -> Path:
 
 
 def run_command(command: list[str], workdir: Path, env: dict[str, str], *, what: str, shown_as: str) -> None:
-    """Run one build command; its output is captured and shown (last line, tail) only when it fails."""
+    """Run one build command; its output is captured and shown (last lines, tail) only when it fails."""
     try:
         proc = subprocess.run(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=STEP_TIMEOUT, check=False)
@@ -82,7 +82,7 @@ def run_command(command: list[str], workdir: Path, env: dict[str, str], *, what:
                        details={"command": command, "working_dir": str(workdir)}) from None
     if proc.returncode != 0:
         output = proc.stdout.decode("utf-8", "replace")
-        last = next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()), "")
+        last = " | ".join([ln.strip() for ln in output.splitlines() if ln.strip()][-3:])  # the last few lines
         status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
         raise AtoError(E_LOCKFILE, f"{what} failed with {status}: {shown_as}" + (f": {last}" if last else ""),
                        details={"command": command, "working_dir": str(workdir),

@@ -218,6 +218,11 @@ V1_BASE = 'schema_version = "1"\nname = "v1-app"\nversion = "1.0.0"\n\n[run]\nco
 CONSUMER = next(f for f in V03 if f.name == "deps-consumer").files["capsule.toml"]
 PROVIDER = next(f for f in V03 if f.name == "deps-provider").files["capsule.toml"]
 
+V02_HEAD = 'schema_version = "0.2"\nname = "a"\nversion = "1.0.0"\ntype = "app"\ndefault_target = "app"\n'
+V02_TARGET = '[targets.app]\nruntime = "source"\ndriver = "node"\nentrypoint = "a.js"\n'
+V11_TEXT = 'schema_version = "1.1"\nname = "a"\nversion = "1.0.0"\ntype = "app"\n' \
+           '[execution]\nruntime = "source"\nentrypoint = "a.js"\n'
+
 CASES = [
     # unsupported schema: always the headline, naming the versions read
     (FLAT.replace('"0.3"', '"2"') + 'build = 5\n', False, "E002",
@@ -232,8 +237,23 @@ CASES = [
                                                'got string "8080"'),
     (FLAT + "build = 5\n", False, "E002",
      "capsule.toml: build: expected a command line (string) or a [build] table, got integer 5"),
+    # a table in another generation's form: the schema version is the headline
     (V1_BASE.replace('[run]\ncommand = ["node", "a.js"]', 'run = "node a.js"'), False, "E002",
-     'capsule.toml: run: expected a table, got string "node a.js"'),
+     'capsule.toml: schema_version "1": run is written in the "0.3" form (run: expected a table, got string '
+     '"node a.js")'),
+    (V02_HEAD + 'build = "pnpm build"\n' + V02_TARGET, False, "E002",
+     'capsule.toml: schema_version "0.2": build is written in the "0.3" form (build: expected a table, got string '
+     '"pnpm build")'),
+    (V02_HEAD.replace('default_target = "app"\n', 'runtime = "source/node"\nrun = "node a.js"\n'), False, "E003",
+     'capsule.toml: schema_version "0.2": runtime, run are written in the "0.3" form (default_target: required key '
+     'is missing)'),
+    (V11_TEXT.replace("[execution]", 'build = "pnpm build"\n[execution]'), False, "E002",
+     'capsule.toml: schema_version "1.1": build is written in the "0.3" form (build: expected a table, got string '
+     '"pnpm build")'),
+    (FLAT.replace('runtime = "source/node"\nrun = "node a.js"\n', '[execution]\nruntime = "source"\n'
+                  'entrypoint = "a.js"\n'), False, "E003",
+     'capsule.toml: schema_version "0.3": execution is written in the "1.1" form (default_target: required key is '
+     'missing (name the target that runs, or use the flat form: runtime = "source/node", run = "..."))'),
     (V1_BASE + '[web]\nport = 70000\nbind = "127.0.0.1"\n', False, "E002",
      "capsule.toml: web.port: expected a port number between 1 and 65535, got integer 70000"),
     (V1_BASE + '[web]\nport = 8080\n', False, "E003", "capsule.toml: web.bind: required key is missing"),

@@ -27,6 +27,24 @@ def _explain(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def build_steps_plan(manifest):
+    """The consent plan of a manifest's build steps: approving it approves exactly these commands."""
+    from pipeline.runtime import policy
+    from stages.build_steps import shown
+
+    commands = [shown(step) for step in manifest.build_steps]
+    return policy.Plan(capsule=manifest.name, version=manifest.version, target="build", runtime="build",
+                       driver="", tier=None, permissions={"host_execution": commands})
+
+
+def record_build_steps_consent(manifest, how: str) -> None:
+    """Record approval of the manifest's build steps (``ato init`` wrote them, so the user's init approved them)."""
+    from pipeline.runtime import policy
+
+    if manifest.build_steps:
+        policy.record_consent(build_steps_plan(manifest), how)
+
+
 def approve_build_steps(yes: bool) -> Callable[..., None]:
     """Consent for a manifest's build steps, under the rules of a run's [tasks]: a recorded approval of
     exactly these commands, ``--yes``, or a prompt on a terminal; otherwise ATO_ERR_CONSENT_REQUIRED."""
@@ -36,8 +54,7 @@ def approve_build_steps(yes: bool) -> Callable[..., None]:
         from stages.build_steps import shown
 
         commands = [shown(step) for step in manifest.build_steps]
-        plan = policy.Plan(capsule=manifest.name, version=manifest.version, target="build", runtime="build",
-                           driver="", tier=None, permissions={"host_execution": commands})
+        plan = build_steps_plan(manifest)
 
         def prompt(_plan) -> bool:
             click.echo(f"{manifest.path.name} asks ato build to run these commands on this machine:", err=True)

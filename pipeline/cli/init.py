@@ -58,6 +58,13 @@ def init_cmd(directory: Path, template: str | None, name: str | None, port: int 
     except BaseException:
         written.rollback()  # nothing half-done: a retry starts from the same directory
         raise
+    if spec.build_hook:
+        # the build command is ato's own suggestion, written at the user's request: `ato build` runs it
+        # without asking again (a changed command, or a cloned project, asks as any build step does)
+        from pipeline.cli.build import record_build_steps_consent
+        from pipeline.manifest import load_manifest
+
+        record_build_steps_consent(load_manifest(plan.project_dir), "ato init")
     created = sorted(str(p.relative_to(plan.project_dir)) for p in written.created
                      if p not in (plan.project_dir, plan.manifest_path) and p.is_file())
     cd = [] if plan.project_dir == Path.cwd().absolute() else [f"cd {directory}"]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.envelope import validator
 from pipeline.errors import E_MANIFEST, E_MANIFEST_MISSING, AtoError
-from pipeline.manifest.keypath import describe, fail
+from pipeline.manifest.keypath import describe, fail, quote
 
 V02 = "0.2"
 V03 = "0.3"
@@ -68,3 +69,58 @@ def _missing(file: str, hint: str) -> AtoError:
     err.hint = hint
     err.details["readable"] = list(READABLE)
     return err
+
+
+# The schema each generation's source document is checked against (0.2 and 1.x share one).
+SCHEMAS = {V03: "capsule-manifest-0.3", V1: "capsule-manifest-1", V02: "capsule-manifest", V10: "capsule-manifest",
+           V11: "capsule-manifest"}
+_EXECUTION_KEYS = ("execution", "lifecycle", "tasks")
+
+
+def _fits(schema: str, key: str, value: Any) -> bool:
+    """Whether ``key = value`` is a known top-level key of ``schema`` with a valid value."""
+    check = validator(schema)
+    if key not in check.schema.get("properties", {}):
+        return False
+    return not any(list(e.absolute_path)[:1] == [key] for e in check.iter_errors({key: value}))
+
+
+def _misshapen(schema: str, key: str, value: Any) -> bool:
+    """Whether ``key`` is unknown to ``schema`` or its value has the wrong shape there (a wrong type, not a
+    wrong value: a name that breaks the naming rule is a problem of the name, not of the generation)."""
+    check = validator(schema)
+    if key not in check.schema.get("properties", {}):
+        return True
+    return any(list(e.absolute_path) == [key] and e.validator in ("type", "oneOf", "anyOf")
+               for e in check.iter_errors({key: value}))
+
+
+def other_form(raw: dict[str, Any], generation: str, err: AtoError, file: str) -> AtoError | None:
+    """``err`` (the structure check of ``raw`` as ``generation`` failed) re-headed by the schema version when
+    top-level keys of ``raw`` are written in another generation's form (0.3's ``build = "pnpm build"`` in a
+    0.2 file): the version is what is wrong, not the table. None when no other form explains them."""
+    own = SCHEMAS[generation]
+    best: tuple[str, list[str]] | None = None
+    for other in (V03, V1, V02):
+        if SCHEMAS[other] == own:
+            continue
+        keys = [k for k, v in raw.items() if k != "schema_version" and _misshapen(own, k, v) and _fits(SCHEMAS[other], k, v)]
+        if keys and (best is None or len(keys) > len(best[1])):
+            best = (other, keys)
+    if best is None:
+        return None
+    other, keys = best
+    if other == V02 and any(k in _EXECUTION_KEYS for k in keys):
+        other = V11
+    declared = raw.get("schema_version")
+    said = f"schema_version {quote(declared)}" if isinstance(declared, str) else \
+        f"a capsule.toml without schema_version (read as {quote(generation)})"
+    problem = err.message.removeprefix(f"{file}: ")
+    names = ", ".join(keys)
+    out = AtoError(err.code, f"{file}: {said}: {names} {'is' if len(keys) == 1 else 'are'} written in the "
+                             f"{quote(other)} form ({problem})",
+                   details={**err.details, "key": "schema_version", "schema_version": declared,
+                            "form_of": other, "keys": keys, "problem": problem},
+                   hint=f"set schema_version = {quote(other)} if the file is written in that form, or rewrite "
+                        f"{names} in the {quote(generation)} form")
+    return out

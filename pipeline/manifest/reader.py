@@ -26,7 +26,7 @@ from pipeline.manifest.model import FORM_02, BuildStep, Manifest, PackRules, Tar
 from pipeline.manifest.origins import Origins
 from pipeline.manifest.platforms import check_platforms
 from pipeline.manifest.secrets import is_secret
-from pipeline.manifest.structure import SCHEMA, check_structure
+from pipeline.manifest.structure import check_structure
 from pipeline.manifest.targets import check_target, read_target
 from pipeline.manifest.tomlfile import parse_toml, read_text
 
@@ -37,7 +37,6 @@ RESERVED_TARGET_KEYS = frozenset({"source_digest", "preference"})
 ROUTE_TARGETS = ("oci", "wasm")
 # In the 1.x form a [targets.source] may omit runtime (the reference ato defaults it to "source").
 ROUTE_TARGETS_1X = ROUTE_TARGETS + ("source",)
-_SCHEMAS = {generations.V03: v03.SCHEMA, generations.V1: v1.SCHEMA}
 
 
 def load_manifest(project_dir: Path, *, strict: bool | None = None) -> Manifest:
@@ -64,20 +63,26 @@ def parse_manifest(text: str, path: Path, *, sidecar: str | None = None, strict:
     raw = parse_toml(text, file)
     strict = strictness.strict_from_env() if strict is None else strict
     generation = generations.detect(raw, file)
-    schema = _SCHEMAS.get(generation, SCHEMA)
-    check_structure(raw, file, schema)
+    schema = generations.SCHEMAS[generation]
+    try:
+        check_structure(raw, file, schema)
+    except AtoError as err:
+        raise generations.other_form(raw, generation, err, file) or err from None
     warnings: list[str] = []
     hints: dict[str, str] = {}
     strictness.apply(strictness.findings(raw, schema), file, strict=strict, warnings=warnings, hints=hints)
-    if generation == generations.V03:
-        doc, origins = v03.translate(raw, file, warnings)
-    elif generation == generations.V1:
-        doc, origins = v1.translate(raw, file, warnings, is_secret=is_secret)
-    else:
+    if generation not in (generations.V03, generations.V1):
         return _build(raw, raw, path, sidecar, warnings, hints, generation, Origins())
-    with origins.errors_in_source_terms(file):
-        check_structure(doc, file)
-        return _build(doc, raw, path, sidecar, warnings, hints, generation, origins)
+    try:
+        if generation == generations.V03:
+            doc, origins = v03.translate(raw, file, warnings)
+        else:
+            doc, origins = v1.translate(raw, file, warnings, is_secret=is_secret)
+        with origins.errors_in_source_terms(file):
+            check_structure(doc, file)
+            return _build(doc, raw, path, sidecar, warnings, hints, generation, origins)
+    except AtoError as err:
+        raise generations.other_form(raw, generation, err, file) or err from None
 
 
 def _build(doc: dict[str, Any], source: dict[str, Any], path: Path, sidecar: str | None, warnings: list[str],
