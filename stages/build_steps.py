@@ -50,7 +50,8 @@ def run_steps(manifest: Manifest) -> list[dict[str, Any]]:
     ran = []
     for step in manifest.build_steps:
         workdir = working_dir(manifest, step.working_dir, step.key)
-        run_command(argv(step), workdir, clean_env(manifest), what=f"build step ({step.key})", shown_as=shown(step))
+        run_command(argv(step), workdir, clean_env(manifest), what=f"build step ({step.key})", shown_as=shown(step),
+                    lines=3)
         ran.append({"command": shown(step), "key": step.key, "working_dir": str(workdir)})
     return ran
 
@@ -69,8 +70,10 @@ def working_dir(manifest: Manifest, rel: str | None, key: str) -> Path:
     return path
 
 
-def run_command(command: list[str], workdir: Path, env: dict[str, str], *, what: str, shown_as: str) -> None:
-    """Run one build command; its output is captured and shown (last lines, tail) only when it fails."""
+def run_command(command: list[str], workdir: Path, env: dict[str, str], *, what: str, shown_as: str,
+                lines: int = 1) -> None:
+    """Run one build command; its output is captured and shown (its last ``lines`` lines in the message,
+    the tail in the details) only when it fails."""
     try:
         proc = subprocess.run(command, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=STEP_TIMEOUT, check=False)
@@ -82,7 +85,7 @@ def run_command(command: list[str], workdir: Path, env: dict[str, str], *, what:
                        details={"command": command, "working_dir": str(workdir)}) from None
     if proc.returncode != 0:
         output = proc.stdout.decode("utf-8", "replace")
-        last = " | ".join([ln.strip() for ln in output.splitlines() if ln.strip()][-3:])  # the last few lines
+        last = " | ".join([ln.strip() for ln in output.splitlines() if ln.strip()][-lines:])
         status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"status {proc.returncode}"
         raise AtoError(E_LOCKFILE, f"{what} failed with {status}: {shown_as}" + (f": {last}" if last else ""),
                        details={"command": command, "working_dir": str(workdir),
