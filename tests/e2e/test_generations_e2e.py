@@ -156,6 +156,9 @@ REFUSALS = [
      "capsule.toml: targets.app.env.DATABASE_URL: invalid template: unsupported template expression"),
     ("cycle", FLAT + 'needs = ["app"]\n', [], "E002", "capsule.toml: needs: dependency cycle: app -> app"),
     ("wrong-type", FLAT + 'port = "80"\n', [], "E002", 'capsule.toml: port: expected an integer, got string "80"'),
+    ("other-generation", 'schema_version = "0.2"\nname = "a"\nversion = "1.0.0"\ntype = "app"\ndefault_target = "app"\n'
+                         'build = "pnpm build"\n[targets.app]\nruntime = "source"\ndriver = "node"\nentrypoint = "a.js"\n',
+     [], "E002", 'capsule.toml: schema_version "0.2": build is written in the "0.3" form (build: expected a table'),
 ]
 
 
