@@ -175,3 +175,10 @@ def sweep(roots: Iterable[Path], *, recursive: bool = False, dry_run: bool = Fal
             report.removed.append(str(path))
             report.bytes_freed += size
     return report
+
+
+def shown_name(name: str) -> str:
+    """The name a temp entry will be published under (``.NAME.<pid>-<start>.<hex>.ato-tmp`` -> ``NAME``),
+    for messages about it: a person knows the artifact, not this process's temp file. Other names as given."""
+    m = _NAME.match(name)
+    return name[1:m.start(1) - 1] if m else name

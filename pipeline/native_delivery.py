@@ -131,7 +131,7 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort,
     def materialize() -> fetch_stage.FetchResult:
         root = paths.fetches_dir()
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / temp_name("download.capsule")
+        tmp = root / temp_name(f"{ref.slug}-{version}.capsule")  # errors name the artifact
         try:
             with open(tmp, "wb") as fh, reporter.task("Downloading", total=int(dist.get("size_bytes") or 0) or None) \
                     as task:

@@ -78,3 +78,10 @@ def test_a_dry_run_lists_and_removes_nothing(tmp_path: Path) -> None:
     listed = tempfiles.sweep([tmp_path], dry_run=True)
     assert listed.removed == [str(dead)] and listed.bytes_freed == 5 and dead.exists()
     assert tempfiles.sweep([tmp_path]).removed == [str(dead)] and not dead.exists()
+
+
+def test_a_temp_name_is_shown_as_the_name_it_will_be_published_under() -> None:
+    for name in ("acme-1.0.0.capsule", "a.b.c", "x"):
+        assert tempfiles.shown_name(tempfiles.temp_name(name)) == name
+    assert tempfiles.shown_name("plain.capsule") == "plain.capsule"
+    assert tempfiles.shown_name(".hidden.ato-tmp") == ".hidden.ato-tmp"  # not one of ours: as given

@@ -34,6 +34,7 @@ from typing import Any
 import blake3
 
 from cas.digest import blake3_file, label
+from cas.tempfiles import shown_name
 from pipeline.errors import AtoError
 from stages.capsule import distribution
 from stages.capsule.archive import FileSource
@@ -94,7 +95,7 @@ class Verdict:
 
 
 def _label_error(verdict: Verdict, exc: CapsuleError) -> AtoError:
-    where = verdict.path.name if verdict.path is not None else "the artifact"
+    where = shown_name(verdict.path.name) if verdict.path is not None else "the artifact"
     err = CapsuleError(exc.check, f"{where}: {exc.check} check failed: {exc.message}", code=exc.code,
                        reason=exc.reason, hint=exc.hint,
                        **{k: v for k, v in exc.details.items() if k not in ("check", "reason")})

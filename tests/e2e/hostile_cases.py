@@ -166,6 +166,7 @@ def assert_refused(res: Result, code: str, what: str) -> None:
     others = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith("error[")]
     assert len(human) == 1, f"{what}: expected one error line\n{res.stderr}"
     assert human[0].startswith(f"error[{code}]: "), f"{what}: expected {code}\n{res.stderr}"
+    assert ".ato-tmp" not in human[0], f"{what}: the error names a temp file, not the artifact\n{res.stderr}"
     for line in others:
         if line.startswith("{"):
             json.loads(line)
