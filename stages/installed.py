@@ -47,7 +47,7 @@ from cas.digest import blake3_bytes, label
 from cas.filelock import flocked
 from cas.tempfiles import is_temp
 from pipeline import names, paths
-from pipeline.envelope import validate
+from pipeline.envelope import validate, validation_errors
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
 
 RECORD = "install.json"
@@ -82,7 +82,10 @@ def read_record(directory: Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) and doc.get("schema_version") == SCHEMA_VERSION else None
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+        return None
+    # a record that is not what ato writes (edited, truncated) names nothing outside ATO_HOME to remove
+    return None if validation_errors(doc, RECORD_SCHEMA) else doc
 
 
 def write_record(doc: dict[str, Any], *, launchers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -554,6 +557,9 @@ def plan_entry(plan: Plan, entry: Entry, ctx: Context, remaining: list[Entry]) -
     record = entry.record or {}
     siblings = [e for e in (*remaining, entry) if e.scoped_id == entry.scoped_id]
     for launcher in record.get("launchers") or []:
+        if launcher.get("kind") == "bin" and Path(launcher["path"]).parent != paths.user_bin_dir().absolute():
+            plan.keep("launcher", launcher["path"], "not in ~/.local/bin, where ato puts commands", entry)
+            continue
         if recorded_hashes(launcher["path"], [e for e in remaining if e.scoped_id == entry.scoped_id]):
             plan.keep("launcher", launcher["path"], "the command of a version that stays installed", entry)
             continue

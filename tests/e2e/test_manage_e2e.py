@@ -471,3 +471,36 @@ def test_management_refusals_are_one_line_e100(ato, consumer, args, message):
     human = ato(args, env=consumer)
     assert human.code == 1 and "Traceback" not in human.stderr and message in human.stderr
     assert not (Path(consumer["ATO_HOME"]) / "store").exists()
+
+
+@needs_node
+def test_uninstall_never_removes_a_file_an_edited_record_points_at(ato, tmp_path, registry, consumer):
+    """install.json lives in ATO_HOME; if something rewrites it to name a file of the user's (with that
+    file's true digest), uninstall keeps the file: ato removes commands only from ~/.local/bin. A record
+    that is not ato's shape names nothing outside ATO_HOME at all."""
+    import blake3
+
+    project = tool_project(ato, tmp_path / "greet")
+    publish_version(ato, project, "1.0.0", registry)
+    home = Path(consumer["HOME"])
+    precious = home / ".bashrc"
+    precious.write_text("export KEEP=1\n")
+    record_path = store(consumer) / "local/greet/1.0.0/install.json"
+
+    for tamper in ("path", "shape"):
+        ok(ato(["install", "local/greet", "--registry", registry.url, "--bin", "--allow-unsigned", "--json"],
+               env=consumer))
+        record = json.loads(record_path.read_text())
+        if tamper == "path":
+            record["launchers"][0]["path"] = str(precious)
+            record["launchers"][0]["blake3"] = "blake3:" + blake3.blake3(precious.read_bytes()).hexdigest()
+        else:
+            record["launchers"][0]["path"] = str(precious)
+            record["launchers"][0]["unexpected"] = True
+        record_path.write_text(json.dumps(record))
+        doc = ok(ato(["uninstall", "local/greet", "--json"], env=consumer))
+        assert_schema(doc, "uninstall")
+        assert precious.read_text() == "export KEEP=1\n", tamper
+        assert str(precious) not in {i["path"] for i in doc["removed"]}
+        assert not (store(consumer) / "local").exists()
+        (home / ".local" / "bin" / "greet").unlink()  # the shim no record names now: the user's to remove
