@@ -24,7 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,13 +207,15 @@ def _generate(driver: str, manifest: Manifest, notify: Callable[[str], None]) ->
     return str(written.relative_to(base))
 
 
-def lock_project(manifest: Manifest, *, check: bool = False,
+def lock_project(manifest: Manifest, *, check: bool = False, run_drivers: Iterable[str] = (),
                  notify: Callable[[str], None] = lambda _m: None) -> LockResult:
-    """Make the language lockfiles and capsule.lock exist and be current (or, with ``check``, prove they are)."""
+    """Make the language lockfiles and capsule.lock exist and be current (or, with ``check``, prove they are).
+    ``run_drivers``: the drivers the runtime router picks for this manifest's routes (a 1.x ``[execution]``
+    names none: ``node main.js`` is node), whose lockfiles ``ato run`` will ask for too."""
     project = manifest.project_dir
     generated: list[str] = []
     missing = []
-    for driver in _drivers(manifest):
+    for driver in sorted(set(_drivers(manifest)) | {d for d in run_drivers if d in DEPENDENCY_LOCKS}):
         if find_lockfile(project, DEPENDENCY_LOCKS[driver]) is not None:
             continue
         if check:

@@ -15,7 +15,23 @@ def _lock(project: Path, check: bool):
     from pipeline.manifest import load_manifest
     from stages.project_lock import lock_project
 
-    return lock_project(load_manifest(project), check=check, notify=info)
+    manifest = load_manifest(project)
+    return lock_project(manifest, check=check, run_drivers=_run_drivers(manifest), notify=info)
+
+
+def _run_drivers(manifest) -> list[str]:
+    """The driver of every route `ato run` can take, as the runtime router decides it (so the lock asks for
+    exactly the lockfiles the run will)."""
+    from pipeline.errors import AtoError
+    from pipeline.runtime.router import route
+
+    out = set()
+    for label in [None, *manifest.all_targets()]:
+        try:
+            out.add(route(manifest, label).driver)
+        except AtoError:
+            continue  # a route this host cannot take (another platform's tool) needs no lock here
+    return sorted(d for d in out if d)
 
 
 def _lock_line(doc: dict, subject: str = "capsule.lock") -> str:

@@ -306,3 +306,32 @@ def test_lock_is_deterministic_refreshes_only_on_change_and_check_fails_when_sta
     res = ato(["lock", str(a), "--check"])
     assert res.code == 1 and "ATO_ERR_PROVISIONING_LOCK_INCOMPLETE" in res.stderr
     assert not (a / "capsule.lock").exists()
+
+
+def readme_minimal_forms() -> list[tuple[str, str]]:
+    """The ```toml blocks of the README's "Writing capsule.toml" section: (schema_version, text)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Writing capsule.toml", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```toml\n")[1:]]
+    return [(tomllib.loads(b)["schema_version"], b) for b in blocks]
+
+
+def test_the_readme_shows_a_minimal_form_of_every_generation():
+    assert sorted(v for v, _ in readme_minimal_forms()) == ["0.2", "0.3", "1", "1.1"]
+
+
+@needs_node
+@pytest.mark.parametrize(("version", "text"), readme_minimal_forms(), ids=lambda x: x if len(x) < 8 else "")
+def test_each_minimal_form_in_the_readme_locks_builds_and_runs_as_written(tmp_path, ato, version, text):
+    """Copied from the README as is: `ato lock` writes the lockfiles, then it builds and runs."""
+    project = write(tmp_path / f"gen-{version}", {
+        "capsule.toml": text, "main.js": "console.log('minimal form', process.argv.slice(2).join(' '));\n",
+        "package.json": json.dumps({"name": "hello", "version": "0.1.0"}),
+    })
+    res = ato(["lock", str(project), "--json"], env=OFFLINE)
+    assert res.code == 0, res.stderr
+    assert_schema(res.json(), "lock")
+    build(ato, project)
+    res = ato(["run", str(project), "-y", "--", version])
+    assert res.code == 0, res.stderr
+    assert res.stdout == f"minimal form {version}\n"
