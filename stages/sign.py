@@ -41,7 +41,9 @@ def sign_artifact(path: Path, key: SigningKey, *, out: Path | None = None, epoch
     verdict = verify(path, NO_CEILING)
     if verdict.error is not None or verdict.capsule is None:
         err = verdict.error
-        raise AtoError(E_INTEGRITY, f"refusing to sign a broken artifact: {err.message if err else path}",
+        # the verifier's own code (E208, E213 truncated, E108 a name no filesystem holds), as every entry point gives
+        raise AtoError(err.code if err else E_INTEGRITY,
+                       f"refusing to sign a broken artifact: {err.message if err else path}",
                        details=err.details if err else {}, hint="rebuild it first")
     capsule = verdict.capsule
     layout = capsule.layout

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.hostile_cases import CASES, MAX_RSS, check_local_refusal, run_ato
+from tests.e2e.hostile_cases import CASES, MAX_RSS, TRUST_ONLY, assert_refused, check_local_refusal, run_ato
+from tests.hostile_support import tree_snapshot
 
 
 @pytest.mark.parametrize("point", ["verify", "fetch"])
@@ -49,3 +50,34 @@ def test_the_ceiling_can_be_raised_in_config(hostile_artifacts: dict[str, Path])
     assert res.code == 0, res.stderr
     res, _ = run_ato(["verify", art, "--allow-unsigned"], env={"ATO_MAX_PAYLOAD_BYTES": "many"})
     assert res.code == 1 and "payload.max_bytes" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    key = tmp_path_factory.mktemp("key") / "k.json"
+    assert run_ato(["key", "gen", "--out", str(key)])[0].code == 0
+    return key
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sign_and_inspect_refuse_every_broken_artifact(case: str, hostile_artifacts: dict[str, Path],
+                                                       hostile_sentinel: Path, signing_key: Path,
+                                                       tmp_path: Path) -> None:
+    """`ato sign` and `ato inspect requirements` read an artifact too: the verifier's code, one line,
+    no signed copy. Neither decides trust (signing someone's valid artifact with your own key, or reading
+    its requirements, is not running it), and sign, a producer's act, has no payload ceiling."""
+    art, before = hostile_artifacts[case], tree_snapshot(hostile_sentinel)
+    out = tmp_path / "signed.capsule"
+    signed, rss = run_ato(["sign", str(art), "--key", str(signing_key), "--out", str(out)], cwd=tmp_path)
+    if case in (*TRUST_ONLY, "many-chunk-bomb"):
+        assert signed.code == 0 and out.is_file(), signed.stderr
+    else:
+        assert_refused(signed, CASES[case].code, f"sign of {case}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "sign left a file behind"
+    inspected, rss2 = run_ato(["inspect", "requirements", str(art)], cwd=tmp_path)
+    if case in TRUST_ONLY:
+        assert inspected.code == 0, inspected.stderr
+    else:
+        assert_refused(inspected, CASES[case].code, f"inspect of {case}")
+    assert tree_snapshot(hostile_sentinel) == before
+    assert max(rss, rss2) < MAX_RSS

@@ -223,3 +223,26 @@ def test_human_summary(ato, tmp_path: Path) -> None:
 def test_help_lists_the_command(ato) -> None:
     res = ato(["inspect", "--help"])
     assert res.code == 0 and "requirements" in res.stdout
+
+
+def test_a_built_capsule_gives_its_projects_requirements(ato, tmp_path: Path) -> None:
+    """A .capsule file is inspected from its own capsule.toml once the one verifier accepts it;
+    a changed byte is refused with the verifier's code, in this command's error shape."""
+    src = project(tmp_path / "src", MINIMAL + 'required_env = ["GREETING"]\n')
+    (src / "main.py").write_text("print('tiny')\n")
+    artifact = tmp_path / "tiny.capsule"
+    built = ato(["build", str(src), "--out", str(artifact), "--json"])
+    assert built.code == 0, built.stderr
+    from_dir = ato(["inspect", "requirements", str(src), "--json"])
+    res = ato(["inspect", "requirements", "tiny.capsule", "--json"], cwd=tmp_path)
+    assert res.code == 0 and from_dir.code == 0, res.stderr + from_dir.stderr
+    doc = res.json()
+    assert_schema(doc, "inspect-requirements")
+    assert doc["target"] == {"input": "tiny.capsule", "kind": "local", "resolved": {"path": str(artifact.resolve())}}
+    assert doc["requirements"] == from_dir.json()["requirements"]
+    assert [e["key"] for e in doc["requirements"]["env"]] == ["GREETING"]
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(bytes(data))
+    err = failure(ato(["inspect", "requirements", str(artifact), "--json"]))
+    assert err["code"] == "E208" and err["details"]["input"] == str(artifact)
