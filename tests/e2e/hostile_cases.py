@@ -198,9 +198,9 @@ def local_args(case: str, point: str, art: Path, tmp: Path) -> list[str]:
         return ["project", str(app), "--allow-unsigned"]
     if point == "run-file":
         return ["run", str(art), "--allow-unsigned"]
-    assert point == "run-installed"
+    assert point in ("run-installed", "verify-installed")
     plant_installed(paths.store_dir(), art, "evil", name, VERSION)
-    return ["run", f"evil/{name}", "--allow-unsigned"]
+    return [point.split("-")[0], f"evil/{name}", "--allow-unsigned"]
 
 
 def check_local_refusal(case: str, point: str, art: Path, sentinel: Path, tmp: Path) -> None:
