@@ -23,7 +23,15 @@ from cas.atomic import atomic_writer
 from cas.digest import label
 from pipeline import names, paths
 from pipeline.envelope import validate
-from pipeline.errors import E_MANIFEST_MISSING, E_NETWORK, E_USAGE, AtoError, http_error, network_error
+from pipeline.errors import (
+    E_MANIFEST_MISSING,
+    E_NETWORK,
+    E_PAYLOAD_TOO_LARGE,
+    E_USAGE,
+    AtoError,
+    http_error,
+    network_error,
+)
 from pipeline.progress import SILENT, Progress
 from stages import installed
 from stages.trust_port import TrustPort
@@ -83,10 +91,22 @@ def download_archive(repo: str, dest: Path, reporter: Progress = SILENT) -> str:
     raise AtoError(E_NETWORK, f"too many redirects downloading {repo}")
 
 
-def extract(archive: Path, into: Path) -> Path:
-    """Safe extraction; returns the single top-level directory (GitHub's ``owner-repo-sha/``) or ``into``."""
+def extract(archive: Path, into: Path, max_bytes: int | None = None) -> Path:
+    """Safe extraction; returns the single top-level directory (GitHub's ``owner-repo-sha/``) or ``into``.
+
+    A small archive can expand to far more (a decompression bomb): the members' sizes are summed in a
+    first streaming pass, and more than ``max_bytes`` (the payload ceiling) is refused (E212) before
+    a byte is written."""
     try:
         with tarfile.open(archive, "r:*") as tf:
+            total = 0
+            for member in tf:  # streams: the gzip is decoded once, nothing is kept but the headers
+                total += member.size if member.isfile() else 0
+                if max_bytes is not None and total > max_bytes:
+                    raise AtoError(E_PAYLOAD_TOO_LARGE,
+                                   f"repository archive expands to more than {max_bytes} bytes (the payload ceiling)",
+                                   hint="pass --force-large-payload, or raise the ceiling: "
+                                        "ato config set payload.max_bytes BYTES")
             tf.extractall(into, filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise AtoError(E_USAGE, f"repository archive is not a valid tarball: {exc}") from None
@@ -109,7 +129,7 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
         progress(f"Downloading {repo} from {github_api()}")
         download_archive(repo, archive, reporter)
         archive_size = archive.stat().st_size
-        root = extract(archive, Path(tmp) / "src")
+        root = extract(archive, Path(tmp) / "src", trust.limits.max_payload if trust is not None else None)
         if not (root / "capsule.toml").is_file():
             raise AtoError(E_MANIFEST_MISSING, f"repository {repo} has no capsule.toml at its root; "
                            "add one (see `ato inspect requirements`) to install it with ato")

@@ -92,3 +92,43 @@ def test_install_from_gh_repo_builds_and_installs(ato, github, isolated_home: Pa
     assert res.code == 1 and "cannot be combined" in res.stderr
     res = ato(["install", "--from-gh-repo", "acme/hello"], env={"ATO_GITHUB_API_URL": "http://127.0.0.1:9"})
     assert res.code == 3 and "cannot download" in res.stderr
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_a_repository_archive_that_expands_past_the_ceiling_is_refused_before_extraction(
+        ato, github, isolated_home: Path) -> None:
+    """A gzip bomb (64 MiB of zeros in a few hundred KB) against a 16 MiB ceiling: E212, exit 1, one
+    line naming the ceiling and how to raise it; nothing is built or stored."""
+    base, archives = github
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        manifest = MANIFEST.format(name="bomb", version="0.1.0", description="x").encode()
+        info = tarfile.TarInfo("acme-bomb-0123abc/capsule.toml")
+        info.size = len(manifest)
+        tf.addfile(info, io.BytesIO(manifest))
+        info = tarfile.TarInfo("acme-bomb-0123abc/zeros.bin")
+        info.size = 64 << 20
+        tf.addfile(info, _Zeros(info.size))
+    archives["acme/bomb"] = buf.getvalue()
+    assert len(archives["acme/bomb"]) < 1 << 20
+    res = ato(["install", "--from-gh-repo", "acme/bomb"],
+              env={"ATO_GITHUB_API_URL": base, "ATO_MAX_PAYLOAD_BYTES": str(16 << 20)})
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error")]
+    assert res.code == 1 and len(errors) == 1, res.stderr
+    assert errors[0].startswith("error[E212]: repository archive expands to more than 16777216 bytes"), res.stderr
+    assert "payload.max_bytes" in res.stderr and "Traceback" not in res.stderr
+    store = isolated_home / ".ato" / "store"
+    assert not store.exists() or not list(store.rglob("*.capsule"))
