@@ -130,6 +130,45 @@ def test_workspace_packages_become_targets_and_libraries_build_steps() -> None:
                                                             "packages.lib")]
 
 
+OCI_WORKSPACE = """\
+schema_version = "0.3"
+name = "oci-pair"
+version = "0.1.0"
+type = "app"
+
+[packages.web]
+type = "app"
+runtime = "source/node"
+run = "node server.js"
+port = 18080
+
+[packages.cache]
+type = "app"
+runtime = "oci"
+image = "docker.io/library/busybox:1.36"
+cmd = ["sh", "-c", "echo cache-ok && sleep 3600"]
+
+[services.main]
+target = "web"
+depends_on = ["cache"]
+
+[services.cache]
+target = "cache"
+"""
+
+
+def test_an_oci_package_may_give_its_container_command_as_a_cmd_array() -> None:
+    m = parse(OCI_WORKSPACE)
+    assert m.targets["cache"].runtime == "oci"
+    assert m.normalized()["targets"]["cache"]["cmd"] == ["sh", "-c", "echo cache-ok && sleep 3600"]
+    assert parse_manifest(tomli_w.dumps(m.normalized()), PATH).normalized() == m.normalized()
+    err = error(OCI_WORKSPACE.replace('image = "docker.io/library/busybox:1.36"',
+                                      'image = "docker.io/library/busybox:1.36"\nrun = ["sh", "-c", "x"]'))
+    assert err.message == "capsule.toml: packages.cache.cmd: give the command once: run (an argv array) or cmd, not both"
+    err = error(OCI_WORKSPACE.replace('run = "node server.js"', 'cmd = ["node", "server.js"]'))
+    assert err.message.startswith('capsule.toml: packages.web.cmd: "cmd" is the 0.2 spelling')
+
+
 def test_services_and_state_read_as_in_02() -> None:
     m = fixture("services-named")
     assert set(m.services) == {"main", "api"} and m.services["main"].depends_on == ("api",)

@@ -165,8 +165,12 @@ def _target(table: dict[str, Any], at: Parts, sources: dict[str, Parts], file: s
     for key, where in sources.items():
         origins.add(at + (key,), where)
     out = copy.deepcopy(table)
+    oci = out.get("runtime") == "oci"
     for key in _LEGACY:
         value = out.pop(key, None)
+        if key == "cmd" and oci and isinstance(value, list) and value:
+            out["cmd"] = value  # as upstream now reads it: an OCI target may give its container command as argv
+            continue
         if value not in (None, "", []):
             raise fail(file, src(key), f'"{key}" is the 0.2 spelling; with schema_version "0.3" use run '
                                        '(a command line string, or an argv array)')
@@ -191,6 +195,8 @@ def _target(table: dict[str, Any], at: Parts, sources: dict[str, Parts], file: s
         if isinstance(run, list):
             out["entrypoint"] = run[0]
             if run[1:]:
+                if "cmd" in out:
+                    raise fail(file, src("cmd"), "give the command once: run (an argv array) or cmd, not both")
                 out["cmd"] = list(run[1:])
         elif out.get("runtime") == "web" and out.get("driver") == "static" and flat:
             out["entrypoint"] = _static_dir(run)
