@@ -13,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import tarfile
+import time
 import tomllib
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -55,9 +57,18 @@ def missing(needs: tuple[str, ...]) -> list[str]:
     return [n for n in needs if not have(n)]
 
 
-def http_get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback only
-        return resp.read().decode()
+def http_get(url: str, deadline: float = 60.0) -> str:
+    """The body at ``url``, waiting for the server to listen: a target without a readiness probe is
+    "ready" as soon as it is spawned (README), which may be before it listens."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback only
+                return resp.read().decode()
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError) or time.monotonic() > end:
+                raise
+            time.sleep(0.1)
 
 
 def artifact_manifest(path: Path) -> dict:
