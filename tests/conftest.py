@@ -135,3 +135,14 @@ def hostile_artifacts(tmp_path_factory: pytest.TempPathFactory, hostile_sentinel
     from tests.e2e.hostile_cases import build_all
 
     return build_all(tmp_path_factory.mktemp("hostile"), hostile_sentinel)
+
+
+@pytest.fixture(scope="module")
+def hostile_registry(tmp_path_factory: pytest.TempPathFactory):
+    """An empty real `ato registry serve` that the hostile uploads of one test module go to."""
+    from tests.e2e.registry_support import Registry
+
+    root = tmp_path_factory.mktemp("registry")
+    reg = Registry(root / "data", home=root / "home")
+    yield reg
+    reg.stop()

@@ -224,3 +224,11 @@ def check_local_refusal(case: str, point: str, art: Path, sentinel: Path, tmp: P
     if case in BOMBS:
         assert rss < MAX_RSS, f"{point} of {case}: peak RSS {rss / 1e6:.0f} MB"
         assert du(paths.ato_home()) < 8 << 20, f"{point} of {case} wrote {du(paths.ato_home())} bytes"
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident set of a running process (bytes), from /proc: how a registry's bombs are measured."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")

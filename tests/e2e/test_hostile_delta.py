@@ -19,26 +19,12 @@ import httpx
 import pytest
 
 from stages.capsule.payload import read_frame
-from tests.e2e.hostile_cases import BOMBS, CASES, MAX_RSS, TRUST_ONLY, VERSION, slug
+from tests.e2e.hostile_cases import BOMBS, CASES, MAX_RSS, TRUST_ONLY, VERSION, slug, vm_hwm
 from tests.e2e.registry_support import TOKEN, Registry, snapshot
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("registry")
-    reg = Registry(root / "data", home=root / "home")
-    yield reg
-    reg.stop()
-
-
-def _vm_hwm(pid: int) -> int:
-    """Peak resident set of a running process (bytes), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def _state(reg: Registry, before: dict | None = None) -> dict:
@@ -76,17 +62,17 @@ def _frames(payload: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("case", sorted(set(CASES) - set(TRUST_ONLY)))
 def test_the_chunk_protocol_refuses_what_a_whole_upload_refuses(case: str, hostile_artifacts: dict[str, Path],
-                                                                registry: Registry) -> None:
+                                                                hostile_registry: Registry) -> None:
     data = hostile_artifacts[case].read_bytes()
     members = _members(data)
     p_off, p_size = members["payload.tar.zst"]
     m_off, m_size = members["payload.v3.manifest.json"]
     chunks = json.loads(data[m_off:m_off + m_size])["chunks"]
-    before = _state(registry)
+    before = _state(hostile_registry)
     session = secrets.token_hex(16)
 
-    staged = httpx.post(f"{registry.url}/v1/sync/chunks", params={"session": session}, headers=AUTH, timeout=300,
-                        content=b"".join(_frames(data[p_off:p_off + p_size])))
+    staged = httpx.post(f"{hostile_registry.url}/v1/sync/chunks", params={"session": session}, headers=AUTH,
+                        timeout=300, content=b"".join(_frames(data[p_off:p_off + p_size])))
     if case == "single-chunk-bomb":  # a frame that declares more than one chunk: refused while staging
         assert staged.status_code == 422 and staged.json()["error"] == "chunk_validation_failed", staged.text
     else:
@@ -98,18 +84,18 @@ def test_the_chunk_protocol_refuses_what_a_whole_upload_refuses(case: str, hosti
                   "prefix": base64.b64encode(data[:p_off]).decode(),
                   "suffix": base64.b64encode(data[p_off + p_size:]).decode(),
                   "chunks": [{"raw_hash": c["raw_hash"], "raw_size": c["raw_size"]} for c in chunks]}
-        r = httpx.post(f"{registry.url}/v1/sync/commit", params={"session": session}, json=commit, headers=AUTH,
+        r = httpx.post(f"{hostile_registry.url}/v1/sync/commit", params={"session": session}, json=commit, headers=AUTH,
                        timeout=300)
         # the same answer as PUT of the whole artifact (test_hostile_publish.py)
         assert r.status_code == (413 if CASES[case].code == "E212" else 422), r.text
         assert r.json()["error"] in ("invalid_artifact", "unsafe_payload", "payload_too_large")
-    assert _state(registry, before) == before
-    assert registry.get(f"/v1/capsules/by/local/{slug(case)}").status_code == 404
+    assert _state(hostile_registry, before) == before
+    assert hostile_registry.get(f"/v1/capsules/by/local/{slug(case)}").status_code == 404
     if case in BOMBS:
-        assert _vm_hwm(registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
+        assert vm_hwm(hostile_registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
 
 
-def test_a_bomb_frame_put_on_its_own_is_refused(hostile_artifacts: dict[str, Path], registry: Registry) -> None:
+def test_a_bomb_frame_put_on_its_own_is_refused(hostile_artifacts: dict[str, Path], hostile_registry: Registry) -> None:
     """``PUT /v1/chunks/{hash}`` with the single-chunk bomb's frame: whether the uploader claims its true
     size or a small one, the frame is refused before it is decoded past one chunk, and nothing is stored."""
     data = hostile_artifacts["single-chunk-bomb"].read_bytes()
@@ -118,11 +104,11 @@ def test_a_bomb_frame_put_on_its_own_is_refused(hostile_artifacts: dict[str, Pat
     m_off, m_size = members["payload.v3.manifest.json"]
     (chunk,) = json.loads(data[m_off:m_off + m_size])["chunks"]
     (frame,) = _frames(data[p_off:p_off + p_size])
-    before = _state(registry)
+    before = _state(hostile_registry)
     for claimed in (chunk["raw_size"], 4096):
         for params in ({}, {"session": secrets.token_hex(16)}):
-            r = httpx.put(f"{registry.url}/v1/chunks/{chunk['raw_hash']}", params=params, content=frame,
+            r = httpx.put(f"{hostile_registry.url}/v1/chunks/{chunk['raw_hash']}", params=params, content=frame,
                           headers={**AUTH, "x-raw-size": str(claimed)}, timeout=120)
             assert r.status_code == 422 and r.json()["error"] == "chunk_validation_failed", r.text
-    assert _state(registry, before) == before
-    assert _vm_hwm(registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
+    assert _state(hostile_registry, before) == before
+    assert vm_hwm(hostile_registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"

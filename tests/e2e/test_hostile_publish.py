@@ -13,47 +13,44 @@ import blake3
 import httpx
 import pytest
 
-from tests.e2e.hostile_cases import BOMBS, CASES, MAX_RSS, TRUST_ONLY, VERSION, assert_refused, run_ato, slug
+from tests.e2e.hostile_cases import (
+    BOMBS,
+    CASES,
+    MAX_RSS,
+    TRUST_ONLY,
+    VERSION,
+    assert_refused,
+    run_ato,
+    slug,
+    vm_hwm,
+)
 from tests.e2e.registry_support import TOKEN, Registry, settle, snapshot
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("registry")
-    reg = Registry(root / "data", home=root / "home")
-    yield reg
-    reg.stop()
-
-
-def _vm_hwm(pid: int) -> int:
-    """Peak resident set of a running process (bytes), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_publish_refuses_before_uploading_and_the_registry_refuses_the_bytes(
-        case: str, hostile_artifacts: dict[str, Path], registry: Registry) -> None:
+        case: str, hostile_artifacts: dict[str, Path], hostile_registry: Registry) -> None:
     art = hostile_artifacts[case]
-    before = snapshot(registry.data_dir)
-    res, rss = run_ato(["publish", "--artifact", str(art), "--registry", registry.url], env={"ATO_TOKEN": TOKEN})
+    before = snapshot(hostile_registry.data_dir)
+    res, rss = run_ato(["publish", "--artifact", str(art), "--registry", hostile_registry.url],
+                       env={"ATO_TOKEN": TOKEN})
     if case in TRUST_ONLY:  # a registry stores any signer's artifact: trust is each consumer's decision
         assert res.code == 0, res.stderr
         return
     assert_refused(res, CASES[case].code, f"publish of {case}")
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(hostile_registry.data_dir) == before
     data = art.read_bytes()
-    r = httpx.put(f"{registry.url}/v1/local/capsules/local/{slug(case)}/{VERSION}",
+    r = httpx.put(f"{hostile_registry.url}/v1/local/capsules/local/{slug(case)}/{VERSION}",
                   params={"file_name": art.name}, content=data, timeout=120,
                   headers={**AUTH, "x-ato-sha256": "sha256:" + hashlib.sha256(data).hexdigest(),
                            "x-ato-blake3": "blake3:" + blake3.blake3(data).hexdigest()})
     assert r.status_code == (413 if CASES[case].code == "E212" else 422), r.text
     assert r.json()["error"] in ("invalid_artifact", "unsafe_payload", "payload_too_large")
-    assert settle(registry.data_dir, before) == before
+    assert settle(hostile_registry.data_dir, before) == before
     if case in BOMBS:
         assert rss < MAX_RSS, f"publish of {case}: peak RSS {rss / 1e6:.0f} MB"
-        assert _vm_hwm(registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
+        assert vm_hwm(hostile_registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
