@@ -108,6 +108,8 @@ class Options:
     # to Deno, mounted into a container at the same path
     inject_env: dict[str, str] = field(default_factory=dict)
     inject_paths: list[str] = field(default_factory=list)
+    # [dependencies.<alias>] this run starts first: the consumer reaches them on 127.0.0.1 (host:port each)
+    dependencies: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Planner:
 
     def network_mode(self) -> str:
         egress = [h for h in self.m.network.get("egress_allow") or [] if str(h).strip()]
-        return "host" if egress or self.listens() else "none"
+        return "host" if egress or self.listens() or self.opts.dependencies else "none"
 
     def host_env(self, extra: dict[str, str]) -> dict[str, str]:
         return {**os.environ, **self.target_env(), **extra}
@@ -530,7 +532,8 @@ class Planner:
             injected = list(self.opts.inject_paths)
             grants = deno.Grants(read=[str(self.project), str(deno.cache_dir()), self.scratch, *writable, *injected],
                                  write=[self.scratch, *writable, *injected],
-                                 net=[*deno.listen_hosts(listen), *self.egress()],
+                                 net=[*deno.listen_hosts(listen), *self.egress(),
+                                      *self.opts.dependencies.values()],
                                  everything=self.opts.dangerous)  # -U: the user bypassed every barrier
             for unit in units:
                 unit.argv = deno.materialize(unit.argv, unit.env, grants)
@@ -560,7 +563,10 @@ class Planner:
         if egress:
             perms["network"] = egress
         if self.sandboxed and network == "host" and not egress:
-            perms["network"] = ["host network (the capsule listens on a port)"]
+            perms["network"] = ["host network (the capsule reaches its dependencies)" if not self.listens()
+                                 else "host network (the capsule listens on a port)"]
+        if self.opts.dependencies:  # aliases only: their ports change from run to run, the consent must not
+            perms["dependencies"] = sorted(self.opts.dependencies)
         port = self.port()
         if port is not None or self.route.runtime == "web":
             perms["listen"] = [f"127.0.0.1:{port}" if port else "an ephemeral port"]

@@ -8,6 +8,7 @@ engine, the container engine, consent. :func:`run_foreground` and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -81,7 +82,36 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     for warning in manifest.warning_lines():
         notify(f"warning: {warning}")
     rt = route(manifest, req.target or resolved.selected_target)
-    unmet = unmet_at_run(rt.target, manifest.dependencies)
+    req.run_id = req.run_id or table.new_id()
+    provided: list[Any] = []
+    if manifest.dependencies:  # [dependencies.<alias>]: providers planned (each under its own policy) first
+        from pipeline.runtime import dependencies
+
+        def plan_provider(res: Resolved, prt: Route, inject: dict[str, str], reach: list[str]) -> tuple[Any, str]:
+            return _plan_provider(req, res, prt, inject, reach, notify=notify, prompt=prompt)
+
+        provided = dependencies.plan(
+            manifest, rt.target, run_id=req.run_id, plan_provider=plan_provider,
+            resolve_provider=lambda ref: resolve(ref, registry=req.registry, confirm_install=confirm_install))
+        rt = dataclasses.replace(rt, target=dependencies.consumer_target(rt.target, provided))
+    try:
+        prep = _prepare_consumer(req, resolved, rt, provided, notify=notify, prompt=prompt, wire=wire)
+    except BaseException:
+        if provided:
+            from pipeline.runtime import dependencies
+
+            dependencies.discard(req.run_id)
+        raise
+    return prep
+
+
+def _prepare_consumer(req: Request, resolved: Resolved, rt: Route, provided: list[Any], *,
+                      notify: Callable[[str], None], prompt: Callable[[Any], bool] | None,
+                      wire: Callable[[Resolved], Wiring] | None) -> Prepared:
+    manifest = resolved.manifest
+    deps = manifest.dependencies
+    unmet = unmet_at_run(dataclasses.replace(rt.target, needs=tuple(n for n in rt.target.needs if n not in deps)),
+                         {} if provided else deps)
     if unmet:
         raise policy.fail("ATO_ERR_RUNTIME_NOT_RESOLVED", unmet, target=rt.label)
     overrides = resolved.overrides(rt.label)
@@ -100,7 +130,8 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     # 3. runtimes and engines
     drivers.check_runtime_available(rt)
     opts = drivers.Options(args=list(req.args), dangerous=dangerous, engine_flag=req.nacelle,
-                           background=req.background)
+                           background=req.background,
+                           dependencies={p.alias: f"127.0.0.1:{p.launch.port}" for p in provided})
     planner = drivers.Planner(manifest, rt, overrides, opts)
     engine = None
     if rt.tier == 2 and not dangerous:
@@ -121,6 +152,17 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
         opts.inject_env, opts.inject_paths = dict(wiring.env), list(wiring.paths)
         launch = planner.build()
     # 5. provisioning (outside the sandbox), then wrap Tier 2 units for the engine
+    launch = _provision_and_wrap(planner, launch, manifest, rt, locks, engine)
+    if provided:
+        from pipeline.runtime import dependencies
+
+        launch = dependencies.merge(launch, provided, rt.target.needs, req.run_id or "")
+    return Prepared(req, resolved, rt, launch, how)
+
+
+def _provision_and_wrap(planner: drivers.Planner, launch: drivers.Launch, manifest: Any, rt: Route,
+                        locks: dict[str, Path], engine: Any) -> drivers.Launch:
+    """Provisioning outside the sandbox (a Python target's environment), then Tier 2 units wrapped for the engine."""
     if rt.driver == "python" and rt.runtime in ("source", "web"):
         from pipeline.runtime.provision import python_environment
 
@@ -136,7 +178,32 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
         readable = []
     if engine is not None:
         drivers.sandbox_wrap(launch, manifest, engine.path, readable)
-    return Prepared(req, resolved, rt, launch, how)
+    return launch
+
+
+def _plan_provider(req: Request, resolved: Resolved, rt: Route, inject: dict[str, str], reach: list[str], *,
+                   notify: Callable[[str], None], prompt: Callable[[Any], bool] | None) -> tuple[drivers.Launch, str]:
+    """A dependency provider's units, planned like a run of its own: its checks, its consent, its sandbox.
+
+    ``inject``: variables ato sets (its state directory); ``reach``: host dirs it may use (state, credentials).
+    It never inherits the consumer's ``-U``: a provider runs sandboxed (or not at all).
+    """
+    manifest = resolved.manifest
+    for warning in manifest.warning_lines():
+        notify(f"warning: {manifest.name}: {warning}")
+    overrides = resolved.overrides(rt.label)
+    policy.check_required_env(rt, [{**rt.target.env, **overrides.env}, dict(os.environ)])
+    locks = policy.check_lockfiles(rt, manifest.project_dir)
+    drivers.check_runtime_available(rt)
+    opts = drivers.Options(engine_flag=req.nacelle, background=req.background, inject_env=dict(inject),
+                           inject_paths=list(reach))
+    planner = drivers.Planner(manifest, rt, overrides, opts)
+    engine = engines.discover(req.nacelle, manifest.raw, manifest.project_dir) if rt.tier == 2 else None
+    launch = planner.build()
+    plan = policy.Plan(capsule=resolved.scoped_id or manifest.name, version=manifest.version, target=rt.label,
+                       runtime=rt.runtime, driver=rt.driver, tier=rt.tier, permissions=launch.permissions)
+    how = policy.ensure_consent(plan, yes=req.yes, prompt=prompt)
+    return _provision_and_wrap(planner, launch, manifest, rt, locks, engine), how
 
 
 def _port_free(port: int) -> bool:
