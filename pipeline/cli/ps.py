@@ -46,6 +46,9 @@ def ps_cmd(show_all: bool, prune: bool) -> None:
             lines.append(f"{d['id']:<18} {str(d['name'])[:20]:<20} {str(d['pid'] or '-'):>8} "
                          f"{_status(d['status'], fancy)} {exit_code:>5} {str(d['runtime'])[:16]:<16} "
                          f"{d['uptime']}")
+            for dep in d.get("dependencies") or []:  # its [dependencies.<alias>] providers, units of this run
+                lines.append(f"  └ {dep['alias']}: {dep['provider']}@{dep['version'] or '-'} ({dep['contract']}) "
+                             f"pid {dep['pid'] or '-'} {dep['status']}")
         lines.append(f"Total: {len(docs)} capsule(s)")
     ipc = _ipc_services()
     if ipc["services"]:

@@ -343,6 +343,9 @@ def merge(consumer: Launch, provided: list[Provided], needs: tuple[str, ...], ru
     for u in consumer.units:
         u.depends_on = list(dict.fromkeys([*u.depends_on, *wanted]))
     consumer.units = units + consumer.units
+    consumer.dependencies = [{"alias": p.alias, "provider": p.resolved.scoped_id or p.resolved.manifest.name,
+                              "version": p.resolved.manifest.version, "contract": p.contract.id, "unit": p.alias}
+                             for p in provided]
     consumer.prefix = True
     consumer.scratch_dirs.append(str(secrets_dir(run_id)))  # the supervisor removes it when the run ends
     return consumer

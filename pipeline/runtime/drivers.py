@@ -131,6 +131,7 @@ class Launch:
     make_dirs: list[str] = field(default_factory=list)  # created by the supervisor before the first unit
     scratch_dirs: list[str] = field(default_factory=list)  # created 0700 for the run, removed after it
     inject_paths: list[str] = field(default_factory=list)  # injected dirs the units may reach (see Options)
+    dependencies: list[dict[str, Any]] = field(default_factory=list)  # providers in this run (for ato ps)
 
 
 class Planner:

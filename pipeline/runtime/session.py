@@ -313,6 +313,7 @@ def run_background(prep: Prepared) -> dict[str, Any]:
         "manifest_path": str(manifest.path), "project_dir": str(manifest.project_dir), "log_path": str(log_path),
         "port": launch.port, "url": launch.url, "started_at": table.now(), "ready_at": None, "ended_at": None,
         "exit_code": None, "last_event": "spawned", "last_error": None, "services": [], "cgroup": None,
+        "dependencies": launch.dependencies,
     }
     table.write(record)
     _write_plan(run_id, launch)
@@ -356,6 +357,12 @@ def public_record(record: dict[str, Any]) -> dict[str, Any]:
     out = {k: record.get(k) for k in keys}
     out["uptime"] = table.uptime(record)
     out["services"] = list(record.get("services") or [])
+    units = {s.get("name"): s for s in out["services"]}
+    # [dependencies.<alias>]: each provider is a unit of this run (named after its alias), with its state
+    out["dependencies"] = [{k: d.get(k) for k in ("alias", "provider", "version", "contract")} |
+                           {"pid": (units.get(d.get("unit")) or {}).get("pid"),
+                            "status": (units.get(d.get("unit")) or {}).get("status") or "pending"}
+                           for d in record.get("dependencies") or []]
     return out
 
 

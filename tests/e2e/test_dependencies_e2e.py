@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_schema
 from tests.e2e.registry_support import TOKEN, Registry
 from tests.e2e.test_run_e2e import Proc, register_engine, write
 from tests.e2e.test_run_teardown import assert_all_gone, descendants
@@ -35,6 +36,8 @@ ap.add_argument("--password-file", required=True)
 ap.add_argument("--db", required=True)
 a = ap.parse_args()
 password = open(a.password_file).read()
+if a.db == "crash":
+    sys.exit(3)  # a provider that dies before it is ready
 # a helper process of the provider's own, so teardown must stop more than the unit it started
 helper = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
 print(f"kv serving db={a.db} helper={helper.pid}", flush=True)
@@ -89,7 +92,7 @@ runtime_exports = { KV_URL = { value = "kv://app:{{credentials.password}}@{{host
     })
 
 
-def consumer(root: Path) -> Path:
+def consumer(root: Path, database: str = "reports") -> Path:
     return write(root, {
         "capsule.toml": """\
 schema_version = "0.3"
@@ -102,7 +105,7 @@ required_env = ["KV_PASS"]
 [dependencies.db]
 capsule = "capsule://ato/acme/kv@1.0.0"
 contract = "service@1"
-parameters = { database = "reports" }
+parameters = { database = "DATABASE" }
 credentials = { password = "{{env.KV_PASS}}" }
 
 [targets.app]
@@ -111,7 +114,7 @@ driver = "native"
 run = "python3 app.py"
 needs = ["db"]
 env = { KV_URL = "{{deps.db.runtime_exports.KV_URL}}", KV_HOST = "{{deps.db.runtime_exports.KV_HOST}}", KV_PORT = "{{deps.db.runtime_exports.KV_PORT}}", GREETING = "hello {{env.WHO}}" }
-""",
+""".replace("DATABASE", database),
         "app.py": APP_PY,
     })
 
@@ -165,3 +168,54 @@ def test_a_missing_credential_stops_before_anything_starts(ato, tmp_path: Path, 
     app = consumer(tmp_path / "report")
     res = ato(["run", str(app), "--yes", "--registry", published.url], env={"WHO": "x"})
     assert res.code == 1 and "KV_PASS" in res.stderr
+
+
+def test_background_consumer_shows_its_provider_and_close_leaves_nothing(ato, tmp_path: Path, published) -> None:
+    register_engine(ato)
+    app = consumer(tmp_path / "report")
+    env = {"KV_PASS": PASSWORD, "WHO": "bo"}
+    res = ato(["run", str(app), "--yes", "--background", "--json", "--registry", published.url], env=env)
+    assert res.code == 0, res.stderr
+    assert PASSWORD not in res.stdout + res.stderr
+    run_id = res.json()["process"]["id"]
+    try:
+        def provider_ready() -> dict | None:
+            doc = ato(["ps", "--json"]).json()
+            assert_schema(doc, "ps")
+            rec = next(r for r in doc["processes"] if r["id"] == run_id)
+            return rec if rec["dependencies"] and rec["dependencies"][0]["status"] == "ready" and rec["pid"] else None
+        rec = wait_until(provider_ready, timeout=120, what="the provider to be ready in ato ps")
+        (dep,) = rec["dependencies"]
+        assert dep["alias"] == "db" and dep["provider"] == "acme/kv" and dep["version"] == "1.0.0"
+        assert dep["contract"] == "service@1" and alive(dep["pid"])
+        human = ato(["ps"])
+        assert "└ db: acme/kv@1.0.0 (service@1)" in human.stdout
+        supervisor = rec["supervisor_pid"]
+        log = Path(rec["log_path"])
+        wait_until(lambda: "WHOAMI db=reports" in log.read_text(errors="replace"), timeout=120,
+                   what="the consumer to reach the provider")
+        tree = {supervisor: "supervisor", **descendants(supervisor)}
+        assert dep["pid"] in tree and rec["pid"] in tree  # one supervisor owns both capsules
+        closed = ato(["close", "--id", run_id])
+        assert closed.code == 0, closed.stderr
+        assert_all_gone(tree, within=60)
+        assert PASSWORD not in log.read_text(errors="replace")
+        assert not (Path(os.environ["ATO_HOME"]) / "run" / "secrets" / run_id).exists()
+    finally:
+        ato(["close", "--all"])
+
+
+def test_a_provider_that_dies_before_ready_fails_the_run_and_the_consumer_never_starts(
+        ato, tmp_path: Path, published) -> None:
+    register_engine(ato)
+    app = consumer(tmp_path / "report", database="crash")
+    p = Proc(["run", str(app), "--yes", "--registry", published.url], env={"KV_PASS": PASSWORD, "WHO": "cy"})
+    try:
+        code = p.wait(timeout=180)
+        assert code != 0
+        err = "\n".join(p.err)
+        assert "db" in err and ("exited" in err or "before" in err), err
+        assert not any("WHOAMI" in line for line in p.out)
+        assert not any(PASSWORD in line for line in p.out + p.err)
+    finally:
+        p.kill()
