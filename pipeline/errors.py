@@ -97,6 +97,7 @@ _ROWS = [
               "E305"),
     ErrorCode("ATO_ERR_PROCESS_STUCK", EXIT_RUNTIME, "a capsule process did not stop when asked", "E305"),
     ErrorCode("ATO_ERR_PORT_IN_USE", EXIT_USER, "the port the capsule needs is already in use", "E301"),
+    ErrorCode("ATO_ERR_STATE_IN_USE", EXIT_USER, "a dependency's state directory is in use by another run", "E301"),
     # IPC declarations (upstream's codes; pipeline.manifest.ipc)
     ErrorCode("IPC-001", EXIT_USER, "`[ipc]` exports conflict (a `[lifecycle]` capsule with non-default sharing, a "
                                     "method exported twice, an unknown sharing mode)"),

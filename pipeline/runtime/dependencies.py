@@ -32,6 +32,7 @@ never printed or logged: they travel in the run's 0600 plan file and the units' 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
@@ -107,6 +108,7 @@ class Provided:
     identity: dict[str, str]  # identity exports, rendered
     secret_exports: set[str] = field(default_factory=set)
     consent: str = ""
+    state_dir: str | None = None  # the consumer-owned state it runs on, held by one run at a time
 
 
 class Context:
@@ -210,6 +212,33 @@ def _ready_probe(contract: Contract, lookup: Callable[[Expr], str], port: int) -
                              "unix_socket", details={"contract": contract.id, "type": kind})
 
 
+def state_lock(state_dir: Path) -> Path:
+    """The lock file beside a dependency's state directory (the run's supervisor holds it while it runs)."""
+    return state_dir.with_name(state_dir.name + ".lock")
+
+
+def check_free(lock: Path, alias: str) -> None:
+    """Refuse early when another run holds the state (the supervisor takes the lock for real)."""
+    if not try_lock(lock, release=True):
+        raise AtoError("ATO_ERR_STATE_IN_USE", f"dependency {alias!r}: its state {lock.with_suffix('')} is in use by "
+                                               "another run; stop that run first (ato ps, ato close)",
+                       details={"dependency": alias, "state": str(lock.with_suffix(""))})
+
+
+def try_lock(lock: Path, *, release: bool = False) -> int | None:
+    """An exclusive, non-blocking flock on ``lock``: the open fd (kept open to hold it), or None when held."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if release:
+        os.close(fd)
+        return -1
+    return fd
+
+
 def secrets_dir(run_id: str) -> Path:
     """Where one run's credential files live (0700, removed with the run)."""
     return paths.run_dir() / "secrets" / run_id
@@ -261,6 +290,7 @@ def _plan_one(manifest: Manifest, alias: str, dep: Dependency, run_id: str, secr
         version = str((contract.state or {}).get("version") or "0")
         state_dir = paths.state_dir() / "dependencies" / manifest.name / alias / version / dep.state
         state_dir.mkdir(parents=True, exist_ok=True)
+        check_free(state_lock(state_dir), alias)
     port = free_port()
     ctx = Context(alias, dep, contract, port, state_dir, own_secrets, own_secrets / "s.sock")
     in_process = ctx.lookup(credentials_as_files=True)
@@ -287,7 +317,8 @@ def _plan_one(manifest: Manifest, alias: str, dep: Dependency, run_id: str, secr
         if export.secret or _uses_credentials(export.value):
             secret.add(name)
     identity = {name: render(v, values) for name, v in contract.identity_exports.items()}
-    return Provided(alias, resolved, contract, launch, probe, timeout, exports, identity, secret, consent)
+    return Provided(alias, resolved, contract, launch, probe, timeout, exports, identity, secret, consent,
+                    str(state_dir) if state_dir is not None else None)
 
 
 def consumer_target(target: Target, provided: list[Provided]) -> Target:
@@ -347,5 +378,6 @@ def merge(consumer: Launch, provided: list[Provided], needs: tuple[str, ...], ru
                               "version": p.resolved.manifest.version, "contract": p.contract.id, "unit": p.alias}
                              for p in provided]
     consumer.prefix = True
+    consumer.hold_locks += [str(state_lock(Path(p.state_dir))) for p in provided if p.state_dir is not None]
     consumer.scratch_dirs.append(str(secrets_dir(run_id)))  # the supervisor removes it when the run ends
     return consumer

@@ -132,6 +132,7 @@ class Launch:
     scratch_dirs: list[str] = field(default_factory=list)  # created 0700 for the run, removed after it
     inject_paths: list[str] = field(default_factory=list)  # injected dirs the units may reach (see Options)
     dependencies: list[dict[str, Any]] = field(default_factory=list)  # providers in this run (for ato ps)
+    hold_locks: list[str] = field(default_factory=list)  # lock files the supervisor holds for the whole run
 
 
 class Planner:

@@ -288,7 +288,7 @@ def _write_plan(run_id: str, launch: drivers.Launch, *, tty: bool = False) -> No
     """The units (environment included) for the supervisor: a 0600 file it deletes once read."""
     plan = {"units": [u.to_json() for u in launch.units], "prefix": launch.prefix, "entry": launch.entry,
             "request_dir": launch.request_dir, "tty": tty, "make_dirs": launch.make_dirs,
-            "scratch_dirs": launch.scratch_dirs}
+            "scratch_dirs": launch.scratch_dirs, "hold_locks": launch.hold_locks}
     plan_file = table.plan_path(run_id)
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(plan_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

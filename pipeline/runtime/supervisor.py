@@ -24,6 +24,7 @@ import os
 import shutil
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AtoError, printable
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if stop_early:
         runner.request_stop(stop_early[0])
     try:
+        _hold(plan.get("hold_locks") or [])
         code = runner.run()
         reporter.finished(code, runner.stop_requested is not None)
     except AtoError as err:
@@ -177,6 +179,16 @@ def main(argv: list[str] | None = None) -> int:
             if path:
                 shutil.rmtree(path, ignore_errors=True)
     return code
+
+
+def _hold(locks: list[str]) -> None:
+    """Take the run's locks (a dependency's state) for as long as this process lives; the fds stay open."""
+    from pipeline.runtime.dependencies import try_lock
+
+    for path in locks:
+        if try_lock(Path(path)) is None:
+            raise AtoError("ATO_ERR_STATE_IN_USE", f"the state {Path(path).with_suffix('')} is in use by another run; "
+                                                   "stop that run first (ato ps, ato close)", details={"state": path})
 
 
 if __name__ == "__main__":

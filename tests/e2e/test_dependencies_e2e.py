@@ -36,6 +36,8 @@ ap.add_argument("--password-file", required=True)
 ap.add_argument("--db", required=True)
 a = ap.parse_args()
 password = open(a.password_file).read()
+with open(os.path.join(os.environ["KV_DATA"], "started"), "a") as fh:
+    fh.write(a.db + "\n")  # its state: a directory the consumer owns, kept between runs
 if a.db == "crash":
     sys.exit(3)  # a provider that dies before it is ready
 # a helper process of the provider's own, so teardown must stop more than the unit it started
@@ -86,6 +88,7 @@ target = "server"
 ready = { type = "tcp", target = "{{host}}:{{port}}", timeout = "90s" }
 parameters = { database = { type = "string", required = true } }
 credentials = { password = { type = "string", required = true } }
+state = { version = "1", mount = "KV_DATA" }
 runtime_exports = { KV_URL = { value = "kv://app:{{credentials.password}}@{{host}}:{{port}}/{{params.database}}", secret = true }, KV_HOST = "{{host}}", KV_PORT = "{{port}}" }
 """,
         "server.py": SERVER_PY,
@@ -107,6 +110,7 @@ capsule = "capsule://ato/acme/kv@1.0.0"
 contract = "service@1"
 parameters = { database = "DATABASE" }
 credentials = { password = "{{env.KV_PASS}}" }
+state = { name = "kvdata" }
 
 [targets.app]
 runtime = "source"
@@ -153,6 +157,8 @@ def test_consumer_gets_a_ready_provider_and_sigint_stops_both(ato, tmp_path: Pat
         os.kill(p.p.pid, signal.SIGINT)
         assert p.wait(timeout=120) == 130
         assert_all_gone(tree, within=30)
+        state = Path(os.environ["ATO_HOME"]) / "state" / "dependencies" / "report" / "db" / "1" / "kvdata"
+        assert (state / "started").read_text() == "reports\n"
         assert not any(PASSWORD in line for line in p.out + p.err)  # the secret is never printed by ato
         logs = Path(os.environ["ATO_HOME"]) / "logs"
         for f in logs.rglob("*") if logs.exists() else []:
@@ -195,6 +201,10 @@ def test_background_consumer_shows_its_provider_and_close_leaves_nothing(ato, tm
         wait_until(lambda: "WHOAMI db=reports" in log.read_text(errors="replace"), timeout=120,
                    what="the consumer to reach the provider")
         tree = {supervisor: "supervisor", **descendants(supervisor)}
+        # the state is held by this run: a second run of the consumer is refused before anything starts
+        second = ato(["run", str(app), "--yes", "--registry", published.url], env=env)
+        assert second.code == 1 and "ATO_ERR_STATE_IN_USE" in second.stderr, second.stderr
+        assert PASSWORD not in second.stdout + second.stderr
         assert dep["pid"] in tree and rec["pid"] in tree  # one supervisor owns both capsules
         closed = ato(["close", "--id", run_id])
         assert closed.code == 0, closed.stderr
