@@ -236,7 +236,8 @@ DATABASE_URL = "{{deps.db.runtime_exports.DATABASE_URL}}"
 DB_NAME = "{{ deps.db.identity_exports.database }}"
 """,
         "app.js": "console.log(process.env.DATABASE_URL);\n", **NODE_LOCKS,
-    }, {"kind": "refused", "code": "ATO_ERR_RUNTIME_NOT_RESOLVED", "expect": "needs dependency 'db'"},
+    }, {"kind": "refused", "code": "ATO_ERR_RUNTIME_NOT_RESOLVED",
+        "expect": "dependency 'db' needs capsule://ato/pg-provider@16, which this ato cannot resolve"},
         env={"PG_PASSWORD": "pw", "REPORT_TOKEN": "t"}, covers=("contracts", "templates", "needs")),
 
     Fixture("deps-provider", "0.3", {

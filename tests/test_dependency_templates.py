@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import E_USAGE, AtoError
+from pipeline.errors import AtoError
 from pipeline.manifest.contracts import Contract, Dependency, Export
 from pipeline.runtime import dependencies as deps
 
@@ -30,8 +30,8 @@ def test_capsule_urls() -> None:
     assert deps.provider_ref("capsule://ato/acme/kv@1.0.0") == "acme/kv@1.0.0"
     for url in ("capsule://ato/postgres@16", "capsule://github.com/acme/kv@abc"):
         with pytest.raises(AtoError) as err:
-            deps.provider_ref(url)
-        assert err.value.code == E_USAGE and err.value.hint
+            deps.provider_ref(url, "db")
+        assert err.value.code == "ATO_ERR_RUNTIME_NOT_RESOLVED" and err.value.hint and "'db'" in err.value.message
 
 
 def _context(tmp_path: Path, **dep) -> deps.Context:

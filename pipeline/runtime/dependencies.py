@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import paths
-from pipeline.errors import E_MANIFEST, E_USAGE, AtoError, Problem
+from pipeline.errors import E_MANIFEST, AtoError, Problem
 from pipeline.manifest import Manifest, Target
 from pipeline.manifest.contracts import CAPSULE_URL, Contract, Dependency
 from pipeline.manifest.templates import Expr, TemplateError, parse
@@ -53,6 +53,7 @@ from pipeline.runtime.router import Route, route
 
 HOST = "127.0.0.1"
 CONTRACT = "ATO_ERR_EXECUTION_CONTRACT_INVALID"
+NOT_RESOLVED = "ATO_ERR_RUNTIME_NOT_RESOLVED"
 _TEMPLATE = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h)?\s*$")
 
@@ -81,15 +82,15 @@ def seconds(value: Any, default: float = 30.0) -> float:
     return {"ms": n / 1000, "s": n, None: n, "m": n * 60, "h": n * 3600}[m.group(2)]
 
 
-def provider_ref(url: str) -> str:
+def provider_ref(url: str, alias: str = "") -> str:
     """``capsule://ato/<publisher>/<slug>@<version>`` -> ``publisher/slug@version`` (what ``ato run`` resolves)."""
     m = CAPSULE_URL.match(url)
-    if not m:
-        raise AtoError(E_MANIFEST, f"{url!r} is not a capsule URL (capsule://<authority>/<path>@<ref>)")
-    parts = m.group("path").split("/")
-    if m.group("authority") != "ato" or len(parts) != 2:
-        raise AtoError(E_USAGE, f"{url}: only capsule://ato/<publisher>/<slug>@<version> providers are resolved "
-                                "here (from the installed capsules and the run's registry)",
+    parts = m.group("path").split("/") if m else []
+    if m is None or m.group("authority") != "ato" or len(parts) != 2:
+        raise AtoError(NOT_RESOLVED, f"dependency {alias!r} needs {url}, which this ato cannot resolve: only "
+                                     "capsule://ato/<publisher>/<slug>@<version> providers are resolved (from the "
+                                     "installed capsules and the run's registry)",
+                       details={"dependency": alias, "capsule": url},
                        hint="publish the provider to your registry and name it capsule://ato/<publisher>/<slug>@<ver>")
     return f"{parts[0]}/{parts[1]}@{m.group('ref')}"
 
@@ -270,7 +271,12 @@ def plan(manifest: Manifest, target: Target, *, run_id: str, resolve_provider: C
 
 def _plan_one(manifest: Manifest, alias: str, dep: Dependency, run_id: str, secrets_root: Path,
               resolve_provider: Callable[[str], Resolved], plan_provider: Planner) -> Provided:
-    resolved = resolve_provider(provider_ref(dep.capsule))
+    try:
+        resolved = resolve_provider(provider_ref(dep.capsule, alias))
+    except AtoError as err:
+        if err.code != NOT_RESOLVED:
+            err.message = f"dependency {alias!r} ({dep.capsule}): {err.message}"
+        raise
     pm = resolved.manifest
     contract = pm.contracts.get(dep.contract)
     if contract is None:
