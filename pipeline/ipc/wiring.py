@@ -36,21 +36,13 @@ from typing import Any
 from cas.filelock import flocked
 from pipeline.errors import AtoError, Problem
 from pipeline.ipc import client, sockets
-from pipeline.manifest.ipc import SCOPED, Finding, IpcImport, check_document, read_ipc
+from pipeline.manifest.ipc import SCOPED, Finding, IpcImport, read_ipc
 from pipeline.runtime import session, table
 from pipeline.runtime.resolve import Resolved, resolve
 
 MAX_DEPTH = 8
 ATTACH_TRIES = 200
 LAUNCH_FAILED = "ATO_ERR_RUNTIME_LAUNCH_FAILED"
-
-
-def check_manifest(resolved: Resolved) -> list[Finding]:
-    """Upstream's IPC checks on a resolved capsule; raises on an error, returns the warnings."""
-    from pipeline import paths
-
-    manifest = resolved.manifest
-    return check_document(manifest.raw, manifest.project_dir, str(manifest.path), store_dir=paths.store_dir())
 
 
 def _provider_ref(imp: IpcImport, consumer_dir: Path) -> str:
@@ -123,8 +115,6 @@ class RunWiring:
             wiring.paths.append(str(self.listen.parent))
         if "ipc" not in resolved.manifest.raw:
             return wiring
-        for warning in check_manifest(resolved):
-            self.notify(f"warning: [{warning.code}] {warning.message} (at {warning.location})")
         decl = read_ipc(resolved.manifest.raw, [])
         for alias, imp in sorted(decl.imports.items()):
             try:

@@ -13,7 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pipeline import paths
 from pipeline.errors import E_NOT_FOUND, AtoError
+from pipeline.manifest.ipc import check_document, read_ipc
 from pipeline.manifest.model import Manifest
 from pipeline.manifest.reader import MANIFEST_NAME, load_manifest
 from pipeline.manifest.secrets import is_secret
@@ -66,6 +68,10 @@ def inspect_local(raw_input: str, cwd: Path | None = None) -> tuple[dict[str, An
                        hint=f"expected {manifest_path}")
     try:
         manifest = load_manifest(manifest_path)
+        # [ipc]: refused with upstream's IPC-00x codes here too (as by ato validate, build and run)
+        ipc_warnings = [f"[{f.code}] {f.message} (at {f.location})"
+                        for f in check_document(manifest.raw, manifest.project_dir, str(manifest_path),
+                                                store_dir=paths.store_dir())]
     except AtoError as err:
         err.details = {"input": raw_input, **err.details}
         raise
@@ -74,7 +80,7 @@ def inspect_local(raw_input: str, cwd: Path | None = None) -> tuple[dict[str, An
         "target": {"input": raw_input, "kind": "local", "resolved": {"path": str(resolved)}},
         "requirements": derive(manifest),
     }
-    return doc, list(manifest.warnings)
+    return doc, list(manifest.warnings) + ipc_warnings
 
 
 def looks_local(raw_input: str, base: Path) -> bool:
@@ -171,6 +177,9 @@ def _service_items(manifest: Manifest) -> list[dict[str, Any]]:
         if service.depends_on:
             item["dependsOn"] = list(service.depends_on)
         out.append(item)
+    for alias, imp in sorted(read_ipc(manifest.raw, []).imports.items()):
+        out.append({"key": alias, "required": not imp.optional,
+                    "description": f"IPC import of {imp.source} through the broker (started before the capsule)"})
     for alias, dep in sorted(manifest.dependencies.items()):
         needed_by = sorted(label for label, t in manifest.targets.items() if alias in t.needs)
         description = f"Dependency {dep.capsule} offering {dep.contract}"

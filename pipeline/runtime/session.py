@@ -81,6 +81,13 @@ def prepare(req: Request, *, notify: Callable[[str], None], prompt: Callable[[An
     manifest = resolved.manifest
     for warning in manifest.warning_lines():
         notify(f"warning: {warning}")
+    if "ipc" in manifest.raw:  # upstream's IPC-00x checks come first, as in ato validate and ato build
+        from pipeline import paths
+        from pipeline.manifest.ipc import check_document
+
+        for finding in check_document(manifest.raw, manifest.project_dir, str(manifest.path),
+                                      store_dir=paths.store_dir()):
+            notify(f"warning: [{finding.code}] {finding.message} (at {finding.location})")
     rt = route(manifest, req.target or resolved.selected_target)
     req.run_id = req.run_id or table.new_id()
     provided: list[Any] = []
