@@ -86,3 +86,83 @@ def test_state_lock_is_exclusive(tmp_path: Path) -> None:
     assert err.value.code == "ATO_ERR_STATE_IN_USE"
     os.close(fd)
     deps.check_free(lock, "db")
+
+
+PROVIDER = """\
+schema_version = "0.3"
+name = "pg"
+version = "16.0.0"
+type = "app"
+default_target = "server"
+
+[targets.server]
+runtime = "source"
+driver = "native"
+run = "sh serve.sh {{port}}"
+
+[contracts."service@1"]
+target = "server"
+ready = { type = "tcp", target = "{{host}}:{{port}}" }
+state = { version = "16", mount = "MOUNT" }
+"""
+
+CONSUMER = """\
+schema_version = "0.3"
+name = "report"
+version = "0.1.0"
+type = "app"
+default_target = "app"
+
+[dependencies.db]
+capsule = "capsule://ato/acme/pg@16.0.0"
+contract = "service@1"
+state = { name = "pgdata" }
+
+[targets.app]
+runtime = "source"
+driver = "native"
+run = "sh app.sh"
+needs = ["db"]
+"""
+
+
+def _plan(tmp_path: Path, mount: str) -> list[deps.Provided]:
+    from pipeline.manifest import load_manifest
+    from pipeline.runtime.resolve import Resolved
+
+    for name, text in (("pg", PROVIDER.replace("MOUNT", mount)), ("report", CONSUMER)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "capsule.toml").write_text(text)
+    provider = load_manifest(tmp_path / "pg")
+    consumer = load_manifest(tmp_path / "report")
+    asked: list[str] = []
+
+    def resolve_provider(ref: str) -> Resolved:
+        asked.append(ref)
+        return Resolved("installed", ref, provider.project_dir, provider, scoped_id="acme/pg")
+
+    def plan_provider(res, rt, inject, reach):  # what the provider is given; its units come from session.prepare
+        from pipeline.runtime.drivers import Launch
+        return Launch(units=[], prefix=True, entry="main", runtime_label="test", port=rt.target.port, url=None,
+                      network="host", permissions={"inject": inject, "reach": reach}), "--yes"
+
+    out = deps.plan(consumer, consumer.primary_target(), run_id="capsule-0000abcd", resolve_provider=resolve_provider,
+                    plan_provider=plan_provider)
+    assert asked == ["acme/pg@16.0.0"]
+    return out
+
+
+def test_a_state_mount_variable_receives_the_consumer_owned_state_dir(tmp_path: Path) -> None:
+    (p,) = _plan(tmp_path, "PGDATA")
+    state = Path(os.environ["ATO_HOME"]) / "state" / "dependencies" / "report" / "db" / "16" / "pgdata"
+    assert p.state_dir == str(state) and state.is_dir()
+    assert p.launch.permissions["inject"] == {"PGDATA": str(state)} and str(state) in p.launch.permissions["reach"]
+    assert p.ready["tcp_connect"] == f"127.0.0.1:{p.launch.port}"
+    deps.discard("capsule-0000abcd")
+
+
+def test_a_fixed_state_mount_path_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    with pytest.raises(AtoError) as err:
+        _plan(tmp_path, "/var/lib/postgresql/data")
+    assert err.value.code == "ATO_ERR_EXECUTION_CONTRACT_INVALID" and "/var/lib/postgresql/data" in err.value.message
+    assert not deps.secrets_dir("capsule-0000abcd").exists()

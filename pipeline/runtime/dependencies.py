@@ -286,6 +286,13 @@ def _plan_one(manifest: Manifest, alias: str, dep: Dependency, run_id: str, secr
     if pm.dependencies:
         raise AtoError(CONTRACT, f"dependencies.{alias}: the provider {pm.name} has dependencies of its own, which "
                                  "this ato does not start (one level of providers)", details={"dependency": alias})
+    mount = (contract.state or {}).get("mount")
+    if dep.state is not None and isinstance(mount, str) and mount.startswith("/"):
+        raise AtoError(CONTRACT, f"dependencies.{alias}: the provider's {contract.id} mounts its state at {mount}, "
+                                 "and this ato does not mount a state at a fixed path (it would be silently missing)",
+                       details={"dependency": alias, "mount": mount},
+                       hint='in the provider, name an environment variable (state.mount = "PGDATA") or use '
+                            "{{state.dir}} in its command")
     own_secrets = secrets_root / alias
     secrets_root.parent.parent.mkdir(parents=True, exist_ok=True)
     for d in (secrets_root.parent, secrets_root, own_secrets):  # 0700 all the way: they hold passwords
@@ -310,7 +317,6 @@ def _plan_one(manifest: Manifest, alias: str, dep: Dependency, run_id: str, secr
     rt = route(pm, contract.target)
     rt = dataclasses.replace(rt, target=rendered)
     inject: dict[str, str] = {}
-    mount = (contract.state or {}).get("mount")
     if state_dir is not None and isinstance(mount, str) and not mount.startswith("/"):
         inject[mount] = str(state_dir)  # the env var that receives the state directory
     reach = [str(own_secrets)] + ([str(state_dir)] if state_dir is not None else [])
