@@ -614,7 +614,7 @@ class RegistryApp:
         want_sha = bare_hex(headers["x-ato-sha256"], "x-ato-sha256", "sha256")
         want_b3 = bare_hex(headers["x-ato-blake3"], "x-ato-blake3", "blake3")
         allow = _bool(request.query_params.get("allow_existing"), "allow_existing")
-        tmp = self.store.new_temp()
+        tmp = self.store.new_temp(name=file_name)
         try:
             sha, b3, size = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
             if sha != want_sha:
@@ -712,7 +712,8 @@ class RegistryApp:
             chunks = [(parse(str(c["raw_hash"])), int(c["raw_size"])) for c in body.get("chunks") or []]
         except (binascii.Error, ValueError, KeyError, TypeError, OverflowError, DigestError) as exc:
             raise RegistryError(400, "invalid_request", f"malformed commit body: {exc}") from None
-        tmp, sha, b3, size = await run_in_threadpool(self.store.reconstruct, session, prefix, suffix, chunks)
+        tmp, sha, b3, size = await run_in_threadpool(self.store.reconstruct, session, prefix, suffix, chunks,
+                                                     file_name)
         try:
             if sha != want_sha:
                 raise RegistryError(422, "hash_mismatch", "sha256 mismatch")

@@ -365,8 +365,9 @@ class RegistryStore:
         """On a clean shutdown: drop this server's unfinished chunk-upload sessions (they die with it)."""
         shutil.rmtree(self.sessions, ignore_errors=True)
 
-    def new_temp(self, suffix: str = ".upload") -> Path:
-        return self.tmp / temp_name("upload" + suffix)
+    def new_temp(self, suffix: str = ".upload", name: str | None = None) -> Path:
+        """A temp file in ``tmp/``; ``name`` (an upload's file_name) is what a refusal's message calls it."""
+        return self.tmp / temp_name(name or "upload" + suffix)
 
     def sweep_temps(self, *, dry_run: bool = False) -> SweepReport:
         """Temp files and session dirs whose server process is gone (another live server keeps its own)."""
@@ -619,7 +620,7 @@ class RegistryStore:
                 shutil.rmtree(self.session_dir(session), ignore_errors=True)
 
     def reconstruct(self, session: str | None, prefix: bytes, suffix: bytes,
-                    chunks: list[tuple[str, int]]) -> tuple[Path, str, str, int]:
+                    chunks: list[tuple[str, int]], file_name: str | None = None) -> tuple[Path, str, str, int]:
         """Rebuild a candidate artifact from prefix + frames (session or CAS) + suffix in ``tmp/``.
 
         Returns ``(path, sha256 hex, blake3 hex, size)``. Missing frames → 400 ``missing_chunks``.
@@ -638,7 +639,7 @@ class RegistryStore:
         if missing:
             raise RegistryError(400, "missing_chunks", f"{len(missing)} chunk(s) were neither uploaded nor stored: "
                                 f"{', '.join(missing[:5])}", missing_chunks=missing)
-        out = self.new_temp(".capsule")
+        out = self.new_temp(".capsule", file_name)
         sha, b3, size = write_hashed(out, _iter_pieces(prefix, sources, suffix))
         return out, sha, b3, size
 

@@ -89,6 +89,7 @@ def test_the_chunk_protocol_refuses_what_a_whole_upload_refuses(case: str, hosti
         # the same answer as PUT of the whole artifact (test_hostile_publish.py)
         assert r.status_code == (413 if CASES[case].code == "E212" else 422), r.text
         assert r.json()["error"] in ("invalid_artifact", "unsafe_payload", "payload_too_large")
+        assert r.json()["message"].startswith(f"{commit['file_name']}: "), r.text
     assert _state(hostile_registry, before) == before
     assert hostile_registry.get(f"/v1/capsules/by/local/{slug(case)}").status_code == 404
     if case in BOMBS:

@@ -50,6 +50,7 @@ def test_publish_refuses_before_uploading_and_the_registry_refuses_the_bytes(
                            "x-ato-blake3": "blake3:" + blake3.blake3(data).hexdigest()})
     assert r.status_code == (413 if CASES[case].code == "E212" else 422), r.text
     assert r.json()["error"] in ("invalid_artifact", "unsafe_payload", "payload_too_large")
+    assert r.json()["message"].startswith(f"{art.name}: "), r.text  # the upload's name, not a temp file's
     assert settle(hostile_registry.data_dir, before) == before
     if case in BOMBS:
         assert rss < MAX_RSS, f"publish of {case}: peak RSS {rss / 1e6:.0f} MB"
