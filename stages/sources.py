@@ -20,7 +20,8 @@ from cas.atomic import write_bytes_atomic
 from cas.digest import blake3_bytes, blake3_file
 from cas.tempfiles import GLOB
 from cas.tempfiles import SUFFIX as TEMP_SUFFIX
-from pipeline.errors import E_LOCKFILE, AtoError
+from pipeline.errors import E_LOCKFILE, E_NAME_TOO_LONG, AtoError
+from stages.capsule.entries import MAX_DEPTH, MAX_PATH
 
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     "**/.git/**", "**/.svn/**", "**/.hg/**", ".capsule/**", "target/**",
@@ -180,15 +181,37 @@ class DigestCache:
             write_bytes_atomic(self.path, json.dumps(self.fresh, separators=(",", ":")).encode())
 
 
+def _too_long(rel: str, *, below: bool = False) -> AtoError | None:
+    """E108 when ``rel`` (with ``below``: any path under the directory ``rel``) is longer or deeper than
+    a .capsule's payload paths may be, else None."""
+    size = len(rel.encode("utf-8", "surrogateescape")) + (2 if below else 0)
+    depth = rel.count("/") + (2 if below else 1)
+    if size <= MAX_PATH and depth <= MAX_DEPTH:
+        return None
+    shown = f"{rel[:40]}...{rel[-40:]}" if len(rel) > 100 else rel
+    what = f"{size} bytes, over the {MAX_PATH}" if size > MAX_PATH else f"{depth} levels deep, over the {MAX_DEPTH}"
+    return AtoError(E_NAME_TOO_LONG, f"{shown}{'/...' if below else ''}: the path is {what} a .capsule holds",
+                    details={"path": rel, "bytes": size, "depth": depth, "max_bytes": MAX_PATH,
+                             "max_depth": MAX_DEPTH},
+                    hint="flatten the tree, or exclude it in [pack] exclude")
+
+
 def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True,
             cache: DigestCache | None = None) -> list[SourceEntry]:
     """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8)."""
     cache = cache or DigestCache(None)
     entries: list[SourceEntry] = []
     root = Path(root)
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root):  # pruned below MAX_DEPTH: no deep recursion
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+        too_long = _too_long(rel_dir, below=True) if rel_dir else None
+        if too_long is not None:
+            # nothing below can be packed; an error only if something below would have been
+            if pack_filter.admits(f"{rel_dir}/x"):
+                raise too_long
+            dirnames.clear()
+            continue
         kept = []
         for d in dirnames:
             full = os.path.join(dirpath, d)
@@ -205,6 +228,9 @@ def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True,
                 raise AtoError(E_LOCKFILE, f"non-UTF-8 path is not supported in payload: {rel!r}") from None
             if not pack_filter.admits(rel):
                 continue
+            too_long = _too_long(rel)
+            if too_long is not None:
+                raise too_long
             full = os.path.join(dirpath, name)
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):

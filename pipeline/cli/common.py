@@ -16,11 +16,11 @@ from typing import Any
 
 import click
 
-from pipeline import nesting
 from pipeline.cli.term import decorated, for_stream
 from pipeline.envelope import render
 from pipeline.errors import (
     E_INTERNAL,
+    E_TOO_DEEP,
     E_USAGE,
     EXIT_INTERNAL,
     AtoError,
@@ -153,7 +153,8 @@ def run_cli(group: click.Group, argv: list[str] | None = None, prog: str = "ato"
             traceback.print_exc()
         err = from_os_error(exc)  # disk full, name too long: the user's to fix, with their own codes
         if err is None and isinstance(exc, RecursionError):  # a reader without its own depth check (E004)
-            err = nesting.too_deep("an input")
+            err = AtoError(E_TOO_DEEP, "an input is nested too deeply to process (a document or a directory tree "
+                                       "inside itself more levels than ato reads)", hint="flatten it")
         if err is not None:
             report_error(err, as_json)
             return err.exit_code

@@ -5,7 +5,8 @@ check sees what the filesystem would see, not what a path string says:
 
 - names are relative, ``/``-separated UTF-8 with no ``..`` component, no NUL, no backslash or
   drive letter; each component at most :data:`MAX_NAME` bytes and the whole path at most
-  :data:`MAX_PATH` bytes (names every Linux filesystem can hold, however deep the unpack dir);
+  :data:`MAX_PATH` bytes (names every Linux filesystem can hold, however deep the unpack dir) in at
+  most :data:`MAX_DEPTH` components;
 - entries are regular files, directories, symlinks, or hard links to an *earlier regular file*
   of the payload; devices, FIFOs, sparse files and anything else are refused;
 - no path appears twice, and no entry lies under a path that is a file or a symlink (an entry
@@ -28,6 +29,7 @@ from stages.capsule.payload_tar import Entry
 
 MAX_NAME = 255  # bytes in one path component (NAME_MAX)
 MAX_PATH = 2048  # bytes in a payload path; leaves room under PATH_MAX (4096) for where it is unpacked
+MAX_DEPTH = 256  # components in a payload path: every tree walk (and Python's recursion limit) copes
 MAX_LINK_HOPS = 40  # like the kernel's ELOOP limit
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _IMPLICIT, _DIR, _FILE, _LINK = 0, 1, 2, 3
@@ -74,6 +76,8 @@ def normalize(name: str) -> str:
     rel = "/".join(parts)
     if len(rel.encode("utf-8")) > MAX_PATH:
         raise UnsafeEntry(name, f"the path is over {MAX_PATH} bytes", "name_too_long")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeEntry(name, f"the path is over {MAX_DEPTH} directories deep", "name_too_long")
     return rel
 
 

@@ -8,6 +8,7 @@ echoed values.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -257,6 +258,72 @@ def test_a_300_character_member_name_is_e108(ato, tmp_path: Path) -> None:
     one_line_failure(ato(["verify", str(artifact)]), "E108")
     one_line_failure(ato(["run", str(artifact), "--yes", "--allow-unsigned"]), "E108")
     assert list(tempfiles.find(Path(os.environ["ATO_HOME"]), recursive=True)) == []
+
+
+def deep_tree(root: Path, levels: int) -> None:
+    """``d/d/.../d/leaf.txt``, ``levels`` directories deep (built with relative steps: no long paths)."""
+    here = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=here)
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+            os.close(here)
+            here = below
+        fd = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=here)
+        os.write(fd, b"x")
+        os.close(fd)
+    finally:
+        os.close(here)
+
+
+def remove_deep_tree(root: Path) -> None:
+    """Undo :func:`deep_tree` bottom-up, however far it got (``shutil.rmtree``, and so pytest's clean-up of
+    old temp dirs, recurses once per level: a tree left 2,200 deep would break every later session)."""
+    here = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    levels = 0
+    while True:
+        try:
+            below = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=here)
+        except FileNotFoundError:
+            break
+        os.close(here)
+        here, levels = below, levels + 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("leaf.txt", dir_fd=here)
+    for _ in range(levels):
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+        os.close(here)
+        here = parent
+        os.rmdir("d", dir_fd=here)
+    os.close(here)
+
+
+@pytest.mark.parametrize("levels", [300, 2200])  # 2,200: deeper than Python's recursion limit
+def test_a_directory_tree_too_deep_for_a_capsule_is_e108_everywhere(ato, tmp_path: Path, levels: int,
+                                                                     request: pytest.FixtureRequest) -> None:
+    src = project(tmp_path / "p", "deep")
+    request.addfinalizer(lambda: remove_deep_tree(src))
+    deep_tree(src, levels)
+    line = one_line_failure(ato(["build", "."], cwd=src), "E108")
+    assert "257 levels deep, over the 256" in line
+    (src / "capsule.toml").write_text((src / "capsule.toml").read_text() + '\n[pack]\nexclude = ["d/**"]\n')
+    res = ato(["build", ".", "--json"], cwd=src)  # excluded, it is no obstacle
+    assert res.code == 0, res.stderr
+    # an artifact that holds one (made by another tool) is refused the same way by every reader
+    artifact = forge_capsule(tmp_path / "deep.capsule", "deep", "0.1.0",
+                             members=[("main.py", b"print(1)\n"), ("d/" * 257 + "leaf.txt", b"x")])
+    for args in (["verify", str(artifact)], ["fetch", str(artifact)],
+                 ["run", str(artifact), "--yes", "--allow-unsigned"]):
+        assert "directories deep" in one_line_failure(ato(args), "E108"), args
+
+
+def test_a_tree_256_levels_deep_is_packed_and_unpacked(ato, tmp_path: Path) -> None:
+    src = project(tmp_path / "p", "deepok")
+    deep_tree(src, 255)  # 255 directories and the file: 256 components
+    res = ato(["build", ".", "--json"], cwd=src)
+    assert res.code == 0, res.stderr
+    res = ato(["fetch", res.json()["artifact"], "--json"])
+    assert res.code == 0, res.stderr
 
 
 def test_a_300_character_output_name_is_e108_naming_it(ato, tmp_path: Path) -> None:
