@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 
 from pipeline.errors import CODES, AtoError
 from pipeline.manifest import Manifest, parse_manifest
+from tests.e2e.test_build_e2e import MANIFEST as BUILD_MANIFEST
+from tests.test_manifest import V11
 
 PATH = Path("/proj/capsule.toml")
 FUZZ = settings(max_examples=int(os.environ.get("ATO_FUZZ_EXAMPLES", "120")), deadline=None, database=None,
@@ -31,18 +33,7 @@ FUZZ = settings(max_examples=int(os.environ.get("ATO_FUZZ_EXAMPLES", "120")), de
                                        HealthCheck.filter_too_much])
 
 VALID = [
-    """\
-schema_version = "0.2"
-name = "sample"
-version = "1.2.3"
-type = "app"
-default_target = "default"
-
-[targets.default]
-runtime = "source"
-driver = "python"
-entrypoint = "src/main.py"
-port = 8080
+    BUILD_MANIFEST + """port = 8080
 required_env = ["API_KEY"]
 
 [services.main]
@@ -58,26 +49,7 @@ env = { DB_PORT = "5432" }
 include = ["src/**"]
 exclude = ["**/__pycache__/**"]
 """,
-    """\
-schema_version = "1.1"
-name = "example-app"
-version = "0.1.0"
-type = "app"
-
-[execution]
-runtime = "source"
-entrypoint = "./main.py"
-
-[targets.oci]
-image = "python:3.11-slim"
-
-[tasks.install]
-cmd = "npm ci"
-
-[services.app]
-cmd = "npm start"
-depends_on = ["install"]
-""",
+    V11,
     """\
 schema_version = "0.2"
 name = "web"
