@@ -235,3 +235,35 @@ def test_sigint_on_a_consumer_stops_its_provider_after_the_grace_and_leaves_noth
     refused = [line for line in log.splitlines() if " refused " in line and "code=-32003" in line]
     assert refused and "method=greet" in refused[0], log
     assert token not in log
+
+
+def test_an_import_of_publisher_slug_installs_the_provider_from_the_registry(ato, tmp_path: Path, running) -> None:
+    from tests.e2e.registry_support import TOKEN, Registry
+
+    registry = Registry(tmp_path / "registry-data")
+    try:
+        greeter = provider_project(tmp_path / "greeter")
+        text = (greeter / "capsule.toml").read_text()  # an installed copy logs inside its own sandbox's /tmp
+        (greeter / "capsule.toml").write_text(text.replace(str(greeter / "data" / "received.jsonl"),
+                                                           "/tmp/received.jsonl"))
+        res = ato(["publish", "--registry", registry.url, "--scoped-id", "acme/greeter"], cwd=greeter,
+                  env={"ATO_TOKEN": TOKEN})
+        assert res.code == 0, res.stderr
+        c_dir = consumer_project(tmp_path / "c", "eve", provider="acme/greeter")
+        refused = ato(["run", str(c_dir), "--registry", registry.url], env={"ATO_IPC_BROKER_IDLE_SECS": "5"})
+        # installing the provider needs consent like any install (the consumer's own plan is not the question)
+        assert refused.code == 1 and "installing the provider acme/greeter" in refused.stderr, refused.stderr
+        c = Proc(["run", str(c_dir), "--yes", "--registry", registry.url],
+                 env={"ATO_IPC_BROKER_IDLE_SECS": "5"})
+        try:
+            assert line_json(c, "GREETING")["result"] == {"greeting": "hello eve"}
+            svc = wait_until(lambda: (ps_ipc(ato)["ipc"]["services"] or [None])[0], what="the provider")
+            record = next(r for r in ps_ipc(ato)["processes"] if r["id"] == svc["provider"]["run_id"])
+            assert record["scoped_id"] == "acme/greeter" and svc["consumer_count"] == 1
+            (c_dir / "go").write_text("")
+            assert c.wait(timeout=120) == 0
+            wait_until(lambda: not alive(svc["provider"]["pid"]), timeout=120, what="the provider to stop")
+        finally:
+            c.kill()
+    finally:
+        registry.stop()
