@@ -29,14 +29,13 @@ import threading
 import time
 from pathlib import Path
 
+from harness import ATO, TOKEN, Server, env_for
 from report import save, table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / "work" / "registry"
-ATO = str(Path(sys.executable).parent / "ato")
 RUNS = 3
-TOKEN = "bench-token"
 TARGET_BYTES = 150 * 1000 * 1000
 LOAD_SECONDS = 5
 CONCURRENCY = 32
@@ -81,36 +80,6 @@ def run(cmd: list[str] | str, env: dict[str, str] | None = None, shell: bool = F
     if proc.returncode != 0:
         raise SystemExit(f"benchmark command failed: {cmd}\n{proc.stderr[-2000:]}")
     return elapsed, proc.stdout
-
-
-class Server:
-    def __init__(self, data: Path, env: dict[str, str], fresh: bool = True) -> None:
-        if fresh:
-            shutil.rmtree(data, ignore_errors=True)
-        self.proc = subprocess.Popen([ATO, "registry", "serve", "--port", "0", "--data-dir", str(data),
-                                      "--auth-token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=env)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        m = re.search(r"(http://\S+)", line)
-        if not m:
-            raise SystemExit(f"registry did not start: {line!r}")
-        self.url = m.group(1)
-        import httpx
-        for _ in range(200):
-            try:
-                httpx.get(self.url + "/.well-known/capsule.json", timeout=2)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-def env_for(home: Path, **extra: str) -> dict[str, str]:
-    return dict(os.environ, HOME=str(home), ATO_HOME=str(home / ".ato"), **extra)
 
 
 def file_digests(path: Path) -> tuple[str, str]:
