@@ -10,12 +10,13 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
-from typing import Any
-
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import E_INTERNAL, AtoError, terminal_safe_json
+
+if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry
 
 SCHEMA_BASE = "https://ato.run/schemas/"
 
@@ -32,12 +33,16 @@ def _schemas() -> dict[str, dict[str, Any]]:
 
 @functools.cache
 def _registry() -> Registry:
+    from referencing import Registry, Resource  # imported on first validation: it costs start-up time
+
     resources_ = [(s["$id"], Resource.from_contents(s)) for s in _schemas().values()]
     return Registry().with_resources(resources_)
 
 
 @functools.cache
 def validator(name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     try:
         schema = _schemas()[name]
     except KeyError:

@@ -171,8 +171,9 @@ def _note_project(state_dir: Path, project: Path) -> None:
     write_bytes_atomic(path, data)
 
 
-def plan_build(project_dir: Path, options: BuildOptions) -> BuildPlan:
-    manifest = load_manifest(project_dir, strict=options.strict_v3 or None)
+def plan_build(project_dir: Path, options: BuildOptions, manifest: Manifest | None = None) -> BuildPlan:
+    """Everything a build needs to know before doit runs; ``manifest`` when the caller has read it already."""
+    manifest = manifest or load_manifest(project_dir, strict=options.strict_v3 or None)
     warnings = manifest.warning_lines()
     warnings += [f"[{f.code}] {f.message} (at {f.location})"
                  for f in check_document(manifest.raw, manifest.project_dir, str(manifest.path),

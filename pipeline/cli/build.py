@@ -9,12 +9,7 @@ import click
 
 from pipeline.cli.common import emit, json_mode, json_option, warn
 from pipeline.cli.help import examples
-from pipeline.cli.progress import reporter
-from pipeline.graph import run_build
-from pipeline.manifest.strictness import strict_from_env
 from pipeline.progress import human_bytes
-from stages.build import BuildOptions, plan_build, source_date_epoch
-from stages.capsule.keys import load_signing_key
 
 
 def _explain(doc: dict) -> str:
@@ -93,12 +88,22 @@ def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_pa
     DIR defaults to the current directory. The artifact is DIR/<name>.capsule unless --out;
     --key signs it.
     """
+    from pipeline.manifest import load_manifest
+    from pipeline.manifest.strictness import strict_from_env
+
+    strict = strict_v3 or strict_from_env()
+    manifest = load_manifest(directory, strict=strict or None)  # a bad input fails before the build machinery loads
+    from pipeline.cli.progress import reporter
+    from pipeline.graph import run_build
+    from stages.build import BuildOptions, plan_build, source_date_epoch
+    from stages.capsule.keys import load_signing_key
+
     with reporter(json=json_mode()) as progress:
-        options = BuildOptions(out=out, strict_v3=strict_v3 or strict_from_env(),
+        options = BuildOptions(out=out, strict_v3=strict,
                                force_large_payload=force_large_payload, epoch=source_date_epoch(),
                                signing_key=load_signing_key(key_file) if key_file else None, reporter=progress,
                                approve_steps=approve_build_steps(yes))
-        plan = plan_build(directory, options)
+        plan = plan_build(directory, options, manifest=manifest)
         for w in plan.warnings:
             warn(w)
         doc = run_build(plan)

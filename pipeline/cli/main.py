@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 
 import click
 
@@ -85,16 +84,25 @@ class LazyGroup(AtoGroup):
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # only for --version: it is slow to import
+
     try:
         return version("ato")
     except PackageNotFoundError:  # running from a source tree
         return "0.0.0+local"
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"ato {_version()}")
+        ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
              epilog=examples("ato build . && ato publish --artifact ./<name>.capsule --registry URL",
                              "ato install publisher/slug && ato run publisher/slug"))
-@click.version_option(_version(), "-V", "--version", prog_name="ato", message="%(prog)s %(version)s")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 @click.option("--json", "json_flag", is_flag=True, expose_value=False, is_eager=True,
               callback=_json_callback, help="Print exactly one JSON document on stdout.")
 @click.pass_context

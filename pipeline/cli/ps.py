@@ -26,7 +26,7 @@ def _status(status: str, fancy: bool, width: int = 12) -> str:
 @json_option
 def ps_cmd(show_all: bool, prune: bool) -> None:
     """List background capsules (running, and finished ones until pruned)."""
-    from pipeline.runtime import session, table
+    from pipeline.runtime import table  # the process table only: ps must start fast
 
     records = table.all_records()
     if prune:
@@ -34,7 +34,7 @@ def ps_cmd(show_all: bool, prune: bool) -> None:
             if r.get("status") not in table.ACTIVE:
                 table.remove(r["id"])
         records = [r for r in records if r.get("status") in table.ACTIVE]
-    docs = [session.public_record(r) for r in records]
+    docs = [table.public_record(r) for r in records]
     lines = []
     if not docs:
         lines.append("No capsules found.")

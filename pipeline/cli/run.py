@@ -68,7 +68,7 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
              command: str = "run", allow_unsigned: bool = False, force_large_payload: bool = False) -> None:
     from pipeline import config
     from pipeline.cli.trust import tty_consent
-    from pipeline.runtime import session
+    from pipeline.runtime import session, table
     from pipeline.trust import gate
     from stages.capsule import consumer_limits
 
@@ -153,7 +153,7 @@ def _execute(input_: str | None, args: tuple[str, ...], *, registry: str | None,
         wiring.detach()
         sys.stdout.flush()
         sys.exit(code)
-    doc = session.public_record(record)
+    doc = table.public_record(record)
     if record["status"] == "starting":
         warn(f"capsule is still starting in background (ID: {record['id']}); `ato ps` shows its state")
     else:

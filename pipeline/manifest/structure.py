@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any
-
-from jsonschema.exceptions import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from pipeline.envelope import validator
 from pipeline.errors import E_MANIFEST, E_MANIFEST_MISSING, AtoError
 from pipeline.manifest.keypath import describe, fail
+
+if TYPE_CHECKING:  # jsonschema itself is imported when a manifest is first validated (start-up time)
+    from jsonschema.exceptions import ValidationError
 
 SCHEMA = "capsule-manifest"
 # Integers outside this range cannot be represented in the canonical JSON the build hashes.

@@ -356,23 +356,6 @@ def _ready_wait() -> float:
         return DEFAULT_READY_WAIT
 
 
-def public_record(record: dict[str, Any]) -> dict[str, Any]:
-    """A record as ``ps --json`` / ``run --background --json`` show it."""
-    keys = ("id", "name", "scoped_id", "pid", "supervisor_pid", "status", "runtime", "target", "route", "tier",
-            "manifest_path", "log_path", "port", "url", "started_at", "ready_at", "ended_at", "exit_code",
-            "last_event", "last_error", "services")
-    out = {k: record.get(k) for k in keys}
-    out["uptime"] = table.uptime(record)
-    out["services"] = list(record.get("services") or [])
-    units = {s.get("name"): s for s in out["services"]}
-    # [dependencies.<alias>]: each provider is a unit of this run (named after its alias), with its state
-    out["dependencies"] = [{k: d.get(k) for k in ("alias", "provider", "version", "contract")} |
-                           {"pid": (units.get(d.get("unit")) or {}).get("pid"),
-                            "status": (units.get(d.get("unit")) or {}).get("status") or "pending"}
-                           for d in record.get("dependencies") or []]
-    return out
-
-
 def stop(record: dict[str, Any], *, force: bool, wait: float | None = None) -> bool:
     """Stop a background run: SIGTERM its supervisor, which stops the whole tree; ``force`` SIGKILLs it all.
 

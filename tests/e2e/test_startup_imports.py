@@ -1,0 +1,43 @@
+"""Start-up stays fast: the commands people run most and every error path import no heavy library.
+
+Import *time* is too noisy to assert on a shared machine; which modules a command imports is
+not. The heavy ones (schema validation, the task engine, the HTTP stack, crypto, compression)
+are imported only by the commands that use them, after the arguments are known to be good.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("jsonschema", "referencing", "doit", "httpx", "trio", "anyio", "cryptography", "zstandard",
+         "starlette", "uvicorn", "pipeline.native_delivery", "importlib.metadata")
+
+
+def imported(args: list[str], cwd: Path) -> tuple[int, set[str]]:
+    """Exit code and the modules ``ato ARGS`` imported (``python -X importtime`` lists each once)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.cli.main", *args], cwd=cwd,
+                          capture_output=True, text=True, env=dict(os.environ, NO_COLOR="1"))
+    mods = set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            mods.add(line.rsplit("|", 1)[1].strip())
+    return proc.returncode, mods
+
+
+@pytest.mark.parametrize("args, code, allowed", [
+    (["--version"], 0, {"importlib.metadata"}),  # where the version is read from
+    (["ps"], 0, set()),
+    # zstandard arrives through pipeline.manifest -> stages.payload_frames, a back-edge issue 12 removes
+    (["build", "does-not-exist"], 1, {"zstandard", "zstandard.backend_c"}),
+    (["install"], 1, set()),
+])
+def test_fast_paths_import_no_heavy_library(args: list[str], code: int, allowed: set[str], tmp_path: Path) -> None:
+    rc, mods = imported(args, tmp_path)
+    assert rc == code
+    heavy = sorted(m for m in mods if (m.split(".")[0] in HEAVY or m in HEAVY) and m not in allowed)
+    assert not heavy, f"ato {' '.join(args)} imported {heavy}"
