@@ -1,24 +1,39 @@
-"""Garbage collection: drop payload manifests nobody uses and chunks no manifest names.
+"""Garbage collection: drop payload manifests nobody uses, and the packs whose chunks no manifest needs.
 
-The caller supplies the roots (payloads still in use); everything reachable from
-them is kept. Runs under the store's exclusive lock so a concurrent build, which
-holds the shared lock while it writes chunks and its record, is never cut short.
-It also sweeps the temp files killed processes left in the store (:mod:`cas.tempfiles`).
+The caller supplies the roots (payloads still in use); every chunk they name is live. Then:
+
+* a pack that holds no live chunk (or only chunks another kept pack also holds) is deleted;
+* a build pack that is mostly dead is repacked: its live frames are copied into one new pack
+  and the old pack is deleted;
+* an adopted artifact (``packs/<hash>.capsule``) that is still installed (hard-linked from
+  ``store/`` or a registry's artifact directory) is always kept; once nothing links to it, it is
+  treated like any other pack;
+* chunks still in the one-file-per-chunk layout of earlier versions are moved into a pack when
+  live and deleted either way, and that layout's manifests move into the index;
+* pack files the index does not know (a writer killed between rename and commit) and temp files
+  of writers that are gone (:mod:`cas.tempfiles`) are deleted.
+
+It runs under the store's exclusive lock. Builds, installs and uploads hold the shared lock from
+before they look a chunk up until the record that names it is written, so gc never removes a
+chunk an operation in flight is about to reference.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from cas.digest import parse
+from cas.frames import ChunkError, declared_size
+from cas.index import Location, PackEntry
 from cas.payload_manifest import PayloadManifestError
 from cas.store import CasStore
 from cas.tempfiles import is_temp, sweep
 
+REPACK_BELOW = 0.5  # repack a build pack when less than this share of its bytes is live
 STALE_TEMP_SECONDS = 3600
 
 
@@ -26,10 +41,14 @@ STALE_TEMP_SECONDS = 3600
 class GcReport:
     dry_run: bool
     roots: int
-    manifests_removed: int
-    objects_removed: int
-    objects_kept: int
-    bytes_freed: int  # the objects' sizes
+    manifests_removed: int = 0
+    objects_removed: int = 0  # chunks dropped (from packs and from the old layout)
+    objects_kept: int = 0
+    bytes_freed: int = 0
+    packs_removed: int = 0
+    packs_repacked: int = 0
+    packs_kept: int = 0
+    legacy_objects_migrated: int = 0
     temps_removed: int = 0
     temp_bytes_freed: int = 0
     disk_bytes_freed: int = 0  # disk usage given back (blocks, what `du` counts), manifests included
@@ -40,37 +59,125 @@ class GcReport:
 
 def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = False) -> GcReport:
     root_set = {parse(r) for r in roots}
+    report = GcReport(dry_run, len(root_set))
     with store.exclusive():
-        live: set[str] = set()
-        manifests_removed = 0
-        disk = 0
-        for artifact_hash in list(store.iter_manifest_hashes()):
-            if artifact_hash in root_set:
-                try:
-                    live.update(c.raw_hash for c in store.get_manifest(artifact_hash).chunks)
-                except PayloadManifestError:
-                    pass
-                continue
-            manifests_removed += 1
-            with contextlib.suppress(OSError):
-                disk += store.manifest_path(artifact_hash).stat().st_blocks * 512
-            if not dry_run:
-                store.manifest_path(artifact_hash).unlink(missing_ok=True)
-        removed = kept = freed = 0
-        for hex_digest in list(store.objects.iter_hexes()):
-            if hex_digest in live:
-                kept += 1
-                continue
-            removed += 1
-            path = store.objects.path(hex_digest)
-            with contextlib.suppress(OSError):
-                disk += path.stat().st_blocks * 512
-            freed += path.stat().st_size if dry_run else store.objects.remove(hex_digest)
+        live = _live_chunks(store, root_set, report, dry_run)
+        _packs(store, live, report, dry_run)
         temps = sweep([store.root], recursive=True, dry_run=dry_run)
+        report.temps_removed, report.temp_bytes_freed = len(temps.removed), temps.bytes_freed
         if not dry_run:
             _remove_legacy_temps(store)
-    return GcReport(dry_run, len(root_set), manifests_removed, removed, kept, freed, len(temps.removed),
-                    temps.bytes_freed, disk)
+            if report.packs_removed or report.packs_repacked or report.manifests_removed:
+                store.packs.index.compact()
+    return report
+
+
+def _live_chunks(store: CasStore, root_set: set[str], report: GcReport, dry_run: bool) -> set[str]:
+    live: set[str] = set()
+    dead: list[str] = []
+    for artifact_hash in list(store.iter_manifest_hashes()):
+        if artifact_hash not in root_set:
+            dead.append(artifact_hash)
+            continue
+        try:
+            live.update(c.raw_hash for c in store.get_manifest(artifact_hash).chunks)
+        except (PayloadManifestError, ChunkError):
+            pass  # a broken manifest keeps nothing alive; verify reports it
+    report.manifests_removed = len(dead)
+    if not dry_run:
+        store.remove_manifests(dead)
+        if not store.manifests_as_files:  # live ones were copied into the index by get_manifest
+            for h in store.legacy_manifest_hashes():
+                store.manifest_path(h).unlink(missing_ok=True)
+    return live
+
+
+def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool) -> None:
+    packs = store.packs
+    provided: set[str] = set()
+    rows = packs.index.packs()
+    pinned = [r for r in rows if r.kind == "capsule" and _linked_elsewhere(packs.directory / r.name)]
+    for r in pinned:
+        provided.update(e.hash for e in packs.index.pack_entries(r.name))
+        report.packs_kept += 1
+    to_copy: list[tuple[PackEntry, str]] = []
+    doomed: list[str] = []
+    for r in rows:
+        if r in pinned:
+            continue
+        entries = packs.index.pack_entries(r.name)
+        needed = [e for e in entries if e.hash in live and e.hash not in provided]
+        dropped = len(entries) - len(needed)
+        if not needed:
+            doomed.append(r.name)
+            report.objects_removed += len(entries)
+            continue
+        provided.update(e.hash for e in needed)
+        if r.kind == "pack" and sum(e.length for e in needed) >= REPACK_BELOW * r.size:
+            report.packs_kept += 1
+            continue
+        to_copy.extend((e, r.name) for e in needed)
+        doomed.append(r.name)
+        report.objects_removed += dropped
+        report.packs_repacked += 1
+    legacy = list(store.objects.iter_hexes())
+    legacy_live = [h for h in legacy if h in live and h not in provided]
+    report.objects_removed += len(legacy) - len(legacy_live)
+    report.legacy_objects_migrated = len(legacy_live)
+    report.objects_kept = len(provided) + len(legacy_live)
+    known = {r.name for r in rows}
+    orphans = [name for name in packs.files() if name not in known]
+    if dry_run:
+        report.bytes_freed = sum(_size(packs.directory / n) for n in doomed + orphans) + \
+            sum(_size(store.objects.path(h)) for h in legacy)
+        report.packs_removed = len(doomed) + len(orphans) - report.packs_repacked
+        return
+    if to_copy or legacy_live:
+        with packs.writer() as writer:
+            for entry, pack in to_copy:
+                try:
+                    frame = packs.frame_view(entry.hash, Location(pack, entry.offset, entry.length, entry.raw_size,
+                                                                  entry.frame_hash))
+                except ChunkError:
+                    continue  # damaged: dropped (verify reported it; the next build or install stores it again)
+                writer.add(entry.hash, frame, entry.raw_size, entry.frame_hash)
+            for h in legacy_live:
+                try:
+                    frame = store.objects.read_frame(h)  # decoded and checked
+                except ChunkError:
+                    continue
+                writer.add(h, frame, declared_size(frame) or 0)
+            writer.commit()
+    for name in doomed + orphans:
+        report.bytes_freed += packs.remove_pack(name)
+    report.packs_removed = len(doomed) + len(orphans) - report.packs_repacked
+    for h in legacy:
+        report.bytes_freed += store.objects.remove(h)
+    _remove_empty_dirs(store.objects.root / "objects")
+    if not store.manifests_as_files:
+        _remove_empty_dirs(store.manifest_dir.parent)
+
+
+def _linked_elsewhere(path: os.PathLike[str]) -> bool:
+    try:
+        return os.stat(path).st_nlink > 1
+    except OSError:
+        return False
+
+
+def _size(path: os.PathLike[str]) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _remove_empty_dirs(top: os.PathLike[str]) -> None:
+    for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
 
 
 def _remove_legacy_temps(store: CasStore) -> None:

@@ -11,53 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
-import zstandard
 
 from cas.atomic import write_bytes_atomic
 from cas.digest import parse
+from cas.frames import ChunkError, compress, declared_size, decompress_frame
 from cas.stoppoints import stop_point
 from cas.tempfiles import temp_path
 
-COMPRESSION_LEVEL = 3
-_local = threading.local()
-
-
-class ObjectError(Exception):
-    """An object is missing or its bytes do not match its name."""
-
-    def __init__(self, kind: str, hex_digest: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind  # "missing" | "corrupt"
-        self.hex_digest = hex_digest
-
-
-def _compressor() -> zstandard.ZstdCompressor:
-    # One compressor per thread (they are not thread-safe). threads=0 compresses each
-    # frame on the calling thread, so bytes never depend on the machine's core count.
-    comp = getattr(_local, "compressor", None)
-    if comp is None:
-        comp = zstandard.ZstdCompressor(level=COMPRESSION_LEVEL, write_content_size=True,
-                                        write_checksum=False, threads=0)
-        _local.compressor = comp
-    return comp
-
-
-def _decompressor() -> zstandard.ZstdDecompressor:
-    dec = getattr(_local, "decompressor", None)
-    if dec is None:
-        dec = zstandard.ZstdDecompressor()
-        _local.decompressor = dec
-    return dec
-
-
-def compress(raw: bytes | memoryview) -> bytes:
-    """The deterministic zstd frame for one chunk."""
-    return _compressor().compress(raw)
+# The one frame format and error type of the store (cas.frames); these names stay for callers.
+ObjectError = ChunkError
 
 
 class ObjectStore:
@@ -162,13 +128,11 @@ class ObjectStore:
             raise ObjectError("missing", hex_digest, f"CAS object missing: blake3:{hex_digest}") from None
 
     def _check(self, hex_digest: str, frame: bytes, expected_size: int | None) -> bytes:
-        try:
-            raw = _decompressor().decompress(frame)
-        except zstandard.ZstdError as exc:
-            raise ObjectError("corrupt", hex_digest, f"CAS object blake3:{hex_digest} does not decode: {exc}") from None
-        if expected_size is not None and len(raw) != expected_size:
-            raise ObjectError("corrupt", hex_digest,
-                              f"CAS object blake3:{hex_digest} has {len(raw)} bytes, expected {expected_size}")
+        size = expected_size if expected_size is not None else declared_size(frame)
+        raw = decompress_frame(frame, size) if size is not None else None
+        if raw is None:
+            raise ObjectError("corrupt", hex_digest, f"CAS object blake3:{hex_digest} is not one zstd frame of "
+                                                     f"{size if size is not None else 'a chunk'}'s size")
         if blake3.blake3(raw).hexdigest() != hex_digest:
             raise ObjectError("corrupt", hex_digest, f"CAS object blake3:{hex_digest} content does not match its digest")
         return raw

@@ -136,7 +136,7 @@ def _resolve_source_digest(manifest: Manifest, strict: bool, store: CasStore,
     try:
         payload = store.get_manifest(parse(digest))
         for c in payload.chunks:
-            store.objects.get(c.raw_hash, c.raw_size)
+            store.raw(c.raw_hash, c.raw_size)
         return payload
     except (ObjectError, PayloadManifestError, ValueError) as exc:
         if strict:

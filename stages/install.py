@@ -558,7 +558,7 @@ def parse_sha(value: str) -> str:
 def _ensure_manifest(cas: CasStore, path: Path) -> None:
     """The payload manifest of an installed artifact is a gc root: keep it in the CAS."""
     manifest = read_capsule(path).payload_manifest
-    if not cas.manifest_path(manifest.artifact_hash).exists():
+    if not cas.has_manifest(manifest.artifact_hash):
         cas.put_manifest(manifest)
 
 
@@ -634,7 +634,7 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
                 _stage_from_artifact(tmp, verdict, cas, staging, transfer)
             staging.publish()
             payload = verdict.capsule.payload_manifest  # type: ignore[union-attr]
-            if not cas.manifest_path(payload.artifact_hash).exists():
+            if not cas.has_manifest(payload.artifact_hash):
                 cas.put_manifest(payload)
             os.replace(tmp, target)
             fsync_dir(target.parent)

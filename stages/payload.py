@@ -95,15 +95,14 @@ def write_tar(entries: Iterable[SourceEntry], out, epoch: int, task: Task = SILE
 def _prepare_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bytes, Path | None]:
     """Hash and compress one chunk; stage a temp object unless the CAS already has it intact."""
     hex_digest = blake3.blake3(view).hexdigest()
-    objects = store.objects
-    if objects.has(hex_digest):
+    if store.has_chunk(hex_digest):
         try:
-            frame = objects.read_frame(hex_digest, len(view))
+            frame = store.frame(hex_digest, len(view))
             return ChunkRef(hex_digest, len(view), len(frame)), frame, None
         except ObjectError:
-            objects.remove(hex_digest)  # damaged: replaced by the fresh frame below
+            store.objects.remove(hex_digest)  # damaged: replaced by the fresh frame below
     frame = compress(view)
-    return ChunkRef(hex_digest, len(view), len(frame)), frame, objects.write_temp(hex_digest, frame)
+    return ChunkRef(hex_digest, len(view), len(frame)), frame, store.objects.write_temp(hex_digest, frame)
 
 
 def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[tuple[ChunkRef, bytes, Path | None]]:

@@ -219,7 +219,13 @@ def test_verify_and_gc(tmp_path: Path) -> None:
     assert store.objects.has(orphan)
     report = collect_garbage(store, [live.artifact_hash])
     assert (report.objects_removed, report.objects_kept, report.manifests_removed) == (1, 3, 1)
-    assert not store.objects.has(orphan) and all(store.objects.has(h) for h in kept)
-    store.objects.path(kept[0]).write_bytes(b"garbage")
+    # the live chunks moved from the old one-file-per-chunk layout into a pack
+    assert not store.has_chunk(orphan) and all(store.locate(h) for h in kept)
+    assert [store.raw(h) for h in kept] == [bytes([i]) * 5000 for i in range(3)]
+    pack = next((tmp_path / "packs").iterdir())
+    where = store.locate(kept[0])
+    data = bytearray(pack.read_bytes())
+    data[where.offset + 5] ^= 1
+    pack.write_bytes(bytes(data))
     bad = verify_store(store)
     assert not bad.ok and bad.corrupt == [f"blake3:{kept[0]}"]

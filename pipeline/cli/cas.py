@@ -25,17 +25,20 @@ def cas_group() -> None:
 @cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json"))
 @json_option
 def verify_cmd() -> None:
-    """Re-hash every object and check every stored payload manifest (fsck).
+    """Check every chunk, pack and payload manifest in the store (fsck).
 
-    Leftover temp files of interrupted writers are listed too.
+    Each chunk is decoded and re-hashed; packs the index does not know and temp files left by
+    killed processes are listed (`ato cas gc` removes them).
     """
     store = CasStore(paths.cas_root())
     report = verify_store(store)
     leftovers = sweep_temps(dry_run=True)
     doc = {"schema_version": SCHEMA_VERSION, "root": str(store.root), **report.to_json(),
            "leftover_temps": leftovers.removed, "leftover_temp_bytes": leftovers.bytes_freed}
-    human = (f"{report.objects_ok}/{report.objects_checked} objects ok, "
+    human = (f"{report.objects_ok}/{report.objects_checked} chunks ok in {report.packs_checked} packs, "
              f"{report.manifests_checked} payload manifests checked")
+    if report.unindexed_packs:
+        human += f"; {len(report.unindexed_packs)} pack(s) a killed writer never recorded (`ato cas gc` removes them)"
     if leftovers.removed:
         human += (f"; {len(leftovers.removed)} temp file(s) ({human_bytes(leftovers.bytes_freed)}) left by killed "
                   "processes: `ato cas gc` removes them")
@@ -46,9 +49,11 @@ def verify_cmd() -> None:
         return
     if json_mode():
         emit(doc, "cas-verify")
-    problems = report.corrupt[:3] + report.missing[:3] + [m["artifact_hash"] for m in report.manifests_broken[:3]]
-    raise AtoError(E_INTEGRITY, f"CAS verification failed: {len(report.corrupt)} corrupt object(s), "
-                   f"{len(report.missing)} missing, {len(report.manifests_broken)} broken manifest(s): "
+    problems = report.corrupt[:3] + report.missing[:3] + [m["artifact_hash"] for m in report.manifests_broken[:3]] + \
+        [p["pack"] for p in report.packs_broken[:3]]
+    raise AtoError(E_INTEGRITY, f"CAS verification failed: {len(report.corrupt)} corrupt chunk(s), "
+                   f"{len(report.missing)} missing, {len(report.manifests_broken)} broken manifest(s), "
+                   f"{len(report.packs_broken)} broken pack(s): "
                    f"{', '.join(problems)}", hint="rebuild or reinstall the affected capsules; "
                    "`ato cas gc` removes what nothing uses")
 
@@ -57,9 +62,11 @@ def verify_cmd() -> None:
 @click.option("--dry-run", is_flag=True, help="Report what would be removed, remove nothing.")
 @json_option
 def gc_cmd(dry_run: bool) -> None:
-    """Remove the payload manifests and chunks that nothing uses any more.
+    """Remove what no build, install or fetch uses, and leftover temp files.
 
-    Nothing uses them when no build, install or fetch names them; leftover temp files go too.
+    Payload manifests nothing names go, packs holding only dead chunks are deleted, mostly dead
+    packs are repacked, and chunks in the one-file-per-chunk layout of earlier versions are moved
+    into a pack.
     """
     store = CasStore(paths.cas_root())
     report = collect_garbage(store, live_payloads(), dry_run=dry_run)
@@ -68,9 +75,10 @@ def gc_cmd(dry_run: bool) -> None:
     report.temp_bytes_freed += others.bytes_freed
     doc = {"schema_version": SCHEMA_VERSION, **report.to_json()}
     verb = "would remove" if dry_run else "removed"
-    emit(doc, "cas-gc", f"{verb} {report.objects_removed} objects ({human_bytes(report.bytes_freed)}), "
+    emit(doc, "cas-gc", f"{verb} {report.objects_removed} chunks ({human_bytes(report.bytes_freed)}; "
+                        f"{report.packs_removed} packs, {report.packs_repacked} repacked), "
                         f"{report.manifests_removed} payload manifests and {report.temps_removed} leftover temp "
-                        f"files ({human_bytes(report.temp_bytes_freed)}); kept {report.objects_kept} objects")
+                        f"files ({human_bytes(report.temp_bytes_freed)}); kept {report.objects_kept} chunks")
 
 
 def register(group: click.Group) -> None:

@@ -295,7 +295,7 @@ class RegistryStore:
         self.limits = limits or consumer_limits()  # the decoded-payload ceiling an upload must stay under
         self.root = Path(data_dir)
         self.db_path = self.root / "registry.sqlite3"
-        self.cas = CasStore(self.root / "cas")
+        self.cas = CasStore(self.root / "cas", manifests_as_files=True)
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
         # chunk-upload sessions of this process: a killed server's sessions are swept with its other temps

@@ -251,8 +251,12 @@ def test_cas_verify_and_gc_commands(ato, tmp_path: Path, isolated_home: Path) ->
     doc = res.json()
     assert_schema(doc, "cas-gc")
     assert doc["objects_removed"] == 0
-    objects = sorted((isolated_home / ".ato" / "cas" / "objects").rglob("*.zst"))
-    objects[0].write_bytes(b"not zstd")
+    packs = sorted((isolated_home / ".ato" / "cas" / "packs").glob("*.pack"))
+    data = bytearray(packs[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    packs[0].write_bytes(bytes(data))
     res = ato(["cas", "verify", "--json"])
     assert res.code == 1 and "E208" in res.stderr
-    assert_schema(res.json(), "cas-verify")
+    doc = res.json()
+    assert_schema(doc, "cas-verify")
+    assert len(doc["corrupt"]) == 1 and doc["packs_checked"] == 1
