@@ -198,22 +198,31 @@ class PackStore:
             raise ChunkError("corrupt", hex_digest, f"CAS chunk blake3:{hex_digest} in pack {where.pack} is damaged")
         return raw
 
-    def spans(self, hexes: Iterable[str], locations: dict[str, Location]) -> Iterator[FrameSpan]:
+    def spans(self, hexes: Iterable[str], locations: dict[str, Location]) -> Iterator[tuple[FrameSpan, list[Location]]]:
         """The frames of ``hexes`` in order as runs of contiguous bytes (one copy per run, not per frame)."""
         run: FrameSpan | None = None
+        members: list[Location] = []
         for h in hexes:
             where = locations[h]
             if run is not None and run.pack == where.pack and run.offset + run.length == where.offset:
                 run = FrameSpan(run.pack, run.offset, run.length + where.length)
+                members.append(where)
                 continue
             if run is not None:
-                yield run
-            run = FrameSpan(where.pack, where.offset, where.length)
+                yield run, members
+            run, members = FrameSpan(where.pack, where.offset, where.length), [where]
         if run is not None:
-            yield run
+            yield run, members
 
-    def span_view(self, span: FrameSpan) -> memoryview:
-        return self._open.view(span.pack, span.offset, span.length)
+    def checked_span(self, span: FrameSpan, frames: list[Location]) -> memoryview:
+        """The bytes of a run of frames, each checked against its frame digest."""
+        view = self._open.view(span.pack, span.offset, span.length)
+        for where in frames:
+            lo = where.offset - span.offset
+            if blake3.blake3(view[lo:lo + where.length]).digest() != where.frame_hash:
+                raise ChunkError("corrupt", "", f"a CAS chunk in pack {span.pack} at offset {where.offset} is damaged "
+                                                "(frame digest differs); `ato cas verify` lists it")
+        return view
 
     # ---------------------------------------------------------------- writing
 

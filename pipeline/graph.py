@@ -1,98 +1,157 @@
-"""Stage chains as doit tasks, with up-to-date checks by BLAKE3 digest.
+"""Stage chains as doit tasks: doit decides what is up to date and what changed.
 
-A chain is a list of :class:`Step` (a name, a function, the digest of its inputs
-and a check that its outputs are still there). doit decides which steps run:
-a step is up to date when the inputs digest it recorded last time equals the
-current one and its outputs check out, so unchanged inputs do no work. doit's
-dependency database lives under ``$ATO_HOME/state``.
+A chain is a list of :class:`Step`. Each becomes a doit task with its real dependencies:
+
+* ``file_dep``: the files the step reads. They are checked by :class:`StatThenBlake3` (plugged
+  into doit as its file checker): a file whose size, mtime, ctime and inode are as recorded is
+  unchanged without being read; otherwise its BLAKE3 decides. doit hands the step the list of
+  files that changed (its ``changed`` argument), which is what makes a rebuild incremental.
+* ``config``: every other input (manifest, options, ...), through doit's ``config_changed``.
+* ``after``: steps whose *result* this one consumes (doit's ``result_dep``), passed to the
+  action through doit's ``getargs``.
+* ``outputs_ok``: a check that what the step wrote last time is still there and intact.
+
+doit's dependency database (SQLite) lives in the chain's state dir; ``--explain`` asks doit for
+its reasons (``get_status`` with the log on) before running. Nothing here is module-level state:
+each run builds its own reporter and checker classes, so chains can run one after another or
+nested in one process.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from doit.cmd_base import TaskLoader2
-from doit.doit_cmd import DoitMain
-from doit.task import dict_to_task
-
+from cas.digest import blake3_file
 from cas.filelock import flocked
 from pipeline.errors import E_INTERNAL, AtoError
 from stages import build as build_stage
 
+RACY_SECONDS = 3  # a file written this recently may change again within the same timestamp
+
 
 @dataclass
 class Step:
-    """One stage in a chain: runs ``action`` unless its inputs and outputs are unchanged."""
+    """One stage in a chain."""
 
     name: str
-    action: Callable[[], dict[str, Any]]
-    inputs_digest: str
+    action: Callable[..., dict[str, Any]]  # called with ``changed`` (paths) and the results of ``after`` by name
+    config: dict[str, Any]
+    file_dep: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
     outputs_ok: Callable[[dict[str, Any]], bool] = lambda _values: True
-    depends_on: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
 
 
 @dataclass
 class StepReport:
     name: str
-    inputs_digest: str
     status: str = "pending"  # "ran" | "up-to-date" | "failed" | "pending"
     values: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "inputs_digest": self.inputs_digest, "values": self.values}
+    reasons: dict[str, Any] = field(default_factory=dict)  # doit's own, with --explain
 
 
-class _Recorder:
-    """A doit reporter that records what ran instead of printing."""
-
-    desc = "records task status for ato"
-    current: dict[str, StepReport] = {}
-
-    def __init__(self, outstream: Any, options: Any) -> None:
-        self.failures: list[Any] = []
-
-    def initialize(self, tasks: Any, selected_tasks: Any) -> None: ...
-    def get_status(self, task: Any) -> None: ...
-    def execute_task(self, task: Any) -> None: ...
-    def add_success(self, task: Any) -> None:
-        if task.name in self.current:
-            self.current[task.name].status = "ran"
-    def skip_uptodate(self, task: Any) -> None:
-        if task.name in self.current:
-            self.current[task.name].status = "up-to-date"
-    def skip_ignore(self, task: Any) -> None: ...
-    def add_failure(self, task: Any, fail: Any) -> None:
-        if task.name in self.current:
-            self.current[task.name].status = "failed"
-        self.failures.append(fail)
-    def cleanup_error(self, exception: Any) -> None: ...
-    def runtime_error(self, msg: str) -> None:
-        self.failures.append(msg)
-    def teardown_task(self, task: Any) -> None: ...
-    def complete_run(self) -> None: ...
+def stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-class _Loader(TaskLoader2):
-    def __init__(self, tasks: list[dict[str, Any]], db_path: Path) -> None:
-        super().__init__()
-        self.tasks = tasks
-        self.db_path = db_path
+class DigestMemo:
+    """BLAKE3s computed during one run (by the checker, or by a step that read the file anyway)."""
 
-    def setup(self, opt_values: Any) -> None: ...
+    def __init__(self, digests: dict[str, tuple[list[int], str]] | None = None) -> None:
+        self.digests = digests if digests is not None else {}
 
-    def load_doit_config(self) -> dict[str, Any]:
-        return {"dep_file": str(self.db_path), "backend": "json", "verbosity": 0,
-                "reporter": _Recorder, "check_file_uptodate": "md5"}
+    def record(self, path: str, key: list[int], digest: str) -> None:
+        self.digests[path] = (key, digest)
 
-    def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
-        return [dict_to_task(t) for t in self.tasks]
+    def get(self, path: str, key: list[int]) -> str | None:
+        found = self.digests.get(path)
+        return found[1] if found and found[0] == key else None
+
+
+def _checker_class(memo: DigestMemo) -> type:
+    from doit.dependency import FileChangedChecker
+
+    class StatThenBlake3(FileChangedChecker):
+        """doit's file checker: stat first, BLAKE3 only when the stat differs.
+
+        State saved per file: ``[size, mtime_ns, ctime_ns, inode, blake3]``. The BLAKE3 saved is
+        always that of the bytes the step used (from the memo), never one computed afterwards. A
+        file written so recently that it could change again within one timestamp tick is saved
+        without its times (the next run hashes it); one changed while the step ran is saved with
+        size -1 (the next run takes it as changed).
+        """
+
+        def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
+            key = stat_key(file_stat)
+            if list(state[:4]) == key:
+                return False
+            if file_stat.st_size != state[0]:
+                return True
+            digest = memo.get(file_path, key) or blake3_file(file_path)
+            memo.record(file_path, key, digest)
+            return digest != state[4]
+
+        def get_state(self, dep: str, current_state: Any) -> Any:
+            try:
+                key = stat_key(os.stat(dep))
+            except OSError:
+                key = [0, 0, 0, 0]
+            digest = memo.get(dep, key)
+            recent = max(key[1], key[2]) > (time.time() - RACY_SECONDS) * 1e9
+            if digest is None:
+                if current_state is not None and list(current_state[:4]) == key and not recent:
+                    return None  # unchanged and not read: the saved state stands
+                old = current_state[4] if current_state is not None else ""
+                return [-1, 0, 0, 0, old]  # changed behind our back: the next run takes it as changed
+            return [key[0], 0, 0, 0, digest] if recent else [*key, digest]
+
+    return StatThenBlake3
+
+
+def _reporter_class(reports: dict[str, StepReport], failures: list[Any]) -> type:
+    seen: dict[str, tuple[str, Any]] = {}
+
+    class Recorder:
+        """A doit reporter that records what ran instead of printing."""
+
+        desc = "records task status for ato"
+
+        def __init__(self, outstream: Any, options: Any) -> None: ...
+        def initialize(self, tasks: Any, selected_tasks: Any) -> None: ...
+        def get_status(self, task: Any) -> None: ...
+        def execute_task(self, task: Any) -> None: ...
+
+        def add_success(self, task: Any) -> None:
+            seen[task.name] = ("ran", task)
+
+        def skip_uptodate(self, task: Any) -> None:
+            seen[task.name] = ("up-to-date", task)  # doit sets task.values just after this call
+
+        def skip_ignore(self, task: Any) -> None: ...
+
+        def add_failure(self, task: Any, fail: Any) -> None:
+            seen[task.name] = ("failed", task)
+            failures.append(fail)
+
+        def cleanup_error(self, exception: Any) -> None: ...
+        def runtime_error(self, msg: str) -> None:
+            failures.append(msg)
+        def teardown_task(self, task: Any) -> None: ...
+
+        def complete_run(self) -> None:
+            for name, (status, task) in seen.items():
+                if name in reports:
+                    reports[name].status = status
+                    reports[name].values = {k: v for k, v in (task.values or {}).items() if not k.startswith("_")}
+
+    return Recorder
 
 
 def locked(state_dir: Path) -> AbstractContextManager[None]:
@@ -100,78 +159,139 @@ def locked(state_dir: Path) -> AbstractContextManager[None]:
     return flocked(state_dir / ".lock")
 
 
-def run_chain(steps: list[Step], state_dir: Path) -> list[StepReport]:
-    """Run ``steps`` through doit; AtoErrors raised by an action propagate unchanged."""
-    reports = {s.name: StepReport(s.name, s.inputs_digest) for s in steps}
-    errors: list[BaseException] = []
+def _task_dicts(steps: list[Step], errors: list[BaseException]) -> list[dict[str, Any]]:
+    from doit.task import result_dep
+    from doit.tools import config_changed
 
-    def wrap(step: Step) -> Callable[[], dict[str, Any]]:
-        def action() -> dict[str, Any] | bool:
+    tasks = []
+    for step in steps:
+        def action(step: Step = step, **kwargs: Any) -> dict[str, Any] | bool:
             try:
-                values = step.action()
+                return dict(step.action(**kwargs))
             except BaseException as exc:  # noqa: BLE001 - re-raised after doit unwinds
                 errors.append(exc)
                 return False
-            values = dict(values)
-            values["inputs_digest"] = step.inputs_digest
-            reports[step.name].values = values
-            return values
-        return action
 
-    def uptodate(step: Step) -> Callable[[Any, dict[str, Any]], bool]:
-        def check(task: Any, values: dict[str, Any]) -> bool:  # doit passes these by name
+        def intact(task: Any, values: dict[str, Any], step: Step = step) -> bool:  # doit passes these by name
             del task
-            if values.get("inputs_digest") != step.inputs_digest:
-                return False
             try:
-                ok = step.outputs_ok(values)
+                return bool(values) and bool(step.outputs_ok(values))
             except (OSError, ValueError, AtoError):
                 return False
-            if ok:
-                reports[step.name].values = dict(values)
-            return bool(ok)
-        return check
 
-    tasks = [{
-        "name": s.name,
-        "actions": [(wrap(s), [], {})],
-        "uptodate": [uptodate(s)],
-        "task_dep": list(s.depends_on),
-        "targets": list(s.targets),
-        "verbosity": 0,
-    } for s in steps]
-    db_path = state_dir / "doit.json"
+        # doit passes ``changed`` and each getargs value by the action's parameter names
+        params = ["changed", *step.after]
+        action.__signature__ = _signature(params)  # type: ignore[attr-defined]
+        tasks.append({
+            "name": step.name,
+            "actions": [(action, [], {})],
+            "file_dep": list(step.file_dep),
+            "targets": list(step.targets),
+            "getargs": {name: (name, None) for name in step.after},
+            "uptodate": [config_changed(step.config), *[result_dep(name) for name in step.after], intact],
+            "verbosity": 0,
+        })
+    return tasks
+
+
+def _signature(params: list[str]) -> Any:
+    import inspect
+
+    return inspect.Signature([inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY) for p in params])
+
+
+def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = None,
+              explain: bool = False) -> list[StepReport]:
+    """Run ``steps`` through doit; AtoErrors raised by an action propagate unchanged."""
+    from doit.cmd_base import TaskLoader2
+    from doit.doit_cmd import DoitMain
+    from doit.task import dict_to_task
+
+    memo = memo or DigestMemo()
+    reports = {s.name: StepReport(s.name) for s in steps}
+    errors: list[BaseException] = []
+    failures: list[Any] = []
+    checker = _checker_class(memo)
+    db_path = state_dir / "doit.sqlite"
+    tasks = _task_dicts(steps, errors)
+
+    class Loader(TaskLoader2):
+        def setup(self, opt_values: Any) -> None: ...
+
+        def load_doit_config(self) -> dict[str, Any]:
+            return {"dep_file": str(db_path), "backend": "sqlite3", "verbosity": 0,
+                    "reporter": _reporter_class(reports, failures), "check_file_uptodate": checker}
+
+        def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
+            return [dict_to_task(t) for t in tasks]
+
+    state_dir.mkdir(parents=True, exist_ok=True)
     with locked(state_dir):
-        _Recorder.current = reports
+        if explain:
+            _explain(steps, tasks, db_path, checker, reports)
         sink = io.StringIO()
         cwd = os.getcwd()
         try:
             with redirect_stdout(sink), redirect_stderr(sink):
-                code = DoitMain(_Loader(tasks, db_path), config_filenames=()).run(["run"])
+                code = DoitMain(Loader(), config_filenames=()).run(["run"])
         finally:
             os.chdir(cwd)
-            _Recorder.current = {}
     if errors:
         raise errors[0]
+    for s in steps:  # doit's probe cannot know that a step's inputs will change when an earlier step runs
+        report = reports[s.name]
+        if explain and report.status == "ran" and not report.reasons:
+            report.reasons = {"result_dep": [a for a in s.after if reports[a].status == "ran"]}
     if code != 0:
-        raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {sink.getvalue().strip()[:300]}")
+        detail = sink.getvalue().strip() or "; ".join(str(f) for f in failures)
+        raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {detail[:300]}")
     return [reports[s.name] for s in steps]
 
 
+def _explain(steps: list[Step], tasks: list[dict[str, Any]], db_path: Path, checker: type,
+             reports: dict[str, StepReport]) -> None:
+    """doit's own reasons for each task, from its dependency database (read only: nothing is saved)."""
+    from doit.dependency import Dependency, SqliteDB
+    from doit.task import dict_to_task
+
+    if not db_path.exists():
+        for s in steps:
+            reports[s.name].reasons = {"never_ran": True}
+        return
+    dep = Dependency(SqliteDB, str(db_path), checker_cls=checker)
+    try:
+        task_objs = {t["name"]: dict_to_task(dict(t)) for t in tasks}
+        for name, task in task_objs.items():
+            status = dep.get_status(task, task_objs, get_log=True)
+            reports[name].reasons = {k: _plain(v) for k, v in status.reasons.items()}
+    finally:
+        dep.backend._conn.close()  # read only: never dump (that would save the probe's state)
+
+
+def _plain(value: Any) -> Any:
+    """A reason's argument as JSON-able text (doit gives file lists, or the uptodate callables)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return repr(value)
+
+
 def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
-    """lock -> payload -> artifact for one build plan."""
+    """payload -> lock -> artifact for one build plan."""
     return [
-        Step("lock", lambda: build_stage.write_lock(plan), plan.lock_inputs,
-             lambda v: build_stage.lock_ok(plan, v)),
-        Step("payload", lambda: build_stage.pack(plan), plan.payload_inputs,
-             lambda v: build_stage.payload_ok(plan, v), depends_on=["lock"]),
-        Step("artifact", lambda: build_stage.assemble(plan), plan.artifact_inputs,
-             lambda v: build_stage.artifact_ok(plan, v), depends_on=["payload"], targets=[str(plan.out_path)]),
+        Step("payload", lambda changed: build_stage.pack(plan, changed), plan.payload_config,
+             file_dep=plan.file_deps, outputs_ok=lambda v: build_stage.payload_ok(plan, v)),
+        Step("lock", lambda changed, payload: build_stage.write_lock(plan, payload), plan.lock_config,
+             after=["payload"], outputs_ok=lambda v: build_stage.lock_ok(plan, v)),
+        Step("artifact", lambda changed, payload, lock: build_stage.assemble(plan, payload, lock),
+             plan.artifact_config, after=["payload", "lock"], outputs_ok=lambda v: build_stage.artifact_ok(plan, v),
+             targets=[str(plan.out_path)]),
     ]
 
 
-def run_build(plan: build_stage.BuildPlan) -> dict:
+def run_build(plan: build_stage.BuildPlan, *, explain: bool = False) -> dict[str, Any]:
     """Run a build plan and return its validated envelope."""
     build_stage.sweep_leftovers(plan)
-    reports = run_chain(build_chain(plan), plan.state_dir)
-    return build_stage.build_envelope(plan, [r.as_dict() for r in reports])
+    reports = run_chain(build_chain(plan), plan.state_dir, memo=DigestMemo(plan.read_digests), explain=explain)
+    return build_stage.build_envelope(plan, [r.__dict__ for r in reports])

@@ -1,9 +1,12 @@
-"""The build stage chain: lock -> payload -> artifact, planned here and run by doit.
+"""The build: payload -> lock -> artifact, planned here and run by doit (pipeline.graph).
 
-:func:`plan_build` does everything that must happen on every build (read and
-validate the manifest, select and hash the source set) and derives each step's
-inputs digest; :func:`build_steps` turns the plan into graph steps whose actions
-do the expensive work only when those digests changed.
+:func:`plan_build` does what every build needs before doit runs: read and validate the manifest
+and walk the source set (stat only: nothing is read). Each step then declares its real inputs:
+the payload step depends on every packed file (doit's ``file_dep``, checked by stat and then
+BLAKE3) and is handed the files that changed; the lock and artifact steps take the payload
+step's result (doit's ``getargs``/``result_dep``). The payload step reads only what changed
+(stages.payload), writes one pack of new chunks and a record of the source set; the artifact is
+assembled from the packs. No copy of the payload is kept outside the store.
 """
 
 from __future__ import annotations
@@ -21,29 +24,47 @@ import blake3
 
 from cas.atomic import write_bytes_atomic
 from cas.canonical import jcs_digest
-from cas.digest import blake3_file, label, parse
-from cas.objects import ObjectError
+from cas.digest import blake3_bytes, blake3_file, label, parse
+from cas.frames import ChunkError
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
 from cas.store import CasStore
-from cas.tempfiles import sweep, temp_path
+from cas.tempfiles import sweep
 from pipeline import paths
 from pipeline.envelope import validate
-from pipeline.errors import E_ENTRYPOINT, E_PAYLOAD_TOO_LARGE, E_STRICT_FALLBACK, E_USAGE, AtoError
+from pipeline.errors import (
+    E_ENTRYPOINT,
+    E_INTEGRITY,
+    E_PAYLOAD_TOO_LARGE,
+    E_STRICT_FALLBACK,
+    E_USAGE,
+    AtoError,
+)
 from pipeline.manifest import Manifest, load_manifest, relpath
 from pipeline.manifest.ipc import check_document
 from pipeline.progress import SILENT, Progress, human_bytes
 from stages import build_steps, native_build
 from stages.capsule import archive, distribution, keys, signature
-from stages.lock import build_lock, entries_listing
-from stages.payload import PackedFile, list_stored_payload, pack_payload
+from stages.lock import build_lock, lock_inputs
+from stages.payload import (
+    PackedFile,
+    Previous,
+    iter_payload_views,
+    list_stored_payload,
+    pack_cold,
+    pack_incremental,
+    stored_result,
+)
 from stages.provenance import record_local_build
 from stages.sbom import build_sbom
-from stages.sources import DigestCache, PackFilter, SourceEntry, collect, generated_entry
+from stages.sources import PackFilter, SourceEntry, collect, generated_entry
 
-BUILD_FORMAT = "ato-build/1"
+BUILD_FORMAT = "ato-build/2"
 SCHEMA_VERSION = "0.1"
 MAX_PAYLOAD_BYTES = 200 * 1024 * 1024
 CONSENT_REQUIRED = "ATO_ERR_CONSENT_REQUIRED"
+RACY_SECONDS = 3  # a file written this recently may change again within one timestamp tick
+# what earlier versions kept in a build's state dir (the payload.tar.zst copy among them)
+_OLD_STATE = ("payload.tar.zst", "digests.json", "doit.json")
 
 
 @dataclass
@@ -62,7 +83,7 @@ class BuildOptions:
 class BuildPlan:
     manifest: Manifest
     options: BuildOptions
-    entries: list[SourceEntry]
+    entries: list[SourceEntry]  # stat only; the payload step adds the digests
     stored_files: list[PackedFile] | None  # set when the payload comes from the CAS (source_digest)
     source_payload: PayloadManifest | None
     out_path: Path
@@ -71,14 +92,40 @@ class BuildPlan:
     target: str
     derived_from: str
     readme: Path | None
-    lock_inputs: str
-    payload_inputs: str
-    artifact_inputs: str
     warnings: list[str] = field(default_factory=list)
+    # BLAKE3s the payload step computed this run, by path, with the stat they were read under:
+    # doit's file checker saves these instead of reading the files again.
+    read_digests: dict[str, tuple[list[int], str]] = field(default_factory=dict)
 
     @property
     def store(self) -> CasStore:
         return CasStore(paths.cas_root())
+
+    @property
+    def file_deps(self) -> list[str]:
+        """The files the payload step reads: every regular file packed from the project."""
+        if self.source_payload is not None:
+            return []
+        return [str(e.abspath) for e in self.entries if e.kind == "file" and e.data is None]
+
+    @property
+    def payload_config(self) -> dict[str, Any]:
+        """Inputs of the payload step other than file contents: names, kinds, modes, links, generated files."""
+        return {"format": BUILD_FORMAT, "epoch": self.options.epoch,
+                "source_payload": self.source_payload.artifact_hash if self.source_payload else None,
+                "listing": [[e.relpath, e.kind, e.mode, e.link_target if e.kind == "symlink" else
+                             (blake3_bytes(e.data) if e.data is not None else None)] for e in self.entries]}
+
+    @property
+    def lock_config(self) -> dict[str, Any]:
+        return {"format": BUILD_FORMAT, "manifest": self.manifest.normalized(),
+                "targets": _targets_summary(self.manifest), "epoch": self.options.epoch}
+
+    @property
+    def artifact_config(self) -> dict[str, Any]:
+        return {"format": BUILD_FORMAT, "manifest": self.manifest.normalized(), "out": str(self.out_path),
+                "epoch": self.options.epoch, "readme": [self.readme.name, blake3_file(self.readme)] if self.readme
+                else None, "force_large": self.options.force_large_payload, "signer": _signer_inputs(self.options)}
 
 
 def source_date_epoch() -> int:
@@ -138,7 +185,7 @@ def _resolve_source_digest(manifest: Manifest, strict: bool, store: CasStore,
         for c in payload.chunks:
             store.raw(c.raw_hash, c.raw_size)
         return payload
-    except (ObjectError, PayloadManifestError, ValueError) as exc:
+    except (ChunkError, PayloadManifestError, ValueError) as exc:
         if strict:
             raise AtoError(E_STRICT_FALLBACK, f"strict manifest fallback is not allowed: CAS cannot supply "
                            f"source_digest {digest}: {exc}", details={"field": "strict-v3", "source_digest": digest},
@@ -190,8 +237,7 @@ def plan_build(project_dir: Path, options: BuildOptions, manifest: Manifest | No
         run_build_steps(manifest, options)  # 0.3 build / v1 [[build.steps]]: what they make is packed
         native_build.prepare(manifest)  # native targets: run the command-mode build, check the app it made
         pack = manifest.pack
-        entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude),
-                          cache=DigestCache(state_dir / "digests.json"))
+        entries = collect(manifest.project_dir, PackFilter(pack.include, pack.exclude))
         if manifest.delivery is not None:
             entries.append(generated_entry("ato.delivery.toml", distribution.toml_bytes(manifest.delivery.to_toml_dict())))
             entries.sort(key=lambda e: e.relpath.encode("utf-8"))
@@ -202,17 +248,10 @@ def plan_build(project_dir: Path, options: BuildOptions, manifest: Manifest | No
     out_path = (options.out or manifest.project_dir / f"{manifest.name}.capsule").absolute()
     readme = next((manifest.project_dir / n for n in archive.README_NAMES
                    if (manifest.project_dir / n).is_file()), None)
-    normalized = manifest.normalized()
-    lock_inputs = jcs_digest({"format": BUILD_FORMAT, "manifest": normalized, "epoch": options.epoch,
-                              "sources": entries_listing(entries)})
-    payload_inputs = jcs_digest({"lock": lock_inputs, "source_payload": source_payload.artifact_hash
-                                 if source_payload else None})
-    artifact_inputs = jcs_digest({"payload": payload_inputs, "out": str(out_path),
-                                  "readme": [readme.name, blake3_file(readme)] if readme else None,
-                                  "force_large": options.force_large_payload, "signer": _signer_inputs(options)})
-    return BuildPlan(manifest, options, entries, stored_files, source_payload, out_path,
-                     state_dir, strategy, target, derived_from, readme,
-                     lock_inputs, payload_inputs, artifact_inputs, warnings)
+    for name in _OLD_STATE:
+        (state_dir / name).unlink(missing_ok=True)
+    return BuildPlan(manifest, options, entries, stored_files, source_payload, out_path, state_dir, strategy, target,
+                     derived_from, readme, warnings)
 
 
 def _signer_inputs(options: BuildOptions) -> dict[str, Any] | None:
@@ -239,33 +278,112 @@ def _targets_summary(manifest: Manifest) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_bytes())
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    write_bytes_atomic(path, json.dumps(doc, sort_keys=True).encode())
-
-
 def lock_path(plan: BuildPlan) -> Path:
     return plan.state_dir / "capsule.lock.json"
 
 
-def payload_record_path(plan: BuildPlan) -> Path:
+def record_path(plan: BuildPlan) -> Path:
+    """The source set of the last build (per file: BLAKE3, SHA-256), read by the next one and by gc."""
     return plan.state_dir / "payload.json"
 
 
-def payload_cache_path(plan: BuildPlan) -> Path:
-    """``payload.tar.zst`` of the last build, kept so re-assembling needs no CAS read."""
-    return plan.state_dir / "payload.tar.zst"
+def run_path(plan: BuildPlan) -> Path:
+    """How the last payload step went: the stat each file was read with, and what it added to the store."""
+    return plan.state_dir / "payload.run.json"
 
 
-def write_lock(plan: BuildPlan) -> dict[str, Any]:
-    """Lock step: write capsule.lock.json for this source set."""
-    lock = build_lock(plan.manifest.normalized(), _targets_summary(plan.manifest), plan.entries, plan.options.epoch)
+# ---------------------------------------------------------------- the payload step
+
+
+def _stat_key(entry: SourceEntry) -> list[int] | None:
+    """The stat a file was walked with, unless it changed so recently that it may change again unseen."""
+    key = entry.stat_key
+    if key is None or max(key[1], key[2]) > (time.time() - RACY_SECONDS) * 1e9:
+        return None
+    return list(key)
+
+
+def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, Any]]:
+    try:
+        prev = Previous.from_json(json.loads(record_path(plan).read_bytes()), plan.store)
+    except (OSError, ValueError):
+        return None, {}
+    try:
+        stats = json.loads(run_path(plan).read_bytes())["stats"]
+    except (OSError, ValueError, KeyError, TypeError):
+        stats = {}
+    return prev, stats if isinstance(stats, dict) else {}
+
+
+def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
+    """Payload step: pack the files doit found changed into a new pack (every file, on a cold build).
+
+    Its result names only what it made (payload identity, record, source-set inputs), so the steps
+    after it run again exactly when that changed (doit's result_dep).
+    """
+    store = plan.store
+    with store.shared():  # gc waits until the chunks and the record naming them are written
+        if plan.source_payload is not None:
+            result = stored_result(store, plan.source_payload, plan.entries, plan.stored_files or [])
+        else:
+            prev, stats = _previous(plan)
+            result = None
+            if prev is not None:
+                by_path = {str(e.abspath): e.relpath for e in plan.entries}
+                again = {by_path[p] for p in changed if p in by_path}
+                # A file is taken from the last build only if it still has the stat it was read with then
+                # (doit's database and this record could disagree after a crash between the two).
+                again |= {e.relpath for e in plan.entries if e.kind == "file" and e.data is None
+                          and (stats.get(e.relpath) is None or stats.get(e.relpath) != list(e.stat_key or ()))}
+                result = pack_incremental(plan.entries, store, plan.options.epoch, prev, again, plan.options.reporter)
+            if result is None:
+                result = pack_cold(plan.entries, store, plan.options.epoch, plan.options.reporter)
+        store.put_manifest(result.manifest)
+        record = Previous(result.entries, {f.path: f.sha256 for f in result.files}, result.manifest,
+                          plan.options.epoch).to_json()
+        data = json.dumps(record, separators=(",", ":")).encode()
+        write_bytes_atomic(record_path(plan), data)
+    run = {"stats": {e.relpath: _stat_key(e) for e in result.entries if e.kind == "file" and e.data is None},
+           "mode": result.mode, "files_read": result.files_read, "chunks_inserted": result.chunks_inserted,
+           "bytes_inserted": result.bytes_inserted, "artifact_hash": result.manifest.artifact_hash}
+    write_bytes_atomic(run_path(plan), json.dumps(run, separators=(",", ":")).encode())
+    for e in result.entries:
+        if e.kind == "file" and e.stat_key is not None and e.blake3:
+            plan.read_digests[str(e.abspath)] = (list(e.stat_key), e.blake3)
+    return {"artifact_hash": result.manifest.artifact_hash, "payload_blake3": result.payload_blake3,
+            "record_blake3": blake3_bytes(data), "chunks": len(result.manifest.chunks),
+            "total_raw_size": result.manifest.total_raw_size, "inputs": lock_inputs(result.entries)}
+
+
+def last_run(plan: BuildPlan) -> dict[str, Any]:
+    """What the last payload step added to the store (for the envelope of the build that ran it)."""
+    try:
+        doc = json.loads(run_path(plan).read_bytes())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def payload_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
+    """The payload's manifest and every chunk are still stored, and the record is the one written."""
+    path = record_path(plan)
+    if not path.is_file() or blake3_file(path) != values.get("record_blake3"):
+        return False
+    store = plan.store
+    return store.has_manifest(values["artifact_hash"]) and not store.missing_chunks(
+        store.get_manifest(values["artifact_hash"]))
+
+
+# ---------------------------------------------------------------- the lock step
+
+
+def write_lock(plan: BuildPlan, payload: dict[str, Any]) -> dict[str, Any]:
+    """Lock step: capsule.lock.json for this source set."""
+    lock = build_lock(plan.manifest.normalized(), _targets_summary(plan.manifest), payload["inputs"],
+                      plan.options.epoch)
     data = distribution.jcs(lock)
     write_bytes_atomic(lock_path(plan), data)
-    return {"lock_digest": label(blake3.blake3(data).hexdigest())}
+    return {"lock_digest": label(blake3_bytes(data))}
 
 
 def lock_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
@@ -273,92 +391,46 @@ def lock_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
     return path.is_file() and label(blake3_file(path)) == values.get("lock_digest")
 
 
-def pack(plan: BuildPlan) -> dict[str, Any]:
-    """Payload step: pack the source set into CAS chunks (or take the stored source_digest payload)."""
-    with plan.store.shared():  # gc waits until the chunks and the record naming them are written
-        if plan.source_payload is not None:
-            payload, files = plan.source_payload, plan.stored_files or []
-            inserted = bytes_inserted = 0
-            payload_blake3 = None
-        else:
-            frames = temp_path(payload_cache_path(plan))
-            try:
-                result = pack_payload(plan.entries, plan.store, plan.options.epoch, frames, plan.options.reporter)
-                payload_blake3 = blake3_file(frames)
-                os.replace(frames, payload_cache_path(plan))
-            except BaseException:
-                frames.unlink(missing_ok=True)
-                raise
-            payload, files = result.manifest, result.files
-            inserted, bytes_inserted = result.chunks_inserted, result.bytes_inserted
-        _write_json(payload_record_path(plan), {"artifact_hash": payload.artifact_hash, "payload_blake3": payload_blake3,
-                                                "files": [[f.path, f.sha256] for f in files]})
-    return {"artifact_hash": payload.artifact_hash, "chunks_inserted": inserted, "bytes_inserted": bytes_inserted}
+# ---------------------------------------------------------------- the artifact step
 
 
-def payload_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
-    recorded = _read_json(payload_record_path(plan))
-    if recorded.get("artifact_hash") != values.get("artifact_hash"):
-        return False
+def _read_checked(path: Path, digest: str, what: str) -> bytes:
+    data = path.read_bytes()
+    if blake3_bytes(data) != parse(digest):
+        raise AtoError(E_INTEGRITY, f"the build's {what} ({path}) changed since it was written; build again",
+                       hint="`ato build` re-runs the step that writes it")
+    return data
+
+
+def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> dict[str, Any]:
+    """Artifact step: write the .capsule from the lock, the payload (read from its packs) and the manifest."""
     store = plan.store
-    return not store.missing_chunks(store.get_manifest(values["artifact_hash"]))
-
-
-def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
-    out = plan.out_path
-    return out.is_file() and out.stat().st_size == values.get("size") and \
-        blake3_file(out) == values.get("artifact_blake3")
-
-
-def materialize_payload(store: CasStore, payload: PayloadManifest, out_path: Path) -> str:
-    """Write ``payload.tar.zst`` (the verified frames in order); returns its BLAKE3 hex."""
-    hasher = blake3.blake3()
-    with open(out_path, "wb") as fh:
-        for frame in store.iter_frames(payload):
-            fh.write(frame)
-            hasher.update(frame)
-    return hasher.hexdigest()
-
-
-def _payload_bytes_hash(store: CasStore, payload: PayloadManifest, cache: Path, recorded: str | None) -> str:
-    """BLAKE3 of payload.tar.zst, rebuilding the cached file from the CAS unless it is the recorded one."""
-    if recorded and cache.is_file() and blake3_file(cache) == recorded:
-        return recorded
-    tmp = temp_path(cache)
-    digest = materialize_payload(store, payload, tmp)
-    os.replace(tmp, cache)
-    return digest
-
-
-def assemble(plan: BuildPlan) -> dict[str, Any]:
-    """Artifact step: write the .capsule from the lock, the stored payload and the manifest."""
-    store = plan.store
-    recorded = _read_json(payload_record_path(plan))
-    payload = store.get_manifest(recorded["artifact_hash"])
-    files = [PackedFile(p, s) for p, s in recorded["files"]]
+    record = json.loads(_read_checked(record_path(plan), payload["record_blake3"], "payload record"))
+    manifest_doc = store.get_manifest(payload["artifact_hash"])
+    files = [PackedFile(rel, sha) for rel, kind, _m, _s, _r, sha in record["entries"] if kind == "file"]
     manifest = plan.manifest
-    dist = distribution.distribution_manifest(manifest.normalized(), payload,
+    dist = distribution.distribution_manifest(manifest.normalized(), manifest_doc,
                                               source_schema_version=manifest.schema_version)
-    lock_bytes = lock_path(plan).read_bytes()
+    lock_bytes = _read_checked(lock_path(plan), lock["lock_digest"], "lock file")
     # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
     sbom_bytes = distribution.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))
-    scratch = payload_cache_path(plan)
-    try:
-        payload_hash = _payload_bytes_hash(store, payload, scratch, recorded.get("payload_blake3"))
-        small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
-                 "sbom.spdx.json": sbom_bytes, "payload.v3.manifest.json": payload.to_bytes()}
-        if plan.readme is not None:
-            small[plan.readme.name] = plan.readme.read_bytes()
-        # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
-        sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
-                                            payload_hash=label(payload_hash), members=small,
-                                            epoch=plan.options.epoch, key=plan.options.signing_key)
+    small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
+             "sbom.spdx.json": sbom_bytes, "payload.v3.manifest.json": manifest_doc.to_bytes()}
+    if plan.readme is not None:
+        small[plan.readme.name] = plan.readme.read_bytes()
+    payload_size = sum(c.zstd_size_hint or 0 for c in manifest_doc.chunks)
+    # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
+    sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
+                                        payload_hash=label(payload["payload_blake3"]), members=small,
+                                        epoch=plan.options.epoch, key=plan.options.signing_key)
+    with store.shared():  # the packs read below stay where the index says while the artifact is written
+        checked = _CheckedPayload(iter_payload_views(store, manifest_doc), payload["payload_blake3"])
         members = [
             archive.Member("capsule.toml", small["capsule.toml"]),
             archive.Member("capsule.lock.json", lock_bytes),
             archive.Member("sbom.spdx.json", sbom_bytes),
             archive.Member("signature.json", signature.signature_bytes(sig_doc)),
-            archive.Member("payload.tar.zst", path=scratch),
+            archive.Member("payload.tar.zst", pieces=checked, length=payload_size),
             archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ]
         if plan.readme is not None:
@@ -372,20 +444,67 @@ def assemble(plan: BuildPlan) -> dict[str, Any]:
         # the temp artifact goes in the build state dir, never in the tree this build packs
         digest, written = archive.write_capsule(plan.out_path, members, plan.options.epoch,
                                                 temp_dir=plan.state_dir)
-    except BaseException:
-        scratch.unlink(missing_ok=True)
-        raise
     record_local_build(digest, plan.out_path)
+    st = plan.out_path.stat()
     return {"artifact_blake3": digest, "size": written, "manifest_hash": dist["distribution"]["manifest_hash"],
-            "large": size > MAX_PAYLOAD_BYTES}
+            "large": size > MAX_PAYLOAD_BYTES, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
+
+
+class _CheckedPayload:
+    """The payload's bytes from the packs, hashed on the way: the artifact is refused unless they are the
+    bytes the payload step hashed (a pack damaged or changed in between)."""
+
+    def __init__(self, views: Any, expected: str) -> None:
+        self.views = views
+        self.expected = expected
+
+    def __iter__(self) -> Any:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        try:
+            for view in self.views:
+                hasher.update(view)
+                yield view
+        except ChunkError as exc:
+            raise AtoError(E_INTEGRITY, f"cannot assemble the artifact: {exc}",
+                           hint="`ato cas verify` lists damaged chunks; delete the build state dir and build again") \
+                from None
+        if hasher.hexdigest() != self.expected:
+            raise AtoError(E_INTEGRITY, "cannot assemble the artifact: the stored payload is not the one built",
+                           hint="`ato cas verify` lists damaged chunks; build again")
+
+
+def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
+    """The artifact is still the one written: same stat, or (touched, copied back) the same BLAKE3."""
+    out = plan.out_path
+    st = out.stat()
+    if [st.st_size, st.st_mtime_ns, st.st_ino] == values.get("stat"):
+        return True
+    return st.st_size == values.get("size") and blake3_file(out) == values.get("artifact_blake3")
+
+
+# ---------------------------------------------------------------- the envelope
+
+
+def inputs_digests(plan: BuildPlan, values: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each step's inputs as one digest: its config and the results it consumed."""
+    payload, lock = values.get("payload", {}), values.get("lock", {})
+    return {
+        "payload": jcs_digest({"config": plan.payload_config, "sources": payload.get("inputs")}),
+        "lock": jcs_digest({"config": plan.lock_config, "sources": payload.get("inputs")}),
+        "artifact": jcs_digest({"config": plan.artifact_config, "payload": payload.get("artifact_hash"),
+                                "lock": lock.get("lock_digest")}),
+    }
 
 
 def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The build envelope from the step reports ({name, status, inputs_digest, values})."""
+    """The build envelope from the step reports ({name, status, values, reasons})."""
     by = {r["name"]: r for r in reports}
     art, pay = by["artifact"]["values"], by["payload"]["values"]
     fresh = by["payload"]["status"] == "ran"
-    payload = plan.store.get_manifest(pay["artifact_hash"])
+    run = last_run(plan) if fresh else {}
+    if run.get("artifact_hash") != pay["artifact_hash"]:
+        run = {}
+    digests = inputs_digests(plan, {r["name"]: r["values"] for r in reports})
     doc = {
         "ok": True,
         "kind": "capsule",
@@ -402,18 +521,26 @@ def build_envelope(plan: BuildPlan, reports: list[dict[str, Any]]) -> dict[str, 
         "signed": plan.options.signing_key is not None,
         "signer": _signer(plan.options.signing_key),
         "payload": {
-            "artifact_hash": label(payload.artifact_hash),
-            "chunks": len(payload.chunks),
-            "total_raw_size": payload.total_raw_size,
+            "artifact_hash": label(pay["artifact_hash"]),
+            "chunks": pay["chunks"],
+            "total_raw_size": pay["total_raw_size"],
             "files": len(plan.entries),
-            "chunks_inserted": pay.get("chunks_inserted", 0) if fresh else 0,
-            "bytes_inserted": pay.get("bytes_inserted", 0) if fresh else 0,
+            "chunks_inserted": run.get("chunks_inserted", 0),
+            "bytes_inserted": run.get("bytes_inserted", 0),
+            "files_read": run.get("files_read", 0),
         },
         "up_to_date": all(r["status"] == "up-to-date" for r in reports),
-        "tasks": [{"name": r["name"], "status": r["status"], "inputs_digest": r["inputs_digest"]} for r in reports],
+        "tasks": [_task(r, digests[r["name"]]) for r in reports],
         "warnings": plan.warnings,
     }
     return validate(doc, "build")
+
+
+def _task(report: dict[str, Any], inputs_digest: str) -> dict[str, Any]:
+    out = {"name": report["name"], "status": report["status"], "inputs_digest": inputs_digest}
+    if report.get("reasons"):
+        out["reasons"] = report["reasons"]
+    return out
 
 
 def _signer(key: keys.SigningKey | None) -> dict[str, Any] | None:
@@ -424,10 +551,10 @@ def _signer(key: keys.SigningKey | None) -> dict[str, Any] | None:
 
 
 def sweep_leftovers(plan: BuildPlan) -> int:
-    """Remove what killed builds left (temp artifacts, payload scratch, CAS temps); returns how many.
+    """Remove what killed builds left (temp artifacts, CAS temps); returns how many.
 
     Only temp files whose owner process is gone are removed (cas.tempfiles), so a build running
     at the same time in another process keeps its own.
     """
-    report = sweep([plan.state_dir, plan.out_path.parent, plan.store.objects.tmp])
+    report = sweep([plan.state_dir, plan.out_path.parent, plan.store.packs.tmp])
     return len(report.removed)

@@ -25,15 +25,19 @@ def entries_listing(entries: list[SourceEntry]) -> list[list[Any]]:
             for e in entries]
 
 
-def build_lock(normalized_manifest: dict[str, Any], targets: dict[str, dict[str, Any]],
-               entries: list[SourceEntry], epoch: int) -> dict[str, Any]:
+def lock_inputs(entries: list[SourceEntry]) -> dict[str, Any]:
+    """The lock's ``inputs``: how many entries, the digest of the source set, the language lockfiles in it."""
     by_path = {e.relpath: e for e in entries}
     lockfiles = {name: label(by_path[name].blake3 or "") for name in LANGUAGE_LOCKFILES
                  if name in by_path and by_path[name].kind == "file"}
+    return {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries)), "lockfiles": lockfiles}
+
+
+def build_lock(normalized_manifest: dict[str, Any], targets: dict[str, dict[str, Any]],
+               inputs: dict[str, Any], epoch: int) -> dict[str, Any]:
     return {
         "version": LOCK_VERSION,
         "meta": {"created_at": rfc3339(epoch), "manifest_hash": jcs_digest(normalized_manifest)},
-        "inputs": {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries)),
-                   "lockfiles": lockfiles},
+        "inputs": inputs,
         "targets": targets,
     }

@@ -1,37 +1,54 @@
-"""The payload stage: project files -> normalized tar -> content-defined chunks in the CAS.
+"""The payload stage: project files -> normalized tar -> content-defined chunks in one new pack.
 
-The tar is written once to a temp file, cut into chunks by content, and each
-chunk is hashed, compressed (one deterministic zstd frame per chunk, in a thread
-pool) and stored. ``payload.tar.zst`` is the concatenation of those frames, so
-the artifact and the CAS hold the very same bytes and a chunk is compressed once.
+Cold: every file is opened and read once; the same bytes give its BLAKE3 (the inputs digest),
+its SHA-256 (the SBOM) and its part of the tar. The tar is never written out: it is cut into
+chunks by content as it streams, and a thread pool hashes each chunk, looks it up in the store
+and compresses the new ones (one deterministic zstd frame per chunk) while the main thread reads
+on. New frames go into one pack, in payload order; ``payload.tar.zst`` is the concatenation of
+the frames, so the artifact and the store hold the very same bytes and a chunk is compressed once.
+
+Incremental (the previous build's record and the list of files doit found changed): only the
+changed files are read. The new tar is described as runs of bytes that are unchanged from the
+previous tar (shifted) and runs that are new. Content-defined chunking decides a cut from the bytes
+since the previous cut alone, so wherever a cut of the new tar lands, inside an unchanged run, on
+a cut of the previous tar, every following chunk of that run is the previous chunk again: those
+are reused without reading anything, and only the regions around the changes are chunked, from
+the bytes of the changed files and of the previous chunks. The result is the cold result, bit for
+bit (tests check it), at the cost of the change.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import os
 import tarfile
-from collections import deque
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
 import blake3
 
-from cas.chunker import chunk_spans
-from cas.objects import ObjectError, compress
+from cas.chunker import DEFAULT_PARAMS, chunk_spans
+from cas.frames import compress
+from cas.packs import PackWriter
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from cas.streams import ChunkStream
 from pipeline.errors import E_LOCKFILE, AtoError
-from pipeline.progress import SILENT, SILENT_TASK, Progress, Task
+from pipeline.progress import SILENT, Progress
 from stages.capsule import tar_header
 from stages.sources import SourceEntry
 
 COPY_SIZE = 1 << 20
+WHOLE_FILE = 8 << 20  # files up to this size are read with one read() call
+TRAILER = b"\0" * (tar_header.BLOCK * 2)
+RECORD_FORMAT = "ato-payload-record/1"
+INCREMENTAL_MAX_BYTES = 64 << 20  # changed files are held in memory: more than this makes the build cold
 
 
 @dataclass(frozen=True)
@@ -45,103 +62,130 @@ class PackedFile:
 @dataclass
 class PayloadResult:
     manifest: PayloadManifest
-    files: list[PackedFile]
+    entries: list[SourceEntry]  # with their BLAKE3s
+    files: list[PackedFile]  # SHA-256 of each regular file, for the SBOM
+    payload_blake3: str  # of payload.tar.zst: the frames in order
+    new_pack: str | None
     chunks_inserted: int
     bytes_inserted: int
-    compressed_size: int
+    mode: str  # "cold" | "incremental" | "stored"
+    files_read: int = 0
 
 
-def _header(entry: SourceEntry, epoch: int) -> bytes:
+# ---------------------------------------------------------------- the tar, entry by entry
+
+
+def header(entry: SourceEntry, epoch: int) -> bytes:
     if entry.kind == "symlink":
         return tar_header.header(entry.relpath, mode=entry.mode, mtime=epoch, symlink_to=entry.link_target or "")
     return tar_header.header(entry.relpath, size=entry.size, mode=entry.mode, mtime=epoch)
 
 
-def write_tar(entries: Iterable[SourceEntry], out, epoch: int, task: Task = SILENT_TASK) -> list[PackedFile]:
-    """Write the normalized payload tar to ``out``; returns each file's SHA-256 (``task`` counts file bytes)."""
-    files: list[PackedFile] = []
-    for entry in entries:
-        out.write(_header(entry, epoch))
-        if entry.kind != "file":
-            continue
-        sha = hashlib.sha256()
-        if entry.data is not None:
-            out.write(entry.data)
-            sha.update(entry.data)
-            task.advance(len(entry.data))
-            out.write(tar_header.padding(entry.size))
-            files.append(PackedFile(entry.relpath, sha.hexdigest()))
-            continue
+def _changed_while_packing(entry: SourceEntry) -> AtoError:
+    return AtoError(E_LOCKFILE, f"file changed while packaging: {entry.relpath}", details={"path": entry.relpath})
+
+
+def read_file(entry: SourceEntry, sink: Callable[[bytes | memoryview], None] | None = None) -> tuple[str, str, bytes | None]:
+    """One read of a payload file: (BLAKE3 hex, SHA-256 hex, the bytes when no ``sink`` takes them).
+
+    The size must be the size the walk saw: a file that grows or shrinks meanwhile is refused.
+    """
+    if entry.data is not None:
+        if sink is not None:
+            sink(entry.data)
+        return blake3.blake3(entry.data).hexdigest(), hashlib.sha256(entry.data).hexdigest(), \
+            None if sink else entry.data
+    b3, sha = blake3.blake3(), hashlib.sha256()
+    kept: list[bytes] = []
+    with open(entry.abspath, "rb") as fh:
         remaining = entry.size
-        with open(entry.abspath, "rb") as fh:
-            while remaining > 0:
-                chunk = fh.read(min(COPY_SIZE, remaining))
-                if not chunk:
-                    break
-                sha.update(chunk)
-                out.write(chunk)
-                remaining -= len(chunk)
-                task.advance(len(chunk))
-            grew = fh.read(1)
-        if remaining or grew:
-            raise AtoError(E_LOCKFILE, f"file changed while packaging: {entry.relpath}",
-                           details={"path": entry.relpath})
-        out.write(tar_header.padding(entry.size))
-        files.append(PackedFile(entry.relpath, sha.hexdigest()))
-    out.write(b"\0" * (tar_header.BLOCK * 2))
-    return files
+        while remaining > 0:
+            piece = fh.read(min(remaining, WHOLE_FILE))
+            if not piece:
+                raise _changed_while_packing(entry)
+            b3.update(piece)
+            sha.update(piece)
+            if sink is not None:
+                sink(piece)
+            else:
+                kept.append(piece)
+            remaining -= len(piece)
+        if fh.read(1):
+            raise _changed_while_packing(entry)
+    return b3.hexdigest(), sha.hexdigest(), None if sink else b"".join(kept)
 
 
-def _prepare_chunk(store: CasStore, view: memoryview) -> tuple[ChunkRef, bytes, Path | None]:
-    """Hash and compress one chunk; stage a temp object unless the CAS already has it intact."""
+# ---------------------------------------------------------------- chunks: hash, look up, compress
+
+
+@dataclass
+class Prepared:
+    ref: ChunkRef
+    frame: bytes
+    frame_hash: bytes
+    new: bool  # not in the store before this build
+
+
+def _prepare(store: CasStore, view: bytes | memoryview) -> Prepared:
     hex_digest = blake3.blake3(view).hexdigest()
-    if store.has_chunk(hex_digest):
+    where = store.locate(hex_digest)
+    if where is not None and where.raw_size == len(view):
         try:
-            frame = store.frame(hex_digest, len(view))
-            return ChunkRef(hex_digest, len(view), len(frame)), frame, None
-        except ObjectError:
-            store.objects.remove(hex_digest)  # damaged: replaced by the fresh frame below
+            frame = bytes(store.packs.frame_view(hex_digest, where))
+            return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, where.frame_hash, False)
+        except Exception:  # noqa: BLE001 - a damaged stored frame: store a fresh one instead
+            store.packs.index.forget_location(hex_digest, where.pack)
+    if where is None and store.objects.has(hex_digest):  # the one-file-per-chunk layout of earlier versions
+        try:
+            frame = store.objects.read_frame(hex_digest, len(view))
+            return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, blake3.blake3(frame).digest(), True)
+        except Exception:  # noqa: BLE001 - damaged: compressed again below
+            pass
     frame = compress(view)
-    return ChunkRef(hex_digest, len(view), len(frame)), frame, store.objects.write_temp(hex_digest, frame)
+    return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, blake3.blake3(frame).digest(), True)
 
 
-def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[tuple[ChunkRef, bytes, Path | None]]:
-    done: list[tuple[ChunkRef, bytes, Path | None]] = []
-    try:
-        for p in pieces:
-            done.append(_prepare_chunk(store, memoryview(p)))
-    except BaseException:
-        for _ref, _frame, tmp in done:  # the batch fails as a whole: its staged objects go too
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-        raise
-    return done
+def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[Prepared]:
+    return [_prepare(store, p) for p in pieces]
+
+
+class FrameSink:
+    """Takes prepared chunks in payload order: hashes the frames (payload.tar.zst) and packs the new ones."""
+
+    def __init__(self, writer: PackWriter) -> None:
+        self.writer = writer
+        self.refs: list[ChunkRef] = []
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.inserted = 0
+        self.bytes_inserted = 0
+
+    def take(self, p: Prepared) -> None:
+        self.hasher.update(p.frame)
+        self.refs.append(p.ref)
+        if p.new and p.ref.raw_hash not in self.writer:
+            self.writer.add(p.ref.raw_hash, p.frame, p.ref.raw_size, p.frame_hash)
+            self.inserted += 1
+            self.bytes_inserted += len(p.frame)
 
 
 class ChunkSink:
-    """A file-like sink for the payload tar that chunks, compresses and stores as it goes.
+    """A file-like sink for the payload tar that chunks, hashes and compresses as it goes.
 
-    Writing the tar (main thread: file reads, SHA-256) overlaps with hashing and
-    compressing chunks (worker threads), and the tar never touches the disk. Only
-    the bytes after the last cut are held back: FastCDC decides a cut from the
-    bytes since the previous cut alone, so every cut but the last in the buffer is
-    final. Frames are written to ``frames_out`` in order, which makes that file
-    ``payload.tar.zst``.
+    Writing the tar (main thread: file reads, SHA-256, BLAKE3) overlaps with preparing chunks
+    (worker threads). Only the bytes after the last cut are held back: FastCDC decides a cut from
+    the bytes since the previous cut alone, so every cut but the last in the buffer is final.
     """
 
     FLUSH_AT = 8 << 20
 
-    def __init__(self, store: CasStore, frames_out: BinaryIO, pool: ThreadPoolExecutor, workers: int) -> None:
+    def __init__(self, store: CasStore, frames: FrameSink, pool: ThreadPoolExecutor, workers: int) -> None:
         self.store = store
-        self.out = frames_out
+        self.frames = frames
         self.pool = pool
         self.workers = workers
         self.max_pending = workers * 4
         self.buf = bytearray()
-        self.pending: deque[Future[list[tuple[ChunkRef, bytes, Path | None]]]] = deque()
-        self.refs: list[ChunkRef] = []
-        self.staged: list[tuple[str, Path]] = []
-        self.new_bytes = 0
+        self.pending: deque[Future[list[Prepared]]] = deque()
 
     def write(self, data: bytes | memoryview) -> None:
         self.buf += data
@@ -155,62 +199,377 @@ class ChunkSink:
         if spans:
             end = spans[-1][0] + spans[-1][1]
             pieces = [bytes(self.buf[o:o + n]) for o, n in spans]
-            # One task per cut (hundreds of chunks), not per chunk: less hand-over between threads.
-            half = max(1, len(pieces) // self.workers)
-            for i in range(0, len(pieces), half):
-                self.pending.append(self.pool.submit(_prepare_batch, self.store, pieces[i:i + half]))
+            # One task per part of a cut (hundreds of chunks), not per chunk: less hand-over between threads.
+            part = max(1, len(pieces) // self.workers)
+            for i in range(0, len(pieces), part):
+                self.pending.append(self.pool.submit(_prepare_batch, self.store, pieces[i:i + part]))
             del self.buf[:end]
         self._drain(0 if final else self.max_pending)
 
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
-            batch = self.pending.popleft().result()
-            # recorded before anything else can fail, so abandon() finds every temp object of the batch
-            self.staged += [(ref.raw_hash, tmp) for ref, _frame, tmp in batch if tmp is not None]
-            for ref, frame, tmp in batch:
-                self.out.write(frame)
-                self.refs.append(ref)
-                if tmp is not None:
-                    self.new_bytes += len(frame)
+            for p in self.pending.popleft().result():
+                self.frames.take(p)
 
     def close(self) -> None:
         self._cut(final=True)
 
     def abandon(self) -> None:
-        """On failure: wait for in-flight chunks and delete every staged temp object."""
+        for fut in self.pending:
+            fut.cancel()
         for fut in self.pending:
             try:
-                for ref, _frame, tmp in fut.result():
-                    if tmp is not None:
-                        self.staged.append((ref.raw_hash, tmp))
-            except Exception:  # noqa: BLE001 - cleaning up after the first error
+                fut.result()
+            except BaseException:  # noqa: BLE001 - cleaning up after the first error
                 pass
         self.pending.clear()
-        for _hex, tmp in self.staged:
-            tmp.unlink(missing_ok=True)
-        self.staged.clear()
 
 
-def pack_payload(entries: list[SourceEntry], store: CasStore, epoch: int, frames_out: Path,
-                 reporter: Progress = SILENT) -> PayloadResult:
-    """Pack ``entries`` into the CAS and write ``payload.tar.zst`` to ``frames_out``."""
-    frames_out.parent.mkdir(parents=True, exist_ok=True)
-    workers = max(1, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool, open(frames_out, "wb") as out:
-        sink = ChunkSink(store, out, pool, workers)
-        total = sum(e.size for e in entries if e.kind == "file")
+def _workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- cold
+
+
+def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter: Progress = SILENT) -> PayloadResult:
+    """Read every file once and pack the payload; the new frames go into one new pack."""
+    workers = _workers()
+    hashed: list[SourceEntry] = []
+    files: list[PackedFile] = []
+    total = sum(e.size for e in entries if e.kind == "file")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ato-chunk") as pool, \
+            store.packs.writer() as writer, reporter.task("Packing", total=total) as task:
+        frames = FrameSink(writer)
+        sink = ChunkSink(store, frames, pool, workers)
         try:
-            with reporter.task("Packing", total=total) as task:
-                files = write_tar(entries, sink, epoch, task)
-                sink.close()
+            for entry in entries:
+                sink.write(header(entry, epoch))
+                if entry.kind != "file":
+                    hashed.append(entry)
+                    continue
+                b3, sha, _ = read_file(entry, sink.write)
+                task.advance(entry.size)
+                sink.write(tar_header.padding(entry.size))
+                hashed.append(replace(entry, blake3=b3))
+                files.append(PackedFile(entry.relpath, sha))
+            sink.write(TRAILER)
+            sink.close()
         except BaseException:
             sink.abandon()
             raise
-    inserted = store.objects.publish_temps(sink.staged)
-    manifest = PayloadManifest(sink.refs)
-    store.put_manifest(manifest)
-    compressed = sum(c.zstd_size_hint or 0 for c in manifest.chunks)
-    return PayloadResult(manifest, files, inserted, sink.new_bytes if inserted else 0, compressed)
+        new_pack = writer.commit()
+    return PayloadResult(PayloadManifest(frames.refs), hashed, files, frames.hasher.hexdigest(), new_pack,
+                         frames.inserted, frames.bytes_inserted, "cold", len(files))
+
+
+# ---------------------------------------------------------------- incremental
+
+
+@dataclass
+class Previous:
+    """What the last build of this project left: its entries (with SHA-256s) and its payload manifest."""
+
+    entries: list[SourceEntry]
+    sha256: dict[str, str]
+    manifest: PayloadManifest
+    epoch: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": RECORD_FORMAT, "epoch": self.epoch, "artifact_hash": self.manifest.artifact_hash,
+                "entries": [[e.relpath, e.kind, e.mode, e.size, e.link_target if e.kind == "symlink" else e.blake3,
+                             self.sha256.get(e.relpath)] for e in self.entries]}
+
+    @classmethod
+    def from_json(cls, doc: Any, store: CasStore) -> Previous | None:
+        """The record, when it is well formed and its payload is still fully in the store."""
+        try:
+            if doc.get("format") != RECORD_FORMAT:
+                return None
+            entries, sha = [], {}
+            for rel, kind, mode, size, ref, digest in doc["entries"]:
+                if kind == "symlink":
+                    entries.append(SourceEntry(rel, rel, "symlink", mode, 0, link_target=ref))
+                else:
+                    entries.append(SourceEntry(rel, rel, "file", mode, size, blake3=ref))
+                    sha[rel] = digest
+            manifest = store.get_manifest(doc["artifact_hash"])
+            if store.missing_chunks(manifest):
+                return None
+            return cls(entries, sha, manifest, int(doc["epoch"]))
+        except Exception:  # noqa: BLE001 - any problem with the record means a cold build
+            return None
+
+
+@dataclass
+class _Run:
+    """Bytes ``[start, end)`` of the new tar: new bytes, or the previous tar's bytes from ``old``."""
+
+    start: int
+    end: int
+    data: bytes | None = None
+    old: int | None = None
+
+
+@dataclass
+class _Layout:
+    runs: list[_Run] = field(default_factory=list)
+    size: int = 0
+
+    def add(self, data: bytes | None = None, old: int | None = None, length: int = 0) -> None:
+        n = len(data) if data is not None else length
+        if n == 0:
+            return
+        last = self.runs[-1] if self.runs else None
+        if old is not None and last is not None and last.old is not None and last.old + (last.end - last.start) == old:
+            last.end += n
+        elif data is not None and last is not None and last.data is not None:
+            last.data += data
+            last.end += n
+        else:
+            self.runs.append(_Run(self.size, self.size + n, data, old))
+        self.size += n
+
+
+class _OldTar:
+    """Reads bytes of the previous payload tar from its chunks in the store (decoded, checked, cached)."""
+
+    def __init__(self, store: CasStore, manifest: PayloadManifest) -> None:
+        self.store = store
+        self.refs = manifest.chunks
+        self.starts: list[int] = []
+        offset = 0
+        for c in self.refs:
+            self.starts.append(offset)
+            offset += c.raw_size
+        self.size = offset
+        self.cut_index = {o: k for k, o in enumerate(self.starts)}
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def _chunk(self, k: int) -> bytes:
+        raw = self._cache.get(k)
+        if raw is None:
+            c = self.refs[k]
+            raw = self.store.raw(c.raw_hash, c.raw_size)
+            self._cache[k] = raw
+            if len(self._cache) > 16:
+                self._cache.popitem(last=False)
+        return raw
+
+    def read(self, start: int, n: int) -> bytes:
+        out = []
+        k = bisect.bisect_right(self.starts, start) - 1
+        while n > 0:
+            raw = self._chunk(k)
+            lo = start - self.starts[k]
+            piece = raw[lo:lo + n]
+            out.append(piece)
+            start += len(piece)
+            n -= len(piece)
+            k += 1
+        return b"".join(out)
+
+
+class _NewTar:
+    """Random reads of the new tar, from its runs."""
+
+    def __init__(self, layout: _Layout, old: _OldTar) -> None:
+        self.layout = layout
+        self.old = old
+        self.starts = [r.start for r in layout.runs]
+
+    def run_at(self, pos: int) -> _Run:
+        return self.layout.runs[bisect.bisect_right(self.starts, pos) - 1]
+
+    def read(self, start: int, n: int) -> bytes:
+        out = []
+        while n > 0 and start < self.layout.size:
+            run = self.run_at(start)
+            take = min(n, run.end - start)
+            if run.data is not None:
+                out.append(run.data[start - run.start:start - run.start + take])
+            else:
+                assert run.old is not None
+                out.append(self.old.read(run.old + start - run.start, take))
+            start += take
+            n -= take
+        return b"".join(out)
+
+
+def _layout(entries: list[SourceEntry], contents: dict[str, bytes], prev: Previous, epoch: int) -> _Layout:
+    """The new tar as runs: each entry's header, data and padding, taken from the previous tar when equal."""
+    old_at: dict[str, tuple[SourceEntry, int]] = {}
+    offset = 0
+    for e in prev.entries:
+        h = header(e, prev.epoch)
+        old_at[e.relpath] = (e, offset)
+        offset += len(h) + (e.size + len(tar_header.padding(e.size)) if e.kind == "file" else 0)
+    old_trailer = offset
+    layout = _Layout()
+    for e in entries:
+        h = header(e, epoch)
+        found = old_at.get(e.relpath)
+        old_e, old_off = found if found else (None, 0)
+        same_header = old_e is not None and header(old_e, prev.epoch) == h
+        if same_header:
+            layout.add(old=old_off, length=len(h))
+        else:
+            layout.add(data=h)
+        if e.kind != "file":
+            continue
+        pad = tar_header.padding(e.size)
+        if old_e is not None and old_e.kind == "file" and old_e.blake3 == e.blake3 and e.relpath not in contents:
+            data_off = old_off + len(header(old_e, prev.epoch))
+            layout.add(old=data_off, length=e.size)
+            layout.add(old=data_off + e.size, length=len(pad))
+        else:
+            layout.add(data=contents[e.relpath])
+            layout.add(data=pad)
+    layout.add(old=old_trailer, length=len(TRAILER))
+    return layout
+
+
+def _rechunk(new: _NewTar, old: _OldTar, emit_old: Callable[[int], None], emit_new: Callable[[bytes], None]) -> None:
+    """Cut the new tar exactly as a cold build would, reusing previous chunks wherever the cuts meet."""
+    size = new.layout.size
+    max_chunk = DEFAULT_PARAMS.max_size
+    window = max(4 * max_chunk, 1 << 20)
+    cut = 0
+    while cut < size:
+        run = new.run_at(cut)
+        if run.old is not None:
+            k = old.cut_index.get(run.old + cut - run.start)
+            old_end = run.old + (run.end - run.start)
+            reused = False
+            while k is not None and k < len(old.refs):
+                c = old.refs[k]
+                end = old.starts[k] + c.raw_size
+                if end > old_end:
+                    break
+                if end == old.size and run.end != size:
+                    break  # the previous tar's last chunk was cut by its end: only the same end cuts it alike
+                emit_old(k)
+                cut += c.raw_size
+                k += 1
+                reused = True
+            if reused:
+                continue
+        # Chunk from this cut until a cut lands where the previous tar had one, inside an unchanged run.
+        while cut < size:
+            data = new.read(cut, min(window, size - cut))
+            spans = list(chunk_spans(data))
+            if cut + len(data) < size:
+                spans = spans[:-1]  # the last span may continue past the window
+            resynced = False
+            for o, n in spans:
+                emit_new(data[o:o + n])
+                cut += n
+                if cut < size:
+                    run = new.run_at(cut)
+                    if run.old is not None and old.cut_index.get(run.old + cut - run.start) is not None:
+                        resynced = True
+                        break
+            if resynced:
+                break
+
+
+def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, prev: Previous,
+                     changed: set[str], reporter: Progress = SILENT) -> PayloadResult | None:
+    """Pack from the previous build, reading only ``changed`` files (and files it does not know).
+
+    None when the previous build cannot help (another epoch, or more changed bytes than it holds in memory).
+    """
+    if prev.epoch != epoch or prev.manifest.params != DEFAULT_PARAMS:
+        return None
+    before = {e.relpath: e for e in prev.entries}
+    contents: dict[str, bytes] = {}
+    hashed: list[SourceEntry] = []
+    files: list[PackedFile] = []
+    held = 0
+    for e in entries:
+        if e.kind != "file":
+            hashed.append(e)
+            continue
+        old_e = before.get(e.relpath)
+        if old_e is not None and old_e.kind == "file" and old_e.size == e.size and e.relpath not in changed \
+                and e.data is None and old_e.blake3 and e.relpath in prev.sha256:
+            hashed.append(replace(e, blake3=old_e.blake3))
+            files.append(PackedFile(e.relpath, prev.sha256[e.relpath]))
+            continue
+        held += e.size
+        if held > INCREMENTAL_MAX_BYTES:
+            return None
+        with reporter.task(f"Packing {e.relpath}", total=e.size) as task:
+            b3, sha, data = read_file(e)
+            task.advance(e.size)
+        assert data is not None
+        if old_e is not None and old_e.kind == "file" and old_e.blake3 == b3:
+            hashed.append(replace(e, blake3=b3))  # touched, same bytes: still taken from the previous tar
+        else:
+            contents[e.relpath] = data
+            hashed.append(replace(e, blake3=b3))
+        files.append(PackedFile(e.relpath, sha))
+    old = _OldTar(store, prev.manifest)
+    layout = _layout(hashed, contents, prev, epoch)
+    new = _NewTar(layout, old)
+    refs: list[ChunkRef] = []
+    fresh: list[tuple[int, bytes]] = []
+
+    def emit_old(k: int) -> None:
+        refs.append(prev.manifest.chunks[k])
+
+    def emit_new(data: bytes) -> None:
+        fresh.append((len(refs), data))
+        refs.append(ChunkRef("", len(data)))
+
+    _rechunk(new, old, emit_old, emit_new)
+    with store.packs.writer() as writer:
+        inserted = bytes_inserted = 0
+        with ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="ato-chunk") as pool:
+            prepared = list(pool.map(lambda item: _prepare(store, item[1]), fresh))
+        for (i, _data), p in zip(fresh, prepared, strict=True):
+            refs[i] = p.ref
+            if p.new and p.ref.raw_hash not in writer:
+                writer.add(p.ref.raw_hash, p.frame, p.ref.raw_size, p.frame_hash)
+                inserted += 1
+                bytes_inserted += len(p.frame)
+        new_pack = writer.commit()
+    manifest = PayloadManifest(refs)
+    return PayloadResult(manifest, hashed, files, payload_hash(store, manifest), new_pack, inserted, bytes_inserted,
+                         "incremental", len(contents))
+
+
+def payload_hash(store: CasStore, manifest: PayloadManifest) -> str:
+    """BLAKE3 of payload.tar.zst, from the stored frames (each checked against its frame digest)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for view in iter_payload_views(store, manifest):
+        hasher.update(view)
+    return hasher.hexdigest()
+
+
+def iter_payload_views(store: CasStore, manifest: PayloadManifest) -> Iterator[memoryview | bytes]:
+    """The bytes of payload.tar.zst in order, as few large views of the packs as possible.
+
+    Every frame is checked against the frame digest the index holds; chunks still in the
+    one-file-per-chunk layout of earlier versions are decoded and checked.
+    """
+    hexes = [c.raw_hash for c in manifest.chunks]
+    found = store.packs.locate_many(hexes)
+    i = 0
+    while i < len(hexes):
+        if hexes[i] not in found:
+            yield store.frame(hexes[i], manifest.chunks[i].raw_size)
+            i += 1
+            continue
+        j = i
+        while j < len(hexes) and hexes[j] in found:
+            j += 1
+        for span, frames in store.packs.spans(hexes[i:j], found):
+            yield store.packs.checked_span(span, frames)
+        i = j
+
+
+# ---------------------------------------------------------------- a payload taken from the store
 
 
 def list_stored_payload(store: CasStore, manifest: PayloadManifest) -> tuple[list[SourceEntry], list[PackedFile]]:
@@ -232,3 +591,10 @@ def list_stored_payload(store: CasStore, manifest: PayloadManifest) -> tuple[lis
                                            blake3=b3.hexdigest()))
                 files.append(PackedFile(info.name, sha.hexdigest()))
     return entries, files
+
+
+def stored_result(store: CasStore, manifest: PayloadManifest, entries: list[SourceEntry],
+                  files: list[PackedFile]) -> PayloadResult:
+    """The result for a payload that is already in the store (``source_digest`` builds)."""
+    return PayloadResult(manifest, entries, files, payload_hash(store, manifest), None, 0, 0, "stored")
+

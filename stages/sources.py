@@ -1,4 +1,4 @@
-"""The source set: which project files go into a payload, and their digests.
+"""The source set: which project files go into a payload.
 
 ``[pack].include`` is a strict allowlist when given; the default excludes (VCS
 dirs, dependency trees, virtualenvs, caches, secrets, reserved artifact names,
@@ -8,16 +8,13 @@ dirs, dependency trees, virtualenvs, caches, secrets, reserved artifact names,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cas.atomic import write_bytes_atomic
-from cas.digest import blake3_bytes, blake3_file
+from cas.digest import blake3_bytes
 from cas.tempfiles import GLOB
 from cas.tempfiles import SUFFIX as TEMP_SUFFIX
 from pipeline.errors import E_LOCKFILE, E_NAME_TOO_LONG, AtoError
@@ -60,6 +57,7 @@ class SourceEntry:
     link_target: str | None = None
     blake3: str | None = None  # hex, files only
     data: bytes | None = None  # generated content (e.g. a staged ato.delivery.toml) instead of abspath
+    stat_key: tuple[int, int, int, int] | None = None  # (size, mtime_ns, ctime_ns, inode) when walked
 
 
 def generated_entry(relpath: str, data: bytes) -> SourceEntry:
@@ -142,45 +140,6 @@ def _check_symlink(rel: str, target: str) -> None:
                        details={"path": rel, "target": target})
 
 
-class DigestCache:
-    """BLAKE3 of files keyed by (path, size, mtime_ns, ctime_ns, inode, mode), like git's index.
-
-    A file whose stat key is unchanged since it was hashed is not read again, which is
-    what makes a no-op rebuild of ten thousand files cheap. Files modified within the
-    last few seconds are never cached (timestamps are coarser than writes), and the
-    cache is only an accelerator: a missing or unreadable cache file means hashing.
-    """
-
-    RACY_SECONDS = 3
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.entries: dict[str, list[int | str]] = {}
-        if path is not None:
-            try:
-                loaded = json.loads(path.read_bytes())
-                if isinstance(loaded, dict):
-                    self.entries = loaded
-            except (OSError, ValueError):
-                self.entries = {}
-        self.fresh: dict[str, list[int | str]] = {}
-
-    def digest(self, rel: str, path: str | Path, st: os.stat_result) -> str:
-        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_mode]
-        cached = self.entries.get(rel)
-        if cached is not None and cached[:5] == key:
-            self.fresh[rel] = cached
-            return str(cached[5])
-        digest = blake3_file(path)
-        if max(st.st_mtime_ns, st.st_ctime_ns) < (time.time() - self.RACY_SECONDS) * 1e9:
-            self.fresh[rel] = [*key, digest]
-        return digest
-
-    def save(self) -> None:
-        if self.path is not None and self.fresh != self.entries:
-            write_bytes_atomic(self.path, json.dumps(self.fresh, separators=(",", ":")).encode())
-
-
 def _too_long(rel: str, *, below: bool = False) -> AtoError | None:
     """E108 when ``rel`` (with ``below``: any path under the directory ``rel``) is longer or deeper than
     a .capsule's payload paths may be, else None."""
@@ -196,12 +155,14 @@ def _too_long(rel: str, *, below: bool = False) -> AtoError | None:
                     hint="flatten the tree, or exclude it in [pack] exclude")
 
 
-def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True,
-            cache: DigestCache | None = None) -> list[SourceEntry]:
-    """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8)."""
-    cache = cache or DigestCache(None)
+def collect(root: Path, pack_filter: PackFilter) -> list[SourceEntry]:
+    """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8), with their stat.
+
+    Nothing is read: which files changed is doit's decision (pipeline.graph), and the payload
+    step reads each file it needs once.
+    """
     entries: list[SourceEntry] = []
-    root = Path(root)
+    root = Path(os.path.abspath(root))
     for dirpath, dirnames, filenames in os.walk(root):  # pruned below MAX_DEPTH: no deep recursion
         rel_dir = os.path.relpath(dirpath, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
@@ -239,9 +200,8 @@ def collect(root: Path, pack_filter: PackFilter, *, hash_files: bool = True,
                 entries.append(SourceEntry(rel, full, "symlink", 0o777, 0, link_target=target))
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                digest = cache.digest(rel, full, st) if hash_files else None
-                entries.append(SourceEntry(rel, full, "file", mode, st.st_size, blake3=digest))
+                entries.append(SourceEntry(rel, full, "file", mode, st.st_size,
+                                           stat_key=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
             # sockets, fifos and devices are not project content: skipped
     entries.sort(key=lambda e: e.relpath.encode("utf-8"))
-    cache.save()
     return entries

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -23,7 +22,7 @@ from cas.payload_manifest import ChunkRef, PayloadManifest, PayloadManifestError
 from cas.store import CasStore
 from cas.tree import TreeDigestError, tree_digest
 from cas.verify import verify_store
-from stages.payload import ChunkSink
+from stages.payload import ChunkSink, FrameSink
 
 
 def _independent_tree_digest(root: Path) -> str:
@@ -141,15 +140,15 @@ def test_concurrent_writers_insert_once_and_leave_no_temp_files(tmp_path: Path) 
 
 def _sink_chunks(data: bytes, tmp_path: Path, piece: int) -> list[ChunkRef]:
     store = CasStore(tmp_path / f"cas-{piece}")
-    out = io.BytesIO()
-    with ThreadPoolExecutor(2) as pool:
-        sink = ChunkSink(store, out, pool, 2)
+    with ThreadPoolExecutor(2) as pool, store.packs.writer() as writer:
+        frames = FrameSink(writer)
+        sink = ChunkSink(store, frames, pool, 2)
         sink.FLUSH_AT = 300_000
         for i in range(0, len(data), piece):
             sink.write(data[i:i + piece])
         sink.close()
-    store.objects.publish_temps(sink.staged)
-    return sink.refs
+        writer.commit()
+    return frames.refs
 
 
 def test_streaming_chunking_equals_whole_buffer_chunking(tmp_path: Path) -> None:

@@ -12,13 +12,27 @@ from pipeline.cli.help import examples
 from pipeline.progress import human_bytes
 
 
+def _reason(name: str, arg: object) -> str:
+    """One of doit's reasons, in words."""
+    if isinstance(arg, list) and arg and all(isinstance(a, str) for a in arg):
+        shown = ", ".join(arg[:3]) + (f" and {len(arg) - 3} more" if len(arg) > 3 else "")
+        return f"{name.replace('_', ' ')}: {shown}"
+    if name == "uptodate_false":
+        checks = [str(a[0] if isinstance(a, list) else a) for a in (arg if isinstance(arg, list) else [arg])]
+        return "inputs changed: " + "; ".join(c.split("(")[0].split(".")[-1].strip("<'\" ") for c in checks)
+    return name.replace("_", " ")
+
+
 def _explain(doc: dict) -> str:
     lines = [f"{doc['artifact']}"]
     for t in doc["tasks"]:
         lines.append(f"  {t['name']:<9} {t['status']:<11} inputs {t['inputs_digest']}")
+        for name, arg in (t.get("reasons") or {}).items():
+            lines.append(f"      why: {_reason(name, arg)}")
     p = doc["payload"]
-    lines.append(f"  payload   {p['artifact_hash']}  {p['chunks']} chunks, {p['files']} files, "
-                 f"{p['chunks_inserted']} new chunks ({human_bytes(p['bytes_inserted'])}) added to the CAS")
+    lines.append(f"  payload   {p['artifact_hash']}  {p['chunks']} chunks, {p['files']} files "
+                 f"({p['files_read']} read), {p['chunks_inserted']} new chunks ({human_bytes(p['bytes_inserted'])}) "
+                 "added to the store")
     return "\n".join(lines)
 
 
@@ -106,7 +120,7 @@ def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_pa
         plan = plan_build(directory, options, manifest=manifest)
         for w in plan.warnings:
             warn(w)
-        doc = run_build(plan)
+        doc = run_build(plan, explain=explain)
     if doc["size"] > 200 * 1024 * 1024:
         warn(f"large payload allowed by --force-large-payload: {human_bytes(doc['size'])}")
     if explain and not json_mode():

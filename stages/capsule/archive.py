@@ -190,11 +190,18 @@ def read_layout(src: Source) -> Layout:
 class Member:
     name: str
     data: bytes | None = None
-    path: Path | None = None  # streamed from a file (payload.tar.zst)
+    path: Path | None = None  # streamed from a file
+    pieces: Iterable[bytes | memoryview] | None = None  # streamed from these (payload.tar.zst from its packs)
+    length: int | None = None  # the size of ``pieces``, which the header needs before they are read
 
     @property
     def size(self) -> int:
-        return len(self.data) if self.data is not None else os.path.getsize(self.path)  # type: ignore[arg-type]
+        if self.data is not None:
+            return len(self.data)
+        if self.pieces is not None:
+            assert self.length is not None
+            return self.length
+        return os.path.getsize(self.path)  # type: ignore[arg-type]
 
 
 class _HashingWriter:
@@ -202,7 +209,7 @@ class _HashingWriter:
 
     def __init__(self, fh: BinaryIO) -> None:
         self.fh = fh
-        self.hasher = blake3.blake3()
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> None:
@@ -226,6 +233,12 @@ def write_capsule(out_path: Path, members: list[Member], epoch: int,
             w.write(tar_header.header(m.name, size=m.size, mtime=epoch))
             if m.data is not None:
                 w.write(m.data)
+            elif m.pieces is not None:
+                start = w.size
+                for piece in m.pieces:
+                    w.write(piece)
+                if w.size - start != m.size:
+                    raise _fail(f"{m.name} came out {w.size - start} bytes long, not {m.size}")
             else:
                 with open(m.path, "rb") as src:  # type: ignore[arg-type]
                     while chunk := src.read(COPY):
