@@ -19,6 +19,7 @@ nested in one process.
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 import time
@@ -38,15 +39,21 @@ RACY_SECONDS = 3  # a file written this recently may change again within the sam
 
 @dataclass
 class Step:
-    """One stage in a chain."""
+    """One stage in a chain.
+
+    ``action`` may take ``changed`` (the ``file_dep`` paths doit found changed) and, by name, the
+    result of each step in ``after``; it gets only the ones its signature names. ``config`` is a
+    dict or a digest string. ``depends_on`` orders steps without consuming their results.
+    """
 
     name: str
-    action: Callable[..., dict[str, Any]]  # called with ``changed`` (paths) and the results of ``after`` by name
-    config: dict[str, Any]
+    action: Callable[..., dict[str, Any]]
+    config: dict[str, Any] | str
+    outputs_ok: Callable[[dict[str, Any]], bool] = lambda _values: True
+    depends_on: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
     file_dep: list[str] = field(default_factory=list)
     after: list[str] = field(default_factory=list)
-    outputs_ok: Callable[[dict[str, Any]], bool] = lambda _values: True
-    targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -180,12 +187,13 @@ def _task_dicts(steps: list[Step], errors: list[BaseException]) -> list[dict[str
                 return False
 
         # doit passes ``changed`` and each getargs value by the action's parameter names
-        params = ["changed", *step.after]
-        action.__signature__ = _signature(params)  # type: ignore[attr-defined]
+        accepted = inspect.signature(step.action).parameters
+        action.__signature__ = _signature([p for p in ("changed", *step.after) if p in accepted])  # type: ignore[attr-defined]
         tasks.append({
             "name": step.name,
             "actions": [(action, [], {})],
             "file_dep": list(step.file_dep),
+            "task_dep": list(step.depends_on),
             "targets": list(step.targets),
             "getargs": {name: (name, None) for name in step.after},
             "uptodate": [config_changed(step.config), *[result_dep(name) for name in step.after], intact],
@@ -195,8 +203,6 @@ def _task_dicts(steps: list[Step], errors: list[BaseException]) -> list[dict[str
 
 
 def _signature(params: list[str]) -> Any:
-    import inspect
-
     return inspect.Signature([inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY) for p in params])
 
 
