@@ -547,11 +547,13 @@ def payload_hash(store: CasStore, manifest: PayloadManifest) -> str:
     return hasher.hexdigest()
 
 
-def iter_payload_views(store: CasStore, manifest: PayloadManifest) -> Iterator[memoryview | bytes]:
+def iter_payload_views(store: CasStore, manifest: PayloadManifest, *,
+                       check_frames: bool = True) -> Iterator[memoryview | bytes]:
     """The bytes of payload.tar.zst in order, as few large views of the packs as possible.
 
-    Every frame is checked against the frame digest the index holds; chunks still in the
-    one-file-per-chunk layout of earlier versions are decoded and checked.
+    Each frame is checked against the frame digest the index holds (unless the caller checks the
+    whole against a known BLAKE3); chunks still in the one-file-per-chunk layout of earlier
+    versions are decoded and checked.
     """
     hexes = [c.raw_hash for c in manifest.chunks]
     found = store.packs.locate_many(hexes)
@@ -565,7 +567,7 @@ def iter_payload_views(store: CasStore, manifest: PayloadManifest) -> Iterator[m
         while j < len(hexes) and hexes[j] in found:
             j += 1
         for span, frames in store.packs.spans(hexes[i:j], found):
-            yield store.packs.checked_span(span, frames)
+            yield store.packs.checked_span(span, frames if check_frames else [])
         i = j
 
 
