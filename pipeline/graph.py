@@ -71,8 +71,13 @@ def stat_key(st: os.stat_result) -> list[int]:
 class DigestMemo:
     """BLAKE3s computed during one run (by the checker, or by a step that read the file anyway)."""
 
-    def __init__(self, digests: dict[str, tuple[list[int], str]] | None = None) -> None:
+    def __init__(self, digests: dict[str, tuple[list[int], str]] | None = None, *, reported: bool = False) -> None:
         self.digests = digests if digests is not None else {}
+        # reported: the step records the digest of every file it used (a build's payload step does), so a
+        # file whose digest is not here under its current stat changed after the step read it
+        self.reported = reported
+        # files whose stat changed but whose bytes did not (touched): their new state, saved after the run
+        self.touched: dict[str, list[Any]] = {}
 
     def record(self, path: str, key: list[int], digest: str) -> None:
         self.digests[path] = (key, digest)
@@ -103,6 +108,8 @@ def _checker_class(memo: DigestMemo) -> type:
                 return True
             digest = memo.get(file_path, key) or blake3_file(file_path)
             memo.record(file_path, key, digest)
+            if digest == state[4] and max(key[1], key[2]) <= (time.time() - RACY_SECONDS) * 1e9:
+                memo.touched[file_path] = [*key, digest]
             return digest != state[4]
 
         def get_state(self, dep: str, current_state: Any) -> Any:
@@ -115,8 +122,10 @@ def _checker_class(memo: DigestMemo) -> type:
             if digest is None:
                 if current_state is not None and list(current_state[:4]) == key and not recent:
                     return None  # unchanged and not read: the saved state stands
-                old = current_state[4] if current_state is not None else ""
-                return [-1, 0, 0, 0, old]  # changed behind our back: the next run takes it as changed
+                if memo.reported:
+                    old = current_state[4] if current_state is not None else ""
+                    return [-1, 0, 0, 0, old]  # changed behind the step's back: the next run takes it as changed
+                digest = blake3_file(dep)
             return [key[0], 0, 0, 0, digest] if recent else [*key, digest]
 
     return StatThenBlake3
@@ -244,6 +253,7 @@ def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = N
             os.chdir(cwd)
     if errors:
         raise errors[0]
+    _save_touched(steps, reports, memo, db_path, checker)
     for s in steps:  # doit's probe cannot know that a step's inputs will change when an earlier step runs
         report = reports[s.name]
         if explain and report.status == "ran" and not report.reasons:
@@ -252,6 +262,28 @@ def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = N
         detail = sink.getvalue().strip() or "; ".join(str(f) for f in failures)
         raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {detail[:300]}")
     return [reports[s.name] for s in steps]
+
+
+def _save_touched(steps: list[Step], reports: dict[str, StepReport], memo: DigestMemo, db_path: Path,
+                  checker: type) -> None:
+    """Save the new stat of files an up-to-date step found touched but unchanged.
+
+    doit saves file states only when a task runs; without this, every later run would hash
+    those files again to find them unchanged again.
+    """
+    from doit.dependency import Dependency, SqliteDB
+
+    pending = {s.name: [p for p in s.file_dep if p in memo.touched] for s in steps
+               if reports[s.name].status == "up-to-date" and s.file_dep}
+    pending = {name: deps for name, deps in pending.items() if deps}
+    if not pending:
+        return
+    dep = Dependency(SqliteDB, str(db_path), checker_cls=checker)
+    for name, deps in pending.items():
+        dep.backend.get(name, "deps:")  # loads the task's saved state: set() alone would replace all of it
+        for path in deps:
+            dep.backend.set(name, path, memo.touched[path])
+    dep.close()
 
 
 def _explain(steps: list[Step], tasks: list[dict[str, Any]], db_path: Path, checker: type,
@@ -299,5 +331,6 @@ def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
 def run_build(plan: build_stage.BuildPlan, *, explain: bool = False) -> dict[str, Any]:
     """Run a build plan and return its validated envelope."""
     build_stage.sweep_leftovers(plan)
-    reports = run_chain(build_chain(plan), plan.state_dir, memo=DigestMemo(plan.read_digests), explain=explain)
+    reports = run_chain(build_chain(plan), plan.state_dir, memo=DigestMemo(plan.read_digests, reported=True),
+                        explain=explain)
     return build_stage.build_envelope(plan, [r.__dict__ for r in reports])
