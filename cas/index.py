@@ -212,6 +212,8 @@ class PackIndex:
         """Record a pack file already in place (renamed and synced) with the chunks it holds, atomically."""
         conn = self._conn()
         with _write(conn):
+            if conn.execute("SELECT 1 FROM packs WHERE name = ?", (name,)).fetchone():
+                return  # recorded already (two installs of the same artifact: the name is its BLAKE3)
             cur = conn.execute("INSERT INTO packs (name, size, kind) VALUES (?, ?, ?)", (name, size, kind))
             pack_id = cur.lastrowid
             conn.executemany(

@@ -229,25 +229,26 @@ class PackStore:
     def writer(self, kind: str = "pack") -> PackWriter:
         return PackWriter(self, kind)
 
-    def adopt(self, path: Path, name: str, entries: list[PackEntry], *, link: bool = True) -> Path:
-        """Make an existing, synced file a pack (an artifact: its frames at ``entries``); returns its pack path.
+    def adopt(self, path: Path, name: str, entries: list[PackEntry]) -> Path:
+        """Make an existing, synced file a pack: hard-link it into ``packs/`` and record its frames.
 
-        The file is hard-linked into ``packs/`` (or renamed when ``link`` is false), so an installed
-        artifact and its pack are one inode: the bytes are on disk once.
+        For an installed artifact (``name`` is ``<its BLAKE3>.capsule``): the artifact and its pack are
+        one inode, so its bytes are on disk once. Returns the pack's path; when the pack was adopted
+        before (same name, same bytes), that path, and ``path`` is not linked.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / name
-        if self.index.pack_entries(name) and target.is_file():
-            return target  # adopted before (same name = same bytes)
+        if target.is_file() and self.index.pack_entries(name):
+            return target
         try:
-            if link:
-                os.link(path, target)
-            else:
-                os.rename(path, target)
-        except FileExistsError:
-            target.unlink()
-            os.link(path, target) if link else os.rename(path, target)
+            os.link(path, target)
+        except FileExistsError:  # a pack file the index never recorded (a killed install): replace it
+            link = temp_path(target, self.tmp)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            os.link(path, link)
+            os.replace(link, target)
         fsync_dir(self.directory)
+        stop_point("cas.pack-renamed")  # crash tests: the pack in place, not yet in the index
         self.index.add_pack(name, target.stat().st_size, "capsule", entries)
         return target
 

@@ -44,9 +44,7 @@ import os
 import queue
 import sys
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ import blake3
 from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse, write_hashed
 from cas.frames import ChunkError
+from cas.index import PackEntry
 from cas.stoppoints import stop_point
 from cas.store import CasStore
 from cas.tempfiles import sweep, temp_path
@@ -65,14 +64,13 @@ from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.progress import SILENT, Progress, counted
 from stages import installed
 from stages.capsule import Limits, Verdict, read_capsule, verify, verify_skeleton
-from stages.capsule.payload import FrameRef, stream_frames
+from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
 from stages.trust_port import TrustPort
 
 SCHEMA_VERSION = "0.1"
 FETCH_BATCH = 4096
 WRITE_BATCH = 4 << 20
-STAGING_THREADS = 4
 
 def integrity(message: str, **details: Any) -> AtoError:
     return AtoError(E_INTEGRITY, f"ATO_ERR_INTEGRITY_FAILURE: {message}", details=details,
@@ -156,62 +154,6 @@ class _FrameStream:
 
     def exhausted(self) -> bool:
         return self.pos >= len(self.cur) and not any(True for piece in self.pieces if piece)
-
-
-class _Staging:
-    """Verified frames as temp objects beside their final CAS names; published together at the end.
-
-    The temp files are written by a few threads: creating thousands of small files and their
-    fan-out directories is kernel work that overlaps well, and the GIL is free meanwhile.
-    """
-
-    IN_FLIGHT = 64
-
-    def __init__(self, cas: CasStore) -> None:
-        self.cas = cas
-        self.staged: dict[str, Path] = {}
-        self._pending: deque[tuple[str, Future[Path]]] = deque()
-        self._submitted: set[str] = set()
-        self._pool: ThreadPoolExecutor | None = None
-
-    def add(self, raw_hash: str, frame: bytes) -> None:
-        if raw_hash in self._submitted:
-            return
-        self._submitted.add(raw_hash)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="ato-stage")
-        self._pending.append((raw_hash, self._pool.submit(self.cas.objects.write_temp, raw_hash, frame)))
-        if len(self._pending) >= self.IN_FLIGHT:
-            self._settle(self.IN_FLIGHT // 2)
-
-    def _settle(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
-            raw_hash, fut = self._pending.popleft()
-            self.staged[raw_hash] = fut.result()
-
-    def _close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def publish(self) -> int:
-        try:
-            self._settle()
-        finally:
-            self._close()
-        items = list(self.staged.items())
-        self.staged, self._submitted = {}, set()
-        return self.cas.objects.publish_temps(items)
-
-    def discard(self) -> None:
-        self._close()
-        for _h, fut in self._pending:
-            with contextlib.suppress(BaseException):
-                self.staged.setdefault(_h, fut.result())
-        self._pending.clear()
-        for tmp in self.staged.values():
-            tmp.unlink(missing_ok=True)
-        self.staged, self._submitted = {}, set()
 
 
 class _Worker(threading.Thread):
@@ -420,22 +362,35 @@ def _download(client: RegistryPort, url: str, out: Path, transfer: Transfer, siz
     return sha, b3, size
 
 
-def _stage_from_artifact(path: Path, verdict: Verdict, cas: CasStore, staging: _Staging,
-                         transfer: Transfer) -> None:
-    """Stage the verified artifact's frames that the CAS lacks (so the next version is a delta).
+def _pack_entries(verdict: Verdict) -> list[PackEntry] | None:
+    """Where each chunk's frame lies in the verified artifact file: the artifact is its own pack.
 
-    Done after every check, from the file itself, on this thread: staging during the download
-    made a writer thread wait on the GIL around each of its thousands of small writes.
+    None when the payload's frames are not its chunks one to one (then the file is stored but its
+    chunks are not indexed: a later version is downloaded whole).
     """
     capsule, scan = verdict.capsule, verdict.scan
     assert capsule is not None and scan is not None
-    transfer.chunks_total = len(capsule.payload_manifest.chunks)
     if scan.frames is None:
-        return
-    with open(path, "rb") as fh:
-        for ref, frame, _offset in stream_frames(fh, capsule.payload_offset, scan.frames):
-            if not cas.has_chunk(ref.raw_hash):
-                staging.add(ref.raw_hash, frame)
+        return None
+    entries, offset = [], capsule.payload_offset
+    for ref in scan.frames:
+        entries.append(PackEntry(ref.raw_hash, offset, ref.frame_size, ref.raw_size, bytes.fromhex(ref.frame_blake3)))
+        offset += ref.frame_size
+    return entries
+
+
+def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex: str) -> None:
+    """Put the verified artifact in place: indexed as a pack (hard-linked under ``cas/packs/``, so its
+    bytes are on disk once), its payload manifest kept (a gc root), then renamed to ``target``."""
+    entries = _pack_entries(verdict)
+    if entries is not None:
+        pack = cas.packs.adopt(tmp, f"{blake3_hex}.capsule", entries)
+        if not pack.samefile(tmp):  # adopted before (the same bytes): keep one inode, not two
+            tmp.unlink()
+            os.link(pack, tmp)
+        cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
 
 
 @dataclass
@@ -506,14 +461,14 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         detail, target_version, dist, expect = release.detail, release.version, release.dist, release.expect
         target = store_path(publisher, slug, target_version)
         cas = CasStore(paths.cas_root())
-        sweep([target.parent, cas.objects.tmp])  # what a killed install left (only if its process is gone)
+        sweep([target.parent, cas.packs.tmp])  # what a killed install left (only if its process is gone)
         transfer = Transfer()
         up_to_date = target.is_file() and blake3_file(target) == expect.blake3
         checked = None
         if up_to_date:
             checked = _accept(target, scoped, trust)  # a key revoked since the install is refused here too
             with cas.shared():
-                _ensure_manifest(cas, target)
+                _ensure_stored(cas, target, expect.blake3, trust.limits if trust is not None else Limits())
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
@@ -563,11 +518,16 @@ def parse_sha(value: str) -> str:
     return text
 
 
-def _ensure_manifest(cas: CasStore, path: Path) -> None:
-    """The payload manifest of an installed artifact is a gc root: keep it in the CAS."""
-    manifest = read_capsule(path).payload_manifest
-    if not cas.has_manifest(manifest.artifact_hash):
-        cas.put_manifest(manifest)
+def _ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits) -> None:
+    """An installed artifact is indexed as a pack and its payload manifest kept (a gc root); one
+    installed by an earlier ato (its chunks copied into the store one file each) is adopted now."""
+    if cas.packs.index.pack_entries(f"{blake3_hex}.capsule"):
+        return
+    verdict = verify(path, limits).require()
+    entries = _pack_entries(verdict)
+    if entries is not None:
+        cas.packs.adopt(path, f"{blake3_hex}.capsule", entries)
+    cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
 
 
 @dataclass
@@ -616,8 +576,7 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
-    with cas.shared():
-        staging = _Staging(cas)
+    with cas.shared():  # gc waits until the artifact is stored and indexed
         try:
             skel = _skeleton(client.skeleton(dist["skeleton_url"]), expect) if dist.get("skeleton_url") else None
             if skel is not None:
@@ -639,16 +598,10 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
                 verdict = verify(tmp, trust.limits if trust is not None else Limits())  # the same verdict, kept
                 _check_identity(verdict, slug, version)
                 _check_frames(verdict, skel.doc if skel is not None else None)
-                _stage_from_artifact(tmp, verdict, cas, staging, transfer)
-            staging.publish()
-            payload = verdict.capsule.payload_manifest  # type: ignore[union-attr]
-            if not cas.has_manifest(payload.artifact_hash):
-                cas.put_manifest(payload)
-            os.replace(tmp, target)
-            fsync_dir(target.parent)
+            transfer.chunks_total = len(verdict.capsule.payload_manifest.chunks)  # type: ignore[union-attr]
+            _store(tmp, target, verdict, cas, b3)
             return checked
         except BaseException:
-            staging.discard()
             tmp.unlink(missing_ok=True)
             for d in created:
                 with contextlib.suppress(OSError):

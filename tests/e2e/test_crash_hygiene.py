@@ -6,7 +6,9 @@ the test checks it really is frozen there with its temp files written, then send
 Points and what is on disk when they are reached:
 
 - ``artifact.written``: the build's whole ``.capsule`` in its temp file, not renamed;
-- ``cas.publish-temps``: new CAS frames in temp files (build or install), none linked;
+- ``cas.publish-temps``: a build's new CAS frames in a temp pack, not renamed;
+- ``cas.pack-renamed``: an install's verified artifact linked into ``cas/packs/``, not yet in the
+  index, and still in its temp file (or a build's pack renamed, not yet in the index);
 - ``unpack.written`` (run) / ``fetch.unpacked``: the payload tree in its temp dir, not renamed;
 - ``install.downloaded``: the downloaded artifact in its temp file, nothing stored;
 - ``publish.uploading``: the registry holds the uploaded frames in a session, no commit;
@@ -221,7 +223,7 @@ def publish(ato, artifact: Path, url: str, tmp_path: Path):
                env={**home_env(tmp_path / "publisher"), "ATO_TOKEN": TOKEN})
 
 
-@pytest.mark.parametrize("point", ["install.downloaded", "cas.publish-temps"])
+@pytest.mark.parametrize("point", ["install.downloaded", "cas.pack-renamed"])
 def test_install_killed_then_retried(ato, tmp_path: Path, registry, point: str) -> None:
     artifact = built_artifact(ato, tmp_path)
     assert publish(ato, artifact, registry.url, tmp_path).code == 0
