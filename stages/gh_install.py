@@ -119,7 +119,8 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
                          progress: Callable[[str], None] = lambda _m: None,
                          reporter: Progress = SILENT) -> dict[str, Any]:
     from cas.store import CasStore
-    from stages.install import _ensure_manifest, store_path
+    from stages.capsule import Limits
+    from stages.install import ensure_stored, store_path
 
     if not _REPO.match(repo):
         raise AtoError(E_USAGE, f"--from-gh-repo expects owner/repo, got {repo!r}")
@@ -150,7 +151,7 @@ def install_from_gh_repo(repo: str, *, build_fn: Callable[[Path], dict[str, Any]
             shutil.copyfileobj(src, dst, 1 << 20)
     cas = CasStore(paths.cas_root())
     with cas.shared():
-        _ensure_manifest(cas, target)
+        ensure_stored(cas, target, local.blake3, trust.limits if trust is not None else Limits())
     doc = {
         "capsule_id": f"gh-{owner}-{slug}", "scoped_id": scoped, "publisher": owner, "slug": slug,
         "version": local.version, "path": str(target), "content_hash": label(local.blake3),

@@ -468,7 +468,7 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         if up_to_date:
             checked = _accept(target, scoped, trust)  # a key revoked since the install is refused here too
             with cas.shared():
-                _ensure_stored(cas, target, expect.blake3, trust.limits if trust is not None else Limits())
+                ensure_stored(cas, target, expect.blake3, trust.limits if trust is not None else Limits())
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
@@ -518,7 +518,7 @@ def parse_sha(value: str) -> str:
     return text
 
 
-def _ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits) -> None:
+def ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits) -> None:
     """An installed artifact is indexed as a pack and its payload manifest kept (a gc root); one
     installed by an earlier ato (its chunks copied into the store one file each) is adopted now."""
     if cas.packs.index.pack_entries(f"{blake3_hex}.capsule"):
