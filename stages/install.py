@@ -389,6 +389,10 @@ def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex:
             tmp.unlink()
             os.link(pack, tmp)
         cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(tmp, target):  # a concurrent install of the same bytes got there first: rename(2)
+            tmp.unlink()                   # of two links to one inode does nothing and would leave ``tmp``
+            return
     os.replace(tmp, target)
     fsync_dir(target.parent)
 
