@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -38,6 +39,16 @@ from cas.tempfiles import temp_path
 
 PACK_SUFFIX = ".pack"
 CAPSULE_SUFFIX = ".capsule"
+
+
+def frames_at(offset: int, frames: Iterable[Any]) -> list[PackEntry]:
+    """Pack entries of frames that lie back to back from ``offset`` (an artifact's payload): each
+    frame an object with ``raw_hash``, ``raw_size``, ``frame_size`` and ``frame_blake3`` (hex)."""
+    out = []
+    for f in frames:
+        out.append(PackEntry(f.raw_hash, offset, f.frame_size, f.raw_size, bytes.fromhex(f.frame_blake3)))
+        offset += f.frame_size
+    return out
 
 
 @dataclass(frozen=True)

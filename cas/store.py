@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from cas.atomic import write_bytes_atomic
 from cas.digest import parse
 from cas.filelock import flocked
 from cas.frames import ChunkError
-from cas.index import Location
+from cas.index import Location, PackEntry
 from cas.objects import ObjectError, ObjectStore
 from cas.packs import PackStore
 from cas.payload_manifest import PayloadManifest, PayloadManifestError
+from cas.tempfiles import temp_path
 
 
 class CasStore:
@@ -85,6 +87,16 @@ class CasStore:
         """The checked raw chunks of a payload, in order (their concatenation is the payload tar)."""
         for c in manifest.chunks:
             yield self.raw(c.raw_hash, c.raw_size)
+
+    def adopt_artifact(self, path: Path, blake3_hex: str, entries: list[PackEntry]) -> Path:
+        """Index an artifact file as its own pack (``packs/<BLAKE3>.capsule``); ``path`` and the pack end
+        up one inode, so the bytes are on disk once even when the same artifact was adopted before."""
+        pack = self.packs.adopt(path, f"{parse(blake3_hex)}.capsule", entries)
+        if not pack.samefile(path):
+            link = temp_path(path)
+            os.link(pack, link)
+            os.replace(link, path)
+        return pack
 
     # ---------------------------------------------------------------- payload manifests
 

@@ -55,6 +55,7 @@ from cas.atomic import fsync_dir
 from cas.digest import blake3_file, label, parse, write_hashed
 from cas.frames import ChunkError
 from cas.index import PackEntry
+from cas.packs import frames_at
 from cas.stoppoints import stop_point
 from cas.store import CasStore
 from cas.tempfiles import sweep, temp_path
@@ -370,13 +371,7 @@ def _pack_entries(verdict: Verdict) -> list[PackEntry] | None:
     """
     capsule, scan = verdict.capsule, verdict.scan
     assert capsule is not None and scan is not None
-    if scan.frames is None:
-        return None
-    entries, offset = [], capsule.payload_offset
-    for ref in scan.frames:
-        entries.append(PackEntry(ref.raw_hash, offset, ref.frame_size, ref.raw_size, bytes.fromhex(ref.frame_blake3)))
-        offset += ref.frame_size
-    return entries
+    return None if scan.frames is None else frames_at(capsule.payload_offset, scan.frames)
 
 
 def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex: str) -> None:
@@ -384,10 +379,7 @@ def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex:
     bytes are on disk once), its payload manifest kept (a gc root), then renamed to ``target``."""
     entries = _pack_entries(verdict)
     if entries is not None:
-        pack = cas.packs.adopt(tmp, f"{blake3_hex}.capsule", entries)
-        if not pack.samefile(tmp):  # adopted before (the same bytes): keep one inode, not two
-            tmp.unlink()
-            os.link(pack, tmp)
+        cas.adopt_artifact(tmp, blake3_hex, entries)
         cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
     with contextlib.suppress(FileNotFoundError):
         if os.path.samefile(tmp, target):  # a concurrent install of the same bytes got there first: rename(2)
@@ -530,7 +522,7 @@ def ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits) ->
     verdict = verify(path, limits).require()
     entries = _pack_entries(verdict)
     if entries is not None:
-        cas.packs.adopt(path, f"{blake3_hex}.capsule", entries)
+        cas.adopt_artifact(path, blake3_hex, entries)
     cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
 
 

@@ -26,9 +26,11 @@ will (every digest, every frame, every payload tar entry), then uploads only the
 chunks the registry lacks: ``/v1/sync/negotiate`` → ``/v1/sync/chunks`` (the
 missing frames, one streamed body) → ``/v1/sync/commit`` (the skeleton: the
 bytes around ``payload.tar.zst``, plus the chunk order; the registry rebuilds
-the artifact and checks both digests). A registry without the chunk routes, or
-one holding different frames for some chunk, gets the whole artifact on
-``PUT /v1/local/capsules/...`` instead.
+the artifact and checks both digests). When the registry lacks at least half
+of the payload's bytes (a first publish), or has no chunk routes, or holds
+different frames for some chunk, the whole artifact goes in one streamed
+``PUT /v1/local/capsules/...`` instead: the same bytes, without splitting and
+re-assembling them.
 
 Scoped id: ``--scoped-id publisher/slug`` (slug must equal the manifest name,
 because the registry checks the name against the path); otherwise the slug is
@@ -434,6 +436,17 @@ def negotiate_body(art: LocalArtifact, publisher: str, slug: str, allow_existing
                       [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in art.payload.chunks]}
 
 
+WHOLE_FILE_SHARE = 0.5
+
+
+def _mostly_missing(art: LocalArtifact, nego: dict[str, Any]) -> bool:
+    """True when the chunks the registry lacks are at least WHOLE_FILE_SHARE of the payload's bytes."""
+    missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
+    frames = art.frames or []
+    needed = sum(f.frame_size for f in {f.raw_hash: f for f in frames if f.raw_hash in missing}.values())
+    return needed >= WHOLE_FILE_SHARE * max(1, art.payload_size)
+
+
 def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
            allow_existing: bool, reporter: Progress = SILENT) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer)."""
@@ -441,6 +454,8 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
     transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
                 "bytes_uploaded": 0, "bytes_total": art.size}
     nego = client.negotiate(negotiate_body(art, publisher, slug, allow_existing)) if art.frames else None
+    if nego is not None and not nego.get("existing") and _mostly_missing(art, nego):
+        nego = None  # the registry lacks most of it: one streamed upload of the file costs less than frames
     if nego is None or nego.get("frame_conflicts"):
         transfer["mode"] = "full"
         with reporter.task("Uploading", total=art.size) as task:

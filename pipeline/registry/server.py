@@ -506,21 +506,21 @@ class RegistryApp:
     async def release_manifest(self, request: Request) -> Response:
         p, s, _scoped = self.scope(request)
         rel = await run_in_threadpool(self.store.resolve_release, p, s, request.path_params["version"])
-        path = self.store.cas.manifest_path(rel["payload_hash"])
-        if not path.is_file():
+        data = await run_in_threadpool(self.store.payload_manifest_bytes, rel["payload_hash"])
+        if data is None:
             raise RegistryError(404, "not_found", "payload v3 manifest not found")
-        return FileResponse(path, media_type="application/json")
+        return Response(data, media_type="application/json")
 
     async def get_chunk(self, request: Request) -> Response:
         try:
             raw = parse(request.path_params["raw_hash"])
         except DigestError:
             raise RegistryError(400, "invalid_chunk_hash", "not a blake3 chunk hash") from None
-        path = self.store.chunk_path(raw)
-        if not path.is_file():
+        frame = await run_in_threadpool(self.store.chunk_frame, raw)
+        if frame is None:
             raise RegistryError(404, "not_found", "Chunk not found")
-        return FileResponse(path, media_type="application/zstd",
-                            headers={"cache-control": "public, max-age=31536000, immutable"})
+        return Response(frame, media_type="application/zstd",
+                        headers={"cache-control": "public, max-age=31536000, immutable"})
 
     async def fetch_chunks(self, request: Request) -> Response:
         body = await self.read_json(request, 2 << 20)
@@ -531,41 +531,12 @@ class RegistryApp:
             hexes = [parse(str(h)) for h in wanted]
         except DigestError as exc:
             raise RegistryError(400, "invalid_chunk_hash", str(exc)) from None
-
-        def sizes() -> list[tuple[Path, int]]:
-            out, missing = [], []
-            for h in hexes:
-                path = self.store.chunk_path(h)
-                try:
-                    out.append((path, path.stat().st_size))
-                except FileNotFoundError:
-                    missing.append(label(h))
-            if missing:
-                raise RegistryError(404, "not_found", f"{len(missing)} chunk(s) not found", missing_chunks=missing)
-            return out
-        files = await run_in_threadpool(sizes)
-        total = sum(size for _p, size in files)
-
-        def read_group(group: list[tuple[Path, int]]) -> bytes:
-            parts = []
-            for path, size in group:
-                data = path.read_bytes()
-                if len(data) != size:
-                    raise OSError(f"chunk {path.name} changed while it was being served")
-                parts.append(data)
-            return b"".join(parts)
+        total, runs = await run_in_threadpool(self.store.frame_runs, hexes)
 
         async def body_iter() -> AsyncIterator[bytes]:
-            group: list[tuple[Path, int]] = []
-            acc = 0
-            for item in files:
-                group.append(item)
-                acc += item[1]
-                if acc >= WRITE_BUFFER:
-                    yield await run_in_threadpool(read_group, group)
-                    group, acc = [], 0
-            if group:
-                yield await run_in_threadpool(read_group, group)
+            # frames straight from the artifacts that hold them: one read per run of adjacent frames
+            for span, frames in runs:
+                yield await run_in_threadpool(self.store.read_run, span, frames)
         return StreamingResponse(body_iter(), media_type="application/octet-stream",
                                  headers={"content-length": str(total)})
 

@@ -3,16 +3,19 @@
 Layout of ``<data>`` (default ``$ATO_HOME/local-registry``)::
 
     registry.sqlite3            the index (WAL, synchronous=FULL, busy timeout 30 s)
-    cas/objects/blake3/..       chunk frames (the same CasStore layout as ``$ATO_HOME/cas``)
-    cas/manifests/blake3/..     payload manifests of published releases
     artifacts/<p>/<s>/<v>/<f>   the published ``.capsule`` bytes, verbatim
+    cas/packs/<blake3>.capsule  the same file (a hard link): a published artifact is the pack of its
+                                chunks, so the registry holds each payload once, never one file per chunk
+    cas/index.sqlite            the CAS index (cas.index): chunk -> (pack, offset, frame), and the
+                                payload manifests of published releases
     tmp/                        uploads in flight and chunk-upload sessions (temp names of
                                 cas.tempfiles: swept at start-up once their process is gone)
 
 Index tables: ``packages`` (one row per publisher/slug), ``releases`` (digests,
 sizes, the skeleton geometry and the frame layout used for delta installs, the
-manifest text and README), ``chunks`` (raw hash → the exact frame stored for it),
-``runtime_configs`` (per-capsule run overrides from the web UI).
+manifest text and README), ``runtime_configs`` (per-capsule run overrides from the
+web UI). (``chunks`` is a table of earlier versions, no longer used.) Chunks are
+served from the artifacts that hold them (the CAS index says where).
 
 Commit rule: everything about an upload is checked before anything is written
 (both digests, then the format's one verifier, :func:`stages.capsule.verify`: every member,
@@ -20,7 +23,7 @@ the signature, every chunk under the decoding caps, every payload entry, the pay
 then manifest name/version against the path). The
 commit then runs under one process-wide lock and one ``BEGIN IMMEDIATE``
 transaction (which also serialises several server processes on one data dir):
-new CAS objects and the artifact are linked/renamed into place, rows inserted,
+the artifact is linked into place and indexed as a pack, rows inserted,
 and the transaction committed. Any failure rolls the transaction back and
 removes every file and directory the commit created, so the data dir is as it
 was. The only files outside that rule are SQLite's ``-shm`` index (rewritten by
@@ -57,6 +60,9 @@ import zstandard
 
 from cas.atomic import fsync_dir
 from cas.digest import DigestError, label, parse, write_hashed
+from cas.frames import ChunkError
+from cas.index import Location
+from cas.packs import FrameSpan, frames_at
 from cas.payload_manifest import MAX_CHUNK, PayloadManifest
 from cas.stoppoints import stop_point
 from cas.store import CasStore
@@ -78,6 +84,7 @@ RELEASE_SUMMARY = ("scoped_id, version, file_name, sha256, blake3, size_bytes, m
 RELEASE_COLUMNS_ADDED = (("signed", "INTEGER"), ("signer_key_id", "TEXT"), ("signed_at", "TEXT"),
                          ("yanked_at", "TEXT"))
 SEARCH_LIMIT_MAX = 50
+RUN_BYTES = 4 << 20  # frames served per read
 # A release is visible (searchable, eligible as "latest") unless it is yanked.
 _VISIBLE = "EXISTS (SELECT 1 FROM releases r WHERE r.scoped_id = packages.scoped_id AND r.yanked_at IS NULL)"
 
@@ -295,7 +302,7 @@ class RegistryStore:
         self.limits = limits or consumer_limits()  # the decoded-payload ceiling an upload must stay under
         self.root = Path(data_dir)
         self.db_path = self.root / "registry.sqlite3"
-        self.cas = CasStore(self.root / "cas", manifests_as_files=True)
+        self.cas = CasStore(self.root / "cas")
         self.artifacts = self.root / "artifacts"
         self.tmp = self.root / "tmp"
         # chunk-upload sessions of this process: a killed server's sessions are swept with its other temps
@@ -307,8 +314,7 @@ class RegistryStore:
 
     def initialize(self) -> None:
         """Create the layout and schema; sweep the temp files of servers that are no longer running."""
-        for d in (self.root, self.artifacts, self.tmp, self.cas.objects.objects, self.cas.objects.tmp,
-                  self.cas.manifest_dir):
+        for d in (self.root, self.artifacts, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
         self.sweep_temps()
         conn = self.conn()
@@ -321,7 +327,38 @@ class RegistryStore:
             raise AtoError("E100", f"{self.db_path} has index schema {row[0]!r}; this ato expects "
                                    f"{SCHEMA_VERSION!r}", hint="use another --data-dir or remove the old one")
         self._add_release_columns(conn)
+        self._packs_match_releases()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _packs_match_releases(self) -> None:
+        """Every spliceable release's artifact is indexed as a pack, and no pack outlives its release.
+
+        Brings a data dir of an earlier version (one file per chunk under ``cas/objects``, manifests
+        as files) onto packs, and drops the pack a commit killed before its rows were written left.
+        """
+        cas = self.cas
+        wanted: dict[str, sqlite3.Row] = {}
+        for rel in self.conn().execute("SELECT scoped_id, version, file_name, blake3, payload_hash, prefix_size, "
+                                       "layout FROM releases"):
+            wanted[f"{rel['blake3']}.capsule"] = rel
+        with cas.exclusive():
+            for name in cas.packs.files():
+                if name.endswith(".capsule") and name not in wanted:
+                    cas.packs.remove_pack(name)
+            for name, rel in wanted.items():
+                if rel["layout"] is None or cas.packs.index.pack_entries(name):
+                    continue
+                path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
+                frames = [FrameRef.from_json(f) for f in json.loads(rel["layout"])]
+                with contextlib.suppress(OSError):
+                    cas.adopt_artifact(path, rel["blake3"], frames_at(rel["prefix_size"], frames))
+                    if not cas.has_manifest(rel["payload_hash"]):
+                        cas.put_manifest(read_capsule(path).payload_manifest)
+            for h in cas.legacy_manifest_hashes():
+                with contextlib.suppress(OSError, ValueError):
+                    cas.get_manifest(h)  # copied into the index
+            shutil.rmtree(cas.objects.root / "objects", ignore_errors=True)
+            shutil.rmtree(cas.manifest_dir.parent, ignore_errors=True)
 
     def _add_release_columns(self, conn: sqlite3.Connection) -> None:
         """Bring an index written before signer and yank columns existed up to date, in one transaction:
@@ -371,7 +408,7 @@ class RegistryStore:
 
     def sweep_temps(self, *, dry_run: bool = False) -> SweepReport:
         """Temp files and session dirs whose server process is gone (another live server keeps its own)."""
-        return sweep([self.root, self.tmp, self.cas.objects.tmp], dry_run=dry_run)
+        return sweep([self.root, self.tmp, self.cas.packs.tmp], dry_run=dry_run)
 
     # ------------------------------------------------------------------ reads
 
@@ -473,20 +510,54 @@ class RegistryStore:
             "frames": json.loads(rel["layout"]),
         }
 
-    def chunk_path(self, raw_hash: str) -> Path:
-        return self.cas.objects.path(raw_hash)
+    def chunk_frame(self, raw_hash: str) -> bytes | None:
+        """The stored frame of one chunk (checked against its frame digest), or None."""
+        try:
+            return self.cas.frame(raw_hash)
+        except ChunkError as exc:
+            if exc.kind == "missing":
+                return None
+            raise RegistryError(500, "storage_error", str(exc)) from None
+
+    def frame_runs(self, hexes: list[str]) -> tuple[int, list[tuple[FrameSpan, list[Location]]]]:
+        """The frames of ``hexes`` in order as runs of contiguous bytes in their packs: (total size, runs).
+        Missing chunks are a 404 naming them."""
+        found = self.cas.packs.locate_many(hexes)
+        missing = [label(h) for h in hexes if h not in found]
+        if missing:
+            with self._lock:  # a commit in flight indexes its artifact just after its rows: wait for it
+                found = self.cas.packs.locate_many(hexes)
+            missing = [label(h) for h in hexes if h not in found]
+        if missing:
+            raise RegistryError(404, "not_found", f"{len(missing)} chunk(s) not found", missing_chunks=missing)
+        runs: list[tuple[FrameSpan, list[Location]]] = []
+        for span, frames in self.cas.packs.spans(hexes, found):
+            start = 0
+            while start < len(frames):  # pieces of about RUN_BYTES, cut between frames
+                end, size = start, 0
+                while end < len(frames) and (end == start or size + frames[end].length <= RUN_BYTES):
+                    size += frames[end].length
+                    end += 1
+                part = frames[start:end]
+                runs.append((FrameSpan(span.pack, part[0].offset, size), part))
+                start = end
+        return sum(found[h].length for h in hexes), runs
+
+    def read_run(self, span: FrameSpan, frames: list[Location]) -> bytes:
+        try:
+            return bytes(self.cas.packs.checked_span(span, frames))
+        except ChunkError as exc:
+            raise RegistryError(500, "storage_error", str(exc)) from None
 
     def known_frames(self, hexes: list[str]) -> dict[str, str]:
         """raw hash → frame BLAKE3 of the chunks the registry holds."""
-        out: dict[str, str] = {}
-        conn = self.conn()
-        unique = list(dict.fromkeys(hexes))
-        for i in range(0, len(unique), 500):
-            part = unique[i:i + 500]
-            marks = ",".join("?" * len(part))
-            for row in conn.execute(f"SELECT raw_hash, frame_blake3 FROM chunks WHERE raw_hash IN ({marks})", part):
-                out[row[0]] = row[1]
-        return out
+        return {h: where.frame_hash.hex() for h, where in self.cas.packs.locate_many(hexes).items()}
+
+    def payload_manifest_bytes(self, payload_hash: str) -> bytes | None:
+        try:
+            return self.cas.get_manifest(payload_hash).to_bytes()
+        except (ChunkError, ValueError):
+            return None
 
     # ------------------------------------------------------------------ chunk sessions
 
@@ -546,24 +617,37 @@ class RegistryStore:
                 "total_chunks": len(wanted), "existing": existing}
 
     def stage_frames(self, session: str, source: Path) -> list[dict[str, Any]]:
-        """Split an uploaded run of frames, verify each, keep the new ones in the session dir."""
+        """Keep an uploaded run of frames in the session as it came (one file, not one per frame),
+        each frame decoded and checked, with an index of where each chunk's frame is in it."""
         sdir = self.session_dir(session)
         self._sweep_sessions()
         sdir.mkdir(parents=True, exist_ok=True)
-        out = []
+        known = self._session_index(sdir)
+        out: list[dict[str, Any]] = []
+        spans: dict[str, list[int]] = {}
+        body = sdir / f"body-{secrets.token_hex(8)}.frames"
         with open(source, "rb") as fh:
             while True:
+                offset = fh.tell()
                 try:
                     frame = read_frame(fh)
                 except FrameError as exc:
                     raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
                 if frame is None:
                     break
-                out.append(self._stage_one(sdir, frame, None))
+                raw_hash, size = self._decode_checked(frame, None)
+                inserted = raw_hash not in known and raw_hash not in spans
+                if inserted:
+                    spans[raw_hash] = [offset, len(frame)]
+                out.append({"raw_hash": label(raw_hash), "raw_size": size, "inserted": inserted,
+                            "zstd_size": len(frame)})
+        if spans:
+            os.link(source, body)
+            _write_json(body.with_suffix(".json"), {h: [body.name, *at] for h, at in spans.items()})
         return out
 
     def stage_chunk(self, session: str | None, raw_hash: str, raw_size: int, frame: bytes) -> dict[str, Any]:
-        """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS."""
+        """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS as a one-frame pack."""
         try:
             check_frame(frame, raw_hash, raw_size)
         except (FrameError, zstandard.ZstdError) as exc:
@@ -572,39 +656,38 @@ class RegistryStore:
             sdir = self.session_dir(session)
             self._sweep_sessions()
             sdir.mkdir(parents=True, exist_ok=True)
-            return self._stage_one(sdir, frame, (raw_hash, raw_size))
-        ref = FrameRef(raw_hash, raw_size, len(frame), blake3.blake3(frame).hexdigest())
-        with self._lock:
-            conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            undo = _Undo()
-            try:
-                inserted = self._insert_objects(conn, [(ref, lambda: frame)], undo)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                undo.run()
-                raise
-        return {"raw_hash": label(raw_hash), "inserted": bool(inserted), "zstd_size": len(frame)}
+            inserted = raw_hash not in self._session_index(sdir)
+            if inserted:
+                body = sdir / f"chunk-{raw_hash}.frames"
+                tmp = temp_path(body)
+                tmp.write_bytes(frame)
+                os.replace(tmp, body)
+                _write_json(body.with_suffix(".json"), {raw_hash: [body.name, 0, len(frame)]})
+            return {"raw_hash": label(raw_hash), "raw_size": raw_size, "inserted": inserted, "zstd_size": len(frame)}
+        with self.cas.shared():
+            inserted = self.cas.locate(raw_hash) is None
+            if inserted:
+                with self.cas.packs.writer() as w:
+                    w.add(raw_hash, frame, raw_size)
+                    w.commit()
+        return {"raw_hash": label(raw_hash), "inserted": inserted, "zstd_size": len(frame)}
 
-    def _stage_one(self, sdir: Path, frame: bytes, expect: tuple[str, int] | None) -> dict[str, Any]:
-        if expect is None:
-            try:
-                size = zstandard.get_frame_parameters(frame).content_size
-                raw = decode_frame(frame, size)
-            except (FrameError, zstandard.ZstdError) as exc:
-                raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
-            raw_hash = blake3.blake3(raw).hexdigest()
-        else:
-            raw_hash, size = expect
-        target = sdir / f"{raw_hash}.zst"
-        inserted = False
-        if not target.exists():
-            tmp = temp_path(target)
-            tmp.write_bytes(frame)
-            os.replace(tmp, target)
-            inserted = True
-        return {"raw_hash": label(raw_hash), "raw_size": size, "inserted": inserted, "zstd_size": len(frame)}
+    def _decode_checked(self, frame: bytes, expect: tuple[str, int] | None) -> tuple[str, int]:
+        try:
+            size = zstandard.get_frame_parameters(frame).content_size
+            raw = decode_frame(frame, size)
+        except (FrameError, zstandard.ZstdError) as exc:
+            raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
+        return blake3.blake3(raw).hexdigest(), size
+
+    @staticmethod
+    def _session_index(sdir: Path) -> dict[str, list[Any]]:
+        """raw hash → [file, offset, size] of every frame staged in a session."""
+        out: dict[str, list[Any]] = {}
+        for p in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                out.update(json.loads(p.read_bytes()))
+        return out
 
     def _sweep_sessions(self) -> None:
         cutoff = time.time() - SESSION_TTL_SECONDS
@@ -626,21 +709,25 @@ class RegistryStore:
         Returns ``(path, sha256 hex, blake3 hex, size)``. Missing frames → 400 ``missing_chunks``.
         """
         sdir = self.session_dir(session) if session else None
-        sources: list[Path] = []
+        staged = self._session_index(sdir) if sdir is not None else {}
+        stored = self.cas.packs.locate_many(h for h, _s in chunks if h not in staged)
+        pieces: list[tuple[Path, int, int]] = []
         missing: list[str] = []
         for raw, _size in chunks:
-            staged = sdir / f"{raw}.zst" if sdir else None
-            if staged is not None and staged.exists():
-                sources.append(staged)
-            elif self.cas.objects.has(raw):
-                sources.append(self.cas.objects.path(raw))
+            if raw in staged:
+                name, offset, length = staged[raw]
+                pieces.append((sdir / name, offset, length))  # type: ignore[operator]
+            elif raw in stored:
+                where = stored[raw]
+                pieces.append((self.cas.packs.directory / where.pack, where.offset, where.length))
             else:
                 missing.append(label(raw))
         if missing:
             raise RegistryError(400, "missing_chunks", f"{len(missing)} chunk(s) were neither uploaded nor stored: "
                                 f"{', '.join(missing[:5])}", missing_chunks=missing)
         out = self.new_temp(".capsule", file_name)
-        sha, b3, size = write_hashed(out, _iter_pieces(prefix, sources, suffix))
+        with self.cas.shared():  # the packs read here stay where the index says
+            sha, b3, size = write_hashed(out, _iter_pieces(prefix, pieces, suffix))
         return out, sha, b3, size
 
     # ------------------------------------------------------------------ publish
@@ -672,44 +759,9 @@ class RegistryStore:
         insp = inspect_artifact(upload.path, upload.publisher, upload.slug, upload.version, self.limits)
         return self._commit(upload, insp)
 
-    def _insert_objects(self, conn: sqlite3.Connection, items: list[tuple[FrameRef, Any]], undo: _Undo) -> int:
-        """Link verified frames into the CAS (one sync for the batch) and record them; returns how many are new."""
-        objects = self.cas.objects
-        staged: list[tuple[FrameRef, Path, Path]] = []
-        try:
-            for ref, source in items:
-                target = objects.path(ref.raw_hash)
-                undo.mkdirs(target.parent)
-                tmp = temp_path(target, objects.tmp)
-                if isinstance(source, Path):
-                    os.link(source, tmp)
-                else:
-                    tmp.write_bytes(source())
-                staged.append((ref, tmp, target))
-            if staged:
-                os.sync()
-            inserted = 0
-            for ref, tmp, target in staged:
-                try:
-                    os.link(tmp, target)
-                    undo.files.append(target)
-                    inserted += 1
-                except FileExistsError:  # a file without a row (a crash mid-commit): adopt it only if identical
-                    if blake3.blake3(target.read_bytes()).hexdigest() != ref.frame_blake3:
-                        os.replace(tmp, target)
-                conn.execute("INSERT OR IGNORE INTO chunks(raw_hash, raw_size, frame_size, frame_blake3) "
-                             "VALUES(?,?,?,?)", (ref.raw_hash, ref.raw_size, ref.frame_size, ref.frame_blake3))
-            if staged:
-                os.sync()  # the new directory entries (one sync beats a directory fsync per object)
-            return inserted
-        finally:
-            for _ref, tmp, _t in staged:
-                tmp.unlink(missing_ok=True)
-
     def _commit(self, upload: Upload, insp: Inspection) -> tuple[int, dict[str, Any]]:
         scoped = upload.scoped_id
-        sdir = self.session_dir(upload.session) if upload.session else None
-        with self._lock:
+        with self._lock, self.cas.shared():
             conn = self.conn()
             conn.execute("BEGIN IMMEDIATE")
             undo = _Undo()
@@ -720,29 +772,11 @@ class RegistryStore:
                     return 200, self.existing_outcome(rel, upload)
                 frames = insp.frames
                 chunks_new = 0
+                known: dict[str, str] = {}
                 if frames is not None:
                     known = self.known_frames([f.raw_hash for f in frames])
                     if any(known.get(f.raw_hash, f.frame_blake3) != f.frame_blake3 for f in frames):
                         frames = None  # the CAS holds other frames for some chunks: serve this release whole
-                if frames is not None:
-                    items: list[tuple[FrameRef, Any]] = []
-                    offset = insp.prefix_size
-                    queued: set[str] = set()
-                    for f in frames:
-                        if f.raw_hash not in known and f.raw_hash not in queued:
-                            queued.add(f.raw_hash)
-                            staged = sdir / f"{f.raw_hash}.zst" if sdir else None
-                            if staged is not None and staged.is_file() and staged.stat().st_size == f.frame_size:
-                                items.append((f, staged))
-                            else:
-                                items.append((f, _reader(upload.path, offset, f.frame_size)))
-                        offset += f.frame_size
-                    chunks_new = self._insert_objects(conn, items, undo)
-                    mpath = self.cas.manifest_path(insp.payload.artifact_hash)
-                    if not mpath.exists():
-                        undo.mkdirs(mpath.parent)
-                        self.cas.put_manifest(insp.payload)
-                        undo.files.append(mpath)
                 dest = self.artifact_path(scoped, upload.version, upload.file_name)
                 undo.mkdirs(dest.parent)
                 if dest.exists():
@@ -750,6 +784,8 @@ class RegistryStore:
                     dest.unlink()
                 os.link(upload.path, dest)
                 undo.files.append(dest)
+                if frames is not None:
+                    chunks_new = len({f.raw_hash for f in frames} - set(known))
                 fsync_dir(dest.parent)
                 stamp = now()
                 layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
@@ -764,13 +800,18 @@ class RegistryStore:
                      insp.readme_name, stamp, int(insp.signature.signed), insp.signature.key_id,
                      insp.signature.signed_at))
                 self._upsert_package(conn, upload, insp, stamp)
-                stop_point("registry.commit")  # crash tests: objects and artifact linked, rows not committed
+                stop_point("registry.commit")  # crash tests: the artifact linked, rows not committed
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 undo.run()
                 raise
+            # The release row is the record; the CAS index is derived from it (a server killed right here
+            # indexes the artifact at its next start): the artifact becomes the pack of its chunks.
+            if frames is not None:
+                self.cas.adopt_artifact(dest, upload.blake3, frames_at(insp.prefix_size, frames))
+                self.cas.put_manifest(insp.payload)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             rel = self.release(scoped, upload.version)
@@ -892,8 +933,6 @@ class RegistryStore:
                         h = parse(f["raw_hash"])
                         if h not in live_chunks:
                             dead_chunks.add(h)
-                for h in dead_chunks:
-                    conn.execute("DELETE FROM chunks WHERE raw_hash=?", (h,))
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -906,33 +945,42 @@ class RegistryStore:
                 for d in (path.parent, path.parent.parent, path.parent.parent.parent):
                     with contextlib.suppress(OSError):
                         d.rmdir()
-            for h in dead_chunks:
-                self.cas.objects.remove(h)
-            for p in dead_payloads:
-                with contextlib.suppress(OSError):
-                    self.cas.manifest_path(p).unlink()
+            with self.cas.exclusive():
+                for r in doomed:
+                    self.cas.packs.remove_pack(f"{r['blake3']}.capsule")
+                self.cas.remove_manifests(dead_payloads)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {"deleted": True, "scoped_id": scoped, "removed_capsule": removed_capsule,
                 "removed_versions": [r["version"] for r in doomed], "removed_chunks": len(dead_chunks)}
 
 
-def _reader(path: Path, offset: int, size: int):
-    def read() -> bytes:
+def _iter_pieces(prefix: bytes, pieces: list[tuple[Path, int, int]], suffix: bytes) -> Iterator[bytes]:
+    """prefix, then each ``(file, offset, length)`` run (adjacent runs of one file read as one), then suffix."""
+    yield prefix
+    merged: list[list[Any]] = []
+    for path, offset, length in pieces:
+        last = merged[-1] if merged else None
+        if last is not None and last[0] == path and last[1] + last[2] == offset:
+            last[2] += length
+        else:
+            merged.append([path, offset, length])
+    for path, offset, length in merged:
         with open(path, "rb") as fh:
             fh.seek(offset)
-            data = fh.read(size)
-        if len(data) != size:
-            raise RegistryError(500, "storage_error", "artifact changed while it was being committed")
-        return data
-    return read
-
-
-def _iter_pieces(prefix: bytes, sources: list[Path], suffix: bytes) -> Iterator[bytes]:
-    yield prefix
-    for p in sources:
-        yield p.read_bytes()
+            while length > 0:
+                data = fh.read(min(length, 1 << 20))
+                if not data:
+                    raise RegistryError(500, "storage_error", f"{path.name} is shorter than the index says")
+                length -= len(data)
+                yield data
     yield suffix
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = temp_path(path)
+    tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
+    os.replace(tmp, path)
 
 
 PERMISSION_MODES = ("sandbox", "dangerous")
