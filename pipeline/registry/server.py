@@ -588,6 +588,7 @@ class RegistryApp:
         tmp = self.store.new_temp(name=file_name)
         try:
             sha, b3, size = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
+            stop_point("registry.upload-received")  # crash tests: the uploaded artifact in a temp file
             if sha != want_sha:
                 raise RegistryError(422, "hash_mismatch", "sha256 mismatch")
             if b3 != want_b3:

@@ -701,6 +701,8 @@ class RegistryStore:
         if session:
             with contextlib.suppress(RegistryError):
                 shutil.rmtree(self.session_dir(session), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                self.sessions.rmdir()  # only when no other session is open
 
     def reconstruct(self, session: str | None, prefix: bytes, suffix: bytes,
                     chunks: list[tuple[str, int]], file_name: str | None = None) -> tuple[Path, str, str, int]:

@@ -11,8 +11,9 @@ Points and what is on disk when they are reached:
   index, and still in its temp file (or a build's pack renamed, not yet in the index);
 - ``unpack.written`` (run) / ``fetch.unpacked``: the payload tree in its temp dir, not renamed;
 - ``install.downloaded``: the downloaded artifact in its temp file, nothing stored;
-- ``publish.uploading``: the registry holds the uploaded frames in a session, no commit;
-- ``registry.upload-received``: the registry has the frames in an upload temp file;
+- ``publish.uploading``: the registry holds the uploaded frames in a session, no commit (a delta
+  publish: a first one sends the whole file in one request);
+- ``registry.upload-received``: the registry has the uploaded artifact (or frames) in a temp file;
 - ``registry.commit``: the registry linked objects and the artifact, the rows not committed.
 
 After the kill: the retry succeeds, ``ato cas verify`` is clean, no temp file is left after
@@ -35,7 +36,7 @@ import pytest
 from cas import tempfiles
 from cas.stoppoints import ENV as STOP_AT
 from tests.conftest import assert_schema, cli_path, home_env, process_state
-from tests.e2e.registry_support import TOKEN, Registry, digests, install_flags, make_project
+from tests.e2e.registry_support import TOKEN, Registry, digests, install_flags, make_project, set_version
 
 DEADLINE = 120.0
 
@@ -248,7 +249,14 @@ def test_publish_killed_mid_upload_then_retried(ato, tmp_path: Path) -> None:
     data = tmp_path / "data"
     reg = Registry(data, token=TOKEN)
     try:
-        artifact = built_artifact(ato, tmp_path)
+        assert publish(ato, built_artifact(ato, tmp_path), reg.url, tmp_path).code == 0
+        # 0.2.0 changes one blob: a delta, its new frames uploaded into a session
+        project = tmp_path / "src"
+        (project / "assets" / "blob1.bin").write_bytes(random.Random(13).randbytes(300_000))
+        set_version(project, "0.2.0")
+        res = ato(["build", ".", "--json"], cwd=project, env=home_env(tmp_path / "publisher"))
+        assert res.code == 0, res.stderr
+        artifact = Path(res.json()["artifact"])
         env = {**home_env(tmp_path / "publisher"), "ATO_TOKEN": TOKEN}
         ato_killed_at("publish.uploading", ["publish", "--artifact", str(artifact), "--registry", reg.url],
                       env=env, cwd=tmp_path, tmp=tmp_path)
@@ -256,20 +264,22 @@ def test_publish_killed_mid_upload_then_retried(ato, tmp_path: Path) -> None:
         res = publish(ato, artifact, reg.url, tmp_path)
         assert res.code == 0, res.stderr
         assert res.json()["publish"]["already_existed"] is False
+        assert res.json()["publish"]["transfer"]["mode"] == "chunks"
     finally:
         reg.stop()
     reg = Registry(data, token=TOKEN)  # restart: the previous server's sessions go
     try:
         assert temps(data) == []
-        assert_installs_the_same_bytes(ato, reg.url, artifact, tmp_path)
+        assert_installs_the_same_bytes(ato, reg.url, artifact, tmp_path, "0.2.0")
     finally:
         reg.stop()
     assert_cas_clean(ato, home_env(tmp_path / "publisher"))
 
 
-def assert_installs_the_same_bytes(ato, url: str, artifact: Path, tmp_path: Path) -> None:
+def assert_installs_the_same_bytes(ato, url: str, artifact: Path, tmp_path: Path, version: str = "0.1.0") -> None:
     env = home_env(tmp_path / "installer")
-    res = ato(["install", "local/crashy", "--registry", url, "--json", *install_flags()], env=env)
+    res = ato(["install", "local/crashy", "--version", version, "--registry", url, "--json", *install_flags()],
+              env=env)
     assert res.code == 0, res.stderr
     assert digests(Path(res.json()["path"])) == digests(artifact)
     shutil.rmtree(tmp_path / "installer")
