@@ -19,6 +19,7 @@ from cas.tempfiles import SweepReport, sweep
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, AtoError
 from stages.capsule import read_capsule
+from stages.payload import RECORD_NAME, record_artifact_hash
 
 
 def _excluded(path: Path, excluded: frozenset[str]) -> bool:
@@ -27,11 +28,11 @@ def _excluded(path: Path, excluded: frozenset[str]) -> bool:
 
 def _from_build_records(excluded: frozenset[str] = frozenset()) -> list[str]:
     out = []
-    for record in sorted(paths.build_cache_dir().glob("*/payload.json")):
+    for record in sorted(paths.build_cache_dir().glob(f"*/{RECORD_NAME}")):
         if _excluded(record.parent, excluded):
             continue
         try:
-            out.append(json.loads(record.read_bytes())["artifact_hash"])
+            out.append(record_artifact_hash(record.read_bytes()))
         except (ValueError, KeyError, OSError) as exc:
             raise AtoError(E_INTEGRITY, f"cannot read build record {record}: {exc}; refusing to collect garbage",
                            hint="delete that build record or rebuild the project") from None

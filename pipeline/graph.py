@@ -113,6 +113,10 @@ def _checker_class(memo: DigestMemo) -> type:
             return digest != state[4]
 
         def get_state(self, dep: str, current_state: Any) -> Any:
+            known = memo.digests.get(dep)
+            if known is not None and current_state is not None and list(current_state[:4]) == known[0] \
+                    and current_state[4] == known[1]:
+                return None  # used as saved: no stat needed (a later change shows in its stat next time)
             try:
                 key = stat_key(os.stat(dep))
             except OSError:

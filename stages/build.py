@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -47,8 +46,11 @@ from stages import build_steps, native_build
 from stages.capsule import archive, distribution, keys, signature
 from stages.lock import build_lock, lock_inputs
 from stages.payload import (
+    RECORD_NAME,
     PackedFile,
     Previous,
+    decode_stats,
+    encode_stats,
     iter_payload_views,
     list_stored_payload,
     pack_cold,
@@ -65,7 +67,7 @@ MAX_PAYLOAD_BYTES = 200 * 1024 * 1024
 CONSENT_REQUIRED = "ATO_ERR_CONSENT_REQUIRED"
 RACY_SECONDS = 3  # a file written this recently may change again within one timestamp tick
 # what earlier versions kept in a build's state dir (the payload.tar.zst copy among them)
-_OLD_STATE = ("payload.tar.zst", "digests.json", "doit.json")
+_OLD_STATE = ("payload.tar.zst", "digests.json", "doit.json", "payload.json", "payload.run.json")
 
 
 @dataclass
@@ -285,12 +287,12 @@ def lock_path(plan: BuildPlan) -> Path:
 
 def record_path(plan: BuildPlan) -> Path:
     """The source set of the last build (per file: BLAKE3, SHA-256), read by the next one and by gc."""
-    return plan.state_dir / "payload.json"
+    return plan.state_dir / RECORD_NAME
 
 
 def run_path(plan: BuildPlan) -> Path:
     """How the last payload step went: the stat each file was read with, and what it added to the store."""
-    return plan.state_dir / "payload.run.json"
+    return plan.state_dir / "payload.stats"
 
 
 # ---------------------------------------------------------------- the payload step
@@ -304,16 +306,17 @@ def _stat_key(entry: SourceEntry) -> list[int] | None:
     return list(key)
 
 
-def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, Any]]:
+def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, list[int]]]:
     try:
-        prev = Previous.from_json(json.loads(record_path(plan).read_bytes()), plan.store)
-    except (OSError, ValueError):
+        prev = Previous.decode(record_path(plan).read_bytes(), plan.store)
+    except OSError:
+        return None, {}
+    if prev is None:
         return None, {}
     try:
-        stats = json.loads(run_path(plan).read_bytes())["stats"]
-    except (OSError, ValueError, KeyError, TypeError):
-        stats = {}
-    return prev, stats if isinstance(stats, dict) else {}
+        return prev, decode_stats(run_path(plan).read_bytes(), prev.entries)[1]
+    except OSError:
+        return prev, {}
 
 
 def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
@@ -340,14 +343,13 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
             if result is None:
                 result = pack_cold(plan.entries, store, plan.options.epoch, plan.options.reporter)
         store.put_manifest(result.manifest)
-        record = Previous(result.entries, {f.path: f.sha256 for f in result.files}, result.manifest,
-                          plan.options.epoch).to_json()
-        data = json.dumps(record, separators=(",", ":")).encode()
+        data = Previous(result.entries, {f.path: f.sha256 for f in result.files}, result.manifest,
+                        plan.options.epoch).encode()
         write_bytes_atomic(record_path(plan), data)
-    run = {"stats": {e.relpath: _stat_key(e) for e in result.entries if e.kind == "file" and e.data is None},
-           "mode": result.mode, "files_read": result.files_read, "chunks_inserted": result.chunks_inserted,
+    run = {"mode": result.mode, "files_read": result.files_read, "chunks_inserted": result.chunks_inserted,
            "bytes_inserted": result.bytes_inserted, "artifact_hash": result.manifest.artifact_hash}
-    write_bytes_atomic(run_path(plan), json.dumps(run, separators=(",", ":")).encode())
+    keys = [_stat_key(e) if e.kind == "file" and e.data is None else None for e in result.entries]
+    write_bytes_atomic(run_path(plan), encode_stats(result.entries, keys, run))
     for e in result.entries:
         if e.kind == "file" and e.stat_key is not None and e.blake3:
             plan.read_digests[str(e.abspath)] = (list(e.stat_key), e.blake3)
@@ -359,9 +361,8 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
 def last_run(plan: BuildPlan) -> dict[str, Any]:
     """What the last payload step added to the store (for the envelope of the build that ran it)."""
     try:
-        doc = json.loads(run_path(plan).read_bytes())
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
+        return decode_stats(run_path(plan).read_bytes(), [])[0]
+    except OSError:
         return {}
 
 
@@ -406,9 +407,12 @@ def _read_checked(path: Path, digest: str, what: str) -> bytes:
 def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> dict[str, Any]:
     """Artifact step: write the .capsule from the lock, the payload (read from its packs) and the manifest."""
     store = plan.store
-    record = json.loads(_read_checked(record_path(plan), payload["record_blake3"], "payload record"))
+    record = Previous.decode(_read_checked(record_path(plan), payload["record_blake3"], "payload record"), store)
+    if record is None:
+        raise AtoError(E_INTEGRITY, "the build's payload record cannot be read; build again",
+                       hint="`ato build` re-runs the step that writes it")
     manifest_doc = store.get_manifest(payload["artifact_hash"])
-    files = [PackedFile(rel, sha) for rel, kind, _m, _s, _r, sha in record["entries"] if kind == "file"]
+    files = [PackedFile(e.relpath, record.sha256[e.relpath]) for e in record.entries if e.kind == "file"]
     manifest = plan.manifest
     dist = distribution.distribution_manifest(manifest.normalized(), manifest_doc,
                                               source_schema_version=manifest.schema_version)

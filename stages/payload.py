@@ -22,7 +22,9 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import json
 import os
+import struct
 import tarfile
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
@@ -47,7 +49,14 @@ from stages.sources import SourceEntry
 COPY_SIZE = 1 << 20
 WHOLE_FILE = 8 << 20  # files up to this size are read with one read() call
 TRAILER = b"\0" * (tar_header.BLOCK * 2)
-RECORD_FORMAT = "ato-payload-record/1"
+RECORD_NAME = "payload.record"  # in a build's state dir (a gc root: pipeline.cas_roots reads it)
+RECORD_MAGIC = b"ato-payload-record/2\n"
+STATS_MAGIC = b"ato-payload-stats/1\n"
+_LEN = struct.Struct(">I")
+_ROW = struct.Struct(">?HQ32s32s")  # symlink?, mode, size, BLAKE3, SHA-256
+_STAT = struct.Struct(">qqqq")  # size, mtime_ns, ctime_ns, inode
+_NO_DIGEST = bytes(32)
+_NO_STAT = (-1, -1, -1, -1)
 INCREMENTAL_MAX_BYTES = 64 << 20  # changed files are held in memory: more than this makes the build cold
 
 
@@ -79,6 +88,15 @@ def header(entry: SourceEntry, epoch: int) -> bytes:
     if entry.kind == "symlink":
         return tar_header.header(entry.relpath, mode=entry.mode, mtime=epoch, symlink_to=entry.link_target or "")
     return tar_header.header(entry.relpath, size=entry.size, mode=entry.mode, mtime=epoch)
+
+
+def header_size(entry: SourceEntry) -> int:
+    """The size of :func:`header`'s output, without building it when it is one plain ustar block."""
+    link = entry.link_target or ""
+    if len(entry.relpath) <= 100 and entry.relpath.isascii() and len(link) <= 100 and link.isascii() \
+            and entry.size < 8**11:
+        return tar_header.BLOCK
+    return len(header(entry, 0))
 
 
 def _changed_while_packing(entry: SourceEntry) -> AtoError:
@@ -268,37 +286,94 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
 
 @dataclass
 class Previous:
-    """What the last build of this project left: its entries (with SHA-256s) and its payload manifest."""
+    """What the last build of this project left: its entries (with SHA-256s) and its payload manifest.
+
+    Stored as a compact binary record (``encode``/``decode``): read and written on every build
+    that packs, so it must cost little for ten thousand files. Any record that does not decode
+    exactly (another version, a truncated file) means a cold build.
+    """
 
     entries: list[SourceEntry]
     sha256: dict[str, str]
     manifest: PayloadManifest
     epoch: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {"format": RECORD_FORMAT, "epoch": self.epoch, "artifact_hash": self.manifest.artifact_hash,
-                "entries": [[e.relpath, e.kind, e.mode, e.size, e.link_target if e.kind == "symlink" else e.blake3,
-                             self.sha256.get(e.relpath)] for e in self.entries]}
+    def encode(self) -> bytes:
+        names = "\0".join(e.relpath for e in self.entries).encode("utf-8")
+        links = "\0".join(e.link_target or "" for e in self.entries if e.kind == "symlink").encode("utf-8")
+        meta = json.dumps({"epoch": self.epoch, "artifact_hash": self.manifest.artifact_hash,
+                           "count": len(self.entries)}).encode()
+        rows = b"".join(_ROW.pack(e.kind == "symlink", e.mode, e.size,
+                                  bytes.fromhex(e.blake3 or "") if e.kind == "file" else _NO_DIGEST,
+                                  bytes.fromhex(self.sha256[e.relpath]) if e.kind == "file" else _NO_DIGEST)
+                         for e in self.entries)
+        return b"".join([RECORD_MAGIC, _LEN.pack(len(meta)), meta, _LEN.pack(len(names)), names,
+                         _LEN.pack(len(links)), links, rows])
 
     @classmethod
-    def from_json(cls, doc: Any, store: CasStore) -> Previous | None:
-        """The record, when it is well formed and its payload is still fully in the store."""
+    def decode(cls, data: bytes, store: CasStore) -> Previous | None:
+        """The record, when it decodes exactly and its payload is still fully in the store."""
         try:
-            if doc.get("format") != RECORD_FORMAT:
+            if not data.startswith(RECORD_MAGIC):
+                return None
+            pos = len(RECORD_MAGIC)
+            parts = []
+            for _ in range(3):
+                (n,) = _LEN.unpack_from(data, pos)
+                parts.append(data[pos + _LEN.size:pos + _LEN.size + n])
+                pos += _LEN.size + n
+            meta = json.loads(parts[0])
+            count = int(meta["count"])
+            names = parts[1].decode("utf-8").split("\0") if count else []
+            links = iter(parts[2].decode("utf-8").split("\0"))
+            if len(names) != count or len(data) - pos != count * _ROW.size:
                 return None
             entries, sha = [], {}
-            for rel, kind, mode, size, ref, digest in doc["entries"]:
-                if kind == "symlink":
-                    entries.append(SourceEntry(rel, rel, "symlink", mode, 0, link_target=ref))
+            for rel, (symlink, mode, size, b3, digest) in zip(names, _ROW.iter_unpack(data[pos:]), strict=True):
+                if symlink:
+                    entries.append(SourceEntry(rel, rel, "symlink", mode, 0, link_target=next(links)))
                 else:
-                    entries.append(SourceEntry(rel, rel, "file", mode, size, blake3=ref))
-                    sha[rel] = digest
-            manifest = store.get_manifest(doc["artifact_hash"])
+                    entries.append(SourceEntry(rel, rel, "file", mode, size, blake3=b3.hex()))
+                    sha[rel] = digest.hex()
+            manifest = store.get_manifest(meta["artifact_hash"])
             if store.missing_chunks(manifest):
                 return None
-            return cls(entries, sha, manifest, int(doc["epoch"]))
+            return cls(entries, sha, manifest, int(meta["epoch"]))
         except Exception:  # noqa: BLE001 - any problem with the record means a cold build
             return None
+
+
+def record_artifact_hash(data: bytes) -> str:
+    """The payload a build record names (a gc root), without reading the rest."""
+    if not data.startswith(RECORD_MAGIC):
+        raise ValueError("not a build record of this ato")
+    (n,) = _LEN.unpack_from(data, len(RECORD_MAGIC))
+    start = len(RECORD_MAGIC) + _LEN.size
+    return str(json.loads(data[start:start + n])["artifact_hash"])
+
+
+def encode_stats(entries: list[SourceEntry], keys: list[list[int] | None], run: dict[str, Any]) -> bytes:
+    """How the last payload step went (``run``), and the stat each entry was read with (None: re-read it)."""
+    meta = json.dumps({**run, "count": len(entries)}).encode()
+    rows = b"".join(_STAT.pack(*(k if k is not None else _NO_STAT)) for k in keys)
+    return b"".join([STATS_MAGIC, _LEN.pack(len(meta)), meta, rows])
+
+
+def decode_stats(data: bytes, entries: list[SourceEntry]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """(run facts, stat by path) from :func:`encode_stats` for the record's ``entries``; empty when unusable."""
+    try:
+        if not data.startswith(STATS_MAGIC):
+            return {}, {}
+        (n,) = _LEN.unpack_from(data, len(STATS_MAGIC))
+        start = len(STATS_MAGIC) + _LEN.size
+        meta = json.loads(data[start:start + n])
+        rows = data[start + n:]
+        if meta.get("count") != len(entries) or len(rows) != len(entries) * _STAT.size:
+            return meta, {}
+        return meta, {e.relpath: list(k) for e, k in zip(entries, _STAT.iter_unpack(rows), strict=True)
+                      if tuple(k) != _NO_STAT}
+    except (ValueError, TypeError, struct.error):
+        return {}, {}
 
 
 @dataclass
@@ -397,34 +472,37 @@ class _NewTar:
 
 
 def _layout(entries: list[SourceEntry], contents: dict[str, bytes], prev: Previous, epoch: int) -> _Layout:
-    """The new tar as runs: each entry's header, data and padding, taken from the previous tar when equal."""
-    old_at: dict[str, tuple[SourceEntry, int]] = {}
+    """The new tar as runs: each entry's header, data and padding, taken from the previous tar when equal.
+
+    A header is a function of the entry's fields (and the epoch, which is the same, or the build is
+    cold): an entry whose fields are unchanged has the previous header, and none is rebuilt.
+    """
+    old_at: dict[str, tuple[SourceEntry, int, int]] = {}
     offset = 0
     for e in prev.entries:
-        h = header(e, prev.epoch)
-        old_at[e.relpath] = (e, offset)
-        offset += len(h) + (e.size + len(tar_header.padding(e.size)) if e.kind == "file" else 0)
+        hsize = header_size(e)
+        old_at[e.relpath] = (e, offset, hsize)
+        offset += hsize + (e.size + (-e.size) % tar_header.BLOCK if e.kind == "file" else 0)
     old_trailer = offset
     layout = _Layout()
     for e in entries:
-        h = header(e, epoch)
         found = old_at.get(e.relpath)
-        old_e, old_off = found if found else (None, 0)
-        same_header = old_e is not None and header(old_e, prev.epoch) == h
-        if same_header:
-            layout.add(old=old_off, length=len(h))
+        old_e, old_off, hsize = found if found else (None, 0, 0)
+        if old_e is not None and (old_e.kind, old_e.mode, old_e.size, old_e.link_target) == \
+                (e.kind, e.mode, e.size, e.link_target):
+            layout.add(old=old_off, length=hsize)
         else:
-            layout.add(data=h)
+            layout.add(data=header(e, epoch))
         if e.kind != "file":
             continue
-        pad = tar_header.padding(e.size)
+        pad = (-e.size) % tar_header.BLOCK
         if old_e is not None and old_e.kind == "file" and old_e.blake3 == e.blake3 and e.relpath not in contents:
-            data_off = old_off + len(header(old_e, prev.epoch))
+            data_off = old_off + hsize
             layout.add(old=data_off, length=e.size)
-            layout.add(old=data_off + e.size, length=len(pad))
+            layout.add(old=data_off + e.size, length=pad)
         else:
             layout.add(data=contents[e.relpath])
-            layout.add(data=pad)
+            layout.add(data=b"\0" * pad)
     layout.add(old=old_trailer, length=len(TRAILER))
     return layout
 
@@ -535,14 +613,19 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
                 bytes_inserted += len(p.frame)
         new_pack = writer.commit()
     manifest = PayloadManifest(refs)
-    return PayloadResult(manifest, hashed, files, payload_hash(store, manifest), new_pack, inserted, bytes_inserted,
+    # The frames reused from the last build are this store's own, immutable since they were written and
+    # fsynced: like restic or git, a rebuild does not re-hash each of them (`ato cas verify` does, and every
+    # consumer of the artifact decodes and checks every chunk).
+    return PayloadResult(manifest, hashed, files, payload_hash(store, manifest, check_frames=False), new_pack,
+                         inserted, bytes_inserted,
                          "incremental", len(contents))
 
 
-def payload_hash(store: CasStore, manifest: PayloadManifest) -> str:
-    """BLAKE3 of payload.tar.zst, from the stored frames (each checked against its frame digest)."""
+def payload_hash(store: CasStore, manifest: PayloadManifest, *, check_frames: bool = True) -> str:
+    """BLAKE3 of payload.tar.zst, from the stored frames (each checked against its frame digest unless
+    ``check_frames`` is false)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    for view in iter_payload_views(store, manifest):
+    for view in iter_payload_views(store, manifest, check_frames=check_frames):
         hasher.update(view)
     return hasher.hexdigest()
 

@@ -17,6 +17,7 @@ import rfc8785
 import zstandard
 from fastcdc import fastcdc_cy
 
+from stages.payload import RECORD_NAME, record_artifact_hash
 from tests.conftest import assert_schema, cli_path
 
 EPOCH = 1_700_000_000
@@ -255,8 +256,8 @@ def test_gc_keeps_every_chunk_a_build_record_needs(ato, tmp_path: Path, isolated
     assert res.code == 0 and res.json()["objects_removed"] == 0 and res.json()["packs_removed"] == 0
     # b's build record goes: its chunks are garbage, a's are not
     state = isolated_home / ".ato" / "state" / "builds"
-    for record in state.glob("*/payload.json"):
-        if json.loads(record.read_bytes())["artifact_hash"] == first_b["payload"]["artifact_hash"].split(":")[1]:
+    for record in state.glob(f"*/{RECORD_NAME}"):
+        if record_artifact_hash(record.read_bytes()) == first_b["payload"]["artifact_hash"].split(":")[1]:
             record.unlink()
     res = ato(["cas", "gc", "--json"])
     assert res.code == 0 and res.json()["packs_removed"] == 1 and res.json()["manifests_removed"] == 1
