@@ -1,16 +1,14 @@
-"""CAS objects: zstd frames of raw chunks, keyed by BLAKE3 of the raw bytes.
+"""The one-file-per-chunk layout of earlier versions: still read, and moved into a pack by gc.
 
-Layout ``<root>/objects/blake3/<hh>/<hh>/<hex>.zst``. Writes go temp (in ``<root>/tmp``,
-named by :mod:`cas.tempfiles`) -> fsync -> no-clobber link, so concurrent writers of the same chunk are safe and a reader
-never sees a partial object. Every read re-verifies the BLAKE3 of the raw bytes.
-Each object is one self-contained zstd frame with its content size, so the
-concatenation of a payload's objects is itself a valid ``payload.tar.zst``.
+Layout ``<root>/objects/blake3/<hh>/<hh>/<hex>.zst``, each file one zstd frame of a chunk keyed by
+the BLAKE3 of its raw bytes (every read re-verifies it). The store now keeps chunks in pack files
+(:mod:`cas.packs`); nothing writes this layout any more but ``put``, which tests use to make a
+store as an earlier ato left it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +17,6 @@ import blake3
 from cas.atomic import write_bytes_atomic
 from cas.digest import parse
 from cas.frames import ChunkError, compress, declared_size, decompress_frame
-from cas.stoppoints import stop_point
-from cas.tempfiles import temp_path
 
 # The one frame format and error type of the store (cas.frames); these names stay for callers.
 ObjectError = ChunkError
@@ -56,45 +52,6 @@ class ObjectStore:
                 write_bytes_atomic(target, frame, temp_dir=self.tmp)
                 return True
         return write_bytes_atomic(target, frame, no_clobber=True, temp_dir=self.tmp)
-
-    def write_temp(self, hex_digest: str, frame: bytes) -> Path:
-        """First half of a batched put: the frame in a temp file, not yet synced."""
-        target = self.path(hex_digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(exist_ok=True)
-        tmp = temp_path(target, self.tmp)
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(frame)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk must not leave half an object behind
-            raise
-        return tmp
-
-    def publish_temps(self, staged: list[tuple[str, Path]]) -> int:
-        """Second half: one filesystem sync for the whole batch, then no-clobber links.
-
-        Syncing once instead of once per object keeps a build of thousands of chunks
-        fast while keeping the rule that no object becomes visible before its bytes
-        are on disk. Returns the number of objects newly inserted.
-        """
-        inserted = 0
-        stop_point("cas.publish-temps")  # crash tests: frames in temp files, none linked yet
-        try:
-            if staged:
-                os.sync()
-            for hex_digest, tmp in staged:
-                try:
-                    os.link(tmp, self.path(hex_digest))
-                    inserted += 1
-                except FileExistsError:
-                    pass
-            if staged:
-                os.sync()
-        finally:
-            for _hex, tmp in staged:
-                tmp.unlink(missing_ok=True)
-        return inserted
 
     def put(self, raw: bytes | memoryview) -> tuple[str, bytes, bool]:
         """Hash, compress and store raw bytes: ``(hex, frame, inserted)``.
