@@ -28,7 +28,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -x -n 2
 
 bench: $(STAMP) system-deps
-	@bash scripts/bench-deps.sh
+	@bash scripts/system-deps.sh --bench
 	$(BIN)/python bench/run.py
 
 # ruff, then the layers contract in pyproject.toml ([tool.importlinter]): no import goes up a layer.

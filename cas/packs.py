@@ -180,29 +180,27 @@ class PackStore:
     def locate_many(self, hexes: Iterable[str]) -> dict[str, Location]:
         return self.index.locate_many(hexes)
 
-    def frame_view(self, hex_digest: str, where: Location | None = None) -> memoryview:
-        """The stored frame of a chunk, checked against the frame BLAKE3 the index holds."""
+    def _stored(self, hex_digest: str, where: Location | None) -> tuple[Location, memoryview]:
+        """Where a chunk is and the bytes there (not yet checked)."""
         where = where or self.locate(hex_digest)
         if where is None:
             raise ChunkError("missing", hex_digest, f"CAS chunk blake3:{hex_digest} is not stored")
         try:
-            view = self._open.view(where.pack, where.offset, where.length)
+            return where, self._open.view(where.pack, where.offset, where.length)
         except ChunkError as exc:
             raise ChunkError(exc.kind, hex_digest, f"CAS chunk blake3:{hex_digest}: {exc}") from None
+
+    def frame_view(self, hex_digest: str, where: Location | None = None) -> memoryview:
+        """The stored frame of a chunk, checked against the frame BLAKE3 the index holds."""
+        where, view = self._stored(hex_digest, where)
         if blake3.blake3(view).digest() != where.frame_hash:
             raise ChunkError("corrupt", hex_digest,
-                            f"CAS chunk blake3:{hex_digest} in pack {where.pack} is damaged (frame digest differs)")
+                             f"CAS chunk blake3:{hex_digest} in pack {where.pack} is damaged (frame digest differs)")
         return view
 
     def read_raw(self, hex_digest: str, expected_size: int | None = None, where: Location | None = None) -> bytes:
         """The raw chunk, decoded and checked against its name (the full check)."""
-        where = where or self.locate(hex_digest)
-        if where is None:
-            raise ChunkError("missing", hex_digest, f"CAS chunk blake3:{hex_digest} is not stored")
-        try:
-            view = self._open.view(where.pack, where.offset, where.length)
-        except ChunkError as exc:
-            raise ChunkError(exc.kind, hex_digest, f"CAS chunk blake3:{hex_digest}: {exc}") from None
+        where, view = self._stored(hex_digest, where)
         size = where.raw_size if expected_size is None else expected_size
         raw = decompress_frame(view, size)
         if raw is None or len(raw) != size or blake3.blake3(raw).hexdigest() != hex_digest:

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Install the OS packages the tests use as independent, real tools.
 # Idempotent: does nothing when everything is already present.
+# --bench also installs the peers `make bench` measures ato against (restic, borg); `make test` does not.
 set -euo pipefail
 need=()
+if [ "${1:-}" = "--bench" ]; then
+  command -v restic >/dev/null 2>&1 || need+=(restic)
+  command -v borg >/dev/null 2>&1 || need+=(borgbackup)
+  command -v curl >/dev/null 2>&1 || need+=(curl)
+fi
 command -v b3sum >/dev/null 2>&1 || need+=(b3sum)
 command -v zstd >/dev/null 2>&1 || need+=(zstd)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
