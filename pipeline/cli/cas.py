@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from cas.gc import collect_garbage
 from cas.store import CasStore
+from cas.tempfiles import sweep
 from cas.verify import verify_store
 from pipeline import paths
 from pipeline.cas_roots import live_payloads, sweep_temps
@@ -22,17 +25,20 @@ def cas_group() -> None:
     """Inspect and maintain the local content-addressed store."""
 
 
-@cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json"))
+@cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json",
+                                                "ato cas verify --root ~/.ato/local-registry/cas"))
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Check the store at DIR instead of $ATO_HOME/cas (a registry's is <data-dir>/cas).")
 @json_option
-def verify_cmd() -> None:
+def verify_cmd(root: Path | None) -> None:
     """Check every chunk, pack and payload manifest in the store (fsck).
 
     Each chunk is decoded and re-hashed; packs the index does not know and temp files left by
     killed processes are listed (`ato cas gc` removes them).
     """
-    store = CasStore(paths.cas_root())
+    store = CasStore(root if root is not None else paths.cas_root())
     report = verify_store(store)
-    leftovers = sweep_temps(dry_run=True)
+    leftovers = sweep([store.root], recursive=True, dry_run=True) if root is not None else sweep_temps(dry_run=True)
     doc = {"schema_version": SCHEMA_VERSION, "root": str(store.root), **report.to_json(),
            "leftover_temps": leftovers.removed, "leftover_temp_bytes": leftovers.bytes_freed}
     human = (f"{report.objects_ok}/{report.objects_checked} chunks ok in {report.packs_checked} packs, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -63,6 +64,13 @@ def test_20_concurrent_publishes_then_50_concurrent_installs(tmp_path: Path, reg
         dist = registry.get(f"/v1/capsules/by/local/conc-{i:02d}/distributions").json()
         assert dist["blake3"] == "blake3:" + want["blake3"]
         assert httpx.get(dist["artifact_url"], timeout=30).content == artifact.read_bytes()
+    # the registry's own store, written by 20 concurrent commits: one pack per artifact, all sound
+    verify = subprocess.run([cli_path("ato"), "cas", "verify", "--root", str(registry.data_dir / "cas"), "--json"],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    doc = json.loads(verify.stdout)
+    assert doc["ok"] and doc["packs_checked"] == 20 and doc["manifests_checked"] == 20 and doc["unindexed_packs"] == []
+    assert not (registry.data_dir / "cas" / "objects").exists()  # no file per chunk
 
     # 50 installs at once: 5 consumer machines, 10 installs each (several into one store and CAS at a time)
     consumers = [tmp_path / f"consumer{i}" for i in range(5)]
