@@ -25,9 +25,9 @@ def cas_group() -> None:
     """Inspect and maintain the local content-addressed store."""
 
 
-@cas_group.command("verify", epilog=examples("ato cas verify", "ato cas verify --json",
+@cas_group.command("verify", epilog=examples("ato cas verify --json",
                                                 "ato cas verify --root ~/.ato/local-registry/cas"))
-@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
               help="Check the store at DIR instead of $ATO_HOME/cas (a registry's is <data-dir>/cas).")
 @json_option
 def verify_cmd(root: Path | None) -> None:
