@@ -21,7 +21,9 @@ chunk an operation in flight is about to reference.
 from __future__ import annotations
 
 import os
+import stat
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,9 @@ from cas.payload_manifest import PayloadManifestError
 from cas.store import CasStore
 from cas.tempfiles import is_temp, sweep
 
-REPACK_BELOW = 0.5  # repack a build pack when less than this share of its bytes is live
+REPACK_BELOW = 0.5
+COMPACT_MIN_BYTES = 1 << 20  # VACUUM the index only when at least this much of it is free pages ...
+COMPACT_SHARE = 0.25  # ... and they are this share of it  # repack a build pack when less than this share of its bytes is live
 STALE_TEMP_SECONDS = 3600
 
 
@@ -57,19 +61,37 @@ class GcReport:
         return dict(self.__dict__)
 
 
-def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = False) -> GcReport:
+def collect_garbage(store: CasStore, roots: Iterable[str], *, dry_run: bool = False,
+                    leaving: Iterable[os.PathLike[str] | str] = ()) -> GcReport:
+    """Drop what ``roots`` do not need. ``leaving``: files the caller's dry run would remove first (an
+    installed ``.capsule``): their hard links neither pin a pack nor keep its blocks on disk."""
     root_set = {parse(r) for r in roots}
     report = GcReport(dry_run, len(root_set))
+    links = _leaving_links(leaving) if dry_run else Counter()
     with store.exclusive():
         live = _live_chunks(store, root_set, report, dry_run)
-        _packs(store, live, report, dry_run)
+        _packs(store, live, report, dry_run, links)
         temps = sweep([store.root], recursive=True, dry_run=dry_run)
         report.temps_removed, report.temp_bytes_freed = len(temps.removed), temps.bytes_freed
         if not dry_run:
             _remove_legacy_temps(store)
-            if report.packs_removed or report.packs_repacked or report.manifests_removed:
-                store.packs.index.compact()
+        _compact_index(store, report, dry_run)
     return report
+
+
+def _compact_index(store: CasStore, report: GcReport, dry_run: bool) -> None:
+    """VACUUM the index once deleted rows hold a good share of it (below that, its free pages are reused
+    by the next writes); the disk it gives back is counted (in a dry run: its free pages)."""
+    index = store.packs.index
+    free, total = index.free_bytes()
+    if free < COMPACT_MIN_BYTES or free < COMPACT_SHARE * total:
+        return
+    if dry_run:
+        report.disk_bytes_freed += free
+        return
+    before = index.disk_usage()
+    index.compact()
+    report.disk_bytes_freed += max(0, before - index.disk_usage())
 
 
 def _live_chunks(store: CasStore, root_set: set[str], report: GcReport, dry_run: bool) -> set[str]:
@@ -84,6 +106,9 @@ def _live_chunks(store: CasStore, root_set: set[str], report: GcReport, dry_run:
         except (PayloadManifestError, ChunkError):
             pass  # a broken manifest keeps nothing alive; verify reports it
     report.manifests_removed = len(dead)
+    files = set(store.legacy_manifest_hashes())  # what leaves disk: dead ones, and live ones now in the index
+    report.disk_bytes_freed += sum(_blocks(store.manifest_path(h)) for h in files
+                                   if h in dead or not store.manifests_as_files)
     if not dry_run:
         store.remove_manifests(dead)
         if not store.manifests_as_files:  # live ones were copied into the index by get_manifest
@@ -92,11 +117,11 @@ def _live_chunks(store: CasStore, root_set: set[str], report: GcReport, dry_run:
     return live
 
 
-def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool) -> None:
+def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool, leaving: Counter[tuple[int, int]]) -> None:
     packs = store.packs
     provided: set[str] = set()
     rows = packs.index.packs()
-    pinned = [r for r in rows if r.kind == "capsule" and _linked_elsewhere(packs.directory / r.name)]
+    pinned = [r for r in rows if r.kind == "capsule" and _other_links(packs.directory / r.name, leaving) > 0]
     for r in pinned:
         provided.update(e.hash for e in packs.index.pack_entries(r.name))
         report.packs_kept += 1
@@ -127,7 +152,13 @@ def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool) -> 
     report.objects_kept = len(provided) + len(legacy_live)
     known = {r.name for r in rows}
     orphans = [name for name in packs.files() if name not in known]
+    # disk given back: a pack still linked from elsewhere frees nothing; the pack a repack writes costs
+    report.disk_bytes_freed += sum(_blocks(packs.directory / n) for n in doomed + orphans
+                                   if _other_links(packs.directory / n, leaving) <= 0)
+    report.disk_bytes_freed += sum(_blocks(store.objects.path(h)) for h in legacy)
+    copied = sum(e.length for e, _pack in to_copy) + sum(_size(store.objects.path(h)) for h in legacy_live)
     if dry_run:
+        report.disk_bytes_freed = max(0, report.disk_bytes_freed - -(-copied // 4096) * 4096)
         report.bytes_freed = sum(_size(packs.directory / n) for n in doomed + orphans) + \
             sum(_size(store.objects.path(h)) for h in legacy)
         report.packs_removed = len(doomed) + len(orphans) - report.packs_repacked
@@ -147,7 +178,9 @@ def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool) -> 
                 except ChunkError:
                     continue
                 writer.add(h, frame, declared_size(frame) or 0)
-            writer.commit()
+            new_pack = writer.commit()
+        if new_pack:
+            report.disk_bytes_freed = max(0, report.disk_bytes_freed - _blocks(packs.directory / new_pack))
     for name in doomed + orphans:
         report.bytes_freed += packs.remove_pack(name)
     report.packs_removed = len(doomed) + len(orphans) - report.packs_repacked
@@ -158,11 +191,40 @@ def _packs(store: CasStore, live: set[str], report: GcReport, dry_run: bool) -> 
         _remove_empty_dirs(store.manifest_dir.parent)
 
 
-def _linked_elsewhere(path: os.PathLike[str]) -> bool:
+def _leaving_links(paths: Iterable[os.PathLike[str] | str]) -> Counter[tuple[int, int]]:
+    """How many of the hard links of each inode the files under ``paths`` account for (each path once)."""
+    files: set[str] = set()
+    for top in paths:
+        if os.path.isdir(top) and not os.path.islink(top):
+            files.update(os.path.abspath(os.path.join(d, n)) for d, _dirs, names in os.walk(top) for n in names)
+        else:
+            files.add(os.path.abspath(top))
+    links: Counter[tuple[int, int]] = Counter()
+    for path in files:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            links[(st.st_dev, st.st_ino)] += 1
+    return links
+
+
+def _other_links(path: os.PathLike[str], leaving: Counter[tuple[int, int]]) -> int:
+    """Hard links to ``path``'s inode besides itself that stay (an installed .capsule pins its pack)."""
     try:
-        return os.stat(path).st_nlink > 1
+        st = os.stat(path)
     except OSError:
-        return False
+        return 0
+    return st.st_nlink - 1 - leaving[(st.st_dev, st.st_ino)]
+
+
+def _blocks(path: os.PathLike[str]) -> int:
+    """Disk usage as du counts it."""
+    try:
+        return os.lstat(path).st_blocks * 512
+    except OSError:
+        return 0
 
 
 def _size(path: os.PathLike[str]) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sqlite3
 import struct
 import threading
@@ -327,6 +328,26 @@ class PackIndex:
                 used.update(page_list[i:i + 32] for i in range(0, len(page_list), 32))
             stale = [h for (h,) in conn.execute("SELECT hash FROM pages") if h not in used]
             conn.executemany("DELETE FROM pages WHERE hash = ?", ((h,) for h in stale))
+
+    def free_bytes(self) -> tuple[int, int]:
+        """(bytes in free pages, size of the database) as SQLite counts them; (0, 0) with no index."""
+        conn = self._reader()
+        if conn is None:
+            return 0, 0
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        total = conn.execute("PRAGMA page_count").fetchone()[0]
+        return free * page, total * page
+
+    def disk_usage(self) -> int:
+        """Blocks of the database and its WAL and shared-memory files, as du counts them."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.lstat(f"{self.path}{suffix}").st_blocks * 512
+            except OSError:
+                pass
+        return total
 
     def compact(self) -> None:
         """Give the space of deleted rows back to the filesystem (after gc)."""

@@ -37,7 +37,7 @@ def collect_cas(plan: Plan, dry_run: bool) -> dict[str, Any]:
     from pipeline.cas_roots import live_payloads
 
     gone = [i.path for i in plan.remove] if dry_run else []
-    report = collect_garbage(CasStore(paths.cas_root()), live_payloads(gone), dry_run=dry_run)
+    report = collect_garbage(CasStore(paths.cas_root()), live_payloads(gone), dry_run=dry_run, leaving=gone)
     return {"manifests_removed": report.manifests_removed, "objects_removed": report.objects_removed,
             "objects_kept": report.objects_kept, "bytes": report.disk_bytes_freed}
 
