@@ -35,9 +35,9 @@ from cas.payload_manifest import PayloadManifestError
 from cas.store import CasStore
 from cas.tempfiles import is_temp, sweep
 
-REPACK_BELOW = 0.5
+REPACK_BELOW = 0.5  # repack a build pack when less than this share of its bytes is live
 COMPACT_MIN_BYTES = 1 << 20  # VACUUM the index only when at least this much of it is free pages ...
-COMPACT_SHARE = 0.25  # ... and they are this share of it  # repack a build pack when less than this share of its bytes is live
+COMPACT_SHARE = 0.25  # ... and they are this share of it
 STALE_TEMP_SECONDS = 3600
 
 
