@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV = "ATO_TEST_STOP_AT"
 
@@ -18,4 +19,6 @@ ENV = "ATO_TEST_STOP_AT"
 def stop_point(name: str) -> None:
     """Freeze here if the test asked for this point (see the module docstring)."""
     if os.environ.get(ENV) == name:
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # sent to this thread, which takes it on its way out of the call: sent to the process, another
+        # thread may take it while this one runs on (a busy machine once let a publish COMMIT first)
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)

@@ -18,6 +18,9 @@ command -v desktop-file-validate >/dev/null 2>&1 || need+=(desktop-file-utils)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)  # registry load benchmark
+# the registry index on PostgreSQL: tests start their own server (initdb + pg_ctl, as nobody when root)
+command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 # OCI targets run under a real podman (root, runc); tests build their image from busybox-static
 command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v runc >/dev/null 2>&1 || need+=(runc)

@@ -812,7 +812,7 @@ def _dry_run(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str
               "bytes_to_upload": sum(f.frame_size for f in art.frames or []) or art.size, "negotiated": False}
     if report["auth_ready"] and art.frames:
         try:
-            nego = client.negotiate(negotiate_body(art, publisher, slug, False))
+            nego = client.negotiate({**negotiate_body(art, publisher, slug, False), "dry_run": True})
         except VersionConflict as exc:
             raise version_conflict(exc, f"{publisher}/{slug}", art.version, registry) from None
         if nego is not None:

@@ -146,3 +146,82 @@ def hostile_registry(tmp_path_factory: pytest.TempPathFactory):
     reg = Registry(root / "data", home=root / "home")
     yield reg
     reg.stop()
+
+
+# ---------------------------------------------------------------- registry index backends
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The tests' own PostgreSQL server (one per session, i.e. per xdist worker), started on first use."""
+    from tests.pg_support import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> Any:
+    """A fresh, empty database of the tests' PostgreSQL server, dropped afterwards."""
+    name = postgres_server.create_database()
+    yield postgres_server.url(name)
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The tests' own S3-compatible endpoint (moto's server mode), started on first use."""
+    from tests.s3_support import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; the AWS environment variables point every client (child processes too) at it."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server.create_bucket()
+
+
+class RegistryBackend:
+    """Where a test registry keeps its index and its blobs."""
+
+    def __init__(self, name: str, database: str | None = None, blob_store: str | None = None) -> None:
+        self.name = name
+        self.database = database
+        self.blob_store = blob_store
+
+    def store(self, data_dir: Path) -> Any:
+        from pipeline.registry.storage import RegistryStore
+
+        return RegistryStore(data_dir, self.database, blob_store=self.blob_store)
+
+    def serve_args(self) -> list[str]:
+        return ([f"--database={self.database}"] if self.database else []) + \
+            ([f"--blob-store={self.blob_store}"] if self.blob_store else [])
+
+
+INDEX_BACKENDS = ["sqlite+disk", "postgresql+s3"]
+# For a test in a module whose registry runs on both backends but whose subject is not the index
+# (client-side rules, load): it runs on the embedded default only, which keeps the suite's time down.
+sqlite_index_only = pytest.mark.parametrize("registry_backend", ["sqlite+disk"], indirect=True)
+
+
+@pytest.fixture(params=INDEX_BACKENDS)
+def registry_backend(request: pytest.FixtureRequest) -> RegistryBackend:
+    """The backends a test registry runs on: the embedded default (SQLite in the data dir, blobs on
+    its disk) or the team setup (the tests' own PostgreSQL and S3-compatible endpoint).
+
+    Parametrised: a test using it runs once per backend."""
+    return make_backend(request, request.param)
+
+
+def make_backend(request: pytest.FixtureRequest, name: str) -> RegistryBackend:
+    if name == "sqlite+disk":
+        return RegistryBackend(name)
+    bucket = request.getfixturevalue("s3_bucket")
+    return RegistryBackend(name, request.getfixturevalue("postgres_url"), f"s3://{bucket}/registry")

@@ -222,9 +222,11 @@ def plant_release(data_dir: Path, artifact: Path, publisher: str, name: str, ver
     insp = Inspection(manifest, f'name = "{name}"\n', json.dumps(manifest), "blake3:" + "0" * 64, PayloadManifest(),
                       0, 0, 0, None, None, None, SignatureInfo(False))
     try:
-        store._commit(Upload(tmp, publisher, name, version, f"{name}-{version}.capsule", False, sha, b3, size), insp)
+        upload = Upload(tmp, publisher, name, version, f"{name}-{version}.capsule", False, sha, b3, size)
+        store.index.transaction(lambda conn: store._commit(conn, upload, insp))
     finally:
         tmp.unlink(missing_ok=True)
+        store.close()
 
 
 def plant_installed(store_root: Path, artifact: Path, publisher: str, name: str, version: str) -> Path:

@@ -23,10 +23,12 @@ from tests.test_registry_server import AUTH, TOKEN, upload
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> RegistryStore:
-    s = RegistryStore(tmp_path / "data")
+def store(tmp_path: Path, registry_backend):
+    """A registry store on each index backend (SQLite, then PostgreSQL)."""
+    s = registry_backend.store(tmp_path / "data")
     s.initialize()
-    return s
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -134,14 +136,37 @@ def test_an_index_from_before_signer_and_yank_columns_is_brought_up_to_date(tmp_
     with TestClient(create_app(first, TOKEN, "http://127.0.0.1:1")) as c:
         publish(c, tmp_path, "old-signed", "1.0.0", generate_key())
         publish(c, tmp_path, "old-plain", "1.0.0")
+    first.close()
+    # the shape of an index written before migrations and before signer/yank columns existed
     db = sqlite3.connect(first.db_path)
-    for col in ("signed", "signer_key_id", "signed_at", "yanked_at"):
+    for col in ("signed", "signer_key_id", "signed_at", "yanked_at", "metadata_json", "artifact_key"):
         db.execute(f"ALTER TABLE releases DROP COLUMN {col}")
+    for table in ("schema_migrations", "release_chunks", "session_chunks", "upload_sessions", "gc_marks",
+                  "sources", "source_runs"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("DROP INDEX chunks_by_blob")
+    for col in ("blob_key", "blob_offset"):
+        db.execute(f"ALTER TABLE chunks DROP COLUMN {col}")
+    db.execute("UPDATE meta SET value='ato-local-registry-2' WHERE key='schema_version'")
     db.commit()
+    db.close()
+    db = sqlite3.connect(first.db_path)
+    objects = {r[0] for r in db.execute("SELECT raw_hash FROM chunks")}
     db.close()
     again = RegistryStore(tmp_path / "data")
     again.initialize()
     with TestClient(create_app(again, TOKEN, "http://127.0.0.1:1")) as c:
         rows = {r["slug"]: r for r in c.get("/v1/capsules").json()["capsules"]}
-    assert rows["old-signed"]["signature_status"] == "verified"
-    assert rows["old-plain"]["signature_status"] == "unsigned"
+        assert rows["old-signed"]["signature_status"] == "verified"
+        assert rows["old-plain"]["signature_status"] == "unsigned"
+        with again.index.read() as conn:
+            assert [r["version"] for r in again.index.all(conn, "SELECT version FROM schema_migrations")] == [1, 2, 3]
+        # the adopted index knows which chunks each release uses: deleting one frees only its own
+        r = c.delete("/v1/local/capsules/by/acme/old-plain?confirmed=true", headers=AUTH).json()
+        assert 0 < r["removed_chunks"] < len(objects)
+        again.gc(grace=0)
+        assert [k for k in again.blobs.keys("artifacts/")] == ["artifacts/acme/old-signed/1.0.0/old-signed-1.0.0.capsule"]
+        skel = c.get("/v1/releases/acme/old-signed/1.0.0/skeleton").json()
+        got = c.post("/v1/chunks/fetch", json={"chunks": [f["raw_hash"] for f in skel["frames"]]})
+        assert got.status_code == 200 and len(got.content) == sum(f["frame_size"] for f in skel["frames"])
+        assert c.get("/v1/capsules/by/acme/old-signed").status_code == 200

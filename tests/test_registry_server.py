@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import blake3
+import httpx
 import pytest
 
 with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what this project ships
@@ -25,10 +26,12 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> RegistryStore:
-    s = RegistryStore(tmp_path / "data")
+def store(tmp_path: Path, registry_backend):
+    """A registry store on each index backend (SQLite, then PostgreSQL)."""
+    s = registry_backend.store(tmp_path / "data")
     s.initialize()
-    return s
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -107,6 +110,40 @@ def test_skeleton_and_batch_fetch_rebuild_the_exact_artifact(client: TestClient,
     missing = client.post("/v1/chunks/fetch", json={"chunks": ["blake3:" + "0" * 64]})
     assert missing.status_code == 404 and missing.json()["missing_chunks"] == ["blake3:" + "0" * 64]
     assert client.get("/v1/releases/acme/splice-me/1.0.0/manifest").json()["schema_version"] == 3
+
+
+def test_artifact_downloads_keep_range_requests(client: TestClient, store: RegistryStore, tmp_path: Path) -> None:
+    """Whole, one range, a suffix range, an unsatisfiable range: the same answers from a file on disk
+    and from an object streamed out of a bucket."""
+    data = forged(tmp_path, "ranged", "1.0.0", 200_000)
+    assert upload(client, data, "acme", "ranged", "1.0.0").status_code == 201
+    url = "/v1/artifacts/acme/ranged/1.0.0/ranged-1.0.0.capsule"
+    whole = client.get(url)
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["x-ato-blake3"] == "blake3:" + blake3.blake3(data).hexdigest()
+    part = client.get(url, headers={"range": "bytes=1000-4999"})
+    assert part.status_code == 206 and part.content == data[1000:5000]
+    assert part.headers["content-range"] == f"bytes 1000-4999/{len(data)}"
+    tail = client.get(url, headers={"range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == data[-100:]
+    assert client.get(url, headers={"range": f"bytes={len(data) + 10}-"}).status_code == 416
+
+
+def test_redirect_downloads_send_clients_to_the_bucket(store: RegistryStore, tmp_path: Path) -> None:
+    """``--redirect-downloads``: a bucket answers with a presigned URL (Range works there too); a
+    local store has none and keeps serving the file itself."""
+    with TestClient(create_app(store, TOKEN, "http://127.0.0.1:1", redirect_downloads=True)) as c:
+        data = forged(tmp_path, "redirected", "1.0.0", 100_000)
+        assert upload(c, data, "acme", "redirected", "1.0.0").status_code == 201
+        r = c.get("/v1/artifacts/acme/redirected/1.0.0/redirected-1.0.0.capsule", follow_redirects=False)
+        if store.blobs.local_path("artifacts") is not None:
+            assert r.status_code == 200 and r.content == data
+            return
+        assert r.status_code == 307 and "Signature" in r.headers["location"]
+        assert r.headers["x-ato-sha256"] == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert httpx.get(r.headers["location"], timeout=60).content == data
+        part = httpx.get(r.headers["location"], headers={"range": "bytes=10-19"}, timeout=60)
+        assert part.status_code == 206 and part.content == data[10:20]
 
 
 def test_chunk_protocol_only_sends_what_is_missing(client: TestClient, tmp_path: Path) -> None:
@@ -195,35 +232,91 @@ def test_runtime_config_roundtrip_and_validation(client: TestClient, tmp_path: P
     assert client.put("/v1/local/capsules/by/acme/none/runtime-config", headers=AUTH, json={}).status_code == 404
 
 
+def blob_keys(store: RegistryStore) -> set[str]:
+    return set(store.blobs.keys())
+
+
 def test_delete_release_then_capsule_frees_unshared_chunks(client: TestClient, store: RegistryStore,
                                                           tmp_path: Path) -> None:
     a = forged(tmp_path, "gone", "1.0.0", 200_000)
     b = forged(tmp_path, "gone", "2.0.0", 200_000)
     assert upload(client, a, "acme", "gone", "1.0.0").status_code == 201
     assert upload(client, b, "acme", "gone", "2.0.0").status_code == 201
-    def stored() -> set[str]:  # chunks the registry can serve (from the packs that are its artifacts)
-        return {e.hash for r in store.cas.packs.index.packs() for e in store.cas.packs.index.pack_entries(r.name)}
-
-    objects_before = stored()
-    assert len(store.cas.packs.index.packs()) == 2 and not (store.cas.root / "objects").exists()
+    blobs_before = blob_keys(store)
+    # each artifact is the pack of its chunks: one blob per artifact and payload manifest, none per chunk
+    assert {k.split("/")[0] for k in blobs_before} == {"artifacts", "manifests"} and len(blobs_before) == 4
     assert client.delete("/v1/local/capsules/by/acme/gone", headers=AUTH).json()["error"] == \
         "confirmation_required"
     r = client.delete("/v1/local/capsules/by/acme/gone?confirmed=true&version=2.0.0", headers=AUTH).json()
     assert r["removed_versions"] == ["2.0.0"] and r["removed_capsule"] is False and r["removed_chunks"] > 0
     assert client.get("/v1/capsules/by/acme/gone").json()["latestVersion"] == "1.0.0"
-    assert stored() < objects_before
+    # the blobs are only marked: a sweep inside the grace period keeps them, one after it removes them
+    assert blob_keys(store) == blobs_before
+    assert store.gc(grace=3600)["files_removed"] == 0
+    assert blob_keys(store) == blobs_before
+    report = store.gc(grace=0)
+    assert report["files_removed"] == 2  # the artifact and its payload manifest
+    assert "artifacts/acme/gone/2.0.0/gone-2.0.0.capsule" not in blob_keys(store)
+    assert client.get("/v1/capsules/by/acme/gone/distributions?version=1.0.0").status_code == 200
     r = client.delete("/v1/local/capsules/by/acme/gone?confirmed=true", headers=AUTH).json()
     assert r["removed_capsule"] is True
-    assert stored() == set() and store.cas.packs.files() == []
-    assert not (store.artifacts / "acme").exists()
+    assert store.gc(grace=0)["files_removed"] == 2
+    assert blob_keys(store) == set()
+    with store.index.read() as conn:
+        assert store.index.scalar(conn, "SELECT COUNT(*) FROM chunks") == 0
+    assert store.gc(grace=0)["files_removed"] == 0
     assert client.get("/v1/capsules/by/acme/gone").status_code == 404
     assert client.delete("/v1/local/capsules/by/acme/gone?confirmed=true", headers=AUTH).status_code == 404
+
+
+def test_chunks_still_used_move_to_another_artifact_when_theirs_is_deleted(client: TestClient,
+                                                                           store: RegistryStore,
+                                                                           tmp_path: Path) -> None:
+    """Two releases share most chunks, stored in the first one's artifact; deleting the first points
+    them at the second's, so after the sweep every chunk of the second is still served."""
+    shared = os.urandom(300_000)
+    arts = []
+    for v in ("1.0.0", "2.0.0"):
+        path = forge_capsule(tmp_path / f"moved-{v}.capsule", "moved", v,
+                             members=[("main.py", f"print('{v}')\n".encode()), ("data.bin", shared)])
+        arts.append(path.read_bytes())
+        assert upload(client, arts[-1], "acme", "moved", v).status_code == 201
+    skel = client.get("/v1/releases/acme/moved/2.0.0/skeleton").json()
+    hexes = [f["raw_hash"] for f in skel["frames"]]
+    with store.index.read() as conn:
+        where = {r["blob_key"] for r in store.index.values_in(
+            conn, "SELECT blob_key FROM chunks WHERE raw_hash IN :keys", [h.removeprefix("blake3:") for h in hexes])}
+    assert "artifacts/acme/moved/1.0.0/moved-1.0.0.capsule" in where
+    client.delete("/v1/local/capsules/by/acme/moved?confirmed=true&version=1.0.0", headers=AUTH)
+    assert store.gc(grace=0)["files_removed"] >= 1
+    assert "artifacts/acme/moved/1.0.0/moved-1.0.0.capsule" not in blob_keys(store)
+    body = client.post("/v1/chunks/fetch", json={"chunks": hexes}).content
+    prefix = base64.b64decode(skel["prefix"])
+    assert prefix + body + base64.b64decode(skel["suffix"]) == arts[1]
+    for h in hexes[:3]:
+        assert client.get(f"/v1/chunks/{h}").status_code == 200
+
+
+def test_a_sweep_waits_for_upload_sessions_older_than_its_marks(client: TestClient, store: RegistryStore,
+                                                                tmp_path: Path) -> None:
+    """A session negotiated before a delete may have been told the registry holds a chunk: the
+    artifact holding it outlives that session, whatever the grace period."""
+    data = forged(tmp_path, "held", "1.0.0", 100_000)
+    assert upload(client, data, "acme", "held", "1.0.0").status_code == 201
+    nego = client.post("/v1/sync/negotiate", headers=AUTH,
+                       json={"chunks": [{"raw_hash": "blake3:" + "ab" * 32, "raw_size": 10}]}).json()
+    assert nego["missing_chunks"]  # something to upload: the session is open from now on
+    blobs = blob_keys(store)
+    client.delete("/v1/local/capsules/by/acme/held?confirmed=true", headers=AUTH)
+    assert store.gc(grace=0)["files_removed"] == 0 and blob_keys(store) == blobs
+    store.drop_session(nego["session_id"])
+    assert store.gc(grace=0)["files_removed"] > 0 and blob_keys(store) == set()
 
 
 def test_failed_commit_leaves_the_data_dir_as_it_was(store: RegistryStore, client: TestClient, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     assert upload(client, forged(tmp_path, "base", "1.0.0", 100_000), "acme", "base", "1.0.0").status_code == 201
-    before = snapshot(store.root)
+    before = snapshot(store)
 
     def boom(*_a, **_k):
         raise OSError("disk full (injected)")
@@ -232,7 +325,7 @@ def test_failed_commit_leaves_the_data_dir_as_it_was(store: RegistryStore, clien
     with TestClient(create_app(store, TOKEN, "http://x"), raise_server_exceptions=False) as c:
         r = upload(c, data, "acme", "fresh", "1.0.0")
     assert r.status_code == 500 and r.json()["error"] == "internal_error"
-    assert snapshot(store.root) == before
+    assert snapshot(store) == before
     assert store.release("acme/fresh", "1.0.0") is None
 
 

@@ -61,15 +61,17 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import blake3
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -82,7 +84,9 @@ from pipeline.names import normalize_segment
 from pipeline.nesting import MAX_DEPTH, loads_json
 from pipeline.registry.readme import render_readme
 from pipeline.registry.storage import (
+    GC_GRACE_SECONDS,
     SEARCH_LIMIT_MAX,
+    Piece,
     RegistryError,
     RegistryStore,
     Upload,
@@ -280,12 +284,41 @@ def _bool(value: str | None, name: str = "flag") -> bool:
     raise RegistryError(400, "invalid_parameter", f"{name} must be true or false, got {value!r}")
 
 
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def blob_response(store: RegistryStore, key: str, size: int, range_header: str | None,
+                  headers: dict[str, str]) -> Response:
+    """Stream a blob from a remote store, honouring one ``Range: bytes=a-b`` (206) as a file response
+    does; several ranges are answered with the whole object (200), which RFC 9110 allows."""
+    start, end = 0, size - 1
+    status = 200
+    m = _RANGE.match((range_header or "").strip())
+    if m and (m.group(1) or m.group(2)):
+        if m.group(1):
+            start = int(m.group(1))
+            end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+        else:
+            start = max(size - int(m.group(2)), 0)
+        if start > end or start >= size:
+            return Response(status_code=416, headers={"content-range": f"bytes */{size}"})
+        status = 206
+        headers = {**headers, "content-range": f"bytes {start}-{end}/{size}"}
+    length = end - start + 1 if size else 0
+    pieces = store.read_pieces([Piece(key, start, length)]) if length else iter(())
+    return StreamingResponse(iterate_in_threadpool(pieces), status_code=status, media_type="application/octet-stream",
+                             headers={**headers, "content-length": str(length), "accept-ranges": "bytes"})
+
+
 class RegistryApp:
     """The routes, bound to one store and one optional token."""
 
     def __init__(self, store: RegistryStore, token: str | None, listen_url: str,
-                 store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> None:
+                 store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None,
+                 redirect_downloads: bool = False) -> None:
         self.store = store
+        # artifact downloads answered with a presigned URL of the bucket (when the blob store has them)
+        self.redirect_downloads = redirect_downloads
         # trusted CI identity tokens, token -> owner/repo (stands in for GitHub's OIDC issuer)
         self.oidc_tokens = dict(oidc_tokens or {})
         self._sources: Any = None
@@ -490,10 +523,16 @@ class RegistryApp:
         rel = await run_in_threadpool(self.store.release, scoped, version)
         if rel is None or rel["file_name"] != file_name:
             raise RegistryError(404, "not_found", "Artifact not found")
-        path = self.store.artifact_path(scoped, version, file_name)
-        return BigFileResponse(path, media_type="application/octet-stream",
-                               headers={"x-ato-sha256": "sha256:" + rel["sha256"],
-                                        "x-ato-blake3": label(rel["blake3"])})
+        headers = {"x-ato-sha256": "sha256:" + rel["sha256"], "x-ato-blake3": label(rel["blake3"])}
+        key = self.store.release_key(rel)
+        local = self.store.blobs.local_path(key)
+        if local is not None:
+            return BigFileResponse(local, media_type="application/octet-stream", headers=headers)
+        if self.redirect_downloads:
+            url = await run_in_threadpool(self.store.blobs.presign, key)
+            if url:
+                return RedirectResponse(url, status_code=307, headers=headers)
+        return blob_response(self.store, key, int(rel["size_bytes"]), request.headers.get("range"), headers)
 
     async def skeleton(self, request: Request) -> Response:
         p, s, _scoped = self.scope(request)
@@ -532,13 +571,8 @@ class RegistryApp:
         except DigestError as exc:
             raise RegistryError(400, "invalid_chunk_hash", str(exc)) from None
         total, runs = await run_in_threadpool(self.store.frame_runs, hexes)
-
-        async def body_iter() -> AsyncIterator[bytes]:
-            # frames straight from the artifacts that hold them: one read per run of adjacent frames
-            for span, frames in runs:
-                yield await run_in_threadpool(self.store.read_run, span, frames)
-        return StreamingResponse(body_iter(), media_type="application/octet-stream",
-                                 headers={"content-length": str(total)})
+        return StreamingResponse(iterate_in_threadpool(self.store.read_pieces(runs)),
+                                 media_type="application/octet-stream", headers={"content-length": str(total)})
 
     async def runtime_config(self, request: Request) -> Response:
         _p, _s, scoped = self.scope(request)
@@ -631,14 +665,14 @@ class RegistryApp:
     async def sync_chunks(self, request: Request) -> Response:
         self.require_write(request, any_user=True)
         session = request.query_params.get("session", "")
-        self.store.session_dir(session)
+        self.store.check_session(session)
         tmp = self.store.new_temp(".frames")
         try:
             await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
             stop_point("registry.upload-received")  # crash tests: the frames in a temp file, none staged
             staged = await run_in_threadpool(self.store.stage_frames, session, tmp)
         except RegistryError:
-            self.store.drop_session(session)
+            await run_in_threadpool(self.store.drop_session, session)
             raise
         finally:
             tmp.unlink(missing_ok=True)
@@ -652,7 +686,7 @@ class RegistryApp:
             return await self._commit(request, session)
         finally:
             if session:
-                self.store.drop_session(session)
+                await run_in_threadpool(self.store.drop_session, session)
 
     async def _commit(self, request: Request, session: str | None) -> Response:
         body = await self.read_json(request)
@@ -661,7 +695,7 @@ class RegistryApp:
         if session is None and body.get("session_id"):
             session = str(body["session_id"])
         if session:
-            self.store.session_dir(session)
+            self.store.check_session(session)
         p, s = str(body.get("publisher", "")), str(body.get("slug", ""))
         scoped = check_scope(p, s)
         self.require_write(request, publisher=p)
@@ -797,8 +831,9 @@ class RegistryApp:
 
 
 def create_app(store: RegistryStore, token: str | None, listen_url: str,
-               store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None) -> Starlette:
-    h = RegistryApp(store, token, listen_url, store_users, oidc_tokens)
+               store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None,
+               redirect_downloads: bool = False) -> Starlette:
+    h = RegistryApp(store, token, listen_url, store_users, oidc_tokens, redirect_downloads)
     cap = "/v1/capsules/by/{publisher}/{slug}"
     man = "/v1/manifest/capsules/by/{publisher}/{slug}"
     routes = [
@@ -917,43 +952,110 @@ def check_exposure(host: str, token: str | None) -> None:
                                          {"host": host})])
 
 
+GC_INTERVAL_SECONDS = 60.0
+WORKER_SETTINGS_ENV = "ATO_REGISTRY_WORKER_SETTINGS"  # what a spawned worker builds its app from
+
+
+def start_gc(store: RegistryStore, interval: float, grace: float) -> threading.Event:
+    """Sweep expired upload sessions and unreferenced files every ``interval`` seconds in a daemon
+    thread (every worker does; the index makes concurrent sweeps safe). Set the event to stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                store.gc(grace)
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next tick
+                log.exception("registry gc sweep failed")
+    threading.Thread(target=loop, name="registry-gc", daemon=True).start()
+    return stop
+
+
+def worker_app() -> Starlette:
+    """The app of one ``--workers`` process (uvicorn's factory): everything from the parent's settings."""
+    settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    store = RegistryStore(Path(settings["data_dir"]), settings["database"], Limits(settings["max_payload"]),
+                          settings["blob_store"])
+    start_gc(store, settings["gc_interval"], settings["gc_grace"])
+    return create_app(store, settings["token"], settings["listen_url"], settings["store_users"],
+                      settings["oidc_tokens"], settings["redirect_downloads"])
+
+
+def announce_when_serving(url: str, ready: dict[str, Any], on_ready: Callable[[dict[str, Any]], None]) -> None:
+    """With ``--workers``: say "serving" once a worker answers on the socket."""
+    import urllib.request
+
+    while True:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url + "/.well-known/capsule.json", timeout=5) as resp:
+                if resp.status == 200:
+                    on_ready(ready)
+                    return
+        time.sleep(0.1)
+
+
 def serve(host: str, port: int, data_dir: Path, token: str | None, *,
           on_ready: Callable[[dict[str, Any]], None], log_level: str = "warning",
           store_users: dict[str, str] | None = None, oidc_tokens: dict[str, str] | None = None,
-          limits: Limits | None = None) -> None:
-    """Check, bind, initialise the data dir, report, then serve until SIGINT/SIGTERM."""
+          limits: Limits | None = None, database: str | None = None, workers: int = 1,
+          gc_interval: float = GC_INTERVAL_SECONDS, gc_grace: float = GC_GRACE_SECONDS,
+          blob_store: str | None = None, redirect_downloads: bool = False) -> None:
+    """Check, bind, migrate the index, report, then serve until SIGINT/SIGTERM.
+
+    With ``workers`` > 1 the socket is bound here and handed to that many uvicorn worker
+    processes (restarted when one dies); each opens the index and data dir itself."""
     import uvicorn
 
     token = (token or "").strip() or None
     check_exposure(host, token)
+    if workers < 1:
+        raise AtoError("E100", f"--workers must be at least 1 (got {workers})")
     sock = bind_socket(host, port)
     try:
-        store = RegistryStore(data_dir, limits)
+        store = RegistryStore(data_dir, database, limits, blob_store)
         store.initialize()
         actual_port = sock.getsockname()[1]
         listen_url = f"http://{url_host(host)}:{actual_port}"
         access = f"http://{access_host(host)}:{actual_port}"
-        app = create_app(store, token, listen_url, store_users, oidc_tokens)
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
-                                timeout_keep_alive=30, server_header=False)
         ready = {"url": access, "listen_url": listen_url, "host": host, "port": actual_port,
                  "data_dir": str(store.root), "api": f"{access}/v1/", "web_ui": f"{access}/",
-                 "write_auth_required": bool(token)}
-
-        class Announced(uvicorn.Server):
-            """Says "serving" once it is, with its signal handlers in place (a Ctrl-C then stops it quietly)."""
-
-            async def startup(self, sockets: list[Any] | None = None) -> None:
-                await super().startup(sockets=sockets)
-                if self.started:
-                    on_ready(ready)
-
+                 "write_auth_required": bool(token), "database": store.index.describe(), "workers": workers,
+                 "blob_store": store.blobs.url}
         # a Ctrl-C before the event loop runs leaves uvicorn's coroutine unawaited: nothing to warn about
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        try:
-            Announced(config).run(sockets=[sock])
-        finally:
-            store.close()
+        if workers == 1:
+            app = create_app(store, token, listen_url, store_users, oidc_tokens, redirect_downloads)
+            config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                                    timeout_keep_alive=30, server_header=False)
+
+            class Announced(uvicorn.Server):
+                """Says "serving" once it is, with its signal handlers in place (a Ctrl-C then stops it quietly)."""
+
+                async def startup(self, sockets: list[Any] | None = None) -> None:
+                    await super().startup(sockets=sockets)
+                    if self.started:
+                        on_ready(ready)
+
+            stop_gc = start_gc(store, gc_interval, gc_grace)
+            try:
+                Announced(config).run(sockets=[sock])
+            finally:
+                stop_gc.set()
+                store.close()
+            return
+        store.close()
+        from uvicorn.supervisors import Multiprocess
+
+        os.environ[WORKER_SETTINGS_ENV] = json.dumps({
+            "data_dir": str(store.root), "database": database, "token": token, "listen_url": listen_url,
+            "store_users": store_users or {}, "oidc_tokens": oidc_tokens or {}, "gc_interval": gc_interval,
+            "gc_grace": gc_grace, "max_payload": store.limits.max_payload, "blob_store": blob_store,
+            "redirect_downloads": redirect_downloads})
+        config = uvicorn.Config("pipeline.registry.server:worker_app", factory=True, workers=workers,
+                                log_level=log_level, access_log=False, lifespan="off", timeout_keep_alive=30,
+                                server_header=False)
+        threading.Thread(target=announce_when_serving, args=(access, ready, on_ready), daemon=True).start()
+        Multiprocess(config, sockets=[sock]).run()
     finally:
         with contextlib.suppress(OSError):
             sock.close()

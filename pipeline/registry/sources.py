@@ -9,8 +9,11 @@ registry's own ``ATO_HOME``) → ``awaiting_signature`` (signed with the registr
 ``failure_reason`` (``ref_not_found``, ``build_failed``, ``signature_failed``, ``version_exists``,
 ``publish_failed``) and a one-line ``error_message``.
 
-State is JSON under ``<data>/sources/`` (written temp + rename), so runs survive a restart; a run
-that was in flight when the server stopped is marked failed (``interrupted``) on start-up.
+Sources and runs live in the registry index (``sources``, ``source_runs``), so any worker answers
+for any run. The worker doing a run renews its ``heartbeat_at`` while it works; a pending run
+whose heartbeat is older than :data:`STALE_SECONDS` (its worker died, or the server stopped) is
+marked failed (``interrupted``) by whichever worker next looks. Source JSON files written under
+``<data>/sources/`` by an earlier ato are imported once.
 """
 
 from __future__ import annotations
@@ -30,19 +33,17 @@ from urllib.parse import urlsplit
 
 import blake3
 
-from cas.atomic import write_text_atomic
+from cas.filelock import flocked
 from pipeline.registry.storage import RegistryError, RegistryStore, Upload
 
 PENDING = ("queued", "running", "awaiting_signature")
 BUILD_TIMEOUT = 900
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 60.0
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    write_text_atomic(path, json.dumps(doc, indent=2))
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -50,32 +51,52 @@ def _one_line(text: str, limit: int = 400) -> str:
     return (lines[-1] if lines else "")[:limit]
 
 
+def _check_id(value: str, prefix: str, what: str) -> str:
+    if not value.startswith(prefix) or not value[len(prefix):].isalnum():
+        raise RegistryError(404, "not_found", f"{what} '{value}' not found")
+    return value
+
+
 class SourceService:
     def __init__(self, store: RegistryStore) -> None:
         self.store = store
+        self.index = store.index
         self.root = store.root / "sources"
-        self.lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
-        for run_path in (self.root / "runs").glob("*/*.json") if (self.root / "runs").is_dir() else []:
-            run = json.loads(run_path.read_text("utf-8"))
-            if run.get("status") in PENDING:
-                run.update(status="failed", failure_reason="interrupted", completed_at=_now(),
-                           error_message="the registry stopped while this run was in progress")
-                _write_json(run_path, run)
+        self._import_files()
+
+    def _import_files(self) -> None:
+        """Sources and runs an earlier ato kept as JSON files: into the index, once (then renamed)."""
+        files = sorted((self.root / "sources").glob("src_*.json")) if (self.root / "sources").is_dir() else []
+        runs = sorted((self.root / "runs").glob("*/run_*.json")) if (self.root / "runs").is_dir() else []
+        if not files and not runs:
+            return
+        with self.index.write() as conn:
+            for path in files:
+                src = json.loads(path.read_text("utf-8"))
+                self.index.run(conn, "INSERT INTO sources(source_id, owner, doc, created_at) VALUES(:i, :o, :d, :t) "
+                                     "ON CONFLICT(source_id) DO NOTHING",
+                               {"i": src["source_id"], "o": src["owner"], "d": json.dumps(src),
+                                "t": src.get("created_at") or _now()})
+            for path in runs:
+                run = json.loads(path.read_text("utf-8"))
+                self.index.run(conn, "INSERT INTO source_runs(sync_run_id, source_id, status, doc, heartbeat_at) "
+                                     "VALUES(:i, :s, :st, :d, 0) ON CONFLICT(sync_run_id) DO NOTHING",
+                               {"i": run["sync_run_id"], "s": run["source_id"], "st": run["status"],
+                                "d": json.dumps(run)})
+        for d in ("sources", "runs"):
+            if (self.root / d).is_dir():
+                os.replace(self.root / d, self.root / f"{d}.imported")
 
     # ---------------------------------------------------------------- records
 
-    def _source_path(self, source_id: str) -> Path:
-        if not source_id.startswith("src_") or not source_id[4:].isalnum():
-            raise RegistryError(404, "not_found", f"source '{source_id}' not found")
-        return self.root / "sources" / f"{source_id}.json"
-
     def get(self, source_id: str) -> dict[str, Any]:
-        path = self._source_path(source_id)
-        try:
-            return json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise RegistryError(404, "not_found", f"source '{source_id}' not found") from None
+        _check_id(source_id, "src_", "source")
+        with self.index.read() as conn:
+            doc = self.index.scalar(conn, "SELECT doc FROM sources WHERE source_id=:i", i=source_id)
+        if doc is None:
+            raise RegistryError(404, "not_found", f"source '{source_id}' not found")
+        return json.loads(doc)
 
     def owned(self, source_id: str, handle: str) -> dict[str, Any]:
         src = self.get(source_id)
@@ -95,24 +116,49 @@ class SourceService:
             raise RegistryError(400, "invalid_source", f"not a git repository: {repo}")
         src = {"source_id": "src_" + secrets.token_hex(8), "owner": handle, "repository": str(path),
                "default_ref": str(body.get("default_ref") or "HEAD"), "created_at": _now()}
-        _write_json(self._source_path(src["source_id"]), src)
+        with self.index.write() as conn:
+            self.index.run(conn, "INSERT INTO sources(source_id, owner, doc, created_at) VALUES(:i, :o, :d, :t)",
+                           {"i": src["source_id"], "o": handle, "d": json.dumps(src), "t": src["created_at"]})
         return src
-
-    def _run_path(self, source_id: str, run_id: str) -> Path:
-        if not run_id.startswith("run_") or not run_id[4:].isalnum():
-            raise RegistryError(404, "not_found", f"sync run '{run_id}' not found")
-        return self.root / "runs" / source_id / f"{run_id}.json"
 
     def run(self, source_id: str, run_id: str) -> dict[str, Any]:
         self.get(source_id)
-        try:
-            return json.loads(self._run_path(source_id, run_id).read_text("utf-8"))
-        except FileNotFoundError:
-            raise RegistryError(404, "not_found", f"sync run '{run_id}' not found for source '{source_id}'") from None
+        _check_id(run_id, "run_", "sync run")
+        self._interrupt_stale()
+        with self.index.read() as conn:
+            doc = self.index.scalar(conn, "SELECT doc FROM source_runs WHERE sync_run_id=:r AND source_id=:s",
+                                    r=run_id, s=source_id)
+        if doc is None:
+            raise RegistryError(404, "not_found", f"sync run '{run_id}' not found for source '{source_id}'")
+        return json.loads(doc)
 
     def _save_run(self, run: dict[str, Any]) -> None:
-        with self.lock:
-            _write_json(self._run_path(run["source_id"], run["sync_run_id"]), run)
+        with self.index.write() as conn:
+            self.index.run(conn, "INSERT INTO source_runs(sync_run_id, source_id, status, doc, heartbeat_at) "
+                                 "VALUES(:i, :s, :st, :d, :h) ON CONFLICT(sync_run_id) DO UPDATE SET "
+                                 "status=excluded.status, doc=excluded.doc, heartbeat_at=excluded.heartbeat_at",
+                           {"i": run["sync_run_id"], "s": run["source_id"], "st": run["status"],
+                            "d": json.dumps(run), "h": time.time()})
+
+    def _heartbeat(self, run_id: str, done: threading.Event) -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            with self.index.write() as conn:
+                self.index.run(conn, "UPDATE source_runs SET heartbeat_at=:h WHERE sync_run_id=:i",
+                               {"h": time.time(), "i": run_id})
+
+    def _interrupt_stale(self) -> None:
+        """Pending runs whose worker stopped renewing them: failed, ``interrupted``."""
+        cutoff = time.time() - STALE_SECONDS
+        with self.index.write() as conn:
+            stale = self.index.values_in(conn, "SELECT sync_run_id, doc FROM source_runs WHERE status IN :keys "
+                                               "AND heartbeat_at < :c", PENDING, c=cutoff)
+            for row in stale:
+                run = json.loads(row["doc"])
+                run.update(status="failed", failure_reason="interrupted", completed_at=_now(),
+                           error_message="the registry stopped while this run was in progress")
+                self.index.run(conn, "UPDATE source_runs SET status=:st, doc=:d WHERE sync_run_id=:i AND "
+                                     "heartbeat_at < :c", {"st": "failed", "d": json.dumps(run),
+                                                            "i": row["sync_run_id"], "c": cutoff})
 
     # ---------------------------------------------------------------- rebuild
 
@@ -132,11 +178,14 @@ class SourceService:
 
     def _work(self, src: dict[str, Any], run: dict[str, Any]) -> None:
         work = self.root / "work" / run["sync_run_id"]
+        done = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(run["sync_run_id"], done), daemon=True).start()
         try:
             self._build_and_publish(src, run, work)
         except Exception as exc:  # noqa: BLE001 - a run always ends in a recorded state
             self._fail(run, "internal_error", f"{type(exc).__name__}: {exc}")
         finally:
+            done.set()
             shutil.rmtree(work, ignore_errors=True)
 
     def _ato(self, args: list[str], timeout: float = BUILD_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -148,7 +197,7 @@ class SourceService:
 
     def _key(self) -> Path:
         key = self.root / "source-signing.key"
-        with self.lock:
+        with flocked(self.root / ".signing-key.lock"):  # one key, whichever worker or process asks first
             if not key.is_file():
                 res = self._ato(["key", "gen", "--out", str(key)], timeout=120)
                 if res.returncode != 0:

@@ -1,38 +1,56 @@
-"""Registry storage: the SQLite index, a CAS and the artifact files, under one data dir.
+"""Registry storage: the index (SQLite or PostgreSQL) and the blob store (a directory or a bucket).
 
-Layout of ``<data>`` (default ``$ATO_HOME/local-registry``)::
+Blobs (:mod:`pipeline.registry.blobs`; by default files under ``<data>``, default
+``$ATO_HOME/local-registry``; with ``--blob-store s3://bucket/prefix`` objects in a bucket)::
 
-    registry.sqlite3            the index (WAL, synchronous=FULL, busy timeout 30 s)
-    artifacts/<p>/<s>/<v>/<f>   the published ``.capsule`` bytes, verbatim
-    cas/packs/<blake3>.capsule  the same file (a hard link): a published artifact is the pack of its
-                                chunks, so the registry holds each payload once, never one file per chunk
-    cas/index.sqlite            the CAS index (cas.index): chunk -> (pack, offset, frame), and the
-                                payload manifests of published releases
-    tmp/                        uploads in flight and chunk-upload sessions (temp names of
-                                cas.tempfiles: swept at start-up once their process is gone)
+    artifacts/<p>/<s>/<v>/<f>     a published ``.capsule``, verbatim. It is also the *pack* of its
+                                  chunks: a chunk is served as a byte range of an artifact that holds
+                                  its frame, so the store never holds one object per chunk
+    manifests/<blake3>.json       payload manifests of published releases
+    sessions/<id>/<batch>.frames  frames staged by chunk-upload sessions (one object per upload request)
+    chunks/<blake3>.zst           a chunk stored on its own by ``PUT /v1/chunks/{hash}`` (no release)
 
-Index tables: ``packages`` (one row per publisher/slug), ``releases`` (digests,
-sizes, the skeleton geometry and the frame layout used for delta installs, the
-manifest text and README), ``runtime_configs`` (per-capsule run overrides from the
-web UI). (``chunks`` is a table of earlier versions, no longer used.) Chunks are
-served from the artifacts that hold them (the CAS index says where).
+Local files only: ``registry.sqlite3`` (the index when no --database is given: WAL,
+``synchronous=FULL``) and ``tmp/`` (uploads in flight, temp names of cas.tempfiles, swept at
+start-up once their process is gone). A data dir of an earlier version (one file per chunk under
+``cas/objects``, manifests under ``cas/manifests``) is still read; migration 3 points each chunk at
+an artifact that holds it and marks the old chunk files for the GC sweep.
 
-Commit rule: everything about an upload is checked before anything is written
-(both digests, then the format's one verifier, :func:`stages.capsule.verify`: every member,
-the signature, every chunk under the decoding caps, every payload entry, the payload ceiling;
-then manifest name/version against the path). The
-commit then runs under one process-wide lock and one ``BEGIN IMMEDIATE``
-transaction (which also serialises several server processes on one data dir):
-the artifact is linked into place and indexed as a pack, rows inserted,
-and the transaction committed. Any failure rolls the transaction back and
-removes every file and directory the commit created, so the data dir is as it
-was. The only files outside that rule are SQLite's ``-shm`` index (rewritten by
-readers; it holds no data) and ``tmp/``, which holds only in-flight work.
+The index (:mod:`pipeline.registry.index`, schema in :mod:`pipeline.registry.migrations`):
+``packages``, ``releases`` (digests, sizes, the skeleton geometry and frame layout used for delta
+installs, the manifest text and README, the artifact's blob key), ``release_chunks`` (which chunks
+each release's artifact holds, and at which offset), ``chunks`` (raw hash → the exact frame stored
+for it and where: blob key and offset), ``runtime_configs``, ``upload_sessions`` and
+``session_chunks`` (chunk-upload sessions and where their staged frames are), ``gc_marks`` (blobs
+nothing may reference any more, and since when), ``sources`` and ``source_runs`` (the Store's
+source-backed publishing). Nothing a request needs lives in a process's memory, so any worker of
+any ``ato registry serve`` sharing the index and the blob store can serve any request.
 
-``--allow-existing`` is decided by the artifact digests: the same version with
-the same SHA-256 and BLAKE3 is answered 200 ``already_existed: true`` and
-nothing is written; anything else for an existing version is 409
-``version_exists``.
+Commit rule: everything about an upload is checked before anything is written (both digests,
+then the format's one verifier, :func:`stages.capsule.verify`: every member, the signature, every
+chunk under the decoding caps, every payload entry, the payload ceiling; then manifest
+name/version against the path). The commit is then one transaction whose first
+statement inserts the release row: the ``releases`` primary key decides which of two racing
+publishes of a version wins (the loser gets 409 ``version_exists`` and has written nothing).
+It then claims the chunk rows it needs in hash order (inserting the new ones, located in this
+artifact, which makes this transaction their only writer; locking the existing ones against
+deletion), stores the artifact (and a payload manifest the store lacks), records the chunk
+references and the package, and commits. A failure removes the artifact it stored while its row
+locks still keep everyone else away from it, then rolls back.
+
+Every blob is *marked* (``gc_marks``, in its own committed transaction) before it is written, and
+the transaction that makes something reference it drops the mark: a process killed between the
+two leaves a mark, never an object nobody knows of. Deleting never removes a blob another
+transaction might be about to use: the delete removes the rows, points each chunk still in use at
+another artifact that holds it, and marks what nothing references; :meth:`RegistryStore.gc` sweeps
+a mark only after the grace period, only when no upload session older than the mark is still
+open, and only after checking again, under the mark's row lock, that nothing references the blob.
+A publish that needs a marked blob takes that row lock first (and drops the mark), so a sweep and
+a publish never cross.
+
+``--allow-existing`` is decided by the artifact digests: the same version with the same SHA-256
+and BLAKE3 is answered 200 ``already_existed: true`` and nothing is written; anything else for an
+existing version is 409 ``version_exists``.
 """
 
 from __future__ import annotations
@@ -42,73 +60,42 @@ import binascii
 import contextlib
 import datetime as dt
 import json
-import os
 import re
 import secrets
-import shutil
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
 import tomli_w
 import zstandard
+from sqlalchemy import Connection
 
-from cas.atomic import fsync_dir
 from cas.digest import DigestError, label, parse, write_hashed
-from cas.frames import ChunkError
-from cas.index import Location
-from cas.packs import FrameSpan, frames_at
 from cas.payload_manifest import MAX_CHUNK, PayloadManifest
 from cas.stoppoints import stop_point
-from cas.store import CasStore
-from cas.tempfiles import SweepReport, sweep, temp_name, temp_path
+from cas.tempfiles import SweepReport, sweep, temp_name
 from pipeline import names
 from pipeline.errors import AtoError, printable
+from pipeline.registry.blobs import BlobStore, open_blob_store
+from pipeline.registry.index import Index, Row, database_url
 from stages.capsule import Limits, consumer_limits, read_capsule, verify
 from stages.capsule.payload import FrameError, FrameRef, check_frame, decode_frame, read_frame
 from stages.capsule.signature import SignatureInfo, check_signature
 
-SCHEMA_VERSION = "ato-local-registry-2"
 README_LIMIT = 512 * 1024
 SESSION_RE = re.compile(r"^[0-9a-f]{32}$")
-SESSION_TTL_SECONDS = 3600
+SESSION_TTL_SECONDS = 3600  # an upload session lives this long after its last request
+GC_GRACE_SECONDS = 900  # a file nothing references is kept this long before a sweep may remove it
 RELEASE_SUMMARY = ("scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash, payload_hash, "
-                   "chunk_count, layout IS NOT NULL AS spliceable, created_at, signed, signer_key_id, signed_at, "
-                   "yanked_at, json_extract(manifest_json, '$.metadata') AS metadata_json")
-# Columns added after schema ato-local-registry-2 first shipped: added in place by initialize().
-RELEASE_COLUMNS_ADDED = (("signed", "INTEGER"), ("signer_key_id", "TEXT"), ("signed_at", "TEXT"),
-                         ("yanked_at", "TEXT"))
+                   "chunk_count, CASE WHEN layout IS NULL THEN 0 ELSE 1 END AS spliceable, created_at, signed, "
+                   "signer_key_id, signed_at, yanked_at, metadata_json")
 SEARCH_LIMIT_MAX = 50
-RUN_BYTES = 4 << 20  # frames served per read
+RUN_BYTES = 8 << 20  # adjacent frames read (or requested from a bucket) at once
 # A release is visible (searchable, eligible as "latest") unless it is yanked.
 _VISIBLE = "EXISTS (SELECT 1 FROM releases r WHERE r.scoped_id = packages.scoped_id AND r.yanked_at IS NULL)"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS packages(
-  scoped_id TEXT PRIMARY KEY, publisher TEXT NOT NULL, slug TEXT NOT NULL, name TEXT NOT NULL,
-  description TEXT NOT NULL DEFAULT '', latest_version TEXT NOT NULL,
-  created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS releases(
-  scoped_id TEXT NOT NULL, version TEXT NOT NULL, file_name TEXT NOT NULL,
-  sha256 TEXT NOT NULL, blake3 TEXT NOT NULL, size_bytes INTEGER NOT NULL,
-  manifest_hash TEXT NOT NULL, payload_hash TEXT NOT NULL,
-  prefix_size INTEGER NOT NULL, payload_size INTEGER NOT NULL, suffix_size INTEGER NOT NULL,
-  chunk_count INTEGER NOT NULL, layout TEXT,
-  manifest_toml TEXT NOT NULL, manifest_json TEXT NOT NULL, readme TEXT, readme_name TEXT,
-  created_at TEXT NOT NULL, signed INTEGER, signer_key_id TEXT, signed_at TEXT, yanked_at TEXT,
-  PRIMARY KEY(scoped_id, version));
-CREATE TABLE IF NOT EXISTS chunks(
-  raw_hash TEXT PRIMARY KEY, raw_size INTEGER NOT NULL, frame_size INTEGER NOT NULL,
-  frame_blake3 TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runtime_configs(
-  scoped_id TEXT PRIMARY KEY, doc TEXT NOT NULL, updated_at TEXT NOT NULL);
-"""
 
 
 class RegistryError(Exception):
@@ -128,7 +115,7 @@ class RegistryError(Exception):
 
 @dataclass
 class SearchPage:
-    rows: list[sqlite3.Row]
+    rows: list[Row]
     total: int
     next_cursor: str | None
 
@@ -233,31 +220,6 @@ class Inspection:
     signature: SignatureInfo
 
 
-@dataclass
-class _Undo:
-    files: list[Path] = field(default_factory=list)
-    dirs: list[Path] = field(default_factory=list)
-
-    def mkdirs(self, path: Path) -> None:
-        missing = []
-        p = path
-        while not p.exists():
-            missing.append(p)
-            p = p.parent
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):
-                d.mkdir()
-                self.dirs.append(d)
-
-    def run(self) -> None:
-        for f in reversed(self.files):
-            with contextlib.suppress(OSError):
-                f.unlink()
-        for d in reversed(self.dirs):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-
-
 _REFUSALS = {"payload_too_large": (413, "payload_too_large"), "unsafe_entry": (422, "unsafe_payload"),
              "name_too_long": (422, "unsafe_payload"), "unreadable_tar": (422, "unsafe_payload")}
 
@@ -296,137 +258,109 @@ def inspect_artifact(path: Path, publisher: str, slug: str, version: str, limits
 
 
 class RegistryStore:
-    """The data dir of one registry. Thread-safe; one instance per server process."""
+    """The data dir and index of one registry. Thread-safe; one instance per server process (worker).
 
-    def __init__(self, data_dir: Path, limits: Limits | None = None) -> None:
+    ``database`` is a ``postgresql://`` or ``sqlite:///`` URL (default: the embedded SQLite index
+    in the data dir)."""
+
+    def __init__(self, data_dir: Path, database: str | None = None, limits: Limits | None = None,
+                 blob_store: str | BlobStore | None = None) -> None:
         self.limits = limits or consumer_limits()  # the decoded-payload ceiling an upload must stay under
         self.root = Path(data_dir)
-        self.db_path = self.root / "registry.sqlite3"
-        self.cas = CasStore(self.root / "cas")
-        self.artifacts = self.root / "artifacts"
+        self.index = Index(database_url(database, self.root))
+        self.blobs = blob_store if isinstance(blob_store, BlobStore) else open_blob_store(blob_store, self.root)
         self.tmp = self.root / "tmp"
-        # chunk-upload sessions of this process: a killed server's sessions are swept with its other temps
-        self.sessions = self.tmp / temp_name("sessions")
-        self._local = threading.local()
-        self._lock = threading.Lock()
+
+    @property
+    def db_path(self) -> Path:
+        """The embedded SQLite index file (meaningful only without ``--database``)."""
+        return self.root / "registry.sqlite3"
 
     # ------------------------------------------------------------------ setup
 
     def initialize(self) -> None:
-        """Create the layout and schema; sweep the temp files of servers that are no longer running."""
-        for d in (self.root, self.artifacts, self.tmp):
+        """Create the layout, migrate the index, record the signature of releases indexed before
+        signatures were, and sweep the temp files of servers that are no longer running."""
+        for d in (self.root, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+        self.blobs.check()
         self.sweep_temps()
-        conn = self.conn()
-        conn.executescript(_SCHEMA)
-        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is None:
-            with conn:
-                conn.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (SCHEMA_VERSION,))
-        elif row[0] != SCHEMA_VERSION:
-            raise AtoError("E100", f"{self.db_path} has index schema {row[0]!r}; this ato expects "
-                                   f"{SCHEMA_VERSION!r}", hint="use another --data-dir or remove the old one")
-        self._add_release_columns(conn)
-        self._packs_match_releases()
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.index.migrate()
+        self._record_signatures()
+        if self.index.kind == "sqlite":
+            with self.index.read() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _packs_match_releases(self) -> None:
-        """Every spliceable release's artifact is indexed as a pack, and no pack outlives its release.
-
-        Brings a data dir of an earlier version (one file per chunk under ``cas/objects``, manifests
-        as files) onto packs, and drops the pack a commit killed before its rows were written left.
-        """
-        cas = self.cas
-        wanted: dict[str, sqlite3.Row] = {}
-        for rel in self.conn().execute("SELECT scoped_id, version, file_name, blake3, payload_hash, prefix_size, "
-                                       "layout FROM releases"):
-            wanted[f"{rel['blake3']}.capsule"] = rel
-        with cas.exclusive():
-            for name in cas.packs.files():
-                if name.endswith(".capsule") and name not in wanted:
-                    cas.packs.remove_pack(name)
-            for name, rel in wanted.items():
-                if rel["layout"] is None or cas.packs.index.pack_entries(name):
-                    continue
-                path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
-                frames = [FrameRef.from_json(f) for f in json.loads(rel["layout"])]
-                with contextlib.suppress(OSError):
-                    cas.adopt_artifact(path, rel["blake3"], frames_at(rel["prefix_size"], frames))
-                    if not cas.has_manifest(rel["payload_hash"]):
-                        cas.put_manifest(read_capsule(path).payload_manifest)
-            for h in cas.legacy_manifest_hashes():
-                with contextlib.suppress(OSError, ValueError):
-                    cas.get_manifest(h)  # copied into the index
-            shutil.rmtree(cas.objects.root / "objects", ignore_errors=True)
-            shutil.rmtree(cas.manifest_dir.parent, ignore_errors=True)
-
-    def _add_release_columns(self, conn: sqlite3.Connection) -> None:
-        """Bring an index written before signer and yank columns existed up to date, in one transaction:
-        add the columns, then record each release's signature from its artifact's signature.json."""
-        have = {r[1] for r in conn.execute("PRAGMA table_info(releases)")}
-        missing = [(n, t) for n, t in RELEASE_COLUMNS_ADDED if n not in have]
-        unknown = conn.execute("SELECT scoped_id, version, file_name FROM releases WHERE signed IS NULL").fetchall() \
-            if not missing else conn.execute("SELECT scoped_id, version, file_name FROM releases").fetchall()
-        if not missing and not unknown:
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for col, kind in missing:
-                conn.execute(f"ALTER TABLE releases ADD COLUMN {col} {kind}")
-            for rel in unknown:
-                info = SignatureInfo(False)
-                with contextlib.suppress(AtoError, OSError):
-                    path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
-                    info = check_signature(read_capsule(path).signature_doc)
-                conn.execute("UPDATE releases SET signed=?, signer_key_id=?, signed_at=? WHERE scoped_id=? AND "
-                             "version=?", (int(info.signed), info.key_id, info.signed_at, rel["scoped_id"],
-                                           rel["version"]))
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
-
-    def conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-        return conn
+    def _record_signatures(self) -> None:
+        """Releases whose signature was never recorded (an index from before signer columns existed):
+        read it from each artifact's signature.json, once."""
+        with self.index.read() as conn:
+            unknown = self.index.all(conn, "SELECT scoped_id, version, file_name, artifact_key FROM releases "
+                                           "WHERE signed IS NULL")
+        for rel in unknown:
+            info = SignatureInfo(False)
+            with contextlib.suppress(AtoError, OSError), self.local_copy(self.release_key(rel)) as path:
+                info = check_signature(read_capsule(path).signature_doc)
+            with self.index.write() as conn:
+                self.index.run(conn, "UPDATE releases SET signed=:s, signer_key_id=:k, signed_at=:t "
+                                     "WHERE scoped_id=:id AND version=:v AND signed IS NULL",
+                               {"s": int(info.signed), "k": info.key_id, "t": info.signed_at,
+                                "id": rel["scoped_id"], "v": rel["version"]})
 
     def close(self) -> None:
-        """On a clean shutdown: drop this server's unfinished chunk-upload sessions (they die with it)."""
-        shutil.rmtree(self.sessions, ignore_errors=True)
+        self.index.close()
 
     def new_temp(self, suffix: str = ".upload", name: str | None = None) -> Path:
         """A temp file in ``tmp/``; ``name`` (an upload's file_name) is what a refusal's message calls it."""
         return self.tmp / temp_name(name or "upload" + suffix)
 
     def sweep_temps(self, *, dry_run: bool = False) -> SweepReport:
-        """Temp files and session dirs whose server process is gone (another live server keeps its own)."""
-        return sweep([self.root, self.tmp, self.cas.packs.tmp], dry_run=dry_run)
+        """Temp files whose process is gone (another live server keeps its own)."""
+        dirs = [self.root, self.tmp, self.root / "cas" / "tmp"]
+        local = self.blobs.local_path("sessions")
+        return sweep(dirs + ([local] if local is not None else []), dry_run=dry_run)
+
+    @contextlib.contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        """The blob as a local file: itself in a local store, else a temp copy removed afterwards."""
+        local = self.blobs.local_path(key)
+        if local is not None:
+            yield local
+            return
+        tmp = self.new_temp(".blob")
+        try:
+            with open(tmp, "wb") as fh:
+                size = self.blobs.size(key)
+                if size is None:
+                    raise FileNotFoundError(key)
+                for piece in self.blobs.iter_range(key, 0, size):
+                    fh.write(piece)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reads
 
-    def package(self, scoped_id: str) -> sqlite3.Row | None:
-        return self.conn().execute("SELECT * FROM packages WHERE scoped_id=?", (scoped_id,)).fetchone()
+    def package(self, scoped_id: str) -> Row | None:
+        with self.index.read() as conn:
+            return self.index.one(conn, "SELECT * FROM packages WHERE scoped_id=:s", s=scoped_id)
 
-    def releases(self, scoped_id: str) -> list[sqlite3.Row]:
+    def releases(self, scoped_id: str) -> list[Row]:
         """Every release of a capsule, newest version first, without the large columns."""
-        rows = self.conn().execute(f"SELECT {RELEASE_SUMMARY} FROM releases WHERE scoped_id=?",
-                                   (scoped_id,)).fetchall()
+        with self.index.read() as conn:
+            rows = self.index.all(conn, f"SELECT {RELEASE_SUMMARY} FROM releases WHERE scoped_id=:s", s=scoped_id)
         return sorted(rows, key=lambda r: names.version_key(r["version"]), reverse=True)
 
-    def release(self, scoped_id: str, version: str, *, summary: bool = False) -> sqlite3.Row | None:
+    def release(self, scoped_id: str, version: str, *, summary: bool = False,
+                conn: Connection | None = None) -> Row | None:
         cols = RELEASE_SUMMARY if summary else "*"
-        return self.conn().execute(f"SELECT {cols} FROM releases WHERE scoped_id=? AND version=?",
-                                   (scoped_id, version)).fetchone()
+        sql = f"SELECT {cols} FROM releases WHERE scoped_id=:s AND version=:v"
+        if conn is not None:
+            return self.index.one(conn, sql, s=scoped_id, v=version)
+        with self.index.read() as c:
+            return self.index.one(c, sql, s=scoped_id, v=version)
 
-    def resolve_release(self, publisher: str, slug: str, version: str | None) -> sqlite3.Row:
+    def resolve_release(self, publisher: str, slug: str, version: str | None) -> Row:
         scoped = check_scope(publisher, slug)
         pkg = self.package(scoped)
         if pkg is None:
@@ -441,9 +375,10 @@ class RegistryStore:
                                 "version (yanked versions stay downloadable by exact version)", yanked=True)
         return rel
 
-    def artifact_path(self, scoped_id: str, version: str, file_name: str) -> Path:
-        publisher, slug = scoped_id.split("/")
-        return self.artifacts / publisher / slug / version / file_name
+    @staticmethod
+    def release_key(rel: Row) -> str:
+        """The blob key of a release's artifact."""
+        return rel["artifact_key"] or artifact_key(rel["scoped_id"], rel["version"], rel["file_name"])
 
     def search(self, q: str, limit: int, cursor: str | None = None) -> SearchPage:
         """One page of the capsules matching ``q`` (newest update first), the total count, and the opaque
@@ -455,29 +390,28 @@ class RegistryStore:
         server hands out) is still read as an offset."""
         text = q.strip().lower()
         where = [_VISIBLE]
-        args: list[Any] = []
+        args: dict[str, Any] = {}
         if text:
-            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            where.append("(lower(slug) LIKE ? ESCAPE '\\' OR lower(name) LIKE ? ESCAPE '\\'"
-                         " OR lower(description) LIKE ? ESCAPE '\\' OR lower(scoped_id) LIKE ? ESCAPE '\\')")
-            args = [like, like, like, like]
-        conn = self.conn()
-        total = conn.execute(f"SELECT COUNT(*) FROM packages WHERE {' AND '.join(where)}", args).fetchone()[0]
-        offset = 0
-        if cursor and cursor.isdigit():
-            offset = int(cursor)
-        elif cursor:
-            after = decode_cursor(cursor, text)
-            where.append("(updated_at < ? OR (updated_at = ? AND scoped_id > ?))")
-            args += [after[0], after[0], after[1]]
-        sql = (f"SELECT * FROM packages WHERE {' AND '.join(where)} ORDER BY updated_at DESC, scoped_id ASC "
-               "LIMIT ? OFFSET ?")
-        rows = conn.execute(sql, (*args, limit + 1, offset)).fetchall()
+            args["like"] = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append("(lower(slug) LIKE :like ESCAPE '\\' OR lower(name) LIKE :like ESCAPE '\\'"
+                         " OR lower(description) LIKE :like ESCAPE '\\' OR lower(scoped_id) LIKE :like ESCAPE '\\')")
+        with self.index.read() as conn:
+            total = self.index.scalar(conn, f"SELECT COUNT(*) FROM packages WHERE {' AND '.join(where)}", **args)
+            offset = 0
+            if cursor and cursor.isdigit():
+                offset = int(cursor)
+            elif cursor:
+                after = decode_cursor(cursor, text)
+                where.append("(updated_at < :after_u OR (updated_at = :after_u AND scoped_id > :after_s))")
+                args.update(after_u=after[0], after_s=after[1])
+            sql = (f"SELECT * FROM packages WHERE {' AND '.join(where)} ORDER BY updated_at DESC, scoped_id ASC "
+                   "LIMIT :limit OFFSET :offset")
+            rows = self.index.all(conn, sql, **args, limit=limit + 1, offset=offset)
         page = rows[:limit]
         nxt = encode_cursor(page[-1]["updated_at"], page[-1]["scoped_id"], text) if len(rows) > limit else None
-        return SearchPage(page, total, nxt)
+        return SearchPage(page, int(total), nxt)
 
-    def search_all(self) -> Iterator[sqlite3.Row]:
+    def search_all(self) -> Iterator[Row]:
         """Every listed capsule, page by page."""
         cursor: str | None = None
         while True:
@@ -488,19 +422,22 @@ class RegistryStore:
             cursor = page.next_cursor
 
     def runtime_config(self, scoped_id: str) -> dict[str, Any] | None:
-        row = self.conn().execute("SELECT doc FROM runtime_configs WHERE scoped_id=?", (scoped_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        with self.index.read() as conn:
+            doc = self.index.scalar(conn, "SELECT doc FROM runtime_configs WHERE scoped_id=:s", s=scoped_id)
+        return json.loads(doc) if doc else None
 
-    def skeleton(self, rel: sqlite3.Row) -> dict[str, Any]:
+    def skeleton(self, rel: Row) -> dict[str, Any]:
         """Prefix and suffix bytes plus the ordered frames: everything a client splices an artifact from."""
         if rel["layout"] is None:
             raise RegistryError(409, "not_spliceable", "this release's payload frames do not match its chunks; "
                                 "download the artifact instead")
-        path = self.artifact_path(rel["scoped_id"], rel["version"], rel["file_name"])
-        with open(path, "rb") as fh:
-            prefix = fh.read(rel["prefix_size"])
-            fh.seek(rel["prefix_size"] + rel["payload_size"])
-            suffix = fh.read()
+        key = self.release_key(rel)
+        try:
+            prefix = self.blobs.read_range(key, 0, rel["prefix_size"])
+            tail = rel["prefix_size"] + rel["payload_size"]
+            suffix = self.blobs.read_range(key, tail, rel["size_bytes"] - tail)
+        except OSError as exc:
+            raise RegistryError(500, "storage_error", f"artifact of {rel['scoped_id']} {rel['version']}: {exc}") from None
         return {
             "scoped_id": rel["scoped_id"], "version": rel["version"], "file_name": rel["file_name"],
             "size_bytes": rel["size_bytes"], "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]),
@@ -510,64 +447,75 @@ class RegistryStore:
             "frames": json.loads(rel["layout"]),
         }
 
-    def chunk_frame(self, raw_hash: str) -> bytes | None:
-        """The stored frame of one chunk (checked against its frame digest), or None."""
-        try:
-            return self.cas.frame(raw_hash)
-        except ChunkError as exc:
-            if exc.kind == "missing":
-                return None
-            raise RegistryError(500, "storage_error", str(exc)) from None
+    def locate(self, hexes: list[str], conn: Connection | None = None) -> dict[str, Piece]:
+        """raw hash → where its stored frame is (blob key, offset, size), for the chunks the registry holds."""
+        rows = self._chunk_rows("raw_hash, blob_key, blob_offset, frame_size", hexes, conn)
+        return {r["raw_hash"]: Piece(r["blob_key"], int(r["blob_offset"]), int(r["frame_size"]))
+                for r in rows if r["blob_key"] is not None}
 
-    def frame_runs(self, hexes: list[str]) -> tuple[int, list[tuple[FrameSpan, list[Location]]]]:
-        """The frames of ``hexes`` in order as runs of contiguous bytes in their packs: (total size, runs).
+    def chunk_frame(self, raw_hash: str) -> bytes | None:
+        """The stored frame of one chunk, or None when the registry does not hold it."""
+        where = self.locate([raw_hash]).get(raw_hash)
+        if where is None:
+            return None
+        return b"".join(self.read_pieces([where]))
+
+    def frame_runs(self, hexes: list[str]) -> tuple[int, list[Piece]]:
+        """The frames of ``hexes`` in order, as runs of adjacent bytes of one blob: (total size, runs).
         Missing chunks are a 404 naming them."""
-        found = self.cas.packs.locate_many(hexes)
+        found = self.locate(hexes)
         missing = [label(h) for h in hexes if h not in found]
         if missing:
-            with self._lock:  # a commit in flight indexes its artifact just after its rows: wait for it
-                found = self.cas.packs.locate_many(hexes)
-            missing = [label(h) for h in hexes if h not in found]
-        if missing:
             raise RegistryError(404, "not_found", f"{len(missing)} chunk(s) not found", missing_chunks=missing)
-        runs: list[tuple[FrameSpan, list[Location]]] = []
-        for span, frames in self.cas.packs.spans(hexes, found):
-            start = 0
-            while start < len(frames):  # pieces of about RUN_BYTES, cut between frames
-                end, size = start, 0
-                while end < len(frames) and (end == start or size + frames[end].length <= RUN_BYTES):
-                    size += frames[end].length
-                    end += 1
-                part = frames[start:end]
-                runs.append((FrameSpan(span.pack, part[0].offset, size), part))
-                start = end
-        return sum(found[h].length for h in hexes), runs
+        pieces = [found[h] for h in hexes]
+        return sum(p.size for p in pieces), coalesce(pieces)
 
-    def read_run(self, span: FrameSpan, frames: list[Location]) -> bytes:
-        try:
-            return bytes(self.cas.packs.checked_span(span, frames))
-        except ChunkError as exc:
-            raise RegistryError(500, "storage_error", str(exc)) from None
-
-    def known_frames(self, hexes: list[str]) -> dict[str, str]:
-        """raw hash → frame BLAKE3 of the chunks the registry holds."""
-        return {h: where.frame_hash.hex() for h, where in self.cas.packs.locate_many(hexes).items()}
+    def read_pieces(self, runs: list[Piece]) -> Iterator[bytes]:
+        """The bytes of ``runs``, in order (one read or request per run)."""
+        for run in runs:
+            got = 0
+            try:
+                for data in self.blobs.iter_range(run.key, run.offset, run.size):
+                    got += len(data)
+                    yield data
+            except FileNotFoundError:
+                raise RegistryError(500, "storage_error", f"blob {run.key} is missing") from None
+            if got != run.size:
+                raise RegistryError(500, "storage_error", f"blob {run.key} is shorter than the index says")
 
     def payload_manifest_bytes(self, payload_hash: str) -> bytes | None:
-        try:
-            return self.cas.get_manifest(payload_hash).to_bytes()
-        except (ChunkError, ValueError):
-            return None
+        """The stored payload manifest of a release (JSON), or None."""
+        for key in (manifest_key(payload_hash), legacy_manifest_key(payload_hash)):
+            with contextlib.suppress(FileNotFoundError):
+                return self.blobs.read(key)
+        return None
+
+    def known_frames(self, hexes: list[str], conn: Connection | None = None) -> dict[str, str]:
+        """raw hash → frame BLAKE3 of the chunks the registry holds."""
+        return {r["raw_hash"]: r["frame_blake3"] for r in self._chunk_rows("raw_hash, frame_blake3", hexes, conn)}
+
+    def _chunk_rows(self, columns: str, hexes: list[str], conn: Connection | None) -> list[Row]:
+        """``columns`` of the chunk rows of ``hexes``, in ``conn``'s transaction or a read of their own."""
+        sql = f"SELECT {columns} FROM chunks WHERE raw_hash IN :keys"
+        if conn is not None:
+            return self.index.values_in(conn, sql, hexes)
+        with self.index.read() as c:
+            return self.index.values_in(c, sql, hexes)
 
     # ------------------------------------------------------------------ chunk sessions
 
-    def session_dir(self, session: str) -> Path:
+    @staticmethod
+    def check_session(session: str) -> str:
         if not SESSION_RE.match(session or ""):
             raise RegistryError(400, "invalid_session", "session must be the session_id negotiate returned")
-        return self.sessions / session
+        return session
 
     def negotiate(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Which chunks an uploader must send; also refuses a version conflict before any upload."""
+        """Which chunks an uploader must send; also refuses a version conflict before any upload.
+
+        When chunks are missing it opens an upload session in the index: the chunks it calls known
+        are then safe from a GC sweep until the session is committed or expires. A ``dry_run``
+        records nothing."""
         if body.get("schema_version", 3) != 3:
             raise RegistryError(400, "invalid_schema_version", "schema_version must be 3")
         chunks = body.get("chunks")
@@ -601,6 +549,7 @@ class RegistryStore:
                     raise RegistryError(409, "version_exists",
                                         "same version is already published (artifact digest differs)")
                 existing = {"version": rel["version"], "same_artifact": True}
+        session = secrets.token_hex(16)
         known = self.known_frames([h for h, _ in wanted])
         missing: list[str] = []
         conflicts: list[str] = []
@@ -613,135 +562,197 @@ class RegistryStore:
                 missing.append(label(raw))
             elif fb is not None and known[raw] != fb:
                 conflicts.append(label(raw))
-        return {"session_id": secrets.token_hex(16), "missing_chunks": missing, "frame_conflicts": conflicts,
+        if missing and existing is None and not body.get("dry_run"):
+            self._touch_session(session)  # from now on, what negotiate called known outlives this upload
+        return {"session_id": session, "missing_chunks": missing, "frame_conflicts": conflicts,
                 "total_chunks": len(wanted), "existing": existing}
 
+    def _touch_session(self, session: str, conn: Connection | None = None) -> None:
+        """Open ``session`` (or keep it open another TTL)."""
+        stamp = time.time()
+        sql = ("INSERT INTO upload_sessions(session_id, created_at, expires_at) VALUES(:s, :t, :e) "
+               "ON CONFLICT(session_id) DO UPDATE SET expires_at=excluded.expires_at")
+        params = {"s": session, "t": stamp, "e": stamp + SESSION_TTL_SECONDS}
+        if conn is not None:
+            self.index.run(conn, sql, params)
+            return
+        with self.index.write() as c:
+            self.index.run(c, sql, params)
+
     def stage_frames(self, session: str, source: Path) -> list[dict[str, Any]]:
-        """Keep an uploaded run of frames in the session as it came (one file, not one per frame),
-        each frame decoded and checked, with an index of where each chunk's frame is in it."""
-        sdir = self.session_dir(session)
-        self._sweep_sessions()
-        sdir.mkdir(parents=True, exist_ok=True)
-        known = self._session_index(sdir)
-        out: list[dict[str, Any]] = []
-        spans: dict[str, list[int]] = {}
-        body = sdir / f"body-{secrets.token_hex(8)}.frames"
+        """Split an uploaded run of frames and verify each; the run itself (one file, offsets in the
+        index) becomes one staged batch of the session, readable by every worker."""
+        self.check_session(session)
+        frames: list[tuple[dict[str, Any], int]] = []
+        offset = 0
         with open(source, "rb") as fh:
             while True:
-                offset = fh.tell()
                 try:
                     frame = read_frame(fh)
                 except FrameError as exc:
                     raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
                 if frame is None:
                     break
-                raw_hash, size = self._decode_checked(frame, None)
-                inserted = raw_hash not in known and raw_hash not in spans
-                if inserted:
-                    spans[raw_hash] = [offset, len(frame)]
-                out.append({"raw_hash": label(raw_hash), "raw_size": size, "inserted": inserted,
-                            "zstd_size": len(frame)})
-        if spans:
-            os.link(source, body)
-            _write_json(body.with_suffix(".json"), {h: [body.name, *at] for h, at in spans.items()})
-        return out
+                frames.append((self._check_staged(frame, None), offset))
+                offset += len(frame)
+        return self._stage_batch(session, source, frames)
 
     def stage_chunk(self, session: str | None, raw_hash: str, raw_size: int, frame: bytes) -> dict[str, Any]:
-        """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS as a one-frame pack."""
+        """``PUT /v1/chunks/{hash}``: into a session, or (no session) straight into the CAS."""
         try:
             check_frame(frame, raw_hash, raw_size)
         except (FrameError, zstandard.ZstdError) as exc:
             raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
         if session is not None:
-            sdir = self.session_dir(session)
-            self._sweep_sessions()
-            sdir.mkdir(parents=True, exist_ok=True)
-            inserted = raw_hash not in self._session_index(sdir)
-            if inserted:
-                body = sdir / f"chunk-{raw_hash}.frames"
-                tmp = temp_path(body)
-                tmp.write_bytes(frame)
-                os.replace(tmp, body)
-                _write_json(body.with_suffix(".json"), {raw_hash: [body.name, 0, len(frame)]})
-            return {"raw_hash": label(raw_hash), "raw_size": raw_size, "inserted": inserted, "zstd_size": len(frame)}
-        with self.cas.shared():
-            inserted = self.cas.locate(raw_hash) is None
-            if inserted:
-                with self.cas.packs.writer() as w:
-                    w.add(raw_hash, frame, raw_size)
-                    w.commit()
+            self.check_session(session)
+            batch = self.new_temp(".frame")
+            try:
+                batch.write_bytes(frame)
+                return self._stage_batch(session, batch, [(self._check_staged(frame, (raw_hash, raw_size)), 0)])[0]
+            finally:
+                batch.unlink(missing_ok=True)
+        ref = FrameRef(raw_hash, raw_size, len(frame), blake3.blake3(frame).hexdigest())
+        key = standalone_chunk_key(raw_hash)
+        self._premark([key])
+
+        def commit(conn: Connection) -> bool:
+            owned, _locked = self._claim_chunks(conn, [ref], {raw_hash: (key, 0)})
+            if not owned:
+                return False
+            self._clear_marks(conn, [key])
+            self.blobs.put_bytes(key, frame)  # this transaction owns the row, so nobody else writes the key
+            return True
+        inserted = False
+        try:
+            inserted = self.index.transaction(commit)
+        finally:
+            if not inserted:
+                self._sweep_now([key])
         return {"raw_hash": label(raw_hash), "inserted": inserted, "zstd_size": len(frame)}
 
-    def _decode_checked(self, frame: bytes, expect: tuple[str, int] | None) -> tuple[str, int]:
-        try:
-            size = zstandard.get_frame_parameters(frame).content_size
-            raw = decode_frame(frame, size)
-        except (FrameError, zstandard.ZstdError) as exc:
-            raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
-        return blake3.blake3(raw).hexdigest(), size
-
     @staticmethod
-    def _session_index(sdir: Path) -> dict[str, list[Any]]:
-        """raw hash → [file, offset, size] of every frame staged in a session."""
-        out: dict[str, list[Any]] = {}
-        for p in sorted(sdir.glob("*.json")) if sdir.is_dir() else []:
-            with contextlib.suppress(OSError, ValueError):
-                out.update(json.loads(p.read_bytes()))
+    def _check_staged(frame: bytes, expect: tuple[str, int] | None) -> dict[str, Any]:
+        if expect is None:
+            try:
+                size = zstandard.get_frame_parameters(frame).content_size
+                raw = decode_frame(frame, size)
+            except (FrameError, zstandard.ZstdError) as exc:
+                raise RegistryError(422, "chunk_validation_failed", str(exc)) from None
+            raw_hash = blake3.blake3(raw).hexdigest()
+        else:
+            raw_hash, size = expect
+        return {"raw_hash": raw_hash, "raw_size": size, "zstd_size": len(frame),
+                "frame_blake3": blake3.blake3(frame).hexdigest()}
+
+    def _stage_batch(self, session: str, source: Path, frames: list[tuple[dict[str, Any], int]]
+                     ) -> list[dict[str, Any]]:
+        """Store ``source`` as one batch blob of the session and index its frames (first copy wins)."""
+        if not frames:
+            return []
+        self.check_session(session)
+        key = f"sessions/{session}/{secrets.token_hex(8)}.frames"
+        self._premark([key])
+        self.blobs.put_file(key, source)
+
+        def record(conn: Connection) -> set[str]:
+            self._touch_session(session, conn)
+            known = {r["raw_hash"] for r in self.index.values_in(
+                conn, "SELECT raw_hash FROM session_chunks WHERE session_id=:s AND raw_hash IN :keys",
+                [f["raw_hash"] for f, _o in frames], s=session)}
+            fresh: dict[str, dict[str, Any]] = {}
+            for f, off in frames:
+                if f["raw_hash"] not in known and f["raw_hash"] not in fresh:
+                    fresh[f["raw_hash"]] = {"s": session, "h": f["raw_hash"], "rs": f["raw_size"],
+                                            "fs": f["zstd_size"], "fb": f["frame_blake3"], "k": key, "o": off}
+            if fresh:
+                self.index.run(conn, "INSERT INTO session_chunks(session_id, raw_hash, raw_size, frame_size, "
+                                     "frame_blake3, blob_key, blob_offset) VALUES(:s, :h, :rs, :fs, :fb, :k, :o) "
+                                     "ON CONFLICT(session_id, raw_hash) DO NOTHING", list(fresh.values()))
+                self._clear_marks(conn, [key])
+            return set(fresh)
+        fresh: set[str] = set()
+        try:
+            fresh = self.index.transaction(record)
+        finally:
+            if not fresh:  # nothing new in it, or the index said no: still marked, so sweep it now
+                self._sweep_now([key])
+        out = []
+        for f, _off in frames:
+            new = f["raw_hash"] in fresh
+            fresh.discard(f["raw_hash"])
+            out.append({"raw_hash": label(f["raw_hash"]), "raw_size": f["raw_size"], "inserted": new,
+                        "zstd_size": f["zstd_size"]})
         return out
 
-    def _sweep_sessions(self) -> None:
-        cutoff = time.time() - SESSION_TTL_SECONDS
-        root = self.sessions
-        for d in root.iterdir() if root.is_dir() else []:
-            with contextlib.suppress(OSError):
-                if d.stat().st_mtime < cutoff:
-                    shutil.rmtree(d, ignore_errors=True)
-
     def drop_session(self, session: str | None) -> None:
-        if session:
-            with contextlib.suppress(RegistryError):
-                shutil.rmtree(self.session_dir(session), ignore_errors=True)
-            with contextlib.suppress(OSError):
-                self.sessions.rmdir()  # only when no other session is open
+        """Close a session: its index rows, then its staged frames."""
+        if not session or not SESSION_RE.match(session):
+            return
+        with self.index.write() as conn:
+            keys = self._end_sessions(conn, [session])
+        self._remove_blobs(keys)
+
+    def _end_sessions(self, conn: Connection, sessions: list[str]) -> list[str]:
+        """Delete sessions' rows; returns the batch blobs only they referenced."""
+        keys = {r["blob_key"] for r in self.index.values_in(
+            conn, "SELECT DISTINCT blob_key FROM session_chunks WHERE session_id IN :keys", sessions)}
+        self.index.values_in(conn, "DELETE FROM session_chunks WHERE session_id IN :keys RETURNING session_id",
+                             sessions)
+        self.index.values_in(conn, "DELETE FROM upload_sessions WHERE session_id IN :keys RETURNING session_id",
+                             sessions)
+        return sorted(keys)
+
+    def _remove_blobs(self, keys: list[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(FileNotFoundError, OSError, AtoError):
+                self.blobs.delete(key)
 
     def reconstruct(self, session: str | None, prefix: bytes, suffix: bytes,
                     chunks: list[tuple[str, int]], file_name: str | None = None) -> tuple[Path, str, str, int]:
-        """Rebuild a candidate artifact from prefix + frames (session or CAS) + suffix in ``tmp/``.
+        """Rebuild a candidate artifact from prefix + frames (session or stored) + suffix in ``tmp/``.
 
         Returns ``(path, sha256 hex, blake3 hex, size)``. Missing frames → 400 ``missing_chunks``.
         """
-        sdir = self.session_dir(session) if session else None
-        staged = self._session_index(sdir) if sdir is not None else {}
-        stored = self.cas.packs.locate_many(h for h, _s in chunks if h not in staged)
-        pieces: list[tuple[Path, int, int]] = []
+        staged: dict[str, Piece] = {}
+        hexes = [h for h, _ in chunks]
+        if session:
+            self.check_session(session)
+            with self.index.read() as conn:
+                staged = {r["raw_hash"]: Piece(r["blob_key"], int(r["blob_offset"]), int(r["frame_size"]))
+                          for r in self.index.values_in(
+                              conn, "SELECT raw_hash, frame_size, blob_key, blob_offset FROM session_chunks "
+                                    "WHERE session_id=:s AND raw_hash IN :keys", hexes, s=session)}
+        stored = self.locate([h for h in hexes if h not in staged])
+        pieces: list[Piece] = []
         missing: list[str] = []
-        for raw, _size in chunks:
-            if raw in staged:
-                name, offset, length = staged[raw]
-                pieces.append((sdir / name, offset, length))  # type: ignore[operator]
-            elif raw in stored:
-                where = stored[raw]
-                pieces.append((self.cas.packs.directory / where.pack, where.offset, where.length))
-            else:
+        for raw in hexes:
+            where = staged.get(raw) or stored.get(raw)
+            if where is None:
                 missing.append(label(raw))
+            else:
+                pieces.append(where)
         if missing:
             raise RegistryError(400, "missing_chunks", f"{len(missing)} chunk(s) were neither uploaded nor stored: "
                                 f"{', '.join(missing[:5])}", missing_chunks=missing)
         out = self.new_temp(".capsule", file_name)
-        with self.cas.shared():  # the packs read here stay where the index says
-            sha, b3, size = write_hashed(out, _iter_pieces(prefix, pieces, suffix))
+
+        def body() -> Iterator[bytes]:
+            yield prefix
+            yield from self.read_pieces(coalesce(pieces))
+            yield suffix
+        sha, b3, size = write_hashed(out, body())
         return out, sha, b3, size
 
     # ------------------------------------------------------------------ publish
 
-    def existing_outcome(self, rel: sqlite3.Row, upload: Upload) -> dict[str, Any]:
+    def existing_outcome(self, rel: Row, upload: Upload) -> dict[str, Any]:
         if not upload.allow_existing:
             raise RegistryError(409, "version_exists", "same version is already published")
         if rel["sha256"] != upload.sha256 or rel["blake3"] != upload.blake3:
             raise RegistryError(409, "version_exists", "same version is already published (artifact digest differs)")
         return self.release_doc(rel, already_existed=True)
 
-    def release_doc(self, rel: sqlite3.Row, *, already_existed: bool, chunks_new: int = 0) -> dict[str, Any]:
+    def release_doc(self, rel: Row, *, already_existed: bool, chunks_new: int = 0) -> dict[str, Any]:
         return {
             "scoped_id": rel["scoped_id"], "version": rel["version"], "file_name": rel["file_name"],
             "sha256": "sha256:" + rel["sha256"], "blake3": label(rel["blake3"]), "size_bytes": rel["size_bytes"],
@@ -756,95 +767,182 @@ class RegistryStore:
         check_version(upload.version)
         check_file_name(upload.file_name)
         rel = self.release(scoped, upload.version)
-        if rel is not None:  # advisory; decided again inside the transaction
+        if rel is not None:  # advisory; decided by the release row's primary key inside the transaction
             return 200, self.existing_outcome(rel, upload)
         insp = inspect_artifact(upload.path, upload.publisher, upload.slug, upload.version, self.limits)
-        return self._commit(upload, insp)
-
-    def _commit(self, upload: Upload, insp: Inspection) -> tuple[int, dict[str, Any]]:
-        scoped = upload.scoped_id
-        with self._lock, self.cas.shared():
-            conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            undo = _Undo()
-            try:
-                rel = self.release(scoped, upload.version)
-                if rel is not None:
-                    conn.execute("ROLLBACK")
-                    return 200, self.existing_outcome(rel, upload)
-                frames = insp.frames
-                chunks_new = 0
-                known: dict[str, str] = {}
-                if frames is not None:
-                    known = self.known_frames([f.raw_hash for f in frames])
-                    if any(known.get(f.raw_hash, f.frame_blake3) != f.frame_blake3 for f in frames):
-                        frames = None  # the CAS holds other frames for some chunks: serve this release whole
-                dest = self.artifact_path(scoped, upload.version, upload.file_name)
-                undo.mkdirs(dest.parent)
-                if dest.exists():
-                    # no release row names it, and commits are serialised: a commit that was killed left it
-                    dest.unlink()
-                os.link(upload.path, dest)
-                undo.files.append(dest)
-                if frames is not None:
-                    chunks_new = len({f.raw_hash for f in frames} - set(known))
-                fsync_dir(dest.parent)
-                stamp = now()
-                layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
-                conn.execute(
-                    "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, manifest_hash,"
-                    " payload_hash, prefix_size, payload_size, suffix_size, chunk_count, layout, manifest_toml,"
-                    " manifest_json, readme, readme_name, created_at, signed, signer_key_id, signed_at)"
-                    " VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (scoped, upload.version, upload.file_name, upload.sha256, upload.blake3, upload.size,
-                     insp.manifest_hash, insp.payload.artifact_hash, insp.prefix_size, insp.payload_size,
-                     insp.suffix_size, len(insp.payload.chunks), layout, insp.manifest_toml, insp.manifest_json, insp.readme,
-                     insp.readme_name, stamp, int(insp.signature.signed), insp.signature.key_id,
-                     insp.signature.signed_at))
-                self._upsert_package(conn, upload, insp, stamp)
-                stop_point("registry.commit")  # crash tests: the artifact linked, rows not committed
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                undo.run()
-                raise
-            # The release row is the record; the CAS index is derived from it (a server killed right here
-            # indexes the artifact at its next start): the artifact becomes the pack of its chunks.
-            if frames is not None:
-                self.cas.adopt_artifact(dest, upload.blake3, frames_at(insp.prefix_size, frames))
-                self.cas.put_manifest(insp.payload)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        keys = [artifact_key(scoped, upload.version, upload.file_name)]
+        keys += [manifest_key(insp.payload.artifact_hash)] if insp.frames is not None else []
+        self._premark(keys)
+        committed = False
+        try:
+            result = self.index.transaction(lambda conn: self._commit(conn, upload, insp))
+            committed = True
+            return result
+        except _LostRace:
             rel = self.release(scoped, upload.version)
-        return 201, self.release_doc(rel, already_existed=False, chunks_new=chunks_new)
+            if rel is None:  # the winner was deleted meanwhile: a retry of the upload will do
+                raise RegistryError(409, "version_exists", "a concurrent publish of this version was "
+                                    "committed and removed meanwhile; retry") from None
+            return 200, self.existing_outcome(rel, upload)
+        finally:
+            if not committed:
+                self._sweep_now(keys)
 
-    def _upsert_package(self, conn: sqlite3.Connection, upload: Upload, insp: Inspection, stamp: str) -> None:
+    def _claim_chunks(self, conn: Connection, refs: list[FrameRef], where: dict[str, tuple[str, int]]
+                      ) -> tuple[set[str], dict[str, str]]:
+        """Make the chunk rows of ``refs`` this transaction's to rely on, in hash order; a new row
+        says its frame is at ``where[hash]`` (blob key, offset).
+
+        Returns (hashes whose row this transaction inserted; raw hash → frame BLAKE3 of the rows
+        that were there, now locked against deletion until commit)."""
+        by_hash = {r.raw_hash: r for r in refs}
+        owned: set[str] = set()
+        locked: dict[str, str] = {}
+        todo = sorted(by_hash)
+        while todo:
+            for i in range(0, len(todo), 200):
+                part = [by_hash[h] for h in todo[i:i + 200]]
+                values = ", ".join(f"(:h{n}, :r{n}, :f{n}, :b{n}, :k{n}, :o{n})" for n in range(len(part)))
+                params: dict[str, Any] = {}
+                for n, r in enumerate(part):
+                    params.update({f"h{n}": r.raw_hash, f"r{n}": r.raw_size, f"f{n}": r.frame_size,
+                                   f"b{n}": r.frame_blake3, f"k{n}": where[r.raw_hash][0],
+                                   f"o{n}": where[r.raw_hash][1]})
+                rows = self.index.all(conn, "INSERT INTO chunks(raw_hash, raw_size, frame_size, frame_blake3, "
+                                            f"blob_key, blob_offset) VALUES {values} ON CONFLICT(raw_hash) DO NOTHING "
+                                            "RETURNING raw_hash", **params)
+                owned.update(r["raw_hash"] for r in rows)
+            rest = [h for h in todo if h not in owned]
+            for row in self.index.values_in(conn, "SELECT raw_hash, frame_blake3 FROM chunks WHERE raw_hash IN :keys "
+                                                  f"ORDER BY raw_hash{self.index.for_share}", rest):
+                locked[row["raw_hash"]] = row["frame_blake3"]
+            todo = [h for h in rest if h not in locked]  # deleted between the two statements: claim again
+        return owned, locked
+
+    def _clear_marks(self, conn: Connection, keys: list[str]) -> None:
+        """Drop the GC marks of ``keys``, taking their row locks: a sweep of them waits for this
+        transaction, or has finished before it (and the files are then written again)."""
+        if keys:
+            self.index.values_in(conn, "DELETE FROM gc_marks WHERE key IN :keys RETURNING key", keys)
+
+    def _mark(self, conn: Connection, keys: list[str]) -> None:
+        if keys:
+            stamp = time.time()
+            self.index.run(conn, "INSERT INTO gc_marks(key, marked_at) VALUES(:k, :t) ON CONFLICT(key) DO UPDATE "
+                                 "SET marked_at=excluded.marked_at", [{"k": k, "t": stamp} for k in sorted(set(keys))])
+
+    def _premark(self, keys: list[str]) -> None:
+        """Mark blobs about to be written, in a transaction of their own (see the module docstring)."""
+        with self.index.write() as conn:
+            self._mark(conn, keys)
+
+    def _commit(self, conn: Connection, upload: Upload, insp: Inspection) -> tuple[int, dict[str, Any]]:
+        """One publish transaction (run by :meth:`Index.transaction`, again after a deadlock)."""
+        scoped = upload.scoped_id
+        frames = insp.frames
+        if frames is not None:
+            known = self.known_frames([f.raw_hash for f in frames], conn)
+            if any(known.get(f.raw_hash, f.frame_blake3) != f.frame_blake3 for f in frames):
+                frames = None  # the CAS holds other frames for some chunks: serve this release whole
+        stamp = now()
+        layout = json.dumps([f.to_json() for f in frames], separators=(",", ":")) if frames else None
+        meta = insp.manifest.get("metadata")
+        try:  # first: the release row, whose primary key decides a race for this version
+            self.index.run(conn, "INSERT INTO releases(scoped_id, version, file_name, sha256, blake3, size_bytes, "
+                                 "manifest_hash, payload_hash, prefix_size, payload_size, suffix_size, chunk_count, "
+                                 "layout, manifest_toml, manifest_json, readme, readme_name, created_at, signed, "
+                                 "signer_key_id, signed_at, metadata_json, artifact_key) VALUES(:s, :v, :f, :sha, "
+                                 ":b3, :size, :mh, :ph, :pre, :pay, :suf, :cc, :layout, :toml, :json, :readme, :rn, "
+                                 ":at, :signed, :key, :sat, :meta, :akey)",
+                           {"s": scoped, "v": upload.version, "f": upload.file_name, "sha": upload.sha256,
+                            "b3": upload.blake3, "size": upload.size, "mh": insp.manifest_hash,
+                            "ph": insp.payload.artifact_hash, "pre": insp.prefix_size, "pay": insp.payload_size,
+                            "suf": insp.suffix_size, "cc": len(insp.payload.chunks), "layout": layout,
+                            "toml": insp.manifest_toml, "json": insp.manifest_json, "readme": insp.readme,
+                            "rn": insp.readme_name, "at": stamp, "signed": int(insp.signature.signed),
+                            "key": insp.signature.key_id, "sat": insp.signature.signed_at,
+                            "meta": json.dumps(json_safe(meta)) if isinstance(meta, dict) else None,
+                            "akey": artifact_key(scoped, upload.version, upload.file_name)})
+        except Exception as exc:
+            if self.index.is_conflict(exc):
+                raise _LostRace() from None
+            raise
+        key = artifact_key(scoped, upload.version, upload.file_name)
+        stored = False
+        try:
+            chunks_new = 0
+            if insp.frames is not None and frames is not None:
+                offsets: dict[str, tuple[str, int]] = {}
+                offset = insp.prefix_size
+                for f in insp.frames:
+                    offsets.setdefault(f.raw_hash, (key, offset))
+                    offset += f.frame_size
+                unique = list({f.raw_hash: f for f in frames}.values())
+                owned, locked = self._claim_chunks(conn, unique, offsets)
+                chunks_new = len(owned)
+                if any(locked[f.raw_hash] != f.frame_blake3 for f in unique if f.raw_hash in locked):
+                    # another publish stored other frames for a chunk meanwhile: serve this release whole
+                    frames = None
+                    self.index.run(conn, "UPDATE releases SET layout=NULL WHERE scoped_id=:s AND version=:v",
+                                   {"s": scoped, "v": upload.version})
+                # which chunks this artifact holds (the frames the index knows for them), and where
+                held = [f for f in unique if f.raw_hash in owned or locked.get(f.raw_hash) == f.frame_blake3]
+                self.index.run(conn, "INSERT INTO release_chunks(scoped_id, version, raw_hash, frame_offset) "
+                                     "VALUES(:s, :v, :h, :o)",
+                               [{"s": scoped, "v": upload.version, "h": f.raw_hash, "o": offsets[f.raw_hash][1]}
+                                for f in sorted(held, key=lambda f: f.raw_hash)])
+                if frames is not None:
+                    mkey = manifest_key(insp.payload.artifact_hash)
+                    self._clear_marks(conn, [mkey])
+                    if self.blobs.size(mkey) is None:
+                        self.blobs.put_bytes(mkey, insp.payload.to_bytes())
+            self._clear_marks(conn, [key])
+            # no committed release names this key and this transaction holds the version: what is
+            # there was left by a killed commit or a deleted release, and is replaced
+            stored = True
+            self.blobs.put_file(key, upload.path)
+            self._upsert_package(conn, upload, insp, stamp)
+            stop_point("registry.commit")  # crash tests: the artifact stored, rows not committed
+            rel = self.release(scoped, upload.version, conn=conn)
+            assert rel is not None
+            doc = self.release_doc(rel, already_existed=False, chunks_new=chunks_new)
+        except BaseException:
+            if stored:  # before the rollback: this transaction's row locks still keep everyone else away
+                with contextlib.suppress(Exception):
+                    self.blobs.delete(key)
+            raise
+        return 201, doc
+
+    def _upsert_package(self, conn: Connection, upload: Upload, insp: Inspection, stamp: str) -> None:
         manifest = insp.manifest
         meta = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
         description = str(manifest.get("description") or meta.get("description") or "")
         name = str(meta.get("display_name") or manifest.get("name") or upload.slug)
-        pkg = conn.execute("SELECT * FROM packages WHERE scoped_id=?", (upload.scoped_id,)).fetchone()
-        if pkg is None:
-            conn.execute("INSERT INTO packages(scoped_id, publisher, slug, name, description, latest_version,"
-                         " created_at, updated_at) VALUES(?,?,?,?,?,?,?,?)",
-                         (upload.scoped_id, upload.publisher, upload.slug, name, description, upload.version,
-                          stamp, stamp))
+        created = self.index.all(conn, "INSERT INTO packages(scoped_id, publisher, slug, name, description, "
+                                       "latest_version, created_at, updated_at) VALUES(:s, :p, :slug, :n, :d, :v, "
+                                       ":t, :t) ON CONFLICT(scoped_id) DO NOTHING RETURNING scoped_id",
+                                 s=upload.scoped_id, p=upload.publisher, slug=upload.slug, n=name, d=description,
+                                 v=upload.version, t=stamp)
+        if created:
             return
         latest = self._refresh_latest(conn, upload.scoped_id, stamp)
         if latest == upload.version:
-            conn.execute("UPDATE packages SET name=?, description=? WHERE scoped_id=?",
-                         (name, description, upload.scoped_id))
+            self.index.run(conn, "UPDATE packages SET name=:n, description=:d WHERE scoped_id=:s",
+                           {"n": name, "d": description, "s": upload.scoped_id})
 
-    @staticmethod
-    def _refresh_latest(conn: sqlite3.Connection, scoped_id: str, stamp: str) -> str | None:
+    def _refresh_latest(self, conn: Connection, scoped_id: str, stamp: str) -> str | None:
         """Set a capsule's ``latest_version``: its newest version that is not yanked (the newest of all when
-        every one is yanked, so the capsule still has a detail page). Returns it (None: no release left)."""
-        rows = conn.execute("SELECT version, yanked_at FROM releases WHERE scoped_id=?", (scoped_id,)).fetchall()
-        latest = names.latest([r[0] for r in rows if r[1] is None]) or names.latest([r[0] for r in rows])
+        every one is yanked, so the capsule still has a detail page). Returns it (None: no release left).
+
+        Locks the package row first, so concurrent publishes of one capsule take turns here and the
+        last one sees every committed release."""
+        self.index.one(conn, f"SELECT scoped_id FROM packages WHERE scoped_id=:s{self.index.for_update}", s=scoped_id)
+        rows = self.index.all(conn, "SELECT version, yanked_at FROM releases WHERE scoped_id=:s", s=scoped_id)
+        latest = names.latest([r["version"] for r in rows if r["yanked_at"] is None]) or \
+            names.latest([r["version"] for r in rows])
         if latest is not None:
-            conn.execute("UPDATE packages SET latest_version=?, updated_at=? WHERE scoped_id=?",
-                         (latest, stamp, scoped_id))
+            self.index.run(conn, "UPDATE packages SET latest_version=:v, updated_at=:t WHERE scoped_id=:s",
+                           {"v": latest, "t": stamp, "s": scoped_id})
         return latest
 
     def yank(self, publisher: str, slug: str, version: str, yanked: bool = True) -> dict[str, Any]:
@@ -852,137 +950,226 @@ class RegistryStore:
         not listed by search and never chosen as "latest", but its exact version stays downloadable."""
         scoped = check_scope(publisher, slug)
         check_version(version)
-        with self._lock:
-            conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                rel = self.release(scoped, version, summary=True)
-                if rel is None:
-                    raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
-                stamp = now()
-                when = (rel["yanked_at"] or stamp) if yanked else None
-                conn.execute("UPDATE releases SET yanked_at=? WHERE scoped_id=? AND version=?",
-                             (when, scoped, version))
-                latest = self._refresh_latest(conn, scoped, stamp)
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-        return {"scoped_id": scoped, "version": version, "yanked": yanked, "yanked_at": when,
-                "latest_version": latest}
 
-    # ------------------------------------------------------------------ runtime config, delete
+        def work(conn: Connection) -> dict[str, Any]:
+            rel = self.index.one(conn, "SELECT yanked_at FROM releases WHERE scoped_id=:s AND version=:v"
+                                       f"{self.index.for_update}", s=scoped, v=version)
+            if rel is None:
+                raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
+            stamp = now()
+            when = (rel["yanked_at"] or stamp) if yanked else None
+            self.index.run(conn, "UPDATE releases SET yanked_at=:w WHERE scoped_id=:s AND version=:v",
+                           {"w": when, "s": scoped, "v": version})
+            latest = self._refresh_latest(conn, scoped, stamp)
+            return {"scoped_id": scoped, "version": version, "yanked": yanked, "yanked_at": when,
+                    "latest_version": latest}
+        return self.index.transaction(work)
+
+    # ------------------------------------------------------------------ runtime config, delete, gc
 
     def put_runtime_config(self, scoped_id: str, doc: dict[str, Any]) -> dict[str, Any]:
         if self.package(scoped_id) is None:
             raise RegistryError(404, "not_found", "Capsule not found")
         normalized = normalize_runtime_config(doc)
-        with self._lock:
-            conn = self.conn()
-            with contextlib.closing(conn.cursor()) as cur:
-                cur.execute("BEGIN IMMEDIATE")
-                try:
-                    if normalized["targets"] or normalized.get("selected_target"):
-                        cur.execute("INSERT INTO runtime_configs(scoped_id, doc, updated_at) VALUES(?,?,?) "
-                                    "ON CONFLICT(scoped_id) DO UPDATE SET doc=excluded.doc, "
-                                    "updated_at=excluded.updated_at",
-                                    (scoped_id, json.dumps(normalized, sort_keys=True), now()))
-                    else:
-                        cur.execute("DELETE FROM runtime_configs WHERE scoped_id=?", (scoped_id,))
-                    cur.execute("COMMIT")
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
+
+        def work(conn: Connection) -> None:
+            if normalized["targets"] or normalized.get("selected_target"):
+                self.index.run(conn, "INSERT INTO runtime_configs(scoped_id, doc, updated_at) VALUES(:s, :d, :t) "
+                                     "ON CONFLICT(scoped_id) DO UPDATE SET doc=excluded.doc, "
+                                     "updated_at=excluded.updated_at",
+                               {"s": scoped_id, "d": json.dumps(normalized, sort_keys=True), "t": now()})
+            else:
+                self.index.run(conn, "DELETE FROM runtime_configs WHERE scoped_id=:s", {"s": scoped_id})
+        self.index.transaction(work)
         return normalized
 
     def delete(self, publisher: str, slug: str, version: str | None) -> dict[str, Any]:
+        """Remove a release (or every release of a capsule) from the index in one transaction; its files
+        are marked for the GC sweep (:meth:`gc`), which removes them after the grace period."""
         scoped = check_scope(publisher, slug)
         if version is not None:
             check_version(version)
-        with self._lock:
-            conn = self.conn()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                pkg = self.package(scoped)
-                if pkg is None:
-                    raise RegistryError(404, "not_found", "Capsule not found")
-                doomed = [self.release(scoped, r["version"]) for r in self.releases(scoped)] if version is None \
-                    else [r for r in [self.release(scoped, version)] if r is not None]
-                if not doomed:
-                    raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
-                for r in doomed:
-                    conn.execute("DELETE FROM releases WHERE scoped_id=? AND version=?", (scoped, r["version"]))
-                remaining = [r["version"] for r in self.releases(scoped)]
-                removed_capsule = not remaining
-                if removed_capsule:
-                    conn.execute("DELETE FROM packages WHERE scoped_id=?", (scoped,))
-                    conn.execute("DELETE FROM runtime_configs WHERE scoped_id=?", (scoped,))
-                else:
-                    self._refresh_latest(conn, scoped, now())
-                live_chunks: set[str] = set()
-                live_payloads: set[str] = set()
-                for row in conn.execute("SELECT layout, payload_hash FROM releases"):
-                    live_payloads.add(row[1])
-                    for f in json.loads(row[0]) if row[0] else []:
-                        live_chunks.add(parse(f["raw_hash"]))
-                dead_chunks: set[str] = set()
-                dead_payloads: set[str] = set()
-                for r in doomed:
-                    if r["payload_hash"] not in live_payloads:
-                        dead_payloads.add(r["payload_hash"])
-                    for f in json.loads(r["layout"]) if r["layout"] else []:
-                        h = parse(f["raw_hash"])
-                        if h not in live_chunks:
-                            dead_chunks.add(h)
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
+
+        def work(conn: Connection) -> dict[str, Any]:
+            pkg = self.index.one(conn, f"SELECT scoped_id FROM packages WHERE scoped_id=:s{self.index.for_update}",
+                                 s=scoped)
+            if pkg is None:
+                raise RegistryError(404, "not_found", "Capsule not found")
+            doomed = self.index.all(conn, "SELECT version, file_name, payload_hash, artifact_key FROM releases "
+                                          "WHERE scoped_id=:s" + ("" if version is None else " AND version=:v"),
+                                    s=scoped, v=version)
+            if not doomed:
+                raise RegistryError(404, "version_not_found", f"Version '{version}' not found")
+            candidates = sorted({r["raw_hash"] for r in self.index.values_in(
+                conn, "SELECT raw_hash FROM release_chunks WHERE scoped_id=:s AND version IN :keys",
+                [r["version"] for r in doomed], s=scoped)})
             for r in doomed:
-                path = self.artifact_path(scoped, r["version"], r["file_name"])
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                for d in (path.parent, path.parent.parent, path.parent.parent.parent):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
-            with self.cas.exclusive():
-                for r in doomed:
-                    self.cas.packs.remove_pack(f"{r['blake3']}.capsule")
-                self.cas.remove_manifests(dead_payloads)
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return {"deleted": True, "scoped_id": scoped, "removed_capsule": removed_capsule,
-                "removed_versions": [r["version"] for r in doomed], "removed_chunks": len(dead_chunks)}
+                self.index.run(conn, "DELETE FROM release_chunks WHERE scoped_id=:s AND version=:v",
+                               {"s": scoped, "v": r["version"]})
+                self.index.run(conn, "DELETE FROM releases WHERE scoped_id=:s AND version=:v",
+                               {"s": scoped, "v": r["version"]})
+            remaining = self.index.scalar(conn, "SELECT COUNT(*) FROM releases WHERE scoped_id=:s", s=scoped)
+            removed_capsule = not remaining
+            if removed_capsule:
+                self.index.run(conn, "DELETE FROM packages WHERE scoped_id=:s", {"s": scoped})
+                self.index.run(conn, "DELETE FROM runtime_configs WHERE scoped_id=:s", {"s": scoped})
+            else:
+                self._refresh_latest(conn, scoped, now())
+            doomed_keys = [self.release_key(r) for r in doomed]
+            candidates = sorted(set(candidates) | {r["raw_hash"] for r in self.index.values_in(
+                conn, "SELECT raw_hash FROM chunks WHERE blob_key IN :keys", doomed_keys)})
+            # lock the candidate chunk rows (a publish relying on one holds it FOR SHARE until it commits),
+            # then look again at what still references them
+            rows = self.index.values_in(conn, "SELECT raw_hash, blob_key FROM chunks WHERE raw_hash IN :keys "
+                                              f"ORDER BY raw_hash{self.index.for_update}", candidates)
+            located = {r["raw_hash"]: r["blob_key"] for r in rows}
+            live: set[str] = set()
+            holders: dict[str, tuple[str, int]] = {}
+            for r in self.index.values_in(
+                    conn, "SELECT rc.raw_hash, r.artifact_key, r.scoped_id, r.version, r.file_name, rc.frame_offset "
+                          "FROM release_chunks rc JOIN releases r ON r.scoped_id = rc.scoped_id AND "
+                          "r.version = rc.version WHERE rc.raw_hash IN :keys ORDER BY rc.raw_hash, r.scoped_id, "
+                          "r.version", candidates):
+                live.add(r["raw_hash"])
+                if r["frame_offset"] is not None:
+                    holders.setdefault(r["raw_hash"], (self.release_key(r), int(r["frame_offset"])))
+            gone = set(doomed_keys)
+            dead = [h for h in sorted(located) if h not in live]
+            moved = [{"h": h, "k": holders[h][0], "o": holders[h][1]} for h in sorted(located)
+                     if h in live and located[h] in gone and h in holders]
+            if moved:  # still used: served from another artifact that holds the same frame
+                self.index.run(conn, "UPDATE chunks SET blob_key=:k, blob_offset=:o WHERE raw_hash=:h", moved)
+            dead_keys = [located[h] for h in dead if located[h] is not None and located[h] not in gone]
+            self.index.values_in(conn, "DELETE FROM chunks WHERE raw_hash IN :keys RETURNING raw_hash", dead)
+            payloads = {r["payload_hash"] for r in doomed}
+            live_payloads = {r["payload_hash"] for r in self.index.values_in(
+                conn, "SELECT DISTINCT payload_hash FROM releases WHERE payload_hash IN :keys", payloads)}
+            self._mark(conn, dead_keys + [manifest_key(p) for p in payloads - live_payloads] + doomed_keys)
+            return {"deleted": True, "scoped_id": scoped, "removed_capsule": removed_capsule,
+                    "removed_versions": [r["version"] for r in
+                                         sorted(doomed, key=lambda r: names.version_key(r["version"]), reverse=True)],
+                    "removed_chunks": len(dead)}
+        return self.index.transaction(work)
+
+    def gc(self, grace: float = GC_GRACE_SECONDS, *, limit: int = 1000) -> dict[str, Any]:
+        """Sweep what nothing references: expired upload sessions, then files marked longer than
+        ``grace`` seconds ago, and only those marked before every open upload session began (a
+        session may have been told the registry holds a chunk that was deleted after). Safe to run
+        from every worker at once: each mark is swept by one transaction, which checks again under
+        its row lock that nothing references the file."""
+        stamp = time.time()
+        expired = self._sweep_sessions(stamp)
+        with self.index.read() as conn:
+            oldest = self.index.scalar(conn, "SELECT MIN(created_at) FROM upload_sessions WHERE expires_at >= :t",
+                                       t=stamp)
+            cutoff = min(stamp - grace, oldest if oldest is not None else stamp)
+            keys = [r["key"] for r in self.index.all(conn, "SELECT key FROM gc_marks WHERE marked_at < :c "
+                                                           "ORDER BY key LIMIT :n", c=cutoff, n=limit)]
+        removed = kept = 0
+        freed = 0
+        for key in keys:
+            result = self._sweep_mark(key, cutoff)
+            if result is None:
+                kept += 1
+            else:
+                removed += 1
+                freed += result
+        if self.index.kind == "sqlite" and (removed or expired):
+            with self.index.read() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return {"sessions_expired": expired, "files_removed": removed, "marks_kept": kept, "bytes_freed": freed}
+
+    def _sweep_mark(self, key: str, cutoff: float) -> int | None:
+        """Remove the blob of one mark set before ``cutoff`` if nothing references it, in one
+        transaction holding the mark's row lock. Returns the bytes freed (None: kept or not marked)."""
+        def sweep_one(conn: Connection) -> int | None:
+            if not self.index.all(conn, "DELETE FROM gc_marks WHERE key=:k AND marked_at < :c RETURNING key",
+                                  k=key, c=cutoff):
+                return None  # swept by another worker, or a publish took it back
+            if self._referenced(conn, key):
+                return None
+            return self._remove_file(key)
+        return self.index.transaction(sweep_one)
+
+    def _sweep_now(self, keys: list[str]) -> None:
+        """Sweep this request's own marks at once (what it wrote is not used after all); anything
+        left is the GC's, after the grace period."""
+        for key in keys:
+            with contextlib.suppress(Exception):
+                self._sweep_mark(key, float("inf"))
+
+    def _referenced(self, conn: Connection, key: str) -> bool:
+        """Whether any row names the blob ``key`` (checked under the mark's row lock by a sweep)."""
+        payload = manifest_hash_of(key)
+        if payload is not None:
+            return self.index.one(conn, "SELECT 1 AS x FROM releases WHERE payload_hash=:h", h=payload) is not None
+        for sql in ("SELECT 1 AS x FROM releases WHERE artifact_key=:k", "SELECT 1 AS x FROM chunks WHERE blob_key=:k",
+                    "SELECT 1 AS x FROM session_chunks WHERE blob_key=:k"):
+            if self.index.one(conn, sql, k=key) is not None:
+                return True
+        return False
+
+    def _remove_file(self, key: str) -> int:
+        return self.blobs.delete(key)
+
+    def _sweep_sessions(self, stamp: float) -> int:
+        with self.index.write() as conn:
+            gone = [r["session_id"] for r in self.index.all(
+                conn, "SELECT session_id FROM upload_sessions WHERE expires_at < :t", t=stamp)]
+            keys = self._end_sessions(conn, gone) if gone else []
+        self._remove_blobs(keys)
+        return len(gone)
 
 
-def _iter_pieces(prefix: bytes, pieces: list[tuple[Path, int, int]], suffix: bytes) -> Iterator[bytes]:
-    """prefix, then each ``(file, offset, length)`` run (adjacent runs of one file read as one), then suffix."""
-    yield prefix
-    merged: list[list[Any]] = []
-    for path, offset, length in pieces:
-        last = merged[-1] if merged else None
-        if last is not None and last[0] == path and last[1] + last[2] == offset:
-            last[2] += length
+class _LostRace(Exception):
+    """The release row of this version was committed by another publish first."""
+
+
+def artifact_key(scoped_id: str, version: str, file_name: str) -> str:
+    return f"artifacts/{scoped_id}/{version}/{file_name}"
+
+
+def standalone_chunk_key(raw_hash: str) -> str:
+    """A chunk stored on its own (``PUT /v1/chunks/{hash}`` outside a session)."""
+    return f"chunks/{raw_hash}.zst"
+
+
+def manifest_key(payload_hash: str) -> str:
+    return f"manifests/{payload_hash}.json"
+
+
+def legacy_manifest_key(payload_hash: str) -> str:
+    """Where a data dir of an earlier version keeps a payload manifest (read, never written)."""
+    return f"cas/manifests/blake3/{payload_hash}.json"
+
+
+def manifest_hash_of(key: str) -> str | None:
+    for prefix in ("manifests/", "cas/manifests/blake3/"):
+        if key.startswith(prefix) and key.endswith(".json"):
+            return key[len(prefix):-len(".json")]
+    return None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes of one blob: ``size`` bytes from ``offset`` of ``key``."""
+
+    key: str
+    offset: int
+    size: int
+
+
+def coalesce(pieces: list[Piece]) -> list[Piece]:
+    """Adjacent pieces of one blob merged into runs of at most :data:`RUN_BYTES` (one read or request each)."""
+    runs: list[Piece] = []
+    for p in pieces:
+        last = runs[-1] if runs else None
+        if last is not None and last.key == p.key and last.offset + last.size == p.offset \
+                and last.size + p.size <= RUN_BYTES:
+            runs[-1] = Piece(last.key, last.offset, last.size + p.size)
         else:
-            merged.append([path, offset, length])
-    for path, offset, length in merged:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            while length > 0:
-                data = fh.read(min(length, 1 << 20))
-                if not data:
-                    raise RegistryError(500, "storage_error", f"{path.name} is shorter than the index says")
-                length -= len(data)
-                yield data
-    yield suffix
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = temp_path(path)
-    tmp.write_bytes(json.dumps(doc, separators=(",", ":")).encode())
-    os.replace(tmp, path)
+            runs.append(p)
+    return runs
 
 
 PERMISSION_MODES = ("sandbox", "dangerous")

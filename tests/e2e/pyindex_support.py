@@ -56,22 +56,23 @@ def repack(dist: metadata.Distribution, out_dir: Path) -> Path:
 
 
 def requirement_names(dist_name: str) -> set[str]:
-    """The installed distributions ato needs (no extras), by name."""
+    """The installed distributions ato needs, by name (with what the extras it asks for add, as
+    ``psycopg[binary]`` adds psycopg-binary; not ato's own extras)."""
     from packaging.requirements import Requirement
 
-    seen: set[str] = set()
-    todo = [dist_name]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo: list[tuple[str, frozenset[str]]] = [(dist_name, frozenset())]
     while todo:
-        name = todo.pop()
-        key = re.sub(r"[-_.]+", "-", name).lower()
+        name, extras = todo.pop()
+        key = (re.sub(r"[-_.]+", "-", name).lower(), extras)
         if key in seen:
             continue
         seen.add(key)
         for text in metadata.distribution(name).requires or []:
             req = Requirement(text)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name)
-    return seen
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                todo.append((req.name, frozenset(req.extras)))
+    return {n for n, _e in seen}
 
 
 class SimpleIndex:

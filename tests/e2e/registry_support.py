@@ -19,6 +19,7 @@ from typing import Any
 import blake3
 import httpx
 
+from pipeline.registry.blobs import open_blob_store
 from tests import hostile_support
 from tests.conftest import cli_path
 
@@ -29,11 +30,20 @@ class Registry:
     """``ato registry serve --host 127.0.0.1 --port 0`` as a subprocess."""
 
     def __init__(self, data_dir: Path, token: str | None = TOKEN, home: Path | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, database: str | None = None, workers: int = 1,
+                 port: int = 0, backend: Any = None) -> None:
         self.data_dir = data_dir
         self.token = token
-        args = [cli_path("ato"), "registry", "serve", "--host", "127.0.0.1", "--port", "0",
-                "--data-dir", str(data_dir)]
+        self.database = database
+        self.blob_store = backend.blob_store if backend is not None else None
+        if extra_args and "--blob-store" in extra_args:
+            self.blob_store = extra_args[extra_args.index("--blob-store") + 1]
+        args = [cli_path("ato"), "registry", "serve", "--host", "127.0.0.1", "--port", str(port),
+                "--data-dir", str(data_dir), "--workers", str(workers)]
+        if database:
+            args += ["--database", database]
+        if backend is not None:  # a tests.conftest.RegistryBackend
+            args += backend.serve_args()
         if token:
             args += ["--auth-token", token]
         args += extra_args or []
@@ -48,7 +58,7 @@ class Registry:
         assert self.proc.stdout is not None
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 60  # generous: the machine may be shared with other test runs
+        deadline = time.monotonic() + 240  # generous: the machine may be shared with other test runs
         while time.monotonic() < deadline:
             if not sel.select(timeout=0.2):
                 if self.proc.poll() is not None:
@@ -88,20 +98,32 @@ class Registry:
                 stream.close()
 
 
-def snapshot(root: Path) -> dict[str, Any]:
-    """Every path under a data dir with its type, mode and content digest.
+def snapshot(target: Any) -> dict[str, Any]:
+    """Every path under a registry's data dir with its type, mode and content digest, and every row
+    of its index (``target``: a data dir, a :class:`Registry` or a ``RegistryStore``).
 
-    ``registry.sqlite3-shm`` is left out: SQLite's shared-memory WAL index is rewritten
-    by readers and holds no data (the database and its WAL are compared byte for byte).
+    The index is compared by content, table by table, whichever database holds it: the bytes of
+    an SQLite file change when a row is written and removed again (an upload session opened and
+    closed), though nothing in it does.
     """
-    out: dict[str, Any] = {}
+    if isinstance(target, str | os.PathLike):
+        root, index = Path(target), None
+    else:
+        root, index = Path(getattr(target, "data_dir", None) or target.root), getattr(target, "index", None)
+    url = index.url if index is not None else getattr(target, "database", None)
+    out: dict[str, Any] = {"index": index_rows(url or f"sqlite:///{root / 'registry.sqlite3'}")}
+    blobs = getattr(target, "blobs", None) or (
+        open_blob_store(target.blob_store, root) if getattr(target, "blob_store", None) else None)
+    if blobs is not None and blobs.local_path("artifacts") is None:  # a bucket: its objects, by content
+        for key in blobs.keys():
+            out["blob:" + key] = hashlib.sha256(blobs.read(key)).hexdigest()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(dirnames):
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             out[rel] = ("dir",)
         for name in sorted(filenames):
-            if name.endswith("-shm"):
+            if name.startswith("registry.sqlite3"):
                 continue
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, root)
@@ -110,7 +132,26 @@ def snapshot(root: Path) -> dict[str, Any]:
     return out
 
 
-def settle(root: Path, before: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def index_rows(url: str) -> dict[str, list[str]]:
+    """Every row of every table of a registry index, sorted (empty when there is no index yet)."""
+    from sqlalchemy import MetaData, create_engine
+
+    from pipeline.registry.index import database_url
+    url = database_url(url, Path("."))
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return {}
+    engine = create_engine(url)
+    try:
+        md = MetaData()
+        with engine.connect() as conn:
+            md.reflect(conn)
+            return {name: sorted(repr(tuple(r)) for r in conn.execute(table.select()))
+                    for name, table in sorted(md.tables.items())}
+    finally:
+        engine.dispose()
+
+
+def settle(root: Any, before: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """The data dir once in-flight cleanup (e.g. after a dropped connection) has finished."""
     deadline = time.monotonic() + timeout
     after = snapshot(root)

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -245,7 +246,13 @@ def test_install_killed_then_retried(ato, tmp_path: Path, registry, point: str) 
     gc_leaves_no_temps(ato, env, ato_home)
 
 
+def staged_batches(data: Path) -> list[Path]:
+    return sorted((data / "sessions").glob("*/*.frames"))
+
+
 def test_publish_killed_mid_upload_then_retried(ato, tmp_path: Path) -> None:
+    """The killed client's upload session outlives a registry restart (another worker may be serving
+    it); the retry succeeds in a new session, and the old one goes when it expires."""
     data = tmp_path / "data"
     reg = Registry(data, token=TOKEN)
     try:
@@ -260,19 +267,33 @@ def test_publish_killed_mid_upload_then_retried(ato, tmp_path: Path) -> None:
         env = {**home_env(tmp_path / "publisher"), "ATO_TOKEN": TOKEN}
         ato_killed_at("publish.uploading", ["publish", "--artifact", str(artifact), "--registry", reg.url],
                       env=env, cwd=tmp_path, tmp=tmp_path)
-        assert temps(data), "the registry holds the killed upload's frames"
+        left = staged_batches(data)
+        assert left, "the registry holds the killed upload's frames in its session"
         res = publish(ato, artifact, reg.url, tmp_path)
         assert res.code == 0, res.stderr
         assert res.json()["publish"]["already_existed"] is False
         assert res.json()["publish"]["transfer"]["mode"] == "chunks"
     finally:
         reg.stop()
-    reg = Registry(data, token=TOKEN)  # restart: the previous server's sessions go
+    reg = Registry(data, token=TOKEN)  # restart: temps of the killed processes go, open sessions stay
     try:
         assert temps(data) == []
+        assert staged_batches(data) == left
         assert_installs_the_same_bytes(ato, reg.url, artifact, tmp_path, "0.2.0")
     finally:
         reg.stop()
+    gc = ato(["registry", "gc", "--data-dir", str(data), "--json"])
+    assert gc.code == 0, gc.stderr
+    assert_schema(gc.json(), "registry-gc")
+    assert gc.json()["sessions_expired"] == 0 and staged_batches(data) == left
+    # an hour later: the session has expired
+    db = sqlite3.connect(data / "registry.sqlite3")
+    db.execute("UPDATE upload_sessions SET expires_at = expires_at - 7200")
+    db.commit()
+    db.close()
+    gc = ato(["registry", "gc", "--data-dir", str(data), "--json"])
+    assert gc.code == 0 and gc.json()["sessions_expired"] == 1, gc.stdout
+    assert staged_batches(data) == [] and not any((data / "sessions").glob("*"))  # nothing, or no dir at all
     assert_cas_clean(ato, home_env(tmp_path / "publisher"))
 
 

@@ -22,8 +22,8 @@ from tests.e2e.registry_support import (
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "data", token=TOKEN)
+def registry(tmp_path: Path, registry_backend):
+    reg = Registry(tmp_path / "data", token=TOKEN, backend=registry_backend)
     proxy = CountingProxy(reg.url)
     yield reg, proxy
     proxy.close()

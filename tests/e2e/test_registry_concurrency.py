@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,7 +10,8 @@ import httpx
 import pytest
 
 from cas import tempfiles
-from tests.conftest import cli_path
+from pipeline.registry.blobs import open_blob_store
+from tests.conftest import cli_path, sqlite_index_only
 from tests.e2e.registry_support import (
     TOKEN,
     Registry,
@@ -37,12 +37,13 @@ def finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "data", token=TOKEN)
+def registry(tmp_path: Path, registry_backend):
+    reg = Registry(tmp_path / "data", token=TOKEN, backend=registry_backend)
     yield reg
     reg.stop()
 
 
+@sqlite_index_only
 def test_20_concurrent_publishes_then_50_concurrent_installs(tmp_path: Path, registry: Registry) -> None:
     shared = os.urandom(200_000)  # every capsule shares these chunks: concurrent commits of the same objects
     artifacts = []
@@ -64,13 +65,13 @@ def test_20_concurrent_publishes_then_50_concurrent_installs(tmp_path: Path, reg
         dist = registry.get(f"/v1/capsules/by/local/conc-{i:02d}/distributions").json()
         assert dist["blake3"] == "blake3:" + want["blake3"]
         assert httpx.get(dist["artifact_url"], timeout=30).content == artifact.read_bytes()
-    # the registry's own store, written by 20 concurrent commits: one pack per artifact, all sound
-    verify = subprocess.run([cli_path("ato"), "cas", "verify", "--root", str(registry.data_dir / "cas"), "--json"],
-                            capture_output=True, text=True)
-    assert verify.returncode == 0, verify.stderr
-    doc = json.loads(verify.stdout)
-    assert doc["ok"] and doc["packs_checked"] == 20 and doc["manifests_checked"] == 20 and doc["unindexed_packs"] == []
-    assert not (registry.data_dir / "cas" / "objects").exists()  # no file per chunk
+    # the registry's own blobs, written by 20 concurrent commits: one per artifact (the pack of its
+    # chunks) and per payload manifest, no object per chunk, every chunk located in an artifact
+    blobs = open_blob_store(registry.blob_store, registry.data_dir)
+    keys = list(blobs.keys())
+    assert len([k for k in keys if k.startswith("artifacts/")]) == 20 and not any(k.startswith("chunks/") for k in keys)
+    assert len([k for k in keys if k.startswith("manifests/")]) == 20, keys
+    assert not (registry.data_dir / "cas" / "objects").exists()
 
     # 50 installs at once: 5 consumer machines, 10 installs each (several into one store and CAS at a time)
     consumers = [tmp_path / f"consumer{i}" for i in range(5)]
@@ -112,6 +113,6 @@ def test_racing_publishes_of_one_version_make_exactly_one_release(tmp_path: Path
     dist = registry.get("/v1/capsules/by/local/race-app/distributions").json()
     assert httpx.get(dist["artifact_url"], timeout=30).content == artifacts[winners[0]].read_bytes()
     # only the winner's artifact file exists; nothing is left in tmp/
-    files = sorted(p.name for p in (registry.data_dir / "artifacts").rglob("*.capsule"))
-    assert files == ["race-app-1.0.0.capsule"]
+    blobs = open_blob_store(registry.blob_store, registry.data_dir)
+    assert list(blobs.keys("artifacts/")) == ["artifacts/local/race-app/1.0.0/race-app-1.0.0.capsule"]
     assert [p for p in (registry.data_dir / "tmp").rglob("*") if p.is_file()] == []

@@ -10,13 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import assert_schema
+from tests.conftest import assert_schema, sqlite_index_only
 from tests.e2e.registry_support import TOKEN, Registry, digests, install_flags, make_project, snapshot
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
-    reg = Registry(tmp_path / "registry-data", token=TOKEN)
+def registry(tmp_path: Path, registry_backend):
+    reg = Registry(tmp_path / "registry-data", token=TOKEN, backend=registry_backend)
     yield reg
     reg.stop()
 
@@ -118,14 +118,14 @@ def test_seed_flow_serve_build_publish_install_search_detail_download(ato, tmp_p
     assert well_known["version"] == "1" and well_known["write_auth_required"] is True
 
     # the same version again: E202 with the three next actions, nothing written
-    before = snapshot(registry.data_dir)
+    before = snapshot(registry)
     dup = ato(["publish", "--artifact", f"./{artifact.name}", "--registry", registry.url, "--json"], cwd=project,
               env={"ATO_TOKEN": TOKEN})
     assert dup.code == 1
     err = stderr_error(dup)
     assert err["code"] == "E202" and len(err["details"]["next_actions"]) == 3
     assert "--allow-existing" in err["details"]["next_actions"][1]
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(registry) == before
     dup_human = ato(["publish", "--artifact", f"./{artifact.name}", "--registry", registry.url], cwd=project,
                     env={"ATO_TOKEN": TOKEN})
     assert dup_human.code == 1 and "E202" in dup_human.stderr and "--allow-existing" in dup_human.stderr
@@ -137,7 +137,7 @@ def test_seed_flow_serve_build_publish_install_search_detail_download(ato, tmp_p
     odoc = ok.json()
     assert_schema(odoc, "publish")
     assert odoc["publish"]["already_existed"] is True and odoc["publish"]["transfer"]["chunks_uploaded"] == 0
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(registry) == before
 
     # a different artifact under the same version is still E202, even with --allow-existing
     (project / "main.py").write_text("print('changed')\n")
@@ -146,9 +146,10 @@ def test_seed_flow_serve_build_publish_install_search_detail_download(ato, tmp_p
     other = ato(["publish", "--artifact", f"./{artifact.name}", "--registry", registry.url, "--allow-existing",
                  "--json"], cwd=project, env={"ATO_TOKEN": TOKEN})
     assert other.code == 1 and stderr_error(other)["code"] == "E202"
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(registry) == before
 
 
+@sqlite_index_only
 def test_publish_runs_all_phases_from_a_project(ato, tmp_path: Path, registry: Registry) -> None:
     project = make_project(tmp_path / "phases", "phases-app", "1.0.0")
     (project / "capsule.toml").write_text((project / "capsule.toml").read_text() +
@@ -178,11 +179,12 @@ def test_publish_runs_all_phases_from_a_project(ato, tmp_path: Path, registry: R
     assert res.code == 1 and "no prepare step" in res.stderr
 
 
+@sqlite_index_only
 def test_dry_run_reports_and_writes_nothing(ato, tmp_path: Path, registry: Registry) -> None:
     project = make_project(tmp_path / "dry", "dry-app")
     built = ato(["build", ".", "--json"], cwd=project)
     artifact = Path(built.json()["artifact"])
-    before = snapshot(registry.data_dir)
+    before = snapshot(registry)
     res = ato(["publish", "--dry-run", "--artifact", str(artifact), "--registry", registry.url, "--json"],
               cwd=project, env={"ATO_TOKEN": TOKEN})
     assert res.code == 0, res.stderr
@@ -192,14 +194,14 @@ def test_dry_run_reports_and_writes_nothing(ato, tmp_path: Path, registry: Regis
     report = doc["dry_run_report"]
     assert report["negotiated"] is True and report["chunks_to_upload"] == report["chunks_total"] >= 1
     assert report["auth_ready"] is True
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(registry) == before
     # without an artifact: nothing is built, nothing uploaded
     project2 = make_project(tmp_path / "dry2", "dry-two")
     res = ato(["publish", "--dry-run", "--registry", registry.url], cwd=project2)
     assert res.code == 0, res.stderr
     assert "No upload performed" in res.stdout
     assert not list(project2.glob("*.capsule"))
-    assert snapshot(registry.data_dir) == before
+    assert snapshot(registry) == before
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -258,6 +260,7 @@ def test_official_registry_is_a_ci_handoff_without_network(ato, tmp_path: Path) 
     assert all(p["selected"] for p in ldoc["phases"]) and ldoc["handoff"] is not None
 
 
+@sqlite_index_only
 def test_auth_and_network_failures(ato, tmp_path: Path, registry: Registry) -> None:
     project = make_project(tmp_path / "auth", "auth-app")
     artifact = Path(ato(["build", ".", "--json"], cwd=project).json()["artifact"])
@@ -284,11 +287,12 @@ def test_auth_and_network_failures(ato, tmp_path: Path, registry: Registry) -> N
     assert noscope.code == 1 and "scoped_id_required" in noscope.stderr
 
 
-def test_serve_json_envelope(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_json_envelope(tmp_path: Path, workers: int) -> None:
     from tests.conftest import cli_path
     proc = subprocess.Popen([cli_path("ato"), "registry", "serve", "--port", "0", "--data-dir",
-                             str(tmp_path / "d"), "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                             str(tmp_path / "d"), "--workers", str(workers), "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         text = ""
@@ -300,7 +304,8 @@ def test_serve_json_envelope(tmp_path: Path) -> None:
                 break
         doc = json.loads(text)
         assert_schema(doc, "registry-serve")
-        assert doc["write_auth_required"] is False and doc["port"] > 0
+        assert doc["write_auth_required"] is False and doc["port"] > 0 and doc["workers"] == workers
+        assert doc["database"] == f"sqlite:///{tmp_path / 'd' / 'registry.sqlite3'}"
         assert httpx.get(doc["url"] + "/.well-known/capsule.json", timeout=10).json()["write_auth_required"] is False
     finally:
         proc.terminate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import socket
 import subprocess
 import tarfile
@@ -13,7 +14,7 @@ import blake3
 import httpx
 import pytest
 
-from tests.conftest import cli_path
+from tests.conftest import INDEX_BACKENDS, cli_path
 from tests.e2e.registry_support import (
     TOKEN,
     Registry,
@@ -28,12 +29,27 @@ from tests.e2e.registry_support import (
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=INDEX_BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One registry for the module, on each index backend in turn."""
     home = tmp_path_factory.mktemp("reg-home")
-    reg = Registry(tmp_path_factory.mktemp("refusals") / "data", token=TOKEN, home=home)
-    yield reg
-    reg.stop()
+    pg = request.getfixturevalue("postgres_server") if request.param == "postgresql+s3" else None
+    name = pg.create_database() if pg else None
+    extra: list[str] = []
+    saved = dict(os.environ)
+    if pg:
+        s3 = request.getfixturevalue("s3_server")
+        os.environ.update(s3.env())
+        extra = ["--database", pg.url(name), "--blob-store", f"s3://{s3.create_bucket()}/refusals"]
+    try:  # the registry and the snapshots read the AWS variables
+        reg = Registry(tmp_path_factory.mktemp("refusals") / "data", token=TOKEN, home=home, extra_args=extra)
+        yield reg
+        reg.stop()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if pg:
+        pg.drop_database(name)
 
 
 @pytest.fixture
@@ -58,7 +74,7 @@ def digest_headers(data: bytes) -> dict[str, str]:
 
 def test_wrong_and_missing_token(seeded, ato) -> None:
     reg, artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     data = artifact.read_bytes()
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic cHdk"},
                     {"authorization": "Bearer " + TOKEN + "x"}):
@@ -74,12 +90,12 @@ def test_wrong_and_missing_token(seeded, ato) -> None:
     assert r.status_code == 401
     r = httpx.delete(reg.url + "/v1/local/capsules/by/local/base-app?confirmed=true", timeout=30)
     assert r.status_code == 401
-    assert snapshot(reg.data_dir) == before
+    assert snapshot(reg) == before
 
 
 def test_tampered_body_and_digest_mismatch(seeded) -> None:
     reg, artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     data = artifact.read_bytes()
     tampered = bytearray(data)
     tampered[len(tampered) // 2] ^= 0x01
@@ -106,12 +122,12 @@ def test_tampered_body_and_digest_mismatch(seeded) -> None:
         bad[member.offset_data + member.size // 2] ^= 0x01
         r = put(reg, "/v1/local/capsules/local/cand-app/1.0.0", bytes(bad), {**digest_headers(bytes(bad)), **AUTH})
         assert r.status_code == 422 and r.json()["error"] == "invalid_artifact", (member.name, r.text)
-    assert snapshot(reg.data_dir) == before
+    assert snapshot(reg) == before
 
 
 def test_name_and_version_mismatch(seeded, ato) -> None:
     reg, artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     data = artifact.read_bytes()
     headers = {**digest_headers(data), **AUTH}
     r = put(reg, "/v1/local/capsules/local/other-app/1.0.0", data, headers)
@@ -132,7 +148,7 @@ def test_name_and_version_mismatch(seeded, ato) -> None:
     res = ato(["publish", "--artifact", str(artifact), "--registry", reg.url, "--scoped-id", "team/other-app"],
               env={"ATO_TOKEN": TOKEN})
     assert res.code == 1 and "must match artifact manifest.name" in res.stderr
-    assert settle(reg.data_dir, before) == before
+    assert settle(reg, before) == before
 
 
 def _negotiate_and_stage(reg: Registry, artifact: Path) -> dict:
@@ -155,7 +171,7 @@ def _negotiate_and_stage(reg: Registry, artifact: Path) -> dict:
 
 def test_commit_with_wrong_digest_or_missing_chunks(seeded) -> None:
     reg, artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     layout = _negotiate_and_stage(reg, artifact)
     body = {**layout, "publisher": "local", "slug": "cand-app", "version": "1.0.0", "blake3": "blake3:" + "1" * 64}
     r = httpx.post(reg.url + "/v1/sync/commit", params={"session": layout["session_id"]}, json=body, headers=AUTH,
@@ -168,12 +184,12 @@ def test_commit_with_wrong_digest_or_missing_chunks(seeded) -> None:
     r = httpx.put(reg.url + "/v1/chunks/" + "ab" * 32, content=b"\x28\xb5\x2f\xfd garbage",
                   headers={**AUTH, "x-raw-size": "10"}, timeout=30)
     assert r.status_code == 422 and r.json()["error"] == "chunk_validation_failed"
-    assert settle(reg.data_dir, before) == before
+    assert settle(reg, before) == before
 
 
 def test_truncated_upload(seeded) -> None:
     reg, artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     data = artifact.read_bytes()
     host, port = reg.url.split("://")[1].split(":")
     head = (f"PUT /v1/local/capsules/local/cand-app/1.0.0 HTTP/1.1\r\nHost: {host}:{port}\r\n"
@@ -188,7 +204,7 @@ def test_truncated_upload(seeded) -> None:
                 pass
         except OSError:
             pass
-    assert settle(reg.data_dir, before) == before
+    assert settle(reg, before) == before
     assert reg.get("/v1/capsules/by/local/cand-app").status_code == 404
     # the same through the chunk route
     with socket.create_connection((host, int(port))) as sock:
@@ -201,13 +217,13 @@ def test_truncated_upload(seeded) -> None:
                 pass
         except OSError:
             pass
-    assert settle(reg.data_dir, before) == before
+    assert settle(reg, before) == before
 
 
 @pytest.mark.parametrize("entry", ["../escape.txt", "/etc/evil.conf", "a/../../up.txt", "link"])
 def test_payload_with_dotdot_absolute_or_escaping_entries(seeded, tmp_path: Path, ato, entry: str) -> None:
     reg, _artifact = seeded
-    before = snapshot(reg.data_dir)
+    before = snapshot(reg)
     if entry == "link":
         info = tarfile.TarInfo("lib/link")
         info.type = tarfile.SYMTYPE
@@ -224,7 +240,7 @@ def test_payload_with_dotdot_absolute_or_escaping_entries(seeded, tmp_path: Path
     assert r.status_code == 422 and r.json()["error"] == "unsafe_payload", r.text
     res = ato(["publish", "--artifact", str(evil), "--registry", reg.url, "--json"], env={"ATO_TOKEN": TOKEN})
     assert res.code == 1 and '"E208"' in res.stderr
-    assert snapshot(reg.data_dir) == before
+    assert snapshot(reg) == before
 
 
 def test_the_forged_capsule_helper_makes_acceptable_capsules(seeded, tmp_path: Path) -> None:
