@@ -130,7 +130,9 @@ def test_yank_hides_from_search_and_latest_but_keeps_exact_downloads(client: Tes
         assert r.status_code in (400, 404), bad
 
 
-def test_an_index_from_before_signer_and_yank_columns_is_brought_up_to_date(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_rows", ["kept", "elsewhere"])
+def test_an_index_from_before_signer_and_yank_columns_is_brought_up_to_date(tmp_path: Path, chunk_rows: str) -> None:
+    """``elsewhere``: an index written while the registry kept its chunk rows in cas/index.sqlite."""
     first = RegistryStore(tmp_path / "data")
     first.initialize()
     with TestClient(create_app(first, TOKEN, "http://127.0.0.1:1")) as c:
@@ -139,19 +141,19 @@ def test_an_index_from_before_signer_and_yank_columns_is_brought_up_to_date(tmp_
     first.close()
     # the shape of an index written before migrations and before signer/yank columns existed
     db = sqlite3.connect(first.db_path)
+    objects = {r[0] for r in db.execute("SELECT raw_hash FROM chunks")}
     for col in ("signed", "signer_key_id", "signed_at", "yanked_at", "metadata_json", "artifact_key"):
         db.execute(f"ALTER TABLE releases DROP COLUMN {col}")
     for table in ("schema_migrations", "release_chunks", "session_chunks", "upload_sessions", "gc_marks",
                   "sources", "source_runs"):
         db.execute(f"DROP TABLE {table}")
+    if chunk_rows == "elsewhere":
+        db.execute("DELETE FROM chunks")
     db.execute("DROP INDEX chunks_by_blob")
     for col in ("blob_key", "blob_offset"):
         db.execute(f"ALTER TABLE chunks DROP COLUMN {col}")
     db.execute("UPDATE meta SET value='ato-local-registry-2' WHERE key='schema_version'")
     db.commit()
-    db.close()
-    db = sqlite3.connect(first.db_path)
-    objects = {r[0] for r in db.execute("SELECT raw_hash FROM chunks")}
     db.close()
     again = RegistryStore(tmp_path / "data")
     again.initialize()

@@ -162,6 +162,19 @@ def _artifacts_are_packs(conn: Connection) -> None:
     located: dict[str, tuple[str, int]] = {}
     rows = conn.execute(text("SELECT scoped_id, version, file_name, artifact_key, prefix_size, layout FROM releases "
                              "WHERE layout IS NOT NULL ORDER BY scoped_id, version")).all()
+    # an index whose chunk rows were kept elsewhere (the registry briefly indexed them in cas/index.sqlite):
+    # the frames of the releases' layouts are the chunk rows (the first release's frame for each chunk)
+    missing: dict[str, dict[str, object]] = {}
+    for *_ignored, layout in rows:
+        for f in json.loads(layout):
+            raw = str(f["raw_hash"]).removeprefix("blake3:")
+            if raw not in frame_blake3 and raw not in missing:
+                missing[raw] = {"h": raw, "r": int(f["raw_size"]), "f": int(f["frame_size"]),
+                                "b": str(f["frame_blake3"]).removeprefix("blake3:")}
+    if missing:
+        conn.execute(text("INSERT INTO chunks(raw_hash, raw_size, frame_size, frame_blake3) VALUES(:h, :r, :f, :b)"),
+                     [missing[h] for h in sorted(missing)])
+        frame_blake3.update({h: str(m["b"]) for h, m in missing.items()})
     for scoped_id, version, file_name, key, prefix_size, layout in rows:
         key = key or f"artifacts/{scoped_id}/{version}/{file_name}"
         offsets: dict[str, int] = {}
