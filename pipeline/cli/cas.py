@@ -26,9 +26,9 @@ def cas_group() -> None:
 
 
 @cas_group.command("verify", epilog=examples("ato cas verify --json",
-                                                "ato cas verify --root ~/.ato/local-registry/cas"))
+                                                "ato cas verify --root /mnt/old-home/.ato/cas"))
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), metavar="DIR",
-              help="Check the store at DIR instead of $ATO_HOME/cas (a registry's is <data-dir>/cas).")
+              help="Check the store at DIR (another ATO_HOME's cas/) instead of $ATO_HOME/cas.")
 @json_option
 def verify_cmd(root: Path | None) -> None:
     """Check every chunk, pack and payload manifest in the store (fsck).
