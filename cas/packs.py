@@ -150,9 +150,14 @@ class PackWriter:
         return name
 
     def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
-        self.tmp.unlink(missing_ok=True)
+        """Drop the temp pack. On a full disk ``close`` flushes and fails again: unlink regardless."""
+        try:
+            if not self._fh.closed:
+                self._fh.close()
+        except OSError:
+            pass  # the error that got us here is already on its way up
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> PackWriter:
         return self
