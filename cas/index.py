@@ -24,6 +24,7 @@ import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ CREATE TABLE IF NOT EXISTS pages (
     data BLOB NOT NULL
 ) WITHOUT ROWID;
 """
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
 
 
 class IndexUnreadable(Exception):
@@ -148,22 +154,49 @@ class PackIndex:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        """Connect, creating the schema on first use.
+
+        Several processes may open a new index at once: switching it to WAL takes an exclusive
+        lock that SQLite does not wait for with the busy handler, so a "locked" answer while the
+        schema is being set up is retried until the busy timeout, not reported.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA synchronous=FULL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise IndexUnreadable(f"{self.path} was written by a newer ato (index schema {version})")
-            if version < SCHEMA_VERSION:
-                conn.execute("PRAGMA journal_mode=WAL")
-                with _write(conn):
-                    for statement in filter(str.strip, _SCHEMA.split(";")):
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise IndexUnreadable(f"cannot open the CAS index {self.path}: {exc}") from None
-        return conn
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        pause = 0.01
+        while True:
+            conn: sqlite3.Connection | None = None
+            try:
+                conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                       check_same_thread=False)
+                self._prepare(conn)
+                return conn
+            except sqlite3.OperationalError as exc:
+                if conn is not None:
+                    conn.close()
+                if not _is_busy(exc) or time.monotonic() > deadline:
+                    raise IndexUnreadable(f"cannot open the CAS index {self.path}: {exc}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+            except sqlite3.DatabaseError as exc:
+                if conn is not None:
+                    conn.close()
+                raise IndexUnreadable(f"cannot open the CAS index {self.path}: {exc}") from None
+            except BaseException:
+                if conn is not None:
+                    conn.close()
+                raise
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA synchronous=FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise IndexUnreadable(f"{self.path} was written by a newer ato (index schema {version})")
+        if version < SCHEMA_VERSION:
+            conn.execute("PRAGMA journal_mode=WAL")
+            with _write(conn):
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _reader(self) -> sqlite3.Connection | None:
         """A connection for a read, or None when there is no index yet (a read never creates one)."""
