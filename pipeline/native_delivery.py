@@ -34,7 +34,7 @@ from pipeline.progress import SILENT, Progress, counted
 from stages import fetch as fetch_stage
 from stages import finalize as finalize_stage
 from stages import project as project_stage
-from stages.capsule import Limits, verify
+from stages.capsule import Limits, Verdict, verify
 from stages.native import SCHEMA_VERSION, host_os, host_target
 from stages.trust_port import GatedPort, TrustPort
 
@@ -160,7 +160,12 @@ def payload_delivery(path: Path, limits: Limits | None = None) -> bytes | None:
     Read from the format's verifying pass over the payload (:func:`stages.capsule.verify`), which
     the trust check of the same file has usually made already.
     """
-    scan = verify(path, limits).require().scan
+    return verdict_delivery(verify(path, limits).require())
+
+
+def verdict_delivery(verdict: Verdict) -> bytes | None:
+    """:func:`payload_delivery` from the complete verdict of a file a caller has just verified."""
+    scan = verdict.require().scan
     assert scan is not None
     return scan.sidecars.get(SIDECAR_NAME)
 
@@ -310,8 +315,8 @@ class NativeInstall:
         self.trust = trust
         return GatedPort(trust, self.gate)
 
-    def gate(self, path: Path) -> None:
-        self.native = payload_delivery(path, self.trust.limits if self.trust is not None else None) is not None
+    def gate(self, verdict: Verdict) -> None:
+        self.native = verdict_delivery(verdict) is not None
         if not self.native:
             return
         if not host_supports_finalize():

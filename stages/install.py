@@ -64,7 +64,7 @@ from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.progress import SILENT, Progress, counted
 from stages import installed
-from stages.capsule import Limits, Verdict, read_capsule, verify, verify_skeleton
+from stages.capsule import Limits, Verdict, read_capsule, verdict_under, verify, verify_skeleton
 from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
 from stages.trust_port import TrustPort
@@ -459,17 +459,20 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
         cas = CasStore(paths.cas_root())
         sweep([target.parent, cas.packs.tmp])  # what a killed install left (only if its process is gone)
         transfer = Transfer()
-        up_to_date = target.is_file() and blake3_file(target) == expect.blake3
-        checked = None
-        if up_to_date:
-            checked = _accept(target, scoped, trust)  # a key revoked since the install is refused here too
+        limits = trust.limits if trust is not None else Limits()
+        # one verification of the stored file, passed along: it says whether it is the published artifact
+        # (its BLAKE3), and the same verdict is then accepted, indexed and read for the record
+        verdict = verify(target, limits) if target.is_file() else None
+        up_to_date = verdict is not None and verdict.artifact_blake3 == label(expect.blake3)
+        if verdict is not None and up_to_date:
+            checked = _accept(verdict, scoped, trust)  # a key revoked since the install is refused here too
             with cas.shared():
-                ensure_stored(cas, target, expect.blake3, trust.limits if trust is not None else Limits())
+                ensure_stored(cas, target, expect.blake3, limits, verdict)
             progress(f"{scoped} {target_version} is already installed at {target}")
         else:
             progress(f"Installing {scoped} {target_version} from {client.base}")
-            checked = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, trust, scoped,
-                             reporter)
+            checked, verdict = _fetch(client, dist, cas, target, expect, transfer, slug, target_version, trust,
+                                      scoped, reporter)
     doc = {
         "capsule_id": str(detail.get("id") or f"local-{publisher}-{slug}"),
         "scoped_id": scoped, "publisher": publisher, "slug": slug, "version": target_version,
@@ -485,25 +488,29 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
     if checked is not None:
         doc.update(checked)
     validate(doc, "install")
-    installed.write_record({**doc, **record_facts(target)})  # the ownership record (ato list, uninstall)
+    assert verdict.capsule is not None
+    installed.write_record({**doc, **record_facts(target, verdict.capsule.manifest)})  # ato list, uninstall
     return doc
 
 
-def record_facts(path: Path) -> dict[str, Any]:
-    """What the ownership record keeps from a stored artifact's manifest: its ``type`` (app, tool, ...)
-    and ``manifest_hash`` (the name of the copy ``ato run`` unpacks)."""
-    manifest = read_capsule(path).manifest
+def record_facts(path: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the ownership record keeps from a stored artifact's manifest (read from ``path`` unless the
+    caller has it from its verdict): its ``type`` (app, tool, ...) and ``manifest_hash`` (the name of the
+    copy ``ato run`` unpacks)."""
+    if manifest is None:
+        manifest = read_capsule(path).manifest
     kind = manifest.get("type")
     dist = manifest.get("distribution") if isinstance(manifest.get("distribution"), dict) else {}
     return {"capsule_type": kind if isinstance(kind, str) else None,
             "manifest_hash": dist.get("manifest_hash") if isinstance(dist.get("manifest_hash"), str) else None}
 
 
-def _accept(path: Path, scoped: str, trust: TrustPort | None) -> dict[str, Any] | None:
-    """The complete check of an artifact file: the trust port's, or (without one) the format's."""
+def _accept(verdict: Verdict, scoped: str, trust: TrustPort | None) -> dict[str, Any] | None:
+    """The complete check of an artifact file, decided on its verdict: the trust port's, or (without one)
+    the format's."""
     if trust is not None:
-        return trust.check(path, scoped)
-    verify(path, Limits()).require()
+        return trust.accept(verdict, scoped)
+    verdict.require()
     return None
 
 
@@ -514,12 +521,13 @@ def parse_sha(value: str) -> str:
     return text
 
 
-def ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits) -> None:
+def ensure_stored(cas: CasStore, path: Path, blake3_hex: str, limits: Limits, verdict: Verdict | None = None) -> None:
     """An installed artifact is indexed as a pack and its payload manifest kept (a gc root); one
-    installed by an earlier ato (its chunks copied into the store one file each) is adopted now."""
+    installed by an earlier ato (its chunks copied into the store one file each) is adopted now.
+    ``verdict``: the caller's verification of ``path`` under ``limits``, if it has one."""
     if cas.packs.index.pack_entries(f"{blake3_hex}.capsule"):
         return
-    verdict = verify(path, limits).require()
+    verdict = (verify(path, limits) if verdict is None else verdict_under(verdict, limits)).require()
     entries = _pack_entries(verdict)
     if entries is not None:
         cas.adopt_artifact(path, blake3_hex, entries)
@@ -568,7 +576,7 @@ def _check_identity(verdict: Verdict, slug: str, version: str) -> None:
 
 def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Path, expect: _Expect,
            transfer: Transfer, slug: str, version: str, trust: TrustPort | None,
-           scoped: str, reporter: Progress = SILENT) -> dict[str, Any] | None:
+           scoped: str, reporter: Progress = SILENT) -> tuple[dict[str, Any] | None, Verdict]:
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
@@ -590,13 +598,15 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
             if expect.size and size != expect.size:
                 raise integrity(f"installed artifact has {size} bytes, the registry published {expect.size}")
             with reporter.task("Verifying", total=None):
-                checked = _accept(tmp, scoped, trust)
-                verdict = verify(tmp, trust.limits if trust is not None else Limits())  # the same verdict, kept
+                # verified once; the trust decision, the native gate, the identity, the frames, the store and
+                # the ownership record all take this verdict instead of reading the file again
+                verdict = verify(tmp, trust.limits if trust is not None else Limits())
+                checked = _accept(verdict, scoped, trust)
                 _check_identity(verdict, slug, version)
                 _check_frames(verdict, skel.doc if skel is not None else None)
             transfer.chunks_total = len(verdict.capsule.payload_manifest.chunks)  # type: ignore[union-attr]
             _store(tmp, target, verdict, cas, b3)
-            return checked
+            return checked, verdict
         except BaseException:
             tmp.unlink(missing_ok=True)
             for d in created:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from stages.capsule import Limits, Verdict
+from stages.capsule import Limits, Verdict, verdict_under, verify
 
 
 class TrustPort(Protocol):
@@ -33,12 +33,17 @@ class TrustPort(Protocol):
         """The complete check of the file at ``path``; returns ``{"signed", "signer", "trust"}``."""
         ...
 
+    def accept(self, verdict: Verdict, scoped_id: str | None) -> dict[str, Any]:
+        """:meth:`check` of the file a caller has just verified (``verify(path, self.limits)``), decided on
+        that verdict instead of reading the file again (:func:`stages.capsule.verdict_under`)."""
+        ...
+
 
 class GatedPort:
-    """A trust port that also runs ``after(path)`` once ``inner`` has accepted the complete artifact
+    """A trust port that also runs ``after(verdict)`` once ``inner`` has accepted the complete artifact
     (install's native gate; run refusing a native app before it is stored)."""
 
-    def __init__(self, inner: TrustPort, after: Callable[[Path], None]) -> None:
+    def __init__(self, inner: TrustPort, after: Callable[[Verdict], None]) -> None:
         self.inner, self.after = inner, after
 
     @property
@@ -49,6 +54,10 @@ class GatedPort:
         self.inner.precheck(verdict, scoped_id)
 
     def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
-        result = self.inner.check(path, scoped_id)
-        self.after(path)
+        return self.accept(verify(Path(path), self.limits), scoped_id)
+
+    def accept(self, verdict: Verdict, scoped_id: str | None) -> dict[str, Any]:
+        verdict = verdict_under(verdict, self.limits)
+        result = self.inner.accept(verdict, scoped_id)
+        self.after(verdict)
         return result

@@ -157,7 +157,7 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
     # The same check as `ato install`: nothing unverified lands in the store, and no native app either
     # (it needs `ato install`'s local finalize, and run would not launch it).
     envelope = install(scoped_id, registry, version, connect=RegistryClient, token=os.environ.get("ATO_TOKEN"),
-                       trust=GatedPort(port, lambda path: refuse_native(path, port.limits, scoped_id)))
+                       trust=GatedPort(port, lambda verdict: refuse_native_verdict(verdict, scoped_id)))
     path = _installed_path(envelope)
     if path is None:
         publisher, slug = scoped_id.split("/", 1)
@@ -171,9 +171,17 @@ def install_from_registry(scoped_id: str, registry: str, version: str | None) ->
 
 def refuse_native(artifact: Path, limits: Any = None, scoped_id: str | None = None) -> None:
     """``ato run`` does not launch a native app's ``.capsule``: it runs from its locally derived copy."""
-    from pipeline.native_delivery import payload_delivery
+    from stages.capsule import Limits, verify
 
-    if payload_delivery(Path(artifact), limits) is not None:
+    refuse_native_verdict(verify(Path(artifact), limits or Limits()), scoped_id)
+
+
+def refuse_native_verdict(verdict: Any, scoped_id: str | None = None) -> None:
+    """:func:`refuse_native` on the complete verdict of an artifact just verified (not read again)."""
+    from pipeline.native_delivery import verdict_delivery
+
+    artifact = verdict.path
+    if verdict_delivery(verdict) is not None:
         ref = scoped_id or str(artifact)
         raise AtoError(E_USAGE, f"{ref} is a native app: it runs from its locally finalized copy, not from the "
                                 ".capsule", hint=f"install it with `ato install {ref} --yes` and launch it from its "

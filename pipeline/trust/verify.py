@@ -24,7 +24,7 @@ from pipeline.errors import AtoError
 from pipeline.trust import policy
 from pipeline.trust import store as trust_store
 from pipeline.trust.policy import Decision
-from stages.capsule import Limits, Verdict, verify
+from stages.capsule import Limits, Verdict, verdict_under, verify
 from stages.capsule.verifier import Check
 from stages.provenance import built_here
 
@@ -184,8 +184,13 @@ class ArtifactTrust:
             self._consented.add((outcome.decision.identity, outcome.decision.key_id))
 
     def check(self, path: Path, scoped_id: str | None) -> dict[str, Any]:
+        return self.accept(verify(Path(path), self.options.limits), scoped_id)
+
+    def accept(self, verdict: Verdict, scoped_id: str | None) -> dict[str, Any]:
         options = self.options
-        verdict = verify(Path(path), options.limits)
+        verdict = verdict_under(verdict, options.limits)
+        path = verdict.path
+        assert path is not None
         if verdict.signature is not None and verdict.signature.key_id and options.assume_yes is False:
             try:
                 identity = policy.identity_for(explicit=options.identity, scoped_id=scoped_id, name=verdict.name)

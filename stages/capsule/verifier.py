@@ -72,6 +72,7 @@ class Verdict:
     scan: PayloadScan | None = None
     error: AtoError | None = None
     complete: bool = True  # False for a skeleton: the payload itself was not judged
+    limits: Limits | None = None  # the ceiling it was judged under
 
     @property
     def ok(self) -> bool:
@@ -141,7 +142,7 @@ def _small_checks(verdict: Verdict, capsule: Capsule, limits: Limits) -> None:
 
 
 def _verify_file(path: Path, limits: Limits) -> Verdict:
-    verdict = Verdict(path)
+    verdict = Verdict(path, limits=limits)
     run = _Run(verdict)
     try:
         with open(path, "rb") as fh:
@@ -223,12 +224,23 @@ def verify(path: Path, limits: Limits | None = None) -> Verdict:
     return verdict
 
 
+def verdict_under(verdict: Verdict, limits: Limits) -> Verdict:
+    """``verdict`` itself when it is :func:`verify`'s complete verdict on a file under ``limits``, else that
+    file verified under ``limits``: a caller that verified a file passes the verdict along instead of having
+    it read again, and a skeleton's verdict or one judged under another ceiling never stands in for it."""
+    if verdict.complete and verdict.path is not None and verdict.limits == limits:
+        return verdict
+    if verdict.path is None:
+        raise ValueError("a skeleton's verdict does not judge a file: verify the assembled artifact")
+    return verify(verdict.path, limits)
+
+
 def verify_skeleton(prefix: bytes, payload_size: int, suffix: bytes, *, artifact_blake3: str | None = None,
                     limits: Limits | None = None) -> Verdict:
     """The checks that need no payload, on a registry's skeleton: archive, members, signature, the
     manifest digests and the ceiling. ``complete`` is False: verify the assembled file afterwards."""
     verdict = Verdict(None, artifact_blake3=artifact_blake3, size=len(prefix) + payload_size + len(suffix),
-                      complete=False)
+                      complete=False, limits=limits or Limits())
     run = _Run(verdict)
     try:
         capsule = read_skeleton(prefix, payload_size, suffix)
