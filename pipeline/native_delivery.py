@@ -340,7 +340,7 @@ class NativeInstall:
         stored = Path(doc["path"])
         try:
             if self.native is None:
-                self.gate(stored)
+                self.gate(verify(stored, self.trust.limits))
             if not self.native:
                 return doc
             project = self._want_projection()

@@ -64,3 +64,36 @@ def test_allow_unsigned_and_tampering(tmp_path: Path) -> None:
     with pytest.raises(AtoError) as err:
         gate.verify_before_run(art)
     assert err.value.code == "E208"
+
+
+def test_a_verdict_passed_along_is_judged_as_the_file_would_be(tmp_path: Path) -> None:
+    """Install verifies a download once and hands the verdict to the trust port: a verdict judged under a
+    higher ceiling, or a skeleton's, never stands in for the port's own check of the file."""
+    from stages.capsule import Limits, verdict_under, verify, verify_skeleton
+    from stages.trust_port import GatedPort
+
+    art = build(make_project(tmp_path / "u"), tmp_path / "u.capsule")
+    gate.configure(allow_unsigned=True, limits=Limits(max_payload=16))
+    port = gate.port()
+    lenient = verify(art, Limits(max_payload=None))
+    assert lenient.ok and lenient.limits == Limits(max_payload=None)
+    assert verdict_under(lenient, lenient.limits) is lenient  # passed along, not read again
+    with pytest.raises(AtoError) as err:
+        port.accept(lenient, None)
+    assert err.value.code == "E212"
+    seen: list[object] = []
+    with pytest.raises(AtoError):
+        GatedPort(port, seen.append).accept(lenient, None)
+    assert seen == []  # the gate runs only after the artifact was accepted
+    gate.configure(allow_unsigned=True)
+    fine = gate.port()
+    verdict = verify(art, fine.limits)
+    gated = GatedPort(fine, seen.append)
+    assert gated.accept(verdict, None)["signed"] is False and seen == [verdict]
+    data = art.read_bytes()
+    capsule = verdict.capsule
+    assert capsule is not None
+    start, end = capsule.payload_offset, capsule.payload_offset + capsule.payload_size
+    skeleton = verify_skeleton(data[:start], end - start, data[end:])
+    with pytest.raises(ValueError):
+        verdict_under(skeleton, fine.limits)
