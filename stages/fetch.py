@@ -37,7 +37,7 @@ from cas.tree import TreeDigestError, tree_digest
 from pipeline import paths
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.manifest import SIDECAR_NAME
-from stages.capsule import Limits, read_capsule, unpack_payload, verify
+from stages.capsule import Limits, Verdict, read_capsule, unpack_payload, verify
 from stages.native import SCHEMA_VERSION, check_schema_version, now_rfc3339, read_doc, write_doc
 from stages.trust_port import TrustPort
 
@@ -199,6 +199,15 @@ def tree_hex(root: Path) -> str:
         raise integrity(f"cannot digest {root}: {exc}", path=str(root)) from None
 
 
+def _accepted(path: Path, trust: TrustPort | None, scope: str | None) -> Verdict:
+    """``path`` verified once and accepted on that verdict (``trust``, or without a port the format's
+    checks only); the verdict, for what the caller reads from it."""
+    verdict = verify(path, trust.limits if trust is not None else Limits())
+    if trust is not None:
+        trust.accept(verdict, scope)
+    return verdict.require()
+
+
 def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str, trust: TrustPort | None,
                   trust_scope: str | None = None, expected_blake3: str | None = None,
                   expected_name: str | None = None) -> FetchResult:
@@ -206,9 +215,7 @@ def fetch_capsule(path: Path, *, scoped_id: str, version: str, registry: str, tr
     it in the fetch cache (always does the work; see :func:`fetch`). ``trust_scope`` is the
     publisher/slug the signer is checked against (None: the artifact's own name, as for a file)."""
     path = Path(path)
-    if trust is not None:
-        trust.check(path, trust_scope)
-    verdict = verify(path, trust.limits if trust is not None else Limits()).require()
+    verdict = _accepted(path, trust, trust_scope)
     capsule = verdict.capsule
     assert capsule is not None and verdict.artifact_blake3 is not None
     artifact_hex = parse(verdict.artifact_blake3)
@@ -342,9 +349,7 @@ def accept_fetched(fetched_dir: Path, record: dict[str, Any], trust: TrustPort |
     if path.is_symlink() or not path.is_file():
         raise integrity(f"the fetched artifact {path} is missing, so its signature cannot be checked",
                         path=str(path), hint="fetch it again (ato fetch / ato install)")
-    if trust is not None:
-        trust.check(path, trust_scope(record))
-    verdict = verify(path, trust.limits if trust is not None else Limits()).require()
+    verdict = _accepted(path, trust, trust_scope(record))
     if verdict.artifact_blake3 != record.get("artifact_blake3"):
         raise integrity(f"{path} is not the artifact fetch.json names ({record.get('artifact_blake3')}, the file "
                         f"hashes to {verdict.artifact_blake3})", path=str(path))

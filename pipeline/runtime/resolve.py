@@ -104,25 +104,28 @@ def resolve(raw: str, *, registry: str | None = None, cwd: Path | None = None,
 def _from_artifact(raw: str, artifact: Path, kind: str, *, verified: bool = False) -> Resolved:
     from pipeline.runtime.unpack import unpack_capsule
     from pipeline.trust import gate
+    from stages.capsule import verify
 
+    verdict = verify(artifact, gate.port().limits)  # once: the gate, the native check and the unpack share it
     if not verified:
-        trust_gate(artifact)
-    refuse_native(artifact, gate.port().limits)
-    project_dir, _summary = unpack_capsule(artifact, gate.port().limits)
+        trust_gate(artifact, verdict)
+    refuse_native_verdict(verdict)
+    project_dir, _summary = unpack_capsule(artifact, gate.port().limits, verdict)
     manifest = load_manifest(project_dir)
     return Resolved(kind, raw, project_dir, manifest, artifact=artifact)
 
 
-def trust_gate(artifact: Path) -> None:
+def trust_gate(artifact: Path, verdict: Any = None) -> None:
     """THE call site for trust verification before an artifact runs (issue 6 fills this in).
 
     Every ``.capsule`` that ``ato run`` executes — given as a file or installed from a
     registry — passes through here exactly once, before it is unpacked. Raise an
-    AtoError to refuse it.
+    AtoError to refuse it. ``verdict``: the caller's :func:`stages.capsule.verify` of ``artifact``, decided
+    on instead of reading the file again.
     """
     from pipeline.trust import gate  # imported here: only runs of artifacts pay for the trust stack
 
-    gate.verify_before_run(artifact)  # fail closed: no trust module, no run
+    gate.verify_before_run(artifact, verdict=verdict)  # fail closed: no trust module, no run
 
 
 def installed_artifact(publisher: str, slug: str, version: str | None) -> Path | None:

@@ -21,13 +21,16 @@ from cas.digest import parse
 from cas.stoppoints import stop_point
 from cas.tempfiles import sweep, temp_name
 from pipeline import paths
-from stages.capsule import Limits, unpack_payload, verify, write_root_file
+from stages.capsule import Limits, Verdict, unpack_payload, verdict_under, verify, write_root_file
 from stages.capsule.distribution import toml_bytes
 
 
-def unpack_capsule(artifact: Path, limits: Limits | None = None) -> tuple[Path, dict[str, Any]]:
-    """Verify ``artifact`` and return (its unpacked project dir, the verification digests)."""
-    verdict = verify(artifact, limits).require()
+def unpack_capsule(artifact: Path, limits: Limits | None = None,
+                   verdict: Verdict | None = None) -> tuple[Path, dict[str, Any]]:
+    """Verify ``artifact`` (or take the caller's ``verdict`` on it) and return (its unpacked project dir, the
+    verification digests)."""
+    limits = limits or Limits()
+    verdict = (verify(artifact, limits) if verdict is None else verdict_under(verdict, limits)).require()
     capsule = verdict.capsule
     assert capsule is not None and verdict.digests is not None
     summary = dict(verdict.digests)

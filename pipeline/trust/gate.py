@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.trust import policy
 from pipeline.trust.verify import ArtifactTrust, installer_verifier, scoped_id_from_store_path
-from stages.capsule import Limits
+from stages.capsule import Limits, Verdict
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,13 @@ def port() -> ArtifactTrust:
                               notify=cfg.notify, limits=cfg.limits)
 
 
-def verify_before_run(artifact: Path, scoped_id: str | None = None) -> dict[str, Any]:
-    """Refuse (raise E208/E212/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope."""
-    return port().check(Path(artifact), scoped_id or scoped_id_from_store_path(Path(artifact)))
+def verify_before_run(artifact: Path, scoped_id: str | None = None, verdict: Verdict | None = None) -> dict[str, Any]:
+    """Refuse (raise E208/E212/E301) or return ``{"signed", "signer", "trust"}`` for the run envelope;
+    decided on ``verdict`` (the caller's verification of ``artifact``) when given."""
+    scoped = scoped_id or scoped_id_from_store_path(Path(artifact))
+    if verdict is not None:
+        return port().accept(verdict, scoped)
+    return port().check(Path(artifact), scoped)
 
 
 def accept_signature(signature: Any, identity: str, *, built_here: bool = False) -> policy.Decision:
