@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,39 +125,51 @@ def build_all(root: Path, sentinel: Path) -> dict[str, Path]:
     return {case: CASES[case].build(root, slug(case), sentinel) for case in CASES}
 
 
+# A launcher that forks and execs ato and reports the grandchild's own peak RSS on a pipe. Linux
+# copies the spawning process's high-water RSS into a vforked (or forked) child at exec, so wait4 on
+# a child of this (large) pytest worker reports the worker's peak, not ato's: the small launcher's
+# fork starts ato from a ~10 MB image instead.
+_PEAK_RSS_LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+os.write(int(sys.argv[1]), str(usage.ru_maxrss).encode())
+os._exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_ato(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
             timeout: float = 300) -> tuple[Result, int]:
-    """Run the installed ``ato`` and return its result and its peak RSS in bytes (from wait4, so
-    exactly this child's, whatever other children this test process had)."""
+    """Run the installed ``ato`` and return its result and its own peak RSS in bytes."""
     full = dict(os.environ, **(env or {}))
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([cli_path("ato"), *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=full, cwd=cwd)
-        try:
-            _pid, status, usage = _wait4(proc.pid, timeout)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        result = Result(proc.returncode, out.read().decode("utf-8", "replace"), err.read().decode("utf-8", "replace"))
+    read_end, write_end = os.pipe()
+    try:
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen([sys.executable, "-c", _PEAK_RSS_LAUNCHER, str(write_end), cli_path("ato"), *args],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=full, cwd=cwd,
+                                    pass_fds=(write_end,), start_new_session=True)
+            os.close(write_end)
+            write_end = -1
+            try:
+                proc.wait(timeout=timeout)
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
+            out.seek(0)
+            err.seek(0)
+            result = Result(proc.returncode, out.read().decode("utf-8", "replace"),
+                            err.read().decode("utf-8", "replace"))
+        peak_kib = os.read(read_end, 64)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
     assert "Traceback" not in result.stderr, result.stderr
-    return result, usage.ru_maxrss * 1024
-
-
-def _wait4(pid: int, timeout: float) -> tuple[int, int, resource.struct_rusage]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        got, status, usage = os.wait4(pid, os.WNOHANG)
-        if got:
-            return got, status, usage
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"ato did not finish within {timeout} s")
-        time.sleep(0.02)
+    assert peak_kib, f"the launcher reported no peak RSS for ato {args}\n{result.stderr}"
+    return result, int(peak_kib) * 1024
 
 
 def assert_refused(res: Result, code: str, what: str) -> None:
