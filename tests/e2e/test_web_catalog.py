@@ -159,7 +159,8 @@ def test_catalog_shows_the_total_and_pages_past_fifty(site: Site, browser, tmp_p
     total = site.api("/v1/capsules")["total"]
     assert total == BULK + 2
     browser.get(site.url + "/")
-    catalog = browser.find_element(By.ID, "catalog")
+    # app.js renders #catalog once its first fetch answers: wait for it (WebDriverWait ignores NoSuchElement)
+    catalog = wait(browser).until(lambda d: d.find_element(By.ID, "catalog"))
     wait(browser).until(lambda d: catalog.get_attribute("data-count") == "24")
     assert browser.find_element(By.ID, "catalog-total").get_attribute("data-total") == str(total)
     assert browser.find_element(By.ID, "catalog-total").text == f"{total} capsules in this registry"
