@@ -17,7 +17,9 @@ cleanup() {
 }
 trap cleanup EXIT
 rm -rf "$DEMO" && mkdir -p "$HOME"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# bold headings on a terminal only (not in a log, not under NO_COLOR), like ato's own output
+if [ -t 1 ] && [ -z "${NO_COLOR:-}" ] && [ "${TERM:-}" != dumb ]; then B=$'\033[1m' R=$'\033[0m'; else B='' R=''; fi
+say() { printf '\n%s== %s%s\n' "$B" "$*" "$R"; }
 field() { "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, {'d': d}))" "$@"; }
 free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
 
