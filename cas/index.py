@@ -72,9 +72,11 @@ CREATE TABLE IF NOT EXISTS pages (
 """
 
 
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    text = str(exc).lower()
-    return "locked" in text or "busy" in text
+def _is_busy(exc: BaseException) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED, extended codes (such as BUSY_RECOVERY) included."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.OperationalError) and code is not None and \
+        code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 class IndexUnreadable(Exception):
@@ -170,20 +172,15 @@ class PackIndex:
                                        check_same_thread=False)
                 self._prepare(conn)
                 return conn
-            except sqlite3.OperationalError as exc:
+            except BaseException as exc:
                 if conn is not None:
                     conn.close()
-                if not _is_busy(exc) or time.monotonic() > deadline:
+                if _is_busy(exc) and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.5)
+                    continue
+                if isinstance(exc, sqlite3.DatabaseError):
                     raise IndexUnreadable(f"cannot open the CAS index {self.path}: {exc}") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.5)
-            except sqlite3.DatabaseError as exc:
-                if conn is not None:
-                    conn.close()
-                raise IndexUnreadable(f"cannot open the CAS index {self.path}: {exc}") from None
-            except BaseException:
-                if conn is not None:
-                    conn.close()
                 raise
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
