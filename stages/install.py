@@ -381,11 +381,11 @@ def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex:
     if entries is not None:
         cas.adopt_artifact(tmp, blake3_hex, entries)
         cas.put_manifest(verdict.capsule.payload_manifest)  # type: ignore[union-attr]
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.samefile(tmp, target):  # a concurrent install of the same bytes got there first: rename(2)
-            tmp.unlink()                   # of two links to one inode does nothing and would leave ``tmp``
-            return
     os.replace(tmp, target)
+    # a concurrent install of the same bytes may have put the same inode (the shared pack) at ``target``,
+    # before this rename or between any check and it: rename(2) of two links to one inode does nothing
+    # and leaves ``tmp``, which is this process's own name, so what is still there is dropped
+    tmp.unlink(missing_ok=True)
     fsync_dir(target.parent)
 
 
