@@ -71,8 +71,12 @@ def stat_key(st: os.stat_result) -> list[int]:
 class DigestMemo:
     """BLAKE3s computed during one run (by the checker, or by a step that read the file anyway)."""
 
-    def __init__(self, digests: dict[str, tuple[list[int], str]] | None = None, *, reported: bool = False) -> None:
+    def __init__(self, digests: dict[str, tuple[list[int], str]] | None = None, *, reported: bool = False,
+                 stats: dict[str, list[int]] | None = None) -> None:
         self.digests = digests if digests is not None else {}
+        # the stat key each file was walked with (the planner's one lstat per file): doit's checker takes it
+        # instead of calling stat again
+        self.stats = stats if stats is not None else {}
         # reported: the step records the digest of every file it used (a build's payload step does), so a
         # file whose digest is not here under its current stat changed after the step read it
         self.reported = reported
@@ -100,11 +104,16 @@ def _checker_class(memo: DigestMemo) -> type:
         size -1 (the next run takes it as changed).
         """
 
-        def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
-            key = stat_key(file_stat)
-            if list(state[:4]) == key:
+        def info(self, file_path: str) -> list[int]:
+            """The file's stat key: the walk's when it walked this file, else a stat now (OSError: missing)."""
+            known = memo.stats.get(file_path)
+            return known if known is not None else stat_key(os.stat(file_path))
+
+        def check_modified(self, file_path: str, file_stat: list[int], state: Any) -> bool:
+            key = file_stat
+            if state[:4] == key:
                 return False
-            if file_stat.st_size != state[0]:
+            if key[0] != state[0]:
                 return True
             digest = memo.get(file_path, key) or blake3_file(file_path)
             memo.record(file_path, key, digest)
@@ -118,7 +127,7 @@ def _checker_class(memo: DigestMemo) -> type:
                     and current_state[4] == known[1]:
                 return None  # used as saved: no stat needed (a later change shows in its stat next time)
             try:
-                key = stat_key(os.stat(dep))
+                key = stat_key(os.stat(dep))  # after the step: the file may have changed since the walk
             except OSError:
                 key = [0, 0, 0, 0]
             digest = memo.get(dep, key)
@@ -322,7 +331,7 @@ def _plain(value: Any) -> Any:
 def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
     """payload -> lock -> artifact for one build plan."""
     return [
-        Step("payload", lambda changed: build_stage.pack(plan, changed), plan.payload_config,
+        Step("payload", lambda changed: build_stage.pack(plan, changed), plan.payload_config_digest,
              file_dep=plan.file_deps, outputs_ok=lambda v: build_stage.payload_ok(plan, v)),
         Step("lock", lambda changed, payload: build_stage.write_lock(plan, payload), plan.lock_config,
              after=["payload"], outputs_ok=lambda v: build_stage.lock_ok(plan, v)),
@@ -335,6 +344,7 @@ def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
 def run_build(plan: build_stage.BuildPlan, *, explain: bool = False) -> dict[str, Any]:
     """Run a build plan and return its validated envelope."""
     build_stage.sweep_leftovers(plan)
-    reports = run_chain(build_chain(plan), plan.state_dir, memo=DigestMemo(plan.read_digests, reported=True),
-                        explain=explain)
+    stats = {str(e.abspath): list(e.stat_key) for e in plan.entries if e.stat_key is not None}
+    reports = run_chain(build_chain(plan), plan.state_dir,
+                        memo=DigestMemo(plan.read_digests, reported=True, stats=stats), explain=explain)
     return build_stage.build_envelope(plan, [r.__dict__ for r in reports])

@@ -121,6 +121,11 @@ class BuildPlan:
                              (blake3_bytes(e.data) if e.data is not None else None)] for e in self.entries]}
 
     @functools.cached_property
+    def payload_config_digest(self) -> str:
+        """:attr:`payload_config` as one digest (its listing has an entry per file: serialized once per build)."""
+        return jcs_digest(self.payload_config)
+
+    @functools.cached_property
     def lock_config(self) -> dict[str, Any]:
         return {"format": BUILD_FORMAT, "manifest": self.manifest.normalized(),
                 "targets": _targets_summary(self.manifest), "epoch": self.options.epoch}
@@ -497,7 +502,7 @@ def inputs_digests(plan: BuildPlan, values: dict[str, dict[str, Any]]) -> dict[s
     """Each step's inputs as one digest: its config and the results it consumed."""
     payload, lock = values.get("payload", {}), values.get("lock", {})
     return {
-        "payload": jcs_digest({"config": plan.payload_config, "sources": payload.get("inputs")}),
+        "payload": jcs_digest({"config": plan.payload_config_digest, "sources": payload.get("inputs")}),
         "lock": jcs_digest({"config": plan.lock_config, "sources": payload.get("inputs")}),
         "artifact": jcs_digest({"config": plan.artifact_config, "payload": payload.get("artifact_hash"),
                                 "lock": lock.get("lock_digest")}),

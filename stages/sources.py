@@ -115,8 +115,9 @@ class PackFilter:
         self.include = compile_patterns(include) if include else None
         self.exclude = compile_patterns(DEFAULT_EXCLUDES + tuple(exclude))
 
-    def admits(self, relpath: str) -> bool:
-        name = relpath.rsplit("/", 1)[-1]
+    def admits(self, relpath: str, name: str | None = None) -> bool:
+        """``name``: the last segment of ``relpath``, when the caller has it."""
+        name = relpath.rsplit("/", 1)[-1] if name is None else name
         if name in RESERVED_NAMES or name.endswith((".capsule", ".sig", TEMP_SUFFIX)):
             return False
         if self.include is not None and not self.include.match(relpath):
@@ -124,10 +125,6 @@ class PackFilter:
         if name.lower() in ENV_TEMPLATES:
             return True
         return not (self.exclude and self.exclude.match(relpath))
-
-
-def _is_virtualenv(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "pyvenv.cfg"))
 
 
 def _check_symlink(rel: str, target: str) -> None:
@@ -159,48 +156,55 @@ def collect(root: Path, pack_filter: PackFilter) -> list[SourceEntry]:
     """Walk ``root`` and return the admitted entries sorted by path (bytewise UTF-8), with their stat.
 
     Nothing is read: which files changed is doit's decision (pipeline.graph), and the payload
-    step reads each file it needs once.
+    step reads each file it needs once. One ``scandir`` per directory (its entry types tell
+    directories, symlinks and files apart without a stat) and one ``lstat`` per admitted file,
+    whose result doit's checker reuses: no other system call per file.
     """
     entries: list[SourceEntry] = []
-    root = Path(os.path.abspath(root))
-    for dirpath, dirnames, filenames in os.walk(root):  # pruned below MAX_DEPTH: no deep recursion
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        too_long = _too_long(rel_dir, below=True) if rel_dir else None
-        if too_long is not None:
-            # nothing below can be packed; an error only if something below would have been
-            if pack_filter.admits(f"{rel_dir}/x"):
-                raise too_long
-            dirnames.clear()
-            continue
-        kept = []
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if os.path.islink(full):
-                filenames.append(d)  # a symlink to a directory is packed as a symlink
-            elif d not in PRUNED_DIRS and not _is_virtualenv(full):
-                kept.append(d)
-        dirnames[:] = sorted(kept)
-        for name in filenames:
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            try:
-                rel.encode("utf-8")
-            except UnicodeEncodeError:
-                raise AtoError(E_LOCKFILE, f"non-UTF-8 path is not supported in payload: {rel!r}") from None
-            if not pack_filter.admits(rel):
+    root_dir = os.path.abspath(root)
+    pending = [("", root_dir)]
+    while pending:  # an explicit stack: no recursion, however deep the tree
+        rel_dir, dirpath = pending.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                listing = list(it)
+        except OSError:
+            continue  # unreadable (or gone): skipped, as os.walk does
+        if rel_dir:
+            if any(d.name == "pyvenv.cfg" and (not d.is_symlink() or os.path.exists(d.path)) for d in listing):
+                continue  # a virtualenv: never packed
+            too_long = _too_long(rel_dir, below=True)
+            if too_long is not None:
+                # nothing below can be packed; an error only if something below would have been
+                if pack_filter.admits(f"{rel_dir}/x"):
+                    raise too_long
+                continue
+        prefix = f"{rel_dir}/" if rel_dir else ""
+        for d in listing:
+            name = d.name
+            if d.is_dir(follow_symlinks=False):
+                if name not in PRUNED_DIRS:
+                    pending.append((prefix + name, d.path))
+                continue
+            rel = prefix + name  # a symlink to a directory is packed as a symlink
+            if not rel.isascii():
+                try:
+                    rel.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise AtoError(E_LOCKFILE, f"non-UTF-8 path is not supported in payload: {rel!r}") from None
+            if not pack_filter.admits(rel, name):
                 continue
             too_long = _too_long(rel)
             if too_long is not None:
                 raise too_long
-            full = os.path.join(dirpath, name)
-            st = os.lstat(full)
+            st = d.stat(follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(full)
+                target = os.readlink(d.path)
                 _check_symlink(rel, target)
-                entries.append(SourceEntry(rel, full, "symlink", 0o777, 0, link_target=target))
+                entries.append(SourceEntry(rel, d.path, "symlink", 0o777, 0, link_target=target))
             elif stat.S_ISREG(st.st_mode):
                 mode = 0o755 if st.st_mode & 0o111 else 0o644
-                entries.append(SourceEntry(rel, full, "file", mode, st.st_size,
+                entries.append(SourceEntry(rel, d.path, "file", mode, st.st_size,
                                            stat_key=(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)))
             # sockets, fifos and devices are not project content: skipped
     entries.sort(key=lambda e: e.relpath.encode("utf-8"))

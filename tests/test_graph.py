@@ -119,3 +119,22 @@ def test_a_file_written_just_now_is_hashed_again_next_time(tmp_path: Path, files
     monkeypatch.setattr(graph, "blake3_file", lambda p: hashed.append(Path(p).name) or real(p))
     assert [r.status for r in run_chain(chain(files, log), state)] == ["up-to-date", "up-to-date"]
     assert "f0.txt" in hashed
+
+
+def test_the_checker_takes_the_walks_stat_instead_of_a_stat_of_its_own(tmp_path: Path, files: list[Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A walked file is not stat'ed again: the stat key the walk saw decides (one stat per file per build)."""
+    monkeypatch.setattr(graph, "RACY_SECONDS", -3600)  # the fixture's ctimes are recent: save full stat keys
+    log: list[Any] = []
+    state = tmp_path / "state"
+    run_chain(chain(files, log), state)
+    walked = {str(p): graph.stat_key(p.stat()) for p in files}
+    files[0].write_text("changed, and the walk saw it\n")
+    walked_after = dict(walked, **{str(files[0]): graph.stat_key(files[0].stat())})
+    log.clear()
+    # the walk (as the memo gives it) says nothing changed: doit believes it, without looking again
+    run_chain(chain(files, log), state, memo=DigestMemo(stats=walked))
+    assert log == []
+    # the walk saw the change: the step runs for that file
+    run_chain(chain(files, log), state, memo=DigestMemo(stats=walked_after))
+    assert log[0] == ("read", ["f0.txt"])
