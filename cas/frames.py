@@ -9,6 +9,8 @@ machine's core count.
 from __future__ import annotations
 
 import threading
+from array import array
+from collections.abc import Sequence
 
 import zstandard
 
@@ -47,6 +49,24 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 def compress(raw: bytes | memoryview) -> bytes:
     """The deterministic zstd frame for one chunk."""
     return _compressor().compress(raw)
+
+
+def compress_spans(data: bytes | bytearray | memoryview, spans: Sequence[tuple[int, int]],
+                   threads: int) -> list[memoryview]:
+    """The frames of the chunks at ``spans`` (offset, length) of ``data``, each exactly :func:`compress`'s.
+
+    One call into zstd, which compresses on ``threads`` threads of its own without holding the
+    GIL: the frames are the same bytes (the same parameters on a fresh context per chunk; tests
+    compare them), made without a Python-level hand-over per chunk.
+    """
+    if not spans:
+        return []
+    comp = _compressor()
+    if not hasattr(comp, "multi_compress_to_buffer"):  # a zstandard backend without it (cffi)
+        return [memoryview(compress(memoryview(data)[o:o + n])) for o, n in spans]
+    segments = array("Q", [v for span in spans for v in span]).tobytes()
+    out = comp.multi_compress_to_buffer(zstandard.BufferWithSegments(data, segments), threads=max(1, threads))
+    return [memoryview(out[i]) for i in range(len(out))]
 
 
 def declared_size(frame: bytes | memoryview) -> int | None:

@@ -39,6 +39,7 @@ from cas.tempfiles import temp_path
 
 PACK_SUFFIX = ".pack"
 CAPSULE_SUFFIX = ".capsule"
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024)
 
 
 def frames_at(offset: int, frames: Iterable[Any]) -> list[PackEntry]:
@@ -126,6 +127,35 @@ class PackWriter:
         self.entries.append(entry)
         self._by_hash[hex_digest] = entry
         return entry
+
+    def add_many(self, frames: list[tuple[str, bytes, int, bytes]]) -> list[PackEntry]:
+        """Append ``(BLAKE3 hex, frame, raw size, frame BLAKE3)`` frames with as few writes as possible;
+        returns the entries of the frames this pack did not have yet."""
+        added, views = [], []
+        for hex_digest, frame, raw_size, frame_hash in frames:
+            if hex_digest in self._by_hash:
+                continue
+            entry = PackEntry(hex_digest, self.size, len(frame), raw_size, frame_hash)
+            self.size += len(frame)
+            self.entries.append(entry)
+            self._by_hash[hex_digest] = entry
+            added.append(entry)
+            views.append(memoryview(frame))
+        self._write_all(views)
+        return added
+
+    def _write_all(self, views: list[memoryview]) -> None:
+        """``writev`` of whole buffers (IOV_MAX at a time), resuming after a partial write."""
+        self._fh.flush()
+        fd = self._fh.fileno()
+        i = 0
+        while i < len(views):
+            n = os.writev(fd, views[i:i + _IOV_MAX])
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
 
     def commit(self) -> str | None:
         """fsync, rename into ``packs/``, record in the index; returns the pack name (None if empty)."""

@@ -36,7 +36,8 @@ from typing import Any
 import blake3
 
 from cas.chunker import DEFAULT_PARAMS, chunk_spans
-from cas.frames import compress
+from cas.frames import compress, compress_spans
+from cas.index import Location
 from cas.packs import PackWriter
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
@@ -49,6 +50,7 @@ from stages.sources import SourceEntry
 COPY_SIZE = 1 << 20
 WHOLE_FILE = 8 << 20  # files up to this size are read with one read() call
 TRAILER = b"\0" * (tar_header.BLOCK * 2)
+ZEROS = bytes(tar_header.BLOCK)
 RECORD_NAME = "payload.record"  # in a build's state dir (a gc root: pipeline.cas_roots reads it)
 RECORD_MAGIC = b"ato-payload-record/2\n"
 STATS_MAGIC = b"ato-payload-stats/1\n"
@@ -139,21 +141,24 @@ def read_file(entry: SourceEntry, sink: Callable[[bytes | memoryview], None] | N
 @dataclass
 class Prepared:
     ref: ChunkRef
-    frame: bytes
+    frame: bytes | memoryview
     frame_hash: bytes
     new: bool  # not in the store before this build
 
 
-def _prepare(store: CasStore, view: bytes | memoryview) -> Prepared:
-    hex_digest = blake3.blake3(view).hexdigest()
-    where = store.locate(hex_digest)
+def _prepare_known(store: CasStore, hex_digest: str, view: bytes | memoryview, where: Location | None,
+                   legacy: bool = True) -> Prepared:
+    """The frame of one chunk whose BLAKE3 is known: the stored one when the store has it, else a new one.
+
+    ``legacy`` False skips the look-up in the one-file-per-chunk layout (a store that has none).
+    """
     if where is not None and where.raw_size == len(view):
         try:
             frame = bytes(store.packs.frame_view(hex_digest, where))
             return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, where.frame_hash, False)
         except Exception:  # noqa: BLE001 - a damaged stored frame: store a fresh one instead
             store.packs.index.forget_location(hex_digest, where.pack)
-    if where is None and store.objects.has(hex_digest):  # the one-file-per-chunk layout of earlier versions
+    if where is None and legacy and store.objects.has(hex_digest):  # the layout of earlier versions
         try:
             frame = store.objects.read_frame(hex_digest, len(view))
             return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, blake3.blake3(frame).digest(), True)
@@ -163,8 +168,31 @@ def _prepare(store: CasStore, view: bytes | memoryview) -> Prepared:
     return Prepared(ChunkRef(hex_digest, len(view), len(frame)), frame, blake3.blake3(frame).digest(), True)
 
 
-def _prepare_batch(store: CasStore, pieces: list[bytes]) -> list[Prepared]:
-    return [_prepare(store, p) for p in pieces]
+def _prepare(store: CasStore, view: bytes | memoryview) -> Prepared:
+    hex_digest = blake3.blake3(view).hexdigest()
+    return _prepare_known(store, hex_digest, view, store.locate(hex_digest))
+
+
+def _prepare_spans(store: CasStore, data: bytearray, spans: list[tuple[int, int]], legacy: bool,
+                   threads: int) -> list[Prepared]:
+    """Prepare the chunks at ``spans`` of ``data``: one index look-up for all of them, and the new ones
+    compressed by one call into zstd (:func:`compress_spans`)."""
+    view = memoryview(data)
+    pieces = [view[o:o + n] for o, n in spans]
+    hexes = [blake3.blake3(p).hexdigest() for p in pieces]
+    found = store.packs.locate_many(hexes)
+    out: list[Prepared | None] = [None] * len(spans)
+    fresh = []
+    for k, (h, p) in enumerate(zip(hexes, pieces, strict=True)):
+        where = found.get(h)
+        if where is not None or legacy:
+            prepared = _prepare_known(store, h, p, where, legacy)
+            out[k] = prepared
+        else:
+            fresh.append(k)
+    for k, frame in zip(fresh, compress_spans(data, [spans[k] for k in fresh], threads), strict=True):
+        out[k] = Prepared(ChunkRef(hexes[k], spans[k][1], len(frame)), frame, blake3.blake3(frame).digest(), True)
+    return out  # type: ignore[return-value]
 
 
 class FrameSink:
@@ -173,69 +201,167 @@ class FrameSink:
     def __init__(self, writer: PackWriter) -> None:
         self.writer = writer
         self.refs: list[ChunkRef] = []
-        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.hasher = blake3.blake3()
         self.inserted = 0
         self.bytes_inserted = 0
 
     def take(self, p: Prepared) -> None:
-        self.hasher.update(p.frame)
-        self.refs.append(p.ref)
-        if p.new and p.ref.raw_hash not in self.writer:
-            self.writer.add(p.ref.raw_hash, p.frame, p.ref.raw_size, p.frame_hash)
+        self.take_many([p])
+
+    def take_many(self, prepared: list[Prepared]) -> None:
+        new = []
+        for p in prepared:
+            self.hasher.update(p.frame)
+            self.refs.append(p.ref)
+            if p.new and p.ref.raw_hash not in self.writer:
+                new.append((p.ref.raw_hash, p.frame, p.ref.raw_size, p.frame_hash))
+        for entry in self.writer.add_many(new):
             self.inserted += 1
-            self.bytes_inserted += len(p.frame)
+            self.bytes_inserted += entry.length
+
+
+@dataclass
+class _Segment:
+    """One buffer of tar bytes and the work handed out for it (its chunks, the files read into it)."""
+
+    buf: bytearray
+    futures: list[Future[tuple[list[tuple[int, str, str]], list[Prepared]]]] = field(default_factory=list)
+
+
+def _segment_job(store: CasStore, data: bytearray, end: int, spans: list[tuple[int, int]],
+                 files: list[tuple[int, int, int]], legacy: bool,
+                 threads: int) -> tuple[list[tuple[int, str, str]], list[Prepared]]:
+    """The work on one segment: the digests of the files read into it, and its chunks prepared."""
+    view = memoryview(data)[:end]
+    digests = [(i, blake3.blake3(view[o:o + n]).hexdigest(), hashlib.sha256(view[o:o + n]).hexdigest())
+               for i, o, n in files]
+    return digests, _prepare_spans(store, data, spans, legacy, threads)
 
 
 class ChunkSink:
-    """A file-like sink for the payload tar that chunks, hashes and compresses as it goes.
+    """The payload tar, written into segment buffers that are cut into chunks as they fill.
 
-    Writing the tar (main thread: file reads, SHA-256, BLAKE3) overlaps with preparing chunks
-    (worker threads). Only the bytes after the last cut are held back: FastCDC decides a cut from
-    the bytes since the previous cut alone, so every cut but the last in the buffer is final.
+    The main thread puts tar headers and file bytes straight into a segment buffer (files are read
+    into it, not copied); a full segment is cut by content and handed to the worker threads, which
+    hash the files read into it (BLAKE3, SHA-256) and hash, look up and compress its chunks. Only
+    the bytes after the last cut are carried into the next segment: FastCDC decides a cut from the
+    bytes since the previous cut alone, so every cut but the last in a segment is final. Results
+    are taken in order (``FrameSink``); a few segments are in flight at once, so memory stays bounded.
     """
 
-    FLUSH_AT = 8 << 20
+    FLUSH_AT = 4 << 20  # bytes per segment (more than the largest chunk, so every cut makes progress)
 
-    def __init__(self, store: CasStore, frames: FrameSink, pool: ThreadPoolExecutor, workers: int) -> None:
+    def __init__(self, store: CasStore, frames: FrameSink, pool: ThreadPoolExecutor, workers: int,
+                 segment: int | None = None) -> None:
+        segment = segment or self.FLUSH_AT
+        if segment <= DEFAULT_PARAMS.max_size:
+            raise ValueError("a segment must hold more than the largest chunk")
         self.store = store
         self.frames = frames
         self.pool = pool
         self.workers = workers
-        self.max_pending = workers * 4
-        self.buf = bytearray()
-        self.pending: deque[Future[list[Prepared]]] = deque()
+        self.max_pending = workers + 2
+        self.legacy = store.objects.objects.is_dir()  # chunks of an earlier version's layout to look up
+        self.digests: dict[int, tuple[str, str]] = {}
+        self.pending: deque[_Segment] = deque()
+        self._free: list[bytearray] = []
+        self.seg = _Segment(bytearray(segment))
+        self.view = memoryview(self.seg.buf)
+        self.fill = 0
+        self.files: list[tuple[int, int, int]] = []  # (entry index, offset, size) read into this segment
+
+    @property
+    def room(self) -> int:
+        return len(self.seg.buf) - self.fill
 
     def write(self, data: bytes | memoryview) -> None:
-        self.buf += data
-        if len(self.buf) >= self.FLUSH_AT:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self.room == 0:
+                self._cut(final=False)
+            take = min(self.room, n - pos)
+            self.seg.buf[self.fill:self.fill + take] = data[pos:pos + take]
+            self.fill += take
+            pos += take
+
+    def small_file_limit(self) -> int:
+        """Files up to this size are read into one segment whole (and hashed by a worker)."""
+        return len(self.seg.buf) - DEFAULT_PARAMS.max_size
+
+    def read_small(self, index: int, fd: int, size: int, probe: bytearray) -> int:
+        """Read a file of ``size`` bytes (at most ``small_file_limit``) into the segment; returns the bytes read.
+
+        One ``readv`` of one byte more than ``size`` for most files: fewer bytes mean it shrank, more
+        that it grew (the caller refuses both).
+        """
+        if self.room < size:
             self._cut(final=False)
+        start = self.fill
+        got = 0
+        while True:
+            n = os.readv(fd, [self.view[start + got:start + size], probe])
+            got += n
+            if n == 0 or got >= size:
+                break
+        if got == size:
+            self.fill += size
+            self.files.append((index, start, size))
+        return got
+
+    def read_big(self, fd: int, size: int, hashers: tuple[Any, Any]) -> int:
+        """Stream a large file through the segments, hashing it here; returns the bytes read."""
+        got = 0
+        while got < size:
+            if self.room == 0:
+                self._cut(final=False)
+            take = min(self.room, size - got)
+            dest = self.view[self.fill:self.fill + take]
+            n = os.readv(fd, [dest])
+            if n == 0:
+                break
+            for h in hashers:
+                h.update(dest[:n])
+            self.fill += n
+            got += n
+        return got
 
     def _cut(self, final: bool) -> None:
-        spans = list(chunk_spans(memoryview(self.buf)))
-        if not final:
-            spans = spans[:-1]  # the tail may continue in the next write
-        if spans:
-            end = spans[-1][0] + spans[-1][1]
-            pieces = [bytes(self.buf[o:o + n]) for o, n in spans]
-            # One task per part of a cut (hundreds of chunks), not per chunk: less hand-over between threads.
-            part = max(1, len(pieces) // self.workers)
-            for i in range(0, len(pieces), part):
-                self.pending.append(self.pool.submit(_prepare_batch, self.store, pieces[i:i + part]))
-            del self.buf[:end]
+        seg = self.seg
+        spans = list(chunk_spans(self.view[:self.fill]))
+        if not final and spans:
+            spans.pop()  # the tail may continue in the next segment
+        end = spans[-1][0] + spans[-1][1] if spans else 0
+        if spans or self.files:
+            seg.futures.append(self.pool.submit(_segment_job, self.store, seg.buf, self.fill, spans, self.files,
+                                                self.legacy, self.workers))
+        self.pending.append(seg)
+        self.files = []
+        tail = self.fill - end
+        buf = self._free.pop() if self._free else bytearray(len(seg.buf))
+        buf[:tail] = self.view[end:self.fill]
+        self.seg = _Segment(buf)
+        self.view = memoryview(buf)
+        self.fill = tail
         self._drain(0 if final else self.max_pending)
 
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
-            for p in self.pending.popleft().result():
-                self.frames.take(p)
+            seg = self.pending.popleft()
+            for fut in seg.futures:
+                digests, prepared = fut.result()
+                for i, b3, sha in digests:
+                    self.digests[i] = (b3, sha)
+                self.frames.take_many(prepared)
+            self._free.append(seg.buf)
 
     def close(self) -> None:
         self._cut(final=True)
 
     def abandon(self) -> None:
-        for fut in self.pending:
+        futures = [f for seg in self.pending for f in seg.futures]
+        for fut in futures:
             fut.cancel()
-        for fut in self.pending:
+        for fut in futures:
             try:
                 fut.result()
             except BaseException:  # noqa: BLE001 - cleaning up after the first error
@@ -250,33 +376,71 @@ def _workers() -> int:
 # ---------------------------------------------------------------- cold
 
 
-def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter: Progress = SILENT) -> PayloadResult:
-    """Read every file once and pack the payload; the new frames go into one new pack."""
+def _open_payload_file(entry: SourceEntry) -> int:
+    return os.open(entry.abspath, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter: Progress = SILENT, *,
+              segment: int | None = None) -> PayloadResult:
+    """Read every file once and pack the payload; the new frames go into one new pack.
+
+    Each file is opened once and read straight into a segment buffer of the tar (``segment`` bytes,
+    :class:`ChunkSink`): worker threads hash it and cut, hash and compress the segment's chunks
+    while this thread reads the next files. A file larger than a segment is streamed through
+    several and hashed here as it goes.
+    """
     workers = _workers()
-    hashed: list[SourceEntry] = []
-    files: list[PackedFile] = []
     total = sum(e.size for e in entries if e.kind == "file")
+    inline: dict[int, tuple[str, str]] = {}  # digests taken on this thread (generated and large files)
+    probe = bytearray(1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ato-chunk") as pool, \
             store.packs.writer() as writer, reporter.task("Packing", total=total) as task:
         frames = FrameSink(writer)
-        sink = ChunkSink(store, frames, pool, workers)
+        sink = ChunkSink(store, frames, pool, workers, segment)
+        small = sink.small_file_limit()
         try:
-            for entry in entries:
+            for i, entry in enumerate(entries):
                 sink.write(header(entry, epoch))
                 if entry.kind != "file":
-                    hashed.append(entry)
                     continue
-                b3, sha, _ = read_file(entry, sink.write)
+                if entry.data is not None:
+                    if len(entry.data) != entry.size:
+                        raise _changed_while_packing(entry)
+                    sink.write(entry.data)
+                    inline[i] = (blake3.blake3(entry.data).hexdigest(), hashlib.sha256(entry.data).hexdigest())
+                else:
+                    fd = _open_payload_file(entry)
+                    try:
+                        if entry.size <= small:
+                            got = sink.read_small(i, fd, entry.size, probe)
+                        else:
+                            b3, sha = blake3.blake3(), hashlib.sha256()
+                            got = sink.read_big(fd, entry.size, (b3, sha))
+                            if got == entry.size and os.read(fd, 1):
+                                got += 1
+                            inline[i] = (b3.hexdigest(), sha.hexdigest())
+                    finally:
+                        os.close(fd)
+                    if got != entry.size:
+                        raise _changed_while_packing(entry)
                 task.advance(entry.size)
-                sink.write(tar_header.padding(entry.size))
-                hashed.append(replace(entry, blake3=b3))
-                files.append(PackedFile(entry.relpath, sha))
+                sink.write(ZEROS[:(-entry.size) % tar_header.BLOCK])
             sink.write(TRAILER)
             sink.close()
         except BaseException:
             sink.abandon()
             raise
         new_pack = writer.commit()
+    digests = {**sink.digests, **inline}
+    hashed: list[SourceEntry] = []
+    files: list[PackedFile] = []
+    for i, entry in enumerate(entries):
+        if entry.kind != "file":
+            hashed.append(entry)
+            continue
+        b3, sha = digests[i]
+        hashed.append(replace(entry, blake3=b3))
+        files.append(PackedFile(entry.relpath, sha))
     return PayloadResult(PayloadManifest(frames.refs), hashed, files, frames.hasher.hexdigest(), new_pack,
                          frames.inserted, frames.bytes_inserted, "cold", len(files))
 

@@ -126,8 +126,7 @@ def _sink_chunks(data: bytes, tmp_path: Path, piece: int) -> list[ChunkRef]:
     store = CasStore(tmp_path / f"cas-{piece}")
     with ThreadPoolExecutor(2) as pool, store.packs.writer() as writer:
         frames = FrameSink(writer)
-        sink = ChunkSink(store, frames, pool, 2)
-        sink.FLUSH_AT = 300_000
+        sink = ChunkSink(store, frames, pool, 2, segment=300_000)
         for i in range(0, len(data), piece):
             sink.write(data[i:i + piece])
         sink.close()
