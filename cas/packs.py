@@ -67,28 +67,50 @@ class _OpenPacks:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._maps: dict[str, mmap.mmap] = {}
+        self._fds: dict[str, int] = {}  # kept open while mapped: the kernel can copy from them (copy_file_range)
         self._lock = threading.Lock()
 
     def view(self, pack: str, offset: int, length: int) -> memoryview:
+        return self.located(pack, offset, length)[0]
+
+    def located(self, pack: str, offset: int, length: int) -> tuple[memoryview, int]:
+        """The bytes (a view of the map) and an open descriptor of the pack file they are in."""
         with self._lock:
             mm = self._maps.get(pack)
             if mm is None:
                 try:
-                    with open(self.directory / pack, "rb") as fh:
-                        size = os.fstat(fh.fileno()).st_size
-                        mm = mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) if size else None
+                    fd = os.open(self.directory / pack, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise ChunkError("missing", "", f"pack file {pack} is missing") from None
+                try:
+                    size = os.fstat(fd).st_size
+                    mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+                except BaseException:
+                    os.close(fd)
+                    raise
                 if mm is None:
+                    os.close(fd)
                     raise ChunkError("corrupt", "", f"pack file {pack} is empty")
                 self._maps[pack] = mm
+                self._fds[pack] = fd
+            fd = self._fds[pack]
         if offset < 0 or offset + length > len(mm):
             raise ChunkError("corrupt", "", f"pack file {pack} is shorter than the index says")
-        return memoryview(mm)[offset:offset + length]
+        return memoryview(mm)[offset:offset + length], fd
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():  # the maps close themselves; the descriptors do not
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def drop(self, pack: str) -> None:
         with self._lock:
             mm = self._maps.pop(pack, None)
+            fd = self._fds.pop(pack, None)
+        if fd is not None:
+            os.close(fd)
         if mm is not None:
             try:
                 mm.close()
@@ -257,6 +279,12 @@ class PackStore:
             run, members = FrameSpan(where.pack, where.offset, where.length), [where]
         if run is not None:
             yield run, members
+
+    def span_source(self, span: FrameSpan) -> tuple[memoryview, int, int]:
+        """A run of frames as (its bytes, an open descriptor of its pack, its offset there), unchecked:
+        for a writer that copies it file to file and hashes the view."""
+        view, fd = self._open.located(span.pack, span.offset, span.length)
+        return view, fd, span.offset
 
     def checked_span(self, span: FrameSpan, frames: list[Location]) -> memoryview:
         """The bytes of a run of frames, each checked against its frame digest."""

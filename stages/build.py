@@ -52,7 +52,7 @@ from stages.payload import (
     Previous,
     decode_stats,
     encode_stats,
-    iter_payload_views,
+    iter_payload_pieces,
     list_stored_payload,
     pack_cold,
     pack_incremental,
@@ -430,20 +430,20 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
     if plan.readme is not None:
         small[plan.readme.name] = plan.readme.read_bytes()
     payload_size = sum(c.zstd_size_hint or 0 for c in manifest_doc.chunks)
-    # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
-    sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
-                                        payload_hash=label(payload["payload_blake3"]), members=small,
-                                        epoch=plan.options.epoch, key=plan.options.signing_key)
     with store.shared():  # the packs read below stay where the index says while the artifact is written
-        # no frame-by-frame check here: the bytes must hash to the payload step's BLAKE3 as a whole
-        checked = _CheckedPayload(iter_payload_views(store, manifest_doc, check_frames=False),
-                                  payload["payload_blake3"])
+        # no frame-by-frame check here: when the payload step hashed the frames, the bytes must hash to its
+        # BLAKE3 as a whole
+        pieces, payload_blake3 = _payload_pieces(store, manifest_doc, payload.get("payload_blake3"))
+        # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
+        sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
+                                               payload_hash=label(payload_blake3), members=small,
+                                               epoch=plan.options.epoch, key=plan.options.signing_key)
         members = [
             archive.Member("capsule.toml", small["capsule.toml"]),
             archive.Member("capsule.lock.json", lock_bytes),
             archive.Member("sbom.spdx.json", sbom_bytes),
             archive.Member("signature.json", signature.signature_bytes(sig_doc)),
-            archive.Member("payload.tar.zst", pieces=checked, length=payload_size),
+            archive.Member("payload.tar.zst", pieces=pieces, length=payload_size),
             archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),
         ]
         if plan.readme is not None:
@@ -463,27 +463,28 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
             "large": size > MAX_PAYLOAD_BYTES, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
 
 
-class _CheckedPayload:
-    """The payload's bytes from the packs, hashed on the way: the artifact is refused unless they are the
-    bytes the payload step hashed (a pack damaged or changed in between)."""
+def _payload_pieces(store: CasStore, manifest: PayloadManifest,
+                    expected: str | None) -> tuple[list[bytes | archive.FileRange], str]:
+    """payload.tar.zst as pieces for the writer, and its BLAKE3 (for signature.json, which precedes it).
 
-    def __init__(self, views: Any, expected: str) -> None:
-        self.views = views
-        self.expected = expected
-
-    def __iter__(self) -> Any:
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        try:
-            for view in self.views:
-                hasher.update(view)
-                yield view
-        except ChunkError as exc:
-            raise AtoError(E_INTEGRITY, f"cannot assemble the artifact: {exc}",
-                           hint="`ato cas verify` lists damaged chunks; delete the build state dir and build again") \
-                from None
-        if hasher.hexdigest() != self.expected:
-            raise AtoError(E_INTEGRITY, "cannot assemble the artifact: the stored payload is not the one built",
-                           hint="`ato cas verify` lists damaged chunks; build again")
+    The pieces are views of the packs (no copy); when the payload step hashed the frames (``expected``),
+    the artifact is refused unless these bytes are the same (a pack damaged or changed in between).
+    """
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    pieces: list[bytes | archive.FileRange] = []
+    try:
+        for piece in iter_payload_pieces(store, manifest):
+            hasher.update(piece.view if isinstance(piece, archive.FileRange) else piece)
+            pieces.append(piece)
+    except ChunkError as exc:
+        raise AtoError(E_INTEGRITY, f"cannot assemble the artifact: {exc}",
+                       hint="`ato cas verify` lists damaged chunks; delete the build state dir and build again") \
+            from None
+    digest = hasher.hexdigest()
+    if expected is not None and digest != expected:
+        raise AtoError(E_INTEGRITY, "cannot assemble the artifact: the stored payload is not the one built",
+                       hint="`ato cas verify` lists damaged chunks; build again")
+    return pieces, digest
 
 
 def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:

@@ -45,6 +45,7 @@ from cas.streams import ChunkStream
 from pipeline.errors import E_LOCKFILE, AtoError
 from pipeline.progress import SILENT, Progress
 from stages.capsule import tar_header
+from stages.capsule.archive import FileRange
 from stages.sources import SourceEntry
 
 COPY_SIZE = 1 << 20
@@ -75,7 +76,9 @@ class PayloadResult:
     manifest: PayloadManifest
     entries: list[SourceEntry]  # with their BLAKE3s
     files: list[PackedFile]  # SHA-256 of each regular file, for the SBOM
-    payload_blake3: str  # of payload.tar.zst: the frames in order
+    # BLAKE3 of payload.tar.zst (the frames in order) when the step saw every frame go by (cold, stored);
+    # None when most frames were taken unread from the last build: the artifact step hashes them as it copies
+    payload_blake3: str | None
     new_pack: str | None
     chunks_inserted: int
     bytes_inserted: int
@@ -779,10 +782,10 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
     manifest = PayloadManifest(refs)
     # The frames reused from the last build are this store's own, immutable since they were written and
     # fsynced: like restic or git, a rebuild does not re-hash each of them (`ato cas verify` does, and every
-    # consumer of the artifact decodes and checks every chunk).
-    return PayloadResult(manifest, hashed, files, payload_hash(store, manifest, check_frames=False), new_pack,
-                         inserted, bytes_inserted,
-                         "incremental", len(contents))
+    # consumer of the artifact decodes and checks every chunk). Nor does it hash payload.tar.zst here: the
+    # artifact step hashes the frames once, as it copies them.
+    return PayloadResult(manifest, hashed, files, None, new_pack, inserted, bytes_inserted, "incremental",
+                         len(contents))
 
 
 def payload_hash(store: CasStore, manifest: PayloadManifest, *, check_frames: bool = True) -> str:
@@ -815,6 +818,26 @@ def iter_payload_views(store: CasStore, manifest: PayloadManifest, *,
             j += 1
         for span, frames in store.packs.spans(hexes[i:j], found):
             yield store.packs.checked_span(span, frames if check_frames else [])
+        i = j
+
+
+def iter_payload_pieces(store: CasStore, manifest: PayloadManifest) -> Iterator[bytes | FileRange]:
+    """The bytes of payload.tar.zst in order, unchecked, for the artifact writer: runs of frames that sit
+    back to back in a pack as :class:`FileRange` (copied file to file by the kernel), chunks still in the
+    one-file-per-chunk layout of earlier versions as their (decoded and checked) frames."""
+    hexes = [c.raw_hash for c in manifest.chunks]
+    found = store.packs.locate_many(hexes)
+    i = 0
+    while i < len(hexes):
+        if hexes[i] not in found:
+            yield store.frame(hexes[i], manifest.chunks[i].raw_size)
+            i += 1
+            continue
+        j = i
+        while j < len(hexes) and hexes[j] in found:
+            j += 1
+        for span, _frames in store.packs.spans(hexes[i:j], found):
+            yield FileRange(*store.packs.span_source(span))
         i = j
 
 

@@ -186,12 +186,25 @@ def read_layout(src: Source) -> Layout:
 # ---------------------------------------------------------------- writing
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes that also lie at ``offset`` of the open file ``fd`` (a run of frames in a pack).
+
+    ``view`` is the same bytes in memory (a map of that file), which the writer hashes; the copy into
+    the artifact is made by the kernel (``copy_file_range``), so they never pass through Python.
+    """
+
+    view: memoryview
+    fd: int
+    offset: int
+
+
 @dataclass
 class Member:
     name: str
     data: bytes | None = None
     path: Path | None = None  # streamed from a file
-    pieces: Iterable[bytes | memoryview] | None = None  # streamed from these (payload.tar.zst from its packs)
+    pieces: Iterable[bytes | memoryview | FileRange] | None = None  # payload.tar.zst from its packs
     length: int | None = None  # the size of ``pieces``, which the header needs before they are read
 
     @property
@@ -211,11 +224,33 @@ class _HashingWriter:
         self.fh = fh
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
+        self.kernel_copy = hasattr(os, "copy_file_range")
 
     def write(self, data: bytes | memoryview) -> None:
         self.fh.write(data)
         self.hasher.update(data)
         self.size += len(data)
+
+    def copy(self, piece: FileRange) -> None:
+        """Append ``piece``: copied file to file by the kernel where it can, else written from its view."""
+        self.hasher.update(piece.view)
+        n = len(piece.view)
+        self.fh.flush()  # what is buffered goes first: the copy appends at the file's own offset
+        done = 0
+        if self.kernel_copy:
+            try:
+                while done < n:
+                    step = os.copy_file_range(piece.fd, self.fh.fileno(), n - done, piece.offset + done)
+                    if step <= 0:
+                        raise OSError(f"copy_file_range copied nothing at offset {piece.offset + done}")
+                    done += step
+            except OSError:
+                # not supported here (another filesystem, an old kernel): the rest is written from the view
+                # (a real I/O error shows again there); the file offset has moved by exactly ``done``
+                self.kernel_copy = False
+        if done < n:
+            self.fh.write(piece.view[done:])
+        self.size += n
 
 
 def capsule_size(sizes: Iterable[int]) -> int:
@@ -236,7 +271,10 @@ def write_capsule(out_path: Path, members: list[Member], epoch: int,
             elif m.pieces is not None:
                 start = w.size
                 for piece in m.pieces:
-                    w.write(piece)
+                    if isinstance(piece, FileRange):
+                        w.copy(piece)
+                    else:
+                        w.write(piece)
                 if w.size - start != m.size:
                     raise _fail(f"{m.name} came out {w.size - start} bytes long, not {m.size}")
             else:
