@@ -51,7 +51,13 @@ class PayloadManifest:
     @functools.cached_property
     def artifact_hash(self) -> str:
         """Hex identity of the payload (computed once: a manifest is not changed after construction)."""
-        return blake3.blake3(canonical_json(self._core())).hexdigest()
+        core = self._core()
+        # Every integer is a chunk size (at most max_size), their sum or a CDC parameter: when those are below
+        # 2**53 the document is plain and the check that walks all of it can be skipped (same bytes).
+        plain = all(-(2**53) < v < 2**53 for v in (*core["cdc_params"].values(), core["total_raw_size"])
+                    if type(v) is int) and all(c.raw_size <= self.params.max_size for c in self.chunks) \
+            and all(type(v) in (int, str) for v in core["cdc_params"].values())
+        return blake3.blake3(canonical_json(core, plain=plain)).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         core = self._core()

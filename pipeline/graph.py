@@ -230,10 +230,16 @@ def _signature(params: list[str]) -> Any:
 
 def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = None,
               explain: bool = False) -> list[StepReport]:
-    """Run ``steps`` through doit; AtoErrors raised by an action propagate unchanged."""
-    from doit.cmd_base import TaskLoader2
-    from doit.doit_cmd import DoitMain
-    from doit.task import dict_to_task
+    """Run ``steps`` through doit; AtoErrors raised by an action propagate unchanged.
+
+    doit's own runner, task control and dependency manager, driven directly rather than through its
+    command line (which would look up plugins among every installed package's entry points, twice,
+    on each build, and register the dependency manager in doit's process-wide ``Globals``).
+    """
+    from doit.control import TaskControl
+    from doit.dependency import Dependency, SqliteDB
+    from doit.runner import Runner
+    from doit.task import Stream, dict_to_task
 
     memo = memo or DigestMemo()
     reports = {s.name: StepReport(s.name) for s in steps}
@@ -243,16 +249,6 @@ def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = N
     db_path = state_dir / "doit.sqlite"
     tasks = _task_dicts(steps, errors)
 
-    class Loader(TaskLoader2):
-        def setup(self, opt_values: Any) -> None: ...
-
-        def load_doit_config(self) -> dict[str, Any]:
-            return {"dep_file": str(db_path), "backend": "sqlite3", "verbosity": 0,
-                    "reporter": _reporter_class(reports, failures), "check_file_uptodate": checker}
-
-        def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
-            return [dict_to_task(t) for t in tasks]
-
     state_dir.mkdir(parents=True, exist_ok=True)
     with locked(state_dir):
         if explain:
@@ -261,7 +257,15 @@ def run_chain(steps: list[Step], state_dir: Path, *, memo: DigestMemo | None = N
         cwd = os.getcwd()
         try:
             with redirect_stdout(sink), redirect_stderr(sink):
-                code = DoitMain(Loader(), config_filenames=()).run(["run"])
+                control = TaskControl([dict_to_task(t) for t in tasks])
+                control.process(None)  # every task, in the order given
+                runner = Runner(Dependency(SqliteDB, str(db_path), checker_cls=checker),
+                                _reporter_class(reports, failures)(sink, {}), stream=Stream(0))
+                code = runner.run_all(control.task_dispatcher())  # closes (and saves) the dependency DB
+        except Exception as exc:  # noqa: BLE001 - doit's own errors (a damaged database, a bad task)
+            if errors:
+                raise errors[0] from None
+            raise AtoError(E_INTERNAL, f"internal error: the task engine failed: {exc}"[:300]) from None
         finally:
             os.chdir(cwd)
     if errors:

@@ -59,7 +59,7 @@ from stages.payload import (
     stored_result,
 )
 from stages.provenance import record_local_build
-from stages.sbom import build_sbom
+from stages.sbom import sbom_bytes
 from stages.sources import PackFilter, SourceEntry, collect, generated_entry
 
 BUILD_FORMAT = "ato-build/2"
@@ -100,6 +100,9 @@ class BuildPlan:
     # BLAKE3s the payload step computed this run, by path, with the stat they were read under:
     # doit's file checker saves these instead of reading the files again.
     read_digests: dict[str, tuple[list[int], str]] = field(default_factory=dict)
+    # Records this process encoded, by the BLAKE3 of their bytes: the artifact step, handed the digest of
+    # the record the payload step just wrote, takes the record from here instead of decoding it again.
+    records: dict[str, Previous] = field(default_factory=dict)
 
     @property
     def store(self) -> CasStore:
@@ -123,7 +126,7 @@ class BuildPlan:
     @functools.cached_property
     def payload_config_digest(self) -> str:
         """:attr:`payload_config` as one digest (its listing has an entry per file: serialized once per build)."""
-        return jcs_digest(self.payload_config)
+        return jcs_digest(self.payload_config, plain=True)
 
     @functools.cached_property
     def lock_config(self) -> dict[str, Any]:
@@ -304,10 +307,11 @@ def run_path(plan: BuildPlan) -> Path:
 # ---------------------------------------------------------------- the payload step
 
 
-def _stat_key(entry: SourceEntry) -> list[int] | None:
-    """The stat a file was walked with, unless it changed so recently that it may change again unseen."""
+def _stat_key(entry: SourceEntry, racy_after: float) -> list[int] | None:
+    """The stat a file was walked with, unless it changed so recently (after ``racy_after``, in ns) that
+    it may change again unseen."""
     key = entry.stat_key
-    if key is None or max(key[1], key[2]) > (time.time() - RACY_SECONDS) * 1e9:
+    if key is None or key[1] > racy_after or key[2] > racy_after:
         return None
     return list(key)
 
@@ -349,18 +353,22 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
             if result is None:
                 result = pack_cold(plan.entries, store, plan.options.epoch, plan.options.reporter)
         store.put_manifest(result.manifest)
-        data = Previous(result.entries, {f.path: f.sha256 for f in result.files}, result.manifest,
-                        plan.options.epoch).encode()
+        record = Previous(result.entries, {f.path: f.sha256 for f in result.files}, result.manifest,
+                          plan.options.epoch)
+        data = record.encode()
         write_bytes_atomic(record_path(plan), data)
+        record_digest = blake3_bytes(data)
+        plan.records[record_digest] = record
     run = {"mode": result.mode, "files_read": result.files_read, "chunks_inserted": result.chunks_inserted,
            "bytes_inserted": result.bytes_inserted, "artifact_hash": result.manifest.artifact_hash}
-    keys = [_stat_key(e) if e.kind == "file" and e.data is None else None for e in result.entries]
+    racy_after = (time.time() - RACY_SECONDS) * 1e9
+    keys = [_stat_key(e, racy_after) if e.kind == "file" and e.data is None else None for e in result.entries]
     write_bytes_atomic(run_path(plan), encode_stats(result.entries, keys, run))
     for e in result.entries:
         if e.kind == "file" and e.stat_key is not None and e.blake3:
             plan.read_digests[str(e.abspath)] = (list(e.stat_key), e.blake3)
     return {"artifact_hash": result.manifest.artifact_hash, "payload_blake3": result.payload_blake3,
-            "record_blake3": blake3_bytes(data), "chunks": len(result.manifest.chunks),
+            "record_blake3": record_digest, "chunks": len(result.manifest.chunks),
             "total_raw_size": result.manifest.total_raw_size, "inputs": lock_inputs(result.entries)}
 
 
@@ -413,7 +421,8 @@ def _read_checked(path: Path, digest: str, what: str) -> bytes:
 def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> dict[str, Any]:
     """Artifact step: write the .capsule from the lock, the payload (read from its packs) and the manifest."""
     store = plan.store
-    record = Previous.decode(_read_checked(record_path(plan), payload["record_blake3"], "payload record"), store)
+    data = _read_checked(record_path(plan), payload["record_blake3"], "payload record")
+    record = plan.records.get(payload["record_blake3"]) or Previous.decode(data, store)
     if record is None:
         raise AtoError(E_INTEGRITY, "the build's payload record cannot be read; build again",
                        hint="`ato build` re-runs the step that writes it")
@@ -424,9 +433,9 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
                                               source_schema_version=manifest.schema_version)
     lock_bytes = _read_checked(lock_path(plan), lock["lock_digest"], "lock file")
     # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
-    sbom_bytes = distribution.jcs(build_sbom(manifest.name, manifest.version, files, plan.options.epoch))
+    sbom = sbom_bytes(manifest.name, manifest.version, files, plan.options.epoch)
     small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
-             "sbom.spdx.json": sbom_bytes, "payload.v3.manifest.json": manifest_doc.to_bytes()}
+             "sbom.spdx.json": sbom, "payload.v3.manifest.json": manifest_doc.to_bytes()}
     if plan.readme is not None:
         small[plan.readme.name] = plan.readme.read_bytes()
     payload_size = sum(c.zstd_size_hint or 0 for c in manifest_doc.chunks)
@@ -441,7 +450,7 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
         members = [
             archive.Member("capsule.toml", small["capsule.toml"]),
             archive.Member("capsule.lock.json", lock_bytes),
-            archive.Member("sbom.spdx.json", sbom_bytes),
+            archive.Member("sbom.spdx.json", sbom),
             archive.Member("signature.json", signature.signature_bytes(sig_doc)),
             archive.Member("payload.tar.zst", pieces=pieces, length=payload_size),
             archive.Member("payload.v3.manifest.json", small["payload.v3.manifest.json"]),

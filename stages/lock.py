@@ -30,7 +30,7 @@ def lock_inputs(entries: list[SourceEntry]) -> dict[str, Any]:
     by_path = {e.relpath: e for e in entries}
     lockfiles = {name: label(by_path[name].blake3 or "") for name in LANGUAGE_LOCKFILES
                  if name in by_path and by_path[name].kind == "file"}
-    return {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries)), "lockfiles": lockfiles}
+    return {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries), plain=True), "lockfiles": lockfiles}
 
 
 def build_lock(normalized_manifest: dict[str, Any], targets: dict[str, dict[str, Any]],

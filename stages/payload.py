@@ -46,7 +46,7 @@ from pipeline.errors import E_LOCKFILE, AtoError
 from pipeline.progress import SILENT, Progress
 from stages.capsule import tar_header
 from stages.capsule.archive import FileRange
-from stages.sources import SourceEntry
+from stages.sources import SourceEntry, with_blake3
 
 COPY_SIZE = 1 << 20
 WHOLE_FILE = 8 << 20  # files up to this size are read with one read() call
@@ -738,7 +738,7 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
         old_e = before.get(e.relpath)
         if old_e is not None and old_e.kind == "file" and old_e.size == e.size and e.relpath not in changed \
                 and e.data is None and old_e.blake3 and e.relpath in prev.sha256:
-            hashed.append(replace(e, blake3=old_e.blake3))
+            hashed.append(with_blake3(e, old_e.blake3))
             files.append(PackedFile(e.relpath, prev.sha256[e.relpath]))
             continue
         held += e.size
@@ -749,10 +749,10 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
             task.advance(e.size)
         assert data is not None
         if old_e is not None and old_e.kind == "file" and old_e.blake3 == b3:
-            hashed.append(replace(e, blake3=b3))  # touched, same bytes: still taken from the previous tar
+            hashed.append(with_blake3(e, b3))  # touched, same bytes: still taken from the previous tar
         else:
             contents[e.relpath] = data
-            hashed.append(replace(e, blake3=b3))
+            hashed.append(with_blake3(e, b3))
         files.append(PackedFile(e.relpath, sha))
     old = _OldTar(store, prev.manifest)
     layout = _layout(hashed, contents, prev, epoch)

@@ -60,6 +60,13 @@ class SourceEntry:
     stat_key: tuple[int, int, int, int] | None = None  # (size, mtime_ns, ctime_ns, inode) when walked
 
 
+def with_blake3(entry: SourceEntry, digest: str) -> SourceEntry:
+    """``entry`` with its content digest: ``dataclasses.replace`` without its per-call walk of the fields
+    (a rebuild makes one per file)."""
+    return SourceEntry(entry.relpath, entry.abspath, entry.kind, entry.mode, entry.size, entry.link_target, digest,
+                       entry.data, entry.stat_key)
+
+
 def generated_entry(relpath: str, data: bytes) -> SourceEntry:
     """A payload file produced by the build rather than read from the project."""
     return SourceEntry(relpath, Path(relpath), "file", 0o644, len(data), blake3=blake3_bytes(data), data=data)
