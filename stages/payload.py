@@ -176,28 +176,6 @@ def _prepare(store: CasStore, view: bytes | memoryview) -> Prepared:
     return _prepare_known(store, hex_digest, view, store.locate(hex_digest))
 
 
-def _prepare_spans(store: CasStore, data: bytearray, spans: list[tuple[int, int]], legacy: bool,
-                   threads: int) -> list[Prepared]:
-    """Prepare the chunks at ``spans`` of ``data``: one index look-up for all of them, and the new ones
-    compressed by one call into zstd (:func:`compress_spans`)."""
-    view = memoryview(data)
-    pieces = [view[o:o + n] for o, n in spans]
-    hexes = [blake3.blake3(p).hexdigest() for p in pieces]
-    found = store.packs.locate_many(hexes)
-    out: list[Prepared | None] = [None] * len(spans)
-    fresh = []
-    for k, (h, p) in enumerate(zip(hexes, pieces, strict=True)):
-        where = found.get(h)
-        if where is not None or legacy:
-            prepared = _prepare_known(store, h, p, where, legacy)
-            out[k] = prepared
-        else:
-            fresh.append(k)
-    for k, frame in zip(fresh, compress_spans(data, [spans[k] for k in fresh], threads), strict=True):
-        out[k] = Prepared(ChunkRef(hexes[k], spans[k][1], len(frame)), frame, blake3.blake3(frame).digest(), True)
-    return out  # type: ignore[return-value]
-
-
 class FrameSink:
     """Takes prepared chunks in payload order: hashes the frames (payload.tar.zst) and packs the new ones."""
 
@@ -225,31 +203,42 @@ class FrameSink:
 
 @dataclass
 class _Segment:
-    """One buffer of tar bytes and the work handed out for it (its chunks, the files read into it)."""
+    """One buffer of tar bytes, cut: its chunks, those the store has, and the frames of the new ones."""
 
     buf: bytearray
-    futures: list[Future[tuple[list[tuple[int, str, str]], list[Prepared]]]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    hexes: list[str] = field(default_factory=list)
+    known: dict[int, Prepared] = field(default_factory=dict)
+    fresh: list[int] = field(default_factory=list)
+    frames: Future[list[memoryview]] | None = None
 
-
-def _segment_job(store: CasStore, data: bytearray, end: int, spans: list[tuple[int, int]],
-                 files: list[tuple[int, int, int]], legacy: bool,
-                 threads: int) -> tuple[list[tuple[int, str, str]], list[Prepared]]:
-    """The work on one segment: the digests of the files read into it, and its chunks prepared."""
-    view = memoryview(data)[:end]
-    digests = [(i, blake3.blake3(view[o:o + n]).hexdigest(), hashlib.sha256(view[o:o + n]).hexdigest())
-               for i, o, n in files]
-    return digests, _prepare_spans(store, data, spans, legacy, threads)
+    def prepared(self) -> list[Prepared]:
+        """The chunks in order (waits for the new frames)."""
+        made = iter(zip(self.fresh, self.frames.result() if self.frames is not None else [], strict=True))
+        out = []
+        for k, h in enumerate(self.hexes):
+            p = self.known.get(k)
+            if p is None:
+                j, frame = next(made)
+                assert j == k
+                p = Prepared(ChunkRef(h, self.spans[k][1], len(frame)), frame, blake3.blake3(frame).digest(), True)
+            out.append(p)
+        return out
 
 
 class ChunkSink:
     """The payload tar, written into segment buffers that are cut into chunks as they fill.
 
-    The main thread puts tar headers and file bytes straight into a segment buffer (files are read
-    into it, not copied); a full segment is cut by content and handed to the worker threads, which
-    hash the files read into it (BLAKE3, SHA-256) and hash, look up and compress its chunks. Only
-    the bytes after the last cut are carried into the next segment: FastCDC decides a cut from the
-    bytes since the previous cut alone, so every cut but the last in a segment is final. Results
-    are taken in order (``FrameSink``); a few segments are in flight at once, so memory stays bounded.
+    Files are read straight into a segment buffer (not copied) and hashed there while the bytes
+    are in the cache. A full segment is cut by content; its chunks are hashed and looked up in the
+    store, and the new ones are compressed by zstd's own threads (:func:`compress_spans`, one call
+    per segment on a pool thread that waits without the GIL) while this thread reads on. So one
+    Python thread does all the per-file and per-chunk work and never waits for the GIL behind a
+    worker, and the compression, the largest part of the work, runs beside it on the other cores.
+
+    Only the bytes after the last cut are carried into the next segment: FastCDC decides a cut
+    from the bytes since the previous cut alone, so every cut but the last in a segment is final.
+    Frames are taken in order (``FrameSink``); a few segments are in flight, so memory stays bounded.
     """
 
     FLUSH_AT = 4 << 20  # bytes per segment (more than the largest chunk, so every cut makes progress)
@@ -265,13 +254,12 @@ class ChunkSink:
         self.workers = workers
         self.max_pending = workers + 2
         self.legacy = store.objects.objects.is_dir()  # chunks of an earlier version's layout to look up
-        self.digests: dict[int, tuple[str, str]] = {}
+        self.digests: dict[int, tuple[str, str]] = {}  # entry index -> (BLAKE3, SHA-256) of files read whole
         self.pending: deque[_Segment] = deque()
         self._free: list[bytearray] = []
         self.seg = _Segment(bytearray(segment))
         self.view = memoryview(self.seg.buf)
         self.fill = 0
-        self.files: list[tuple[int, int, int]] = []  # (entry index, offset, size) read into this segment
 
     @property
     def room(self) -> int:
@@ -288,11 +276,12 @@ class ChunkSink:
             pos += take
 
     def small_file_limit(self) -> int:
-        """Files up to this size are read into one segment whole (and hashed by a worker)."""
+        """Files up to this size are read into one segment whole."""
         return len(self.seg.buf) - DEFAULT_PARAMS.max_size
 
     def read_small(self, index: int, fd: int, size: int, probe: bytearray) -> int:
-        """Read a file of ``size`` bytes (at most ``small_file_limit``) into the segment; returns the bytes read.
+        """Read a file of ``size`` bytes (at most ``small_file_limit``) into the segment and hash it;
+        returns the bytes read.
 
         One ``readv`` of one byte more than ``size`` for most files: fewer bytes mean it shrank, more
         that it grew (the caller refuses both).
@@ -307,12 +296,13 @@ class ChunkSink:
             if n == 0 or got >= size:
                 break
         if got == size:
+            data = self.view[start:start + size]
+            self.digests[index] = (blake3.blake3(data).hexdigest(), hashlib.sha256(data).hexdigest())
             self.fill += size
-            self.files.append((index, start, size))
         return got
 
     def read_big(self, fd: int, size: int, hashers: tuple[Any, Any]) -> int:
-        """Stream a large file through the segments, hashing it here; returns the bytes read."""
+        """Stream a large file through the segments, hashing it as it goes; returns the bytes read."""
         got = 0
         while got < size:
             if self.room == 0:
@@ -329,19 +319,26 @@ class ChunkSink:
         return got
 
     def _cut(self, final: bool) -> None:
-        seg = self.seg
-        spans = list(chunk_spans(self.view[:self.fill]))
+        seg, view, store = self.seg, self.view, self.store
+        spans = list(chunk_spans(view[:self.fill]))
         if not final and spans:
             spans.pop()  # the tail may continue in the next segment
-        end = spans[-1][0] + spans[-1][1] if spans else 0
-        if spans or self.files:
-            seg.futures.append(self.pool.submit(_segment_job, self.store, seg.buf, self.fill, spans, self.files,
-                                                self.legacy, self.workers))
+        seg.spans = spans
+        seg.hexes = [blake3.blake3(view[o:o + n]).hexdigest() for o, n in spans]
+        found = store.packs.locate_many(seg.hexes)
+        for k, (h, (o, n)) in enumerate(zip(seg.hexes, spans, strict=True)):
+            where = found.get(h)
+            if (where is not None and where.raw_size == n) or (where is None and self.legacy and store.objects.has(h)):
+                seg.known[k] = _prepare_known(store, h, view[o:o + n], where, self.legacy)
+            else:
+                seg.fresh.append(k)
+        if seg.fresh:
+            seg.frames = self.pool.submit(compress_spans, seg.buf, [spans[k] for k in seg.fresh], self.workers)
         self.pending.append(seg)
-        self.files = []
+        end = spans[-1][0] + spans[-1][1] if spans else 0
         tail = self.fill - end
         buf = self._free.pop() if self._free else bytearray(len(seg.buf))
-        buf[:tail] = self.view[end:self.fill]
+        buf[:tail] = view[end:self.fill]
         self.seg = _Segment(buf)
         self.view = memoryview(buf)
         self.fill = tail
@@ -350,18 +347,14 @@ class ChunkSink:
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
             seg = self.pending.popleft()
-            for fut in seg.futures:
-                digests, prepared = fut.result()
-                for i, b3, sha in digests:
-                    self.digests[i] = (b3, sha)
-                self.frames.take_many(prepared)
+            self.frames.take_many(seg.prepared())
             self._free.append(seg.buf)
 
     def close(self) -> None:
         self._cut(final=True)
 
     def abandon(self) -> None:
-        futures = [f for seg in self.pending for f in seg.futures]
+        futures = [seg.frames for seg in self.pending if seg.frames is not None]
         for fut in futures:
             fut.cancel()
         for fut in futures:
