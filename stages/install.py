@@ -44,6 +44,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,17 @@ from pipeline.envelope import validate
 from pipeline.errors import E_INTEGRITY, E_USAGE, AtoError, Problem
 from pipeline.progress import SILENT, Progress, counted
 from stages import installed
-from stages.capsule import Limits, Verdict, read_capsule, verdict_under, verify, verify_skeleton
+from stages.capsule import (
+    ArtifactStream,
+    Limits,
+    Verdict,
+    placed,
+    read_capsule,
+    verdict_under,
+    verify,
+    verify_skeleton,
+    verify_stream,
+)
 from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryHttpError, RegistryPort
 from stages.trust_port import TrustPort
@@ -226,13 +237,15 @@ def _batched_fetch(client: RegistryPort, hexes: list[str]) -> Iterator[bytes]:
         yield from client.fetch_chunks(hexes[i:i + FETCH_BATCH])
 
 
-def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
-            transfer: Transfer, reporter: Progress = SILENT) -> tuple[str, str, int]:
+def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, check: ArtifactStream,
+            transfer: Transfer, reporter: Progress = SILENT) -> tuple[str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
-    Every frame, reused or downloaded, must hash to the published frame digest. The caller then
-    compares the whole file with the published BLAKE3 and SHA-256, and decodes the payload once
-    (:func:`_check_frames`), proving each frame is its chunk before anything is staged for good.
+    Every frame, reused or downloaded, must hash to the published frame digest. The bytes also pass
+    through ``check`` (the format's verifier on the stream: the whole BLAKE3, every frame decoded to
+    its chunk, every payload entry judged) on the writer thread, so the scan overlaps the download and
+    a refusal stops it. Returns the file's SHA-256 and size; the caller compares them and ``check``'s
+    verdict with the published digests before anything is stored.
     """
     prefix, suffix, frames = skel.prefix, skel.suffix, skel.frames
     transfer.mode = "delta"
@@ -259,7 +272,7 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
         counts[f.raw_hash] = counts.get(f.raw_hash, 0) + 1
     stream = _FrameStream(_prefetch(_batched_fetch(client, fetch))) if fetch else None
     kept: dict[str, bytes] = {}  # downloaded frames that appear again later in the payload
-    sha, b3 = hashlib.sha256(), blake3.blake3(max_threads=blake3.blake3.AUTO)
+    sha = hashlib.sha256()
     size = 0
     with open(out, "wb") as fh:
         writer = _Worker()
@@ -274,7 +287,7 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
             def job() -> None:  # a few big writes and hash updates: each releases the GIL for long
                 fh.write(data)
                 sha.update(data)
-                b3.update(data)
+                check.update(data)  # BLAKE3 here, the payload handed to the scan thread
             writer.submit(job)
 
         def put(data: bytes) -> None:
@@ -305,8 +318,7 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
                         else:
                             transfer.chunks_reused += 1
                             transfer.bytes_reused += len(data)
-                    else:
-                        assert stream is not None
+                    elif stream is not None:
                         data = stream.take(f.frame_size)
                         transfer.chunks_downloaded += 1
                         transfer.bytes_downloaded += len(data)
@@ -314,6 +326,8 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
                             raise integrity(f"chunk blake3:{h} from the registry is not the published frame")
                         if counts[h] > 1:
                             kept[h] = data
+                    else:
+                        raise integrity(f"chunk blake3:{h} is neither local nor requested")
                     put(data)
                     task.advance(len(data), chunks=transfer.chunks_downloaded - fetched)
                 put(suffix)
@@ -327,15 +341,17 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path,
         os.fsync(fh.fileno())
     if stream is not None and not stream.exhausted():
         raise integrity("registry sent more chunk bytes than requested")
-    return sha.hexdigest(), b3.hexdigest(), size
+    return sha.hexdigest(), size
 
 
-def _check_frames(verdict: Verdict, skel: dict[str, Any] | None) -> None:
+def _check_frames(verdict: Verdict, skel: _Skeleton | None) -> None:
     """When the artifact was spliced, its frames must be the published ones, each decoding to its chunk
     (the verifier established what the frames are)."""
-    assert verdict.scan is not None
-    if skel is not None and verdict.scan.frames != tuple(FrameRef.from_json(f) for f in skel["frames"]):
-        raise integrity("the published frames are not the artifact's chunks", reason=verdict.scan.reason)
+    scan = verdict.require().scan
+    if scan is None:
+        raise integrity("the artifact's payload was not scanned")
+    if skel is not None and scan.frames != tuple(skel.frames):
+        raise integrity("the published frames are not the artifact's chunks", reason=scan.reason)
 
 
 def _local_frame(cas: CasStore, f: FrameRef) -> bytes | None:
@@ -370,13 +386,15 @@ def _pack_entries(verdict: Verdict) -> list[PackEntry] | None:
     chunks are not indexed: a later version is downloaded whole).
     """
     capsule, scan = verdict.capsule, verdict.scan
-    assert capsule is not None and scan is not None
+    if capsule is None or scan is None:
+        raise integrity("the artifact was not completely verified")
     return None if scan.frames is None else frames_at(capsule.payload_offset, scan.frames)
 
 
-def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex: str) -> None:
+def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex: str, started_ns: int) -> Verdict:
     """Put the verified artifact in place: indexed as a pack (hard-linked under ``cas/packs/``, so its
-    bytes are on disk once), its payload manifest kept (a gc root), then renamed to ``target``."""
+    bytes are on disk once), its payload manifest kept (a gc root), then renamed to ``target``; the
+    verdict, now of ``target`` (remembered for the process, see :func:`stages.capsule.verifier.placed`)."""
     entries = _pack_entries(verdict)
     if entries is not None:
         cas.adopt_artifact(tmp, blake3_hex, entries)
@@ -387,6 +405,7 @@ def _store(tmp: Path, target: Path, verdict: Verdict, cas: CasStore, blake3_hex:
     # and leaves ``tmp``, which is this process's own name, so what is still there is dropped
     tmp.unlink(missing_ok=True)
     fsync_dir(target.parent)
+    return placed(verdict, target, started_ns)
 
 
 @dataclass
@@ -488,8 +507,7 @@ def install(ref: str, registry: str, version: str | None, *, connect: RegistryCo
     if checked is not None:
         doc.update(checked)
     validate(doc, "install")
-    assert verdict.capsule is not None
-    installed.write_record({**doc, **record_facts(target, verdict.capsule.manifest)})  # ato list, uninstall
+    installed.write_record({**doc, **record_facts(target, verdict.capsule.manifest if verdict.capsule else None)})  # ato list, uninstall
     return doc
 
 
@@ -559,7 +577,7 @@ def _skeleton(doc: Any, expect: _Expect) -> _Skeleton:
 
 
 def _precheck(skel: _Skeleton, expect: _Expect, slug: str, version: str, trust: TrustPort | None,
-              scoped: str) -> None:
+              scoped: str) -> Verdict:
     """Judge the artifact by its small members before downloading its payload: the format's checks
     that need no payload, the manifest name/version, and the trust decision (consent included)."""
     verdict = verify_skeleton(skel.prefix, skel.payload_size, skel.suffix, artifact_blake3=label(expect.blake3),
@@ -567,6 +585,7 @@ def _precheck(skel: _Skeleton, expect: _Expect, slug: str, version: str, trust: 
     _check_identity(verdict, slug, version)
     if trust is not None:
         trust.precheck(verdict, scoped)
+    return verdict
 
 
 def _check_identity(verdict: Verdict, slug: str, version: str) -> None:
@@ -580,15 +599,21 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(target)
+    started_ns = time.time_ns()
+    check: ArtifactStream | None = None
     with cas.shared():  # gc waits until the artifact is stored and indexed
         try:
             skel = _skeleton(client.skeleton(dist["skeleton_url"]), expect) if dist.get("skeleton_url") else None
             if skel is not None:
-                _precheck(skel, expect, slug, version, trust, scoped)
-                sha, b3, size = _splice(client, skel, cas, tmp, transfer, reporter)
+                # trust from the small members, then one pass: frames checked, written, hashed and scanned
+                check = verify_stream(_precheck(skel, expect, slug, version, trust, scoped), tmp)
+                sha, size = _splice(client, skel, cas, tmp, check, transfer, reporter)
                 transfer.artifact_bytes = size
+                verdict = check.finish()
+                b3 = parse(verdict.artifact_blake3 or "")
             else:
                 sha, b3, size = _download(client, dist["artifact_url"], tmp, transfer, expect.size, reporter)
+                verdict = None
             stop_point("install.downloaded")  # crash tests: the artifact in its temp file, nothing stored
             if b3 != expect.blake3:
                 raise integrity(f"installed artifact blake3:{b3} does not match the published blake3:{expect.blake3}")
@@ -598,18 +623,21 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
             if expect.size and size != expect.size:
                 raise integrity(f"installed artifact has {size} bytes, the registry published {expect.size}")
             with reporter.task("Verifying", total=None):
-                # verified once; the trust decision, the native gate, the identity, the frames, the store and
-                # the ownership record all take this verdict instead of reading the file again
-                verdict = verify(tmp, trust.limits if trust is not None else Limits())
+                # verified once (on the stream, or the whole download here); the trust decision, the native
+                # gate, the identity, the frames, the store and the ownership record all take this verdict
+                if verdict is None:
+                    verdict = verify(tmp, trust.limits if trust is not None else Limits())
                 checked = _accept(verdict, scoped, trust)
                 _check_identity(verdict, slug, version)
-                _check_frames(verdict, skel.doc if skel is not None else None)
+                _check_frames(verdict, skel)
             transfer.chunks_total = len(verdict.capsule.payload_manifest.chunks)  # type: ignore[union-attr]
-            _store(tmp, target, verdict, cas, b3)
-            return checked, verdict
+            return checked, _store(tmp, target, verdict, cas, b3, started_ns)
         except BaseException:
             tmp.unlink(missing_ok=True)
             for d in created:
                 with contextlib.suppress(OSError):
                     d.rmdir()
             raise
+        finally:
+            if check is not None:
+                check.close()

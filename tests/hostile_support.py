@@ -207,20 +207,58 @@ def digests(path: Path) -> tuple[str, str, int]:
     return hashlib.sha256(data).hexdigest(), blake3.blake3(data).hexdigest(), len(data)
 
 
-def plant_release(data_dir: Path, artifact: Path, publisher: str, name: str, version: str) -> None:
+def spliced_layout(artifact: Path) -> tuple[PayloadManifest, int, int, int, list[Any]] | None:
+    """(payload manifest, prefix size, payload size, suffix size, frames) of ``artifact`` read without judging
+    anything, when its payload's frames are its manifest's chunks one to one (a registry can then serve it
+    as a skeleton plus frames); None otherwise."""
+    import io
+
+    from stages.capsule.archive import FileSource, read_layout
+    from stages.capsule.payload import FrameError, FrameRef, read_frame
+
+    try:
+        with open(artifact, "rb") as fh:
+            layout = read_layout(FileSource(fh))
+            data = artifact.read_bytes()
+            span = layout.span(archive.PAYLOAD_MANIFEST)
+            manifest = PayloadManifest.from_json(json.loads(data[span.offset:span.offset + span.size]))
+    except Exception:  # noqa: BLE001 - anything unreadable is served whole
+        return None
+    pay = layout.payload
+    window = io.BytesIO(data[pay.offset:pay.offset + pay.size])
+    frames = []
+    for chunk in manifest.chunks:
+        try:
+            frame = read_frame(window)
+        except FrameError:
+            return None
+        if frame is None:
+            return None
+        frames.append(FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), blake3.blake3(frame).hexdigest()))
+    if window.read(1):
+        return None
+    return manifest, pay.offset, pay.size, len(data) - pay.offset - pay.size, frames
+
+
+def plant_release(data_dir: Path, artifact: Path, publisher: str, name: str, version: str, *,
+                  spliced: bool = False, served: Path | None = None) -> None:
     """Put ``artifact`` in a registry's data dir as a release, skipping the upload check — what a
-    compromised registry (or its disk) serves. Served whole (no skeleton), like a foreign registry."""
+    compromised registry (or its disk) serves. Served whole (no skeleton), like a foreign registry;
+    with ``spliced``, as a skeleton plus frames (the delta install path) when its frames are its chunks.
+    ``served``: other bytes the registry's disk holds for it (a tampered copy), with ``artifact``'s layout."""
     from pipeline.registry.storage import Inspection, RegistryStore, Upload
     from stages.capsule.signature import SignatureInfo
 
     store = RegistryStore(data_dir)
     store.initialize()
     tmp = store.new_temp(".capsule")
-    shutil.copyfile(artifact, tmp)
+    shutil.copyfile(served or artifact, tmp)
     sha, b3, size = digests(tmp)
     manifest = {"name": name, "version": version, "distribution": {"manifest_hash": "blake3:" + "0" * 64}}
-    insp = Inspection(manifest, f'name = "{name}"\n', json.dumps(manifest), "blake3:" + "0" * 64, PayloadManifest(),
-                      0, 0, 0, None, None, None, SignatureInfo(False))
+    layout = spliced_layout(artifact) if spliced else None
+    payload, pre, pay, suf, frames = layout if layout is not None else (PayloadManifest(), 0, 0, 0, None)
+    insp = Inspection(manifest, f'name = "{name}"\n', json.dumps(manifest), "blake3:" + "0" * 64, payload,
+                      pre, pay, suf, frames, None, None, SignatureInfo(False))
     try:
         upload = Upload(tmp, publisher, name, version, f"{name}-{version}.capsule", False, sha, b3, size)
         store.index.transaction(lambda conn: store._commit(conn, upload, insp))

@@ -28,7 +28,16 @@ from stages.capsule.errors import CapsuleError
 from stages.capsule.limits import NO_CEILING, Limits, consumer_limits
 from stages.capsule.reader import Capsule, read_capsule
 from stages.capsule.unpack import unpack_payload, write_root_file
-from stages.capsule.verifier import Verdict, verdict_under, verify, verify_skeleton
+from stages.capsule.verifier import (
+    ArtifactStream,
+    Verdict,
+    placed,
+    verdict_under,
+    verify,
+    verify_skeleton,
+    verify_stream,
+)
 
-__all__ = ["NO_CEILING", "Capsule", "CapsuleError", "Limits", "Verdict", "consumer_limits", "read_capsule",
-           "unpack_payload", "verdict_under", "verify", "verify_skeleton", "write_root_file"]
+__all__ = ["NO_CEILING", "ArtifactStream", "Capsule", "CapsuleError", "Limits", "Verdict", "consumer_limits", "placed",
+           "read_capsule", "unpack_payload", "verdict_under", "verify", "verify_skeleton", "verify_stream",
+           "write_root_file"]

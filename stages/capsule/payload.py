@@ -5,7 +5,8 @@ in order. Exact delta transfer rests on that: an artifact is its *skeleton* (the
 and after the payload member) plus its frames, so a client that already holds most frames needs
 only the missing ones to rebuild the published bytes exactly.
 
-:func:`scan` decodes a payload once without trusting anything. Each frame's extent is read from
+:class:`PayloadScanner` decodes a payload once without trusting anything, fed its bytes as they
+arrive (from a file or a download). Each frame's extent is read from
 the zstd frame format itself (header, block headers, optional checksum); each frame, or when the
 frames are not the chunks one to one, the decoded stream, must give exactly the chunk the payload
 manifest names at that position (size and BLAKE3). A decoder never produces more than one chunk
@@ -20,6 +21,8 @@ frames do not line up with its chunks is still a valid capsule; it is just not s
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -265,8 +268,15 @@ class PayloadScan:
     sidecars: dict[str, bytes] = field(default_factory=dict)
 
 
-def _pass(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, spliced: bool) -> PayloadScan:
-    window = io.BufferedReader(FileSlice(fh, offset, size), READ)
+def _file_pieces(fh: BinaryIO, offset: int, size: int) -> Iterator[bytes]:
+    window = FileSlice(fh, offset, size)
+    while data := window.read(READ):
+        yield data
+
+
+def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool) -> PayloadScan:
+    """The one scan: ``pieces`` are the payload member's bytes in order (any split)."""
+    window = io.BufferedReader(ChunkStream(pieces), READ)
     hasher = blake3.blake3()
     refs: list[FrameRef] = []
     if spliced:
@@ -284,20 +294,108 @@ def _pass(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, splic
     return PayloadScan(hasher.hexdigest(), tuple(refs) if spliced else None, entries, None, sidecars)
 
 
-def scan(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest) -> PayloadScan:
-    """Decode the payload at ``[offset, offset+size)`` of ``fh``: every chunk, every frame, every entry.
-
-    Raises CapsuleError (E208, check ``digests``) for the first chunk or entry that is wrong.
-    """
+def scan_unspliced(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, why: str) -> PayloadScan:
+    """The scan of a payload whose frames are not its chunks one to one (:class:`PayloadScanner` said
+    :class:`NotSpliceable`, for ``why``): the decoded stream must still be the chunks, in order."""
     try:
-        try:
-            return _pass(fh, offset, size, manifest, spliced=True)
-        except NotSpliceable as exc:
-            why = str(exc)
-        scan_ = _pass(fh, offset, size, manifest, spliced=False)
-        return PayloadScan(scan_.payload_hash, None, scan_.entries, why, scan_.sidecars)
+        scan_ = _pass(_file_pieces(fh, offset, size), manifest, spliced=False)
     except (UnsafeEntry, TarFormatError, PayloadCorrupt) as exc:
         raise refusal(exc) from None
+    return PayloadScan(scan_.payload_hash, None, scan_.entries, why, scan_.sidecars)
+
+
+class _Abandoned(Exception):
+    """The feeder gave up (its download failed): the scan thread stops where it is."""
+
+
+_END = object()
+
+
+class PayloadScanner:
+    """The one scan of a payload, fed its bytes as they arrive: every frame, chunk and entry.
+
+    ``feed(data)`` hands over the next bytes of ``payload.tar.zst`` (split anywhere); the scan runs on
+    a thread of its own, so decoding overlaps whatever produces the bytes (a download, a file read),
+    and at most ``depth`` fed pieces wait for it. ``feed`` raises the refusal (CapsuleError, E208/E108)
+    as soon as the scan has found it, so a download stops at the first bad frame or entry; a bomb is
+    stopped by the same caps as a file (one chunk's frame, one chunk's bytes, the manifest's total).
+    ``finish()`` (after the last byte) returns the :class:`PayloadScan`, raises the refusal, or raises
+    :class:`NotSpliceable` when the frames are not the chunks one to one (the caller then scans the
+    complete file with :func:`scan_unspliced`). ``close()`` abandons a scan (always safe to call).
+    """
+
+    def __init__(self, manifest: PayloadManifest, depth: int = 4) -> None:
+        self._q: queue.Queue[object] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._result: PayloadScan | None = None
+        self._error: BaseException | None = None
+        self._manifest = manifest
+        self._finished = False
+        self._thread = threading.Thread(target=self._run, name="payload-scan", daemon=True)
+        self._thread.start()
+
+    def _pieces(self) -> Iterator[bytes]:
+        while True:
+            item = self._q.get()
+            if self._stop.is_set():
+                raise _Abandoned
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
+    def _run(self) -> None:
+        try:
+            self._result = _pass(self._pieces(), self._manifest, spliced=True)
+        except _Abandoned:
+            pass
+        except (UnsafeEntry, TarFormatError, PayloadCorrupt) as exc:
+            self._error = refusal(exc)
+        except BaseException as exc:  # noqa: BLE001 - NotSpliceable, CapsuleError, or a bug: finish() raises it
+            self._error = exc
+        finally:
+            self._done.set()
+            while True:  # wake a feeder blocked on a full queue; what it still feeds is dropped
+                try:
+                    self._q.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _raise_refusal(self) -> None:
+        if self._error is not None and not isinstance(self._error, NotSpliceable):
+            raise self._error
+
+    def feed(self, data: bytes) -> None:
+        """The next bytes of the payload (raises the refusal once the scan has found one)."""
+        if self._done.is_set():
+            self._raise_refusal()
+            return  # not spliceable: finish() says so; the bytes are not needed
+        if data:
+            self._q.put(data)
+
+    def finish(self) -> PayloadScan:
+        """The scan of every byte fed; raises the refusal, or NotSpliceable."""
+        if not self._done.is_set():
+            self._q.put(_END)
+        self._thread.join()
+        self._finished = True
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError("the payload scan ended without a result")
+        return self._result
+
+    def close(self) -> None:
+        """Abandon the scan (a no-op after :meth:`finish`)."""
+        if self._finished:
+            return
+        self._stop.set()
+        try:
+            self._q.put_nowait(_END)
+        except queue.Full:
+            pass  # the thread takes a piece, sees the stop and ends
+        self._thread.join()
+        self._finished = True
 
 
 def stream_frames(fh: BinaryIO, offset: int, frames: tuple[FrameRef, ...]) -> Iterator[tuple[FrameRef, bytes, int]]:
