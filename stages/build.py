@@ -316,7 +316,7 @@ def _stat_key(entry: SourceEntry, racy_after: float) -> list[int] | None:
     return list(key)
 
 
-def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, list[int]]]:
+def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, tuple[int, ...]]]:
     try:
         prev = Previous.decode(record_path(plan).read_bytes(), plan.store)
     except OSError:
@@ -343,12 +343,11 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
             prev, stats = _previous(plan)
             result = None
             if prev is not None:
-                by_path = {str(e.abspath): e.relpath for e in plan.entries}
-                again = {by_path[p] for p in changed if p in by_path}
+                wanted = set(changed)
                 # A file is taken from the last build only if it still has the stat it was read with then
                 # (doit's database and this record could disagree after a crash between the two).
-                again |= {e.relpath for e in plan.entries if e.kind == "file" and e.data is None
-                          and (stats.get(e.relpath) is None or stats.get(e.relpath) != list(e.stat_key or ()))}
+                again = {e.relpath for e in plan.entries if e.kind == "file" and e.data is None
+                         and (e.stat_key is None or stats.get(e.relpath) != e.stat_key or str(e.abspath) in wanted)}
                 result = pack_incremental(plan.entries, store, plan.options.epoch, prev, again, plan.options.reporter)
             if result is None:
                 result = pack_cold(plan.entries, store, plan.options.epoch, plan.options.reporter)

@@ -489,11 +489,12 @@ class Previous:
             if len(names) != count or len(data) - pos != count * _ROW.size:
                 return None
             entries, sha = [], {}
+            add = entries.append
             for rel, (symlink, mode, size, b3, digest) in zip(names, _ROW.iter_unpack(data[pos:]), strict=True):
                 if symlink:
-                    entries.append(SourceEntry(rel, rel, "symlink", mode, 0, link_target=next(links)))
+                    add(SourceEntry(rel, rel, "symlink", mode, 0, next(links)))
                 else:
-                    entries.append(SourceEntry(rel, rel, "file", mode, size, blake3=b3.hex()))
+                    add(SourceEntry(rel, rel, "file", mode, size, None, b3.hex()))
                     sha[rel] = digest.hex()
             manifest = store.get_manifest(meta["artifact_hash"])
             if store.missing_chunks(manifest):
@@ -519,7 +520,7 @@ def encode_stats(entries: list[SourceEntry], keys: list[list[int] | None], run: 
     return b"".join([STATS_MAGIC, _LEN.pack(len(meta)), meta, rows])
 
 
-def decode_stats(data: bytes, entries: list[SourceEntry]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+def decode_stats(data: bytes, entries: list[SourceEntry]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(run facts, stat by path) from :func:`encode_stats` for the record's ``entries``; empty when unusable."""
     try:
         if not data.startswith(STATS_MAGIC):
@@ -530,8 +531,7 @@ def decode_stats(data: bytes, entries: list[SourceEntry]) -> tuple[dict[str, Any
         rows = data[start + n:]
         if meta.get("count") != len(entries) or len(rows) != len(entries) * _STAT.size:
             return meta, {}
-        return meta, {e.relpath: list(k) for e, k in zip(entries, _STAT.iter_unpack(rows), strict=True)
-                      if tuple(k) != _NO_STAT}
+        return meta, {e.relpath: k for e, k in zip(entries, _STAT.iter_unpack(rows), strict=True) if k != _NO_STAT}
     except (ValueError, TypeError, struct.error):
         return {}, {}
 
@@ -645,8 +645,19 @@ def _layout(entries: list[SourceEntry], contents: dict[str, bytes], prev: Previo
         offset += hsize + (e.size + (-e.size) % tar_header.BLOCK if e.kind == "file" else 0)
     old_trailer = offset
     layout = _Layout()
+    block = tar_header.BLOCK
     for e in entries:
         found = old_at.get(e.relpath)
+        if found is not None:  # the common case, an entry as it was: one run for header, data and padding
+            old_e, old_off, hsize = found
+            if old_e.kind == e.kind and old_e.mode == e.mode and old_e.size == e.size \
+                    and old_e.link_target == e.link_target:
+                if e.kind != "file":
+                    layout.add(old=old_off, length=hsize)
+                    continue
+                if old_e.blake3 == e.blake3 and e.relpath not in contents:
+                    layout.add(old=old_off, length=hsize + e.size + (-e.size) % block)
+                    continue
         old_e, old_off, hsize = found if found else (None, 0, 0)
         if old_e is not None and (old_e.kind, old_e.mode, old_e.size, old_e.link_target) == \
                 (e.kind, e.mode, e.size, e.link_target):
