@@ -373,7 +373,9 @@ def _workers() -> int:
 
 
 def _open_payload_file(entry: SourceEntry) -> int:
-    return os.open(entry.abspath, os.O_RDONLY | os.O_CLOEXEC)
+    """Open a file the walk saw as a regular file. Non-blocking: a FIFO put in its place meanwhile
+    reads as empty at once (and is refused as a changed file) instead of waiting for a writer."""
+    return os.open(entry.abspath, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
 
 
 def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter: Progress = SILENT, *,

@@ -121,3 +121,27 @@ def test_a_pack_write_error_leaves_no_temp_pack(tmp_path: Path, monkeypatch: pyt
     with pytest.raises(OSError):
         pack_cold(entries, store, EPOCH, segment=300_000)
     assert not [p for p in (store.root / "tmp").glob("*") if p.is_file()]
+
+
+def test_a_file_replaced_by_a_fifo_after_the_walk_is_refused_not_waited_on(tmp_path: Path) -> None:
+    import signal
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"a" * 100)
+    entries = collect(root, PackFilter(None, ()))
+    (root / "a.txt").unlink()
+    os.mkfifo(root / "a.txt")
+
+    def hung(*_a: object) -> None:
+        raise AssertionError("the packer waited for a writer on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(AtoError) as err:
+            pack_cold(entries, CasStore(tmp_path / "cas"), EPOCH)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert err.value.code == "E102" and "a.txt" in str(err.value)
