@@ -296,13 +296,15 @@ def upgrade_cmd(ref: str | None, all_: bool, dry_run: bool, keep: int, registry:
     results = []
     first_error: AtoError | None = None
     for sid, versions in groups.items():
+        target: dict[str, str] = {}  # the version it was upgrading to, once known: a failure still says which
         try:
             results.append(_upgrade_one(sid, versions, dry_run=dry_run, keep=keep, registry=registry,
-                                        allow_unsigned=allow_unsigned, yes=yes))
+                                        allow_unsigned=allow_unsigned, yes=yes, target=target))
         except AtoError as exc:
             first_error = first_error or exc
             results.append({"scoped_id": sid, "registry": registry or (versions[0].record or {}).get("registry"),
-                            "from": versions[0].version, "to": None, "status": "failed", "reason": exc.message,
+                            "from": versions[0].version, "to": target.get("to"), "status": "failed",
+                            "reason": exc.message,
                             "removed_versions": [], "transfer": None, "bytes_freed": 0,
                             "error": {"code": exc.code, "message": exc.message}})
     doc = {"schema_version": "1", "dry_run": dry_run, "results": results,
@@ -332,7 +334,7 @@ def _upgrade_line(r: dict[str, Any], dry: bool) -> str:
 
 
 def _upgrade_one(sid: str, versions: list[Entry], *, dry_run: bool, keep: int, registry: str | None,
-                 allow_unsigned: bool, yes: bool) -> dict[str, Any]:
+                 allow_unsigned: bool, yes: bool, target: dict[str, str]) -> dict[str, Any]:
     from pipeline.names import version_key
     from pipeline.registry.client import RegistryClient
     from stages.install import latest_release
@@ -351,6 +353,7 @@ def _upgrade_one(sid: str, versions: list[Entry], *, dry_run: bool, keep: int, r
         _detail, latest = latest_release(client, publisher, slug)
     if not latest:
         raise AtoError(E_USAGE, f"{client.base} has no installable version of {sid}")
+    target["to"] = latest
     # the command on PATH, whichever installed version holds it now (an explicit older install --bin)
     shims = [lau for e in versions for lau in (e.record or {}).get("launchers") or [] if lau.get("kind") == "bin"]
     flags = sorted({f for lau in shims for f in lau.get("flags") or []}) if shims else None

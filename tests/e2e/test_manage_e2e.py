@@ -395,6 +395,7 @@ def test_failed_upgrade_keeps_the_old_version_signed_upgrade_pins_and_purge_take
     doc = res.json()
     assert_schema(doc, "upgrade")
     assert (doc["failed"], doc["results"][0]["status"], doc["results"][0]["error"]["code"]) == (1, "failed", "E301")
+    assert (doc["results"][0]["from"], doc["results"][0]["to"]) == ("0.1.0", "0.2.0")
     assert sorted(str(p) for p in (ato_home / "store").rglob("*")) == before and shim.read_bytes() == shim_bytes
     assert subprocess.run([str(shim)], capture_output=True, text=True, env=shell, timeout=120).stdout == "one\n"
 
