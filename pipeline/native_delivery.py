@@ -21,14 +21,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cas.canonical import jcs_digest
 from cas.digest import blake3_file, label, parse
 from cas.tempfiles import temp_name
 from pipeline import paths
 from pipeline.errors import E_POLICY, E_USAGE, AtoError, Problem
-from pipeline.graph import Step, run_chain
 from pipeline.manifest import SIDECAR_NAME
 from pipeline.progress import SILENT, Progress, counted
 from stages import fetch as fetch_stage
@@ -38,7 +37,16 @@ from stages.capsule import Limits, Verdict, verify
 from stages.native import SCHEMA_VERSION, host_os, host_target
 from stages.trust_port import GatedPort, TrustPort
 
+if TYPE_CHECKING:
+    from pipeline.graph import Step
+
 INSTALL_KIND = "NativeRequiresLocalDerivation"
+
+
+def _run_chain(steps: list[Step], state_dir: Path) -> None:
+    from pipeline.graph import run_chain  # imported when a chain runs: a standard install never loads doit
+
+    run_chain(steps, state_dir)
 
 
 def _state(*parts: str) -> Path:
@@ -71,6 +79,8 @@ def _fetch_step(scoped_id: str, version: str, registry: str, artifact_blake3: st
         ctx["fetch"] = env
         return True
 
+    from pipeline.graph import Step  # the task engine (doit, the build stage): loaded only for a step
+
     return Step(f"fetch-{parse(artifact_blake3)[:16]}", action, digest, outputs_ok)
 
 
@@ -93,7 +103,7 @@ def fetch_local(path: Path, *, trust: TrustPort, scoped_id: str | None = None, v
                        lambda: fetch_stage.fetch_capsule(path, scoped_id=scoped_id, version=version,
                                                          registry=registry, expected_blake3=artifact_hex,
                                                          trust=trust), ctx)
-    run_chain([step], _state("fetch"))
+    _run_chain([step], _state("fetch"))
     return ctx["fetch"]
 
 
@@ -146,7 +156,7 @@ def fetch_registry(ref: fetch_stage.FetchRef, client: Any, *, trust: TrustPort,
             tmp.unlink(missing_ok=True)
 
     ctx: dict[str, Any] = {}
-    run_chain([_fetch_step(scoped, version, registry, expected, materialize, ctx,
+    _run_chain([_fetch_step(scoped, version, registry, expected, materialize, ctx,
                            recheck=lambda p: trust.check(p, scoped))], _state("fetch"))
     return ctx["fetch"]
 
@@ -230,6 +240,8 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
         ctx["finalize"] = env
         return True
 
+    from pipeline.graph import Step
+
     steps = [fetch, Step("finalize", finalize_action, jcs_digest({"stage": "finalize", "host": host, **labels}),
                          finalize_ok, depends_on=[fetch.name])]
     if project:
@@ -266,7 +278,7 @@ def install_native(path: Path, *, scoped_id: str, version: str, registry: str, p
         steps.append(Step("project", project_action,
                           jcs_digest({"stage": "project", "host": host, "launcher_dir": launcher, **labels}),
                           project_ok, depends_on=["finalize"]))
-    run_chain(steps, _state("install", scoped_id.replace("/", "__")))
+    _run_chain(steps, _state("install", scoped_id.replace("/", "__")))
     fin = ctx["finalize"]
     projection = ctx.get("projection") or _skipped("skipped")
     projection = {k: projection[k] for k in ("performed", "projection_id", "projected_path", "state",

@@ -132,3 +132,25 @@ def test_an_abandoned_stream_stops_its_scan(good: Path, tmp_path: Path) -> None:
     check.update(good.read_bytes()[:len(prefix) + 1000])
     check.close()
     check.close()
+
+
+def test_the_manifest_is_parsed_once_and_no_reader_changes_it(good: Path, tmp_path: Path) -> None:
+    """Every caller gets the one parse of an artifact's capsule.toml (no copy per caller): so each reader
+    of it must leave it as it was."""
+    from cas.canonical import canonical_json
+    from pipeline.registry.storage import display_manifest
+    from stages.capsule.distribution import check, manifest_hash, toml_bytes
+    from stages.install import record_facts
+
+    first = read_capsule(good)
+    assert read_capsule(good).manifest is first.manifest
+    before = canonical_json(first.manifest)
+    verdict = _stream(good, tmp_path / "m.capsule", 5)
+    assert verdict.ok and verdict.capsule is not None and verdict.capsule.manifest is first.manifest
+    assert verify(good).capsule.manifest is first.manifest  # type: ignore[union-attr]
+    record_facts(good, first.manifest)
+    display_manifest(first.manifest)
+    manifest_hash(first.manifest)
+    check(first.manifest, first.payload_manifest)
+    toml_bytes(first.manifest)
+    assert canonical_json(first.manifest) == before

@@ -8,12 +8,11 @@ and ``signatures``. :func:`check` recomputes all of it against the payload manif
 
 from __future__ import annotations
 
-import copy
 import functools
 import re
-import tomllib
 from typing import Any
 
+import tomli
 import tomli_w
 
 from cas.canonical import canonical_json, jcs_digest
@@ -91,7 +90,7 @@ def jcs(doc: Any) -> bytes:
 
 @functools.lru_cache(maxsize=8)
 def _parse(data: bytes) -> dict[str, Any]:
-    return tomllib.loads(data.decode("utf-8"))
+    return tomli.loads(data.decode("utf-8"))  # tomllib's parser, compiled (see pyproject.toml)
 
 
 def parse_manifest_bytes(data: bytes) -> dict[str, Any]:
@@ -99,11 +98,14 @@ def parse_manifest_bytes(data: bytes) -> dict[str, Any]:
 
     Its chunk list makes it thousands of tables long, and install, trust and native delivery
     each read the same artifact: keyed by the bytes themselves, the cache cannot serve a stale
-    parse. Callers get their own copy. E208 for anything that is not UTF-8 TOML.
+    parse. Every caller gets the same document, which is read-only: no reader of an artifact's
+    manifest changes it (:func:`manifest_hash` and the registry's display copy what they drop),
+    so copying it per caller (a deep copy of thousands of tables) bought nothing. E208 for
+    anything that is not UTF-8 TOML.
     """
     try:
-        return copy.deepcopy(_parse(bytes(data)))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        return _parse(bytes(data))
+    except (UnicodeDecodeError, tomli.TOMLDecodeError, RecursionError) as exc:
         raise CapsuleError("members", f"capsule.toml is not valid TOML: {str(exc)[:200]}") from None
 
 
