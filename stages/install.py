@@ -252,6 +252,7 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
     transfer.chunks_total = len(frames)
     transfer.skeleton_bytes = len(prefix) + len(suffix)
     objects = cas.objects
+    legacy = objects.objects.is_dir()  # a one-file-per-chunk store of an earlier ato, not yet migrated
     local: set[str] = set()
     packed = cas.packs.locate_many(f.raw_hash for f in frames)
     for f in frames:
@@ -260,6 +261,8 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
             if where is not None:
                 if where.length == f.frame_size and where.frame_hash.hex() == f.frame_blake3:
                     local.add(f.raw_hash)  # the index holds the frame's digest: no need to read it to decide
+                continue
+            if not legacy:
                 continue
             try:
                 if objects.path(f.raw_hash).stat().st_size == f.frame_size:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
-
-import httpx
 
 from pipeline.errors import (
     E_AUTH_REQUIRED,
@@ -36,6 +35,26 @@ from pipeline.errors import (
 )
 from pipeline.names import parse_registry
 from stages.registry_port import RegistryHttpError, VersionConflict
+
+
+def _import_httpx() -> Any:
+    """httpx, without trio. httpcore imports trio when it is installed (only to run under trio's event
+    loop, which ato never does); where something else installed it (selenium, in a test environment)
+    that import cost more than httpx itself on every install. trio is hidden for the duration of the
+    import only: httpcore then treats it as absent, and a later ``import trio`` works as usual."""
+    if "httpcore" in sys.modules or "trio" in sys.modules:
+        import httpx
+        return httpx
+    sys.modules["trio"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        import httpcore  # noqa: F401 - httpx imports it only when its first client is made
+        import httpx
+    finally:
+        del sys.modules["trio"]
+    return httpx
+
+
+httpx = _import_httpx()
 
 USER_AGENT = "ato-cli (python)"
 COPY = 1 << 20
