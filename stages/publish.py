@@ -21,8 +21,8 @@ prepare runs ``[build.lifecycle].prepare`` from capsule.toml, else package.json
 ``scripts["capsule:prepare"]`` (``npm run capsule:prepare``); with neither it is
 skipped, unless ``--prepare`` was asked for explicitly (then it fails).
 
-deploy (private) first verifies the artifact locally exactly as the registry
-will (every digest, every frame, every payload tar entry), then uploads only the
+deploy (private) verifies the artifact locally exactly as the registry will
+(every digest, every frame, every payload tar entry) and uploads only the
 chunks the registry lacks: ``/v1/sync/negotiate`` → ``/v1/sync/chunks`` (the
 missing frames, one streamed body) → ``/v1/sync/commit`` (the skeleton: the
 bytes around ``payload.tar.zst``, plus the chunk order; the registry rebuilds
@@ -31,6 +31,12 @@ of the payload's bytes (a first publish), or has no chunk routes, or holds
 different frames for some chunk, the whole artifact goes in one streamed
 ``PUT /v1/local/capsules/...`` instead: the same bytes, without splitting and
 re-assembling them.
+
+When the artifact is large (OVERLAP_BYTES) and goes whole, the local check runs on a
+thread of its own while the upload streams, and its verdict gates the upload's last
+piece: a refused artifact never reaches the registry whole (the registry drops the
+partial upload), and the error is the same as when the check runs first. A smaller
+artifact, or one that goes as chunks, is checked before anything is sent.
 
 Scoped id: ``--scoped-id publisher/slug`` (slug must equal the manifest name,
 because the registry checks the name against the path); otherwise the slug is
@@ -56,6 +62,7 @@ import json
 import os
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -81,13 +88,15 @@ from pipeline.errors import (
 from pipeline.manifest.tomlfile import parse_toml
 from pipeline.names import parse_registry
 from pipeline.progress import SILENT, SILENT_TASK, Progress, Task, human_bytes
-from stages.capsule import Limits, verify
+from stages.capsule import CapsuleError, Limits, Verdict, read_capsule, verify
 from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryPort, VersionConflict
 
 SCHEMA_VERSION = "1"
 PHASES = ("prepare", "build", "deploy")
 UPLOAD_BATCH_BYTES = 256 << 20
+OVERLAP_BYTES = 8 << 20  # an artifact this large going whole is verified while it uploads
+HASH_PIECE = 1 << 20
 DEPRECATION = ("--legacy-full-publish is deprecated and will be removed in the next major release. "
                "Use explicit --prepare/--build/--deploy flags instead.")
 
@@ -151,9 +160,32 @@ class Phase:
                 "elapsed_ms": self.elapsed_ms, "message": self.message, "skipped_reason": self.skipped_reason}
 
 
+class PendingVerdict:
+    """:func:`verify` of an artifact on a thread of its own, so that it overlaps the upload."""
+
+    def __init__(self, path: Path, limits: Limits | None) -> None:
+        self._verdict: Verdict | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path, limits), name="publish-verify", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path, limits: Limits | None) -> None:
+        try:
+            self._verdict = verify(path, limits)
+        except BaseException as exc:  # noqa: BLE001 - a bug in the verifier: result() raises it
+            self._error = exc
+
+    def result(self) -> Verdict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._verdict is not None
+        return self._verdict
+
+
 @dataclass
 class LocalArtifact:
-    """An artifact checked the way the registry will check it."""
+    """An artifact checked the way the registry will check it (``pending``: the check is still running)."""
 
     path: Path
     size: int
@@ -164,6 +196,28 @@ class LocalArtifact:
     prefix_size: int
     payload_size: int
     frames: list[FrameRef] | None
+    pending: PendingVerdict | None = None
+
+    def settle(self) -> None:
+        """Wait for a pending check: raise its refusal, or take its frames. The verifier must have judged
+        the very bytes that were hashed for the upload (a file rewritten meanwhile is refused)."""
+        if self.pending is None:
+            return
+        verdict = self.pending.result().require()
+        if verdict.artifact_blake3 != label(self.blake3) or verdict.size != self.size:
+            raise AtoError(E_INTEGRITY, f"{self.path} changed while it was being published (it hashed to "
+                                        f"{label(self.blake3)}, then verified as {verdict.artifact_blake3})")
+        assert verdict.scan is not None
+        self.frames = list(verdict.scan.frames) if verdict.scan.frames is not None else None
+        self.pending = None
+
+    def refusal(self) -> AtoError | None:
+        """The pending check's refusal, if it refuses (after waiting for it); None otherwise."""
+        try:
+            self.settle()
+        except AtoError as exc:
+            return exc
+        return None
 
     @property
     def name(self) -> str:
@@ -335,26 +389,54 @@ def run_prepare(req: PublishRequest, phase: Phase) -> None:
     _timed(phase, go)
 
 
-def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress = SILENT) -> LocalArtifact:
+def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress = SILENT, *,
+                  overlap: bool = False) -> LocalArtifact:
     """Verify an artifact locally with the registry's own verifier (every digest, every frame, every
-    payload entry, the signature, the payload ceiling); then hash it whole for the upload headers."""
+    payload entry, the signature, the payload ceiling); then hash it whole for the upload headers.
+
+    ``overlap`` (a large artifact only): read the small members and hash the file now, and leave the
+    verification running (``pending``); :func:`upload` waits for its verdict before the last byte."""
     if not path.is_file():
         raise AtoError(E_USAGE, f"Artifact not found: {path}")
     if path.suffix != ".capsule":
         raise AtoError(E_USAGE, f"--artifact must point to a .capsule file (got {path.name})")
+    if overlap and path.stat().st_size >= OVERLAP_BYTES:
+        try:
+            capsule = read_capsule(path)
+        except CapsuleError:
+            capsule = None  # the verifier says what is wrong, in its own words
+        if capsule is not None:
+            pending = PendingVerdict(path, limits)
+            with reporter.task("Hashing", total=path.stat().st_size) as task:
+                size, sha, b3 = _hashes(path, task)
+            return LocalArtifact(path, size, sha, b3, capsule.manifest, capsule.payload_manifest,
+                                 capsule.payload_offset, capsule.payload_size, None, pending)
     with reporter.task("Verifying", total=None) as task:
         verdict = verify(path, limits).require()
         capsule, scan = verdict.capsule, verdict.scan
         assert capsule is not None and scan is not None
-        sha = hashlib.sha256()
         task.update(total=path.stat().st_size, completed=0)
-        with open(path, "rb") as fh:
-            while data := fh.read(1 << 20):
-                sha.update(data)
-                task.advance(len(data))
-    return LocalArtifact(path, verdict.size or 0, sha.hexdigest(), parse(str(verdict.artifact_blake3)),
+        size, sha, _b3 = _hashes(path, task, blake3_too=False)
+    return LocalArtifact(path, verdict.size or 0, sha, parse(str(verdict.artifact_blake3)),
                          capsule.manifest, capsule.payload_manifest, capsule.payload_offset, capsule.payload_size,
                          list(scan.frames) if scan.frames is not None else None)
+
+
+def _hashes(path: Path, task: Task = SILENT_TASK, *, blake3_too: bool = True) -> tuple[int, str, str]:
+    """(size, SHA-256 hex, BLAKE3 hex) of the file, in one read."""
+    import blake3
+
+    sha = hashlib.sha256()
+    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = 0
+    with open(path, "rb") as fh:
+        while data := fh.read(HASH_PIECE):
+            sha.update(data)
+            if blake3_too:
+                b3.update(data)
+            size += len(data)
+            task.advance(len(data))
+    return size, sha.hexdigest(), b3.hexdigest() if blake3_too else ""
 
 
 def scoped_for(art: LocalArtifact, explicit: str | None, handle: str | None = None) -> tuple[str, str]:
@@ -440,29 +522,48 @@ WHOLE_FILE_SHARE = 0.5
 
 
 def _mostly_missing(art: LocalArtifact, nego: dict[str, Any]) -> bool:
-    """True when the chunks the registry lacks are at least WHOLE_FILE_SHARE of the payload's bytes."""
+    """True when the chunks the registry lacks are at least WHOLE_FILE_SHARE of the payload's bytes
+    (compressed bytes when the frames are known, else decoded bytes)."""
     missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
-    frames = art.frames or []
+    if art.frames is None:
+        lacking = {c.raw_hash: c.raw_size for c in art.payload.chunks if c.raw_hash in missing}
+        return sum(lacking.values()) >= WHOLE_FILE_SHARE * max(1, art.payload.total_raw_size)
+    frames = art.frames
     needed = sum(f.frame_size for f in {f.raw_hash: f for f in frames if f.raw_hash in missing}.values())
     return needed >= WHOLE_FILE_SHARE * max(1, art.payload_size)
 
 
 def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
            allow_existing: bool, reporter: Progress = SILENT) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer)."""
+    """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer).
+
+    An artifact whose local check is still running (``art.pending``) goes whole when the registry lacks
+    most of it, the check's verdict gating the last piece; otherwise the check finishes first."""
     file_name = f"{slug}-{art.version}.capsule"
     transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
                 "bytes_uploaded": 0, "bytes_total": art.size}
-    nego = client.negotiate(negotiate_body(art, publisher, slug, allow_existing)) if art.frames else None
-    if nego is not None and not nego.get("existing") and _mostly_missing(art, nego):
-        nego = None  # the registry lacks most of it: one streamed upload of the file costs less than frames
+    whole = False
+    if art.pending is not None:
+        # which chunks the registry lacks, asked without opening a session: a whole upload needs none
+        probe = client.negotiate({**negotiate_body(art, publisher, slug, allow_existing), "dry_run": True})
+        whole = probe is None or (not probe.get("existing") and _mostly_missing(art, probe))
+        if not whole:
+            art.settle()  # chunks go out only for an artifact already judged
+    nego = None
+    if not whole:
+        nego = client.negotiate(negotiate_body(art, publisher, slug, allow_existing)) if art.frames else None
+        if nego is not None and not nego.get("existing") and _mostly_missing(art, nego):
+            nego = None  # the registry lacks most of it: one streamed upload of the file costs less than frames
     if nego is None or nego.get("frame_conflicts"):
         transfer["mode"] = "full"
         with reporter.task("Uploading", total=art.size) as task:
             status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
                                                  sha256=art.sha256, blake3_hex=art.blake3,
-                                                 allow_existing=allow_existing, sent=task.advance)
-        transfer["bytes_uploaded"] = 0 if doc.get("already_existed") else art.size
+                                                 allow_existing=allow_existing, sent=task.advance,
+                                                 before_last=art.settle)
+        art.settle()  # done before the last piece; again here for a registry that answered before it
+        if not doc.get("already_existed"):
+            transfer["chunks_uploaded"], transfer["bytes_uploaded"] = transfer["chunks_total"], art.size
         return status, doc, transfer
     session = str(nego["session_id"])
     missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
@@ -633,19 +734,26 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                         return "dry-run: would build, then upload"
                     raise usage("deploy needs an artifact: pass --artifact <file.capsule> or run the build "
                                 "phase")
-                local = inspect_local(artifact_path, reporter=ports.reporter)
-                publisher, slug = scoped_for(local, req.scoped_id, dock["handle"] if dock else None)
-                scoped = f"{publisher}/{slug}"
-                with ports.connect(registry, req.token) as client:
-                    if req.dry_run:
-                        dry_report = _dry_run(client, local, publisher, slug, registry, req.token)
-                        return (f"dry-run: would upload {dry_report['chunks_to_upload']} of "
-                                f"{dry_report['chunks_total']} chunks to {registry}")
-                    try:
-                        _status, doc, transfer = upload(client, local, publisher, slug, req.allow_existing,
-                                                        ports.reporter)
-                    except VersionConflict as exc:
-                        raise version_conflict(exc, scoped, local.version, registry) from None
+                local = inspect_local(artifact_path, reporter=ports.reporter, overlap=not req.dry_run)
+                try:
+                    publisher, slug = scoped_for(local, req.scoped_id, dock["handle"] if dock else None)
+                    scoped = f"{publisher}/{slug}"
+                    with ports.connect(registry, req.token) as client:
+                        if req.dry_run:
+                            dry_report = _dry_run(client, local, publisher, slug, registry, req.token)
+                            return (f"dry-run: would upload {dry_report['chunks_to_upload']} of "
+                                    f"{dry_report['chunks_total']} chunks to {registry}")
+                        try:
+                            _status, doc, transfer = upload(client, local, publisher, slug, req.allow_existing,
+                                                            ports.reporter)
+                        except VersionConflict as exc:
+                            raise version_conflict(exc, scoped, local.version, registry) from None
+                except AtoError:
+                    # a check still running decides first: the error a check run before the upload would give
+                    refused = local.refusal()
+                    if refused is not None:
+                        raise refused from None
+                    raise
                 publish_doc = {
                     "scoped_id": doc.get("scoped_id", scoped), "version": doc.get("version", local.version),
                     "artifact_url": doc.get("artifact_url"), "file_name": doc.get("file_name"),
@@ -657,8 +765,7 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                                    f"({publish_doc['blake3']}) than the one uploaded ({label(local.blake3)})")
                 if publish_doc["already_existed"]:
                     return f"existing release reused ({scoped} {local.version}, same digest, nothing uploaded)"
-                return (f"uploaded {transfer['chunks_uploaded']} of {transfer['chunks_total']} chunks "
-                        f"({human_bytes(transfer['bytes_uploaded'])}, mode {transfer['mode']})")
+                return uploaded_line(transfer)
             _timed(deploy, do_deploy)
         report(deploy)
     if scoped is None and local is not None and not official:
@@ -838,6 +945,14 @@ def _dry_run_without_artifact(req: PublishRequest, registry: str, connect: Regis
             "chunks_total": None, "chunks_to_upload": None, "bytes_to_upload": None, "negotiated": False}
 
 
+def uploaded_line(transfer: dict[str, Any]) -> str:
+    """What the upload sent, in words: the whole file, or which chunks of it."""
+    if transfer["mode"] == "full":
+        return f"uploaded the whole artifact ({human_bytes(transfer['bytes_uploaded'])})"
+    return (f"uploaded {transfer['chunks_uploaded']} of {transfer['chunks_total']} chunks "
+            f"({human_bytes(transfer['bytes_uploaded'])}; the registry had the rest)")
+
+
 def _human(doc: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if doc["handoff"]:
@@ -871,8 +986,8 @@ def _human(doc: dict[str, Any]) -> list[str]:
     if pub["already_existed"]:
         lines.append("  Existing release reused (same digest, no new upload).")
     else:
-        lines.append(f"  Uploaded {t['chunks_uploaded']} of {t['chunks_total']} chunks "
-                     f"({human_bytes(t['bytes_uploaded'])}, {t['mode']})")
+        line = uploaded_line(t)
+        lines.append(f"  {line[0].upper()}{line[1:]}")
     lines.append(f"Next step: ato install {pub['scoped_id']}" if doc.get("dock") else
                  f"Next step: ato install {pub['scoped_id']} --registry {doc['registry']}")
     return lines

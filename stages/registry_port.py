@@ -60,7 +60,8 @@ class RegistryPort(Protocol):
 
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
-                        sent: Callable[[int], None] | None = None) -> tuple[int, dict[str, Any]]: ...
+                        sent: Callable[[int], None] | None = None,
+                        before_last: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]: ...
 
     def publish_ci(self, *, token: str, repository: str, slug: str, version: str, file_name: str, path: Path,
                    sha256: str, blake3_hex: str) -> dict[str, Any]: ...

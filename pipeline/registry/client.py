@@ -217,10 +217,15 @@ class RegistryClient:
 
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
-                        sent: Callable[[int], None] | None = None) -> tuple[int, dict[str, Any]]:
-        """``PUT`` the whole artifact; ``sent(n)`` is told each piece's size as it goes out."""
+                        sent: Callable[[int], None] | None = None,
+                        before_last: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
+        """``PUT`` the whole artifact; ``sent(n)`` is told each piece's size as it goes out.
+
+        ``before_last()`` runs before the last piece is sent; when it raises, the upload is abandoned
+        (the connection is closed with the body incomplete, which a registry never stores) and the
+        exception propagates."""
         size = path.stat().st_size
-        pieces = _file_pieces(path)
+        pieces = _file_pieces(path, before_last)
         if sent is not None:
             pieces = _told(pieces, sent)
         params = {"file_name": file_name}
@@ -249,10 +254,15 @@ class RegistryClient:
         return response_json(self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config"))
 
 
-def _file_pieces(path: Path) -> Iterator[bytes]:
+def _file_pieces(path: Path, before_last: Callable[[], None] | None = None) -> Iterator[bytes]:
     with open(path, "rb") as fh:
-        while data := fh.read(COPY):
+        data = fh.read(COPY)
+        while data:
+            following = fh.read(COPY)
+            if not following and before_last is not None:
+                before_last()
             yield data
+            data = following
 
 
 def _told(pieces: Iterator[bytes], sent: Callable[[int], None]) -> Iterator[bytes]:

@@ -7,6 +7,8 @@ test_hostile_registry.py."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from pathlib import Path
 
 import blake3
@@ -16,6 +18,7 @@ import pytest
 from tests.e2e.hostile_cases import (
     BOMBS,
     CASES,
+    MAIN,
     MAX_RSS,
     TRUST_ONLY,
     VERSION,
@@ -25,6 +28,7 @@ from tests.e2e.hostile_cases import (
     vm_hwm,
 )
 from tests.e2e.registry_support import TOKEN, Registry, settle, snapshot
+from tests.hostile_support import Entry, capsule
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -55,3 +59,47 @@ def test_publish_refuses_before_uploading_and_the_registry_refuses_the_bytes(
     if case in BOMBS:
         assert rss < MAX_RSS, f"publish of {case}: peak RSS {rss / 1e6:.0f} MB"
         assert vm_hwm(hostile_registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
+
+
+def _large(tmp: Path, name: str, *tail: Entry) -> Path:
+    """An artifact large enough that publish verifies it while it uploads (stages.publish.OVERLAP_BYTES)."""
+    from stages.publish import OVERLAP_BYTES
+
+    blob = Entry("blob.bin", os.urandom(OVERLAP_BYTES + (2 << 20)))  # incompressible: the file is as large
+    return capsule(tmp / f"{name}-{VERSION}.capsule", name, VERSION, [MAIN, blob, *tail])
+
+
+def test_a_large_hostile_artifact_is_refused_before_its_last_byte_and_never_stored(
+        tmp_path: Path, hostile_registry: Registry) -> None:
+    # the bad entry comes last: the verdict arrives while most of the file is already on its way
+    art = _large(tmp_path, "h-large-dotdot", Entry("../../escape.txt", b"owned\n"))
+    expected = run_ato(["verify", str(art)])[0]
+    assert_refused(expected, "E208", "verify of the large dotdot artifact")
+    before = snapshot(hostile_registry.data_dir)
+    res, _rss = run_ato(["publish", "--artifact", str(art), "--registry", hostile_registry.url],
+                        env={"ATO_TOKEN": TOKEN})
+    assert_refused(res, "E208", "publish of the large dotdot artifact")
+    error_line = next(line for line in res.stderr.splitlines() if line.startswith("error["))
+    assert error_line == next(line for line in expected.stderr.splitlines() if line.startswith("error["))
+    assert settle(hostile_registry.data_dir, before) == before  # the partial upload was dropped
+    r = httpx.get(f"{hostile_registry.url}/v1/capsules/by/local/h-large-dotdot", timeout=30)
+    assert r.status_code == 404, r.text
+
+
+def test_a_large_artifact_goes_whole_and_the_line_says_so(tmp_path: Path, hostile_registry: Registry) -> None:
+    art = _large(tmp_path, "large-ok")
+    res, _rss = run_ato(["publish", "--artifact", str(art), "--registry", hostile_registry.url, "--json"],
+                        env={"ATO_TOKEN": TOKEN})
+    assert res.code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    transfer = doc["publish"]["transfer"]
+    deploy = next(p for p in doc["phases"] if p["name"] == "deploy")
+    assert deploy["message"].startswith("uploaded the whole artifact ("), deploy
+    assert transfer["mode"] == "full" and transfer["bytes_uploaded"] == art.stat().st_size
+    assert transfer["chunks_uploaded"] == transfer["chunks_total"] > 0
+    data = art.read_bytes()
+    r = httpx.get(f"{hostile_registry.url}/v1/artifacts/local/large-ok/{VERSION}/{art.name}", timeout=60)
+    assert r.status_code == 200 and r.content == data
+    again, _rss = run_ato(["publish", "--artifact", str(art), "--registry", hostile_registry.url,
+                           "--allow-existing"], env={"ATO_TOKEN": TOKEN})
+    assert again.code == 0 and "Existing release reused" in again.stdout, again.stderr

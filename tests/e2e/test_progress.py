@@ -27,7 +27,7 @@ from tests.e2e.test_run_e2e import static_site
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make system-deps)")
 
 BLOBS, BLOB_SIZE = 5, 10_000_000
-BAR = re.compile(r"(Packing|Verifying|Uploading|Downloading) +\S* +(\d+)% +([\d.]+)/([\d.]+) (?:kB|MB)")
+BAR = re.compile(r"(Packing|Hashing|Verifying|Uploading|Downloading) +\S* +(\d+)% +([\d.]+)/([\d.]+) (?:kB|MB)")
 DONE = "__ato_done__"
 
 
@@ -109,7 +109,7 @@ def test_progress_updates_on_a_terminal(project: Path, tmp_path: Path) -> None:
     producer, consumer, registry = flow(tmp_path, "tty")
     try:
         build, publish, install = commands(project, "tty", registry)
-        for argv, env, labels in ((build, producer, {"Packing"}), (publish, producer, {"Verifying", "Uploading"}),
+        for argv, env, labels in ((build, producer, {"Packing"}), (publish, producer, {"Hashing", "Uploading"}),
                                   (install, consumer, {"Downloading"})):
             screens, status = run_in_pane(argv, project, env)
             assert status == 0, screens[-1]
