@@ -401,14 +401,17 @@ def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress =
     if path.suffix != ".capsule":
         raise AtoError(E_USAGE, f"--artifact must point to a .capsule file (got {path.name})")
     if overlap and path.stat().st_size >= OVERLAP_BYTES:
-        try:
-            capsule = read_capsule(path)
-        except CapsuleError:
-            capsule = None  # the verifier says what is wrong, in its own words
+        from concurrent.futures import ThreadPoolExecutor
+
+        with reporter.task("Hashing", total=path.stat().st_size) as task, ThreadPoolExecutor(1) as pool:
+            hashing = pool.submit(_hashes, path, task)  # the digests (GIL-free) while the small members parse
+            try:
+                capsule = read_capsule(path)
+            except CapsuleError:
+                capsule = None  # the verifier says what is wrong, in its own words
+            pending = PendingVerdict(path, limits) if capsule is not None else None
+            size, sha, b3 = hashing.result()
         if capsule is not None:
-            pending = PendingVerdict(path, limits)
-            with reporter.task("Hashing", total=path.stat().st_size) as task:
-                size, sha, b3 = _hashes(path, task)
             return LocalArtifact(path, size, sha, b3, capsule.manifest, capsule.payload_manifest,
                                  capsule.payload_offset, capsule.payload_size, None, pending)
     with reporter.task("Verifying", total=None) as task:

@@ -39,6 +39,7 @@ T = TypeVar("T")
 RETRY_SQLSTATES = ("40001", "40P01")  # serialization_failure, deadlock_detected
 RETRIES = 5
 IN_BATCH = 500  # keys per IN (...) list
+VALUES_BATCH = 500  # rows per multi-row VALUES statement (6 columns: 3,000 parameters, under every limit)
 
 
 def database_url(value: str | None, data_dir: Path) -> str:
@@ -170,6 +171,25 @@ class Index:
         out: list[Row] = []
         for i in range(0, len(unique), IN_BATCH):
             out += conn.execute(stmt, {**params, "keys": unique[i:i + IN_BATCH]}).mappings().all()
+        return out
+
+    @staticmethod
+    def insert_values(conn: Connection, head: str, rows: Sequence[Sequence[Any]], tail: str = "") -> list[Row]:
+        """``head VALUES (...), (...) tail`` over ``rows`` (tuples in column order), VALUES_BATCH rows a
+        statement; the rows a ``RETURNING`` tail gives.
+
+        The values are bound by the database driver itself, positionally: for the thousands of chunk
+        rows of one publish, SQLAlchemy's per-parameter binding of ``text()`` cost ten times the
+        statements (0.3 s of an 80 MB publish). ``head`` and ``tail`` are fixed SQL, never data."""
+        mark = "?" if conn.dialect.paramstyle in ("qmark", "numeric") else "%s"
+        out: list[Row] = []
+        for i in range(0, len(rows), VALUES_BATCH):
+            part = rows[i:i + VALUES_BATCH]
+            one = "(" + ", ".join([mark] * len(part[0])) + ")"
+            result = conn.exec_driver_sql(f"{head} VALUES {', '.join([one] * len(part))} {tail}",
+                                          tuple(v for row in part for v in row))
+            if result.returns_rows:
+                out += result.mappings().all()
         return out
 
     @staticmethod

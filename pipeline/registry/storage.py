@@ -800,18 +800,11 @@ class RegistryStore:
         locked: dict[str, str] = {}
         todo = sorted(by_hash)
         while todo:
-            for i in range(0, len(todo), 200):
-                part = [by_hash[h] for h in todo[i:i + 200]]
-                values = ", ".join(f"(:h{n}, :r{n}, :f{n}, :b{n}, :k{n}, :o{n})" for n in range(len(part)))
-                params: dict[str, Any] = {}
-                for n, r in enumerate(part):
-                    params.update({f"h{n}": r.raw_hash, f"r{n}": r.raw_size, f"f{n}": r.frame_size,
-                                   f"b{n}": r.frame_blake3, f"k{n}": where[r.raw_hash][0],
-                                   f"o{n}": where[r.raw_hash][1]})
-                rows = self.index.all(conn, "INSERT INTO chunks(raw_hash, raw_size, frame_size, frame_blake3, "
-                                            f"blob_key, blob_offset) VALUES {values} ON CONFLICT(raw_hash) DO NOTHING "
-                                            "RETURNING raw_hash", **params)
-                owned.update(r["raw_hash"] for r in rows)
+            rows = self.index.insert_values(
+                conn, "INSERT INTO chunks(raw_hash, raw_size, frame_size, frame_blake3, blob_key, blob_offset)",
+                [(h, by_hash[h].raw_size, by_hash[h].frame_size, by_hash[h].frame_blake3, *where[h]) for h in todo],
+                "ON CONFLICT(raw_hash) DO NOTHING RETURNING raw_hash")
+            owned.update(r["raw_hash"] for r in rows)
             rest = [h for h in todo if h not in owned]
             for row in self.index.values_in(conn, "SELECT raw_hash, frame_blake3 FROM chunks WHERE raw_hash IN :keys "
                                                   f"ORDER BY raw_hash{self.index.for_share}", rest):
@@ -887,10 +880,10 @@ class RegistryStore:
                                    {"s": scoped, "v": upload.version})
                 # which chunks this artifact holds (the frames the index knows for them), and where
                 held = [f for f in unique if f.raw_hash in owned or locked.get(f.raw_hash) == f.frame_blake3]
-                self.index.run(conn, "INSERT INTO release_chunks(scoped_id, version, raw_hash, frame_offset) "
-                                     "VALUES(:s, :v, :h, :o)",
-                               [{"s": scoped, "v": upload.version, "h": f.raw_hash, "o": offsets[f.raw_hash][1]}
-                                for f in sorted(held, key=lambda f: f.raw_hash)])
+                if held:
+                    self.index.insert_values(conn, "INSERT INTO release_chunks(scoped_id, version, raw_hash, frame_offset)",
+                                             [(scoped, upload.version, f.raw_hash, offsets[f.raw_hash][1])
+                                              for f in sorted(held, key=lambda f: f.raw_hash)])
                 if frames is not None:
                     mkey = manifest_key(insp.payload.artifact_hash)
                     self._clear_marks(conn, [mkey])
