@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import sys
 from importlib import import_module
+from types import ModuleType
 
 import click
 
 from pipeline.cli.common import State, _json_callback, run_cli
 from pipeline.cli.help import AtoGroup, examples
+
+# httpx imports its own command line, and with it rich's tables, progress and syntax colouring
+# (~60 ms of CPU in every networked command), whenever click and rich are installed, as they are
+# for ato, which never runs it. An empty module in its place makes httpx skip it.
+sys.modules.setdefault("httpx._main", ModuleType("httpx._main"))
 
 # Each module exports ``register(group)`` and adds the commands named here. Modules
 # are imported only when one of their commands runs (or for --help), so `ato ps`
