@@ -32,11 +32,13 @@ different frames for some chunk, the whole artifact goes in one streamed
 ``PUT /v1/local/capsules/...`` instead: the same bytes, without splitting and
 re-assembling them.
 
-When the artifact is large (OVERLAP_BYTES) and goes whole, the local check runs on a
-thread of its own while the upload streams, and its verdict gates the upload's last
-piece: a refused artifact never reaches the registry whole (the registry drops the
-partial upload), and the error is the same as when the check runs first. A smaller
-artifact, or one that goes as chunks, is checked before anything is sent.
+When the artifact is large (OVERLAP_BYTES) and goes whole, its small members are judged
+first (signature, manifest digests, ceiling: nothing is sent for a refusal there), and the
+payload is judged by the verifier's stream on the very buffers that are sent, each before it
+goes out; the complete verdict gates the upload's last piece. A refused artifact never
+reaches the registry whole (the registry drops the partial upload), and the error is the one
+the verifier gives a file. A smaller artifact, or one that goes as chunks, is verified
+before anything is sent.
 
 Scoped id: ``--scoped-id publisher/slug`` (slug must equal the manifest name,
 because the registry checks the name against the path); otherwise the slug is
@@ -62,7 +64,6 @@ import json
 import os
 import shlex
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -88,7 +89,8 @@ from pipeline.errors import (
 from pipeline.manifest.tomlfile import parse_toml
 from pipeline.names import parse_registry
 from pipeline.progress import SILENT, SILENT_TASK, Progress, Task, human_bytes
-from stages.capsule import CapsuleError, Limits, Verdict, read_capsule, verify
+from stages.capsule import CapsuleError, Limits, Verdict, verify, verify_skeleton, verify_stream
+from stages.capsule.archive import FileSource, read_layout
 from stages.capsule.payload import FrameRef
 from stages.registry_port import RegistryConnect, RegistryPort, VersionConflict
 
@@ -160,32 +162,11 @@ class Phase:
                 "elapsed_ms": self.elapsed_ms, "message": self.message, "skipped_reason": self.skipped_reason}
 
 
-class PendingVerdict:
-    """:func:`verify` of an artifact on a thread of its own, so that it overlaps the upload."""
-
-    def __init__(self, path: Path, limits: Limits | None) -> None:
-        self._verdict: Verdict | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path, limits), name="publish-verify", daemon=True)
-        self._thread.start()
-
-    def _run(self, path: Path, limits: Limits | None) -> None:
-        try:
-            self._verdict = verify(path, limits)
-        except BaseException as exc:  # noqa: BLE001 - a bug in the verifier: result() raises it
-            self._error = exc
-
-    def result(self) -> Verdict:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._verdict is not None
-        return self._verdict
-
-
 @dataclass
 class LocalArtifact:
-    """An artifact checked the way the registry will check it (``pending``: the check is still running)."""
+    """An artifact checked the way the registry will check it. ``skeleton``: only its small members are
+    judged yet (signature, manifest digests, ceiling); the payload is judged as it uploads
+    (:meth:`judging`), or by :meth:`settle` before anything else is sent."""
 
     path: Path
     size: int
@@ -196,23 +177,38 @@ class LocalArtifact:
     prefix_size: int
     payload_size: int
     frames: list[FrameRef] | None
-    pending: PendingVerdict | None = None
+    skeleton: Verdict | None = None
+    limits: Limits | None = None
 
-    def settle(self) -> None:
-        """Wait for a pending check: raise its refusal, or take its frames. The verifier must have judged
-        the very bytes that were hashed for the upload (a file rewritten meanwhile is refused)."""
-        if self.pending is None:
+    def settle(self, verdict: Verdict | None = None) -> None:
+        """Take the complete verdict (``verdict``, or :func:`verify` of the file now): raise its refusal,
+        or take its frames. It must be on the very bytes hashed for the upload headers."""
+        if self.skeleton is None:
             return
-        verdict = self.pending.result().require()
+        verdict = (verdict or verify(self.path, self.limits)).require()
         if verdict.artifact_blake3 != label(self.blake3) or verdict.size != self.size:
             raise AtoError(E_INTEGRITY, f"{self.path} changed while it was being published (it hashed to "
                                         f"{label(self.blake3)}, then verified as {verdict.artifact_blake3})")
         assert verdict.scan is not None
         self.frames = list(verdict.scan.frames) if verdict.scan.frames is not None else None
-        self.pending = None
+        self.skeleton = None
+
+    def judging(self) -> tuple[Callable[[bytes, bool], None], Callable[[], None]]:
+        """``(check, close)`` for an upload of the whole file: ``check(piece, last)`` passes each piece,
+        before it is sent, through the verifier's stream (the payload scan runs on the very buffers
+        that go out), and before the last one is sent takes the complete verdict, raising its refusal.
+        ``close()`` abandons a stream that did not finish (always call it)."""
+        assert self.skeleton is not None
+        stream = verify_stream(self.skeleton, self.path)
+
+        def check(piece: bytes, last: bool) -> None:
+            stream.update(piece)
+            if last:
+                self.settle(stream.finish())
+        return check, stream.close
 
     def refusal(self) -> AtoError | None:
-        """The pending check's refusal, if it refuses (after waiting for it); None otherwise."""
+        """The local check's refusal, if it refuses (judging the file now if it is not judged yet)."""
         try:
             self.settle()
         except AtoError as exc:
@@ -394,8 +390,8 @@ def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress =
     """Verify an artifact locally with the registry's own verifier (every digest, every frame, every
     payload entry, the signature, the payload ceiling); then hash it whole for the upload headers.
 
-    ``overlap`` (a large artifact only): read the small members and hash the file now, and leave the
-    verification running (``pending``); :func:`upload` waits for its verdict before the last byte."""
+    ``overlap`` (a large artifact only): judge the small members and hash the file now, and leave the
+    payload to be judged as it uploads (``skeleton``; see :func:`upload`)."""
     if not path.is_file():
         raise AtoError(E_USAGE, f"Artifact not found: {path}")
     if path.suffix != ".capsule":
@@ -404,16 +400,13 @@ def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress =
         from concurrent.futures import ThreadPoolExecutor
 
         with reporter.task("Hashing", total=path.stat().st_size) as task, ThreadPoolExecutor(1) as pool:
-            hashing = pool.submit(_hashes, path, task)  # the digests (GIL-free) while the small members parse
-            try:
-                capsule = read_capsule(path)
-            except CapsuleError:
-                capsule = None  # the verifier says what is wrong, in its own words
-            pending = PendingVerdict(path, limits) if capsule is not None else None
+            hashing = pool.submit(_hashes, path, task)  # the digests (GIL-free) while the small members are judged
+            skeleton = _skeleton(path, limits)
             size, sha, b3 = hashing.result()
-        if capsule is not None:
-            return LocalArtifact(path, size, sha, b3, capsule.manifest, capsule.payload_manifest,
-                                 capsule.payload_offset, capsule.payload_size, None, pending)
+        if skeleton is not None and skeleton.capsule is not None:
+            c = skeleton.capsule
+            return LocalArtifact(path, size, sha, b3, c.manifest, c.payload_manifest, c.payload_offset,
+                                 c.payload_size, None, skeleton, limits)
     with reporter.task("Verifying", total=None) as task:
         verdict = verify(path, limits).require()
         capsule, scan = verdict.capsule, verdict.scan
@@ -423,6 +416,21 @@ def inspect_local(path: Path, limits: Limits | None = None, reporter: Progress =
     return LocalArtifact(path, verdict.size or 0, sha, parse(str(verdict.artifact_blake3)),
                          capsule.manifest, capsule.payload_manifest, capsule.payload_offset, capsule.payload_size,
                          list(scan.frames) if scan.frames is not None else None)
+
+
+def _skeleton(path: Path, limits: Limits | None) -> Verdict | None:
+    """:func:`verify_skeleton` of the file's bytes around its payload: every check but the payload's.
+    None when it refuses or cannot be read: :func:`verify` of the file then says why, in its own words."""
+    try:
+        with open(path, "rb") as fh:
+            src = FileSource(fh)
+            layout = read_layout(src)
+            start, end = layout.payload.offset, layout.payload.offset + layout.payload.size
+            prefix, suffix = src.read_at(0, start), src.read_at(end, layout.size - end)
+    except (OSError, CapsuleError):
+        return None
+    verdict = verify_skeleton(prefix, layout.payload.size, suffix, limits=limits)
+    return verdict if verdict.ok else None
 
 
 def _hashes(path: Path, task: Task = SILENT_TASK, *, blake3_too: bool = True) -> tuple[int, str, str]:
@@ -540,13 +548,14 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
            allow_existing: bool, reporter: Progress = SILENT) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Chunk-level upload when possible, else the whole artifact. Returns (status, release, transfer).
 
-    An artifact whose local check is still running (``art.pending``) goes whole when the registry lacks
-    most of it, the check's verdict gating the last piece; otherwise the check finishes first."""
+    An artifact whose payload is not judged yet (``art.skeleton``) goes whole when the registry lacks
+    most of it, the verifier's stream judging each piece before it is sent and its complete verdict
+    gating the last; otherwise the file is verified before anything is sent."""
     file_name = f"{slug}-{art.version}.capsule"
     transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
                 "bytes_uploaded": 0, "bytes_total": art.size}
     whole = False
-    if art.pending is not None:
+    if art.skeleton is not None:
         # which chunks the registry lacks, asked without opening a session: a whole upload needs none
         probe = client.negotiate({**negotiate_body(art, publisher, slug, allow_existing), "dry_run": True})
         whole = probe is None or (not probe.get("existing") and _mostly_missing(art, probe))
@@ -559,12 +568,15 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
             nego = None  # the registry lacks most of it: one streamed upload of the file costs less than frames
     if nego is None or nego.get("frame_conflicts"):
         transfer["mode"] = "full"
-        with reporter.task("Uploading", total=art.size) as task:
-            status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
-                                                 sha256=art.sha256, blake3_hex=art.blake3,
-                                                 allow_existing=allow_existing, sent=task.advance,
-                                                 before_last=art.settle)
-        art.settle()  # done before the last piece; again here for a registry that answered before it
+        check, close = art.judging() if art.skeleton is not None else (None, lambda: None)
+        try:
+            with reporter.task("Uploading", total=art.size) as task:
+                status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
+                                                     sha256=art.sha256, blake3_hex=art.blake3,
+                                                     allow_existing=allow_existing, sent=task.advance, check=check)
+        finally:
+            close()
+        art.settle()  # a registry that answered before the last piece: the file is judged now
         if not doc.get("already_existed"):
             transfer["chunks_uploaded"], transfer["bytes_uploaded"] = transfer["chunks_total"], art.size
         return status, doc, transfer
@@ -752,7 +764,7 @@ def run_publish(req: PublishRequest, *, ports: PublishPorts,
                         except VersionConflict as exc:
                             raise version_conflict(exc, scoped, local.version, registry) from None
                 except AtoError:
-                    # a check still running decides first: the error a check run before the upload would give
+                    # the local verdict decides first: the error a check run before the upload would give
                     refused = local.refusal()
                     if refused is not None:
                         raise refused from None

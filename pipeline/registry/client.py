@@ -218,14 +218,14 @@ class RegistryClient:
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
                         sent: Callable[[int], None] | None = None,
-                        before_last: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
+                        check: Callable[[bytes, bool], None] | None = None) -> tuple[int, dict[str, Any]]:
         """``PUT`` the whole artifact; ``sent(n)`` is told each piece's size as it goes out.
 
-        ``before_last()`` runs before the last piece is sent; when it raises, the upload is abandoned
-        (the connection is closed with the body incomplete, which a registry never stores) and the
-        exception propagates."""
+        ``check(piece, last)`` sees each piece before it is sent (``last``: no piece follows). When it
+        raises, the upload is abandoned (the connection closes with the body incomplete, which a
+        registry never stores) and the exception propagates."""
         size = path.stat().st_size
-        pieces = _file_pieces(path, before_last)
+        pieces = _file_pieces(path, check)
         if sent is not None:
             pieces = _told(pieces, sent)
         params = {"file_name": file_name}
@@ -254,13 +254,13 @@ class RegistryClient:
         return response_json(self.request("GET", f"/v1/local/capsules/by/{quote(publisher)}/{quote(slug)}/runtime-config"))
 
 
-def _file_pieces(path: Path, before_last: Callable[[], None] | None = None) -> Iterator[bytes]:
+def _file_pieces(path: Path, check: Callable[[bytes, bool], None] | None = None) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         data = fh.read(COPY)
         while data:
             following = fh.read(COPY)
-            if not following and before_last is not None:
-                before_last()
+            if check is not None:
+                check(data, not following)
             yield data
             data = following
 

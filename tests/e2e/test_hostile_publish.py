@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
 import httpx
 import pytest
 
+from stages.capsule import keys
 from tests.e2e.hostile_cases import (
     BOMBS,
     CASES,
@@ -22,13 +24,14 @@ from tests.e2e.hostile_cases import (
     MAX_RSS,
     TRUST_ONLY,
     VERSION,
+    _tampered,
     assert_refused,
     run_ato,
     slug,
     vm_hwm,
 )
 from tests.e2e.registry_support import TOKEN, Registry, settle, snapshot
-from tests.hostile_support import Entry, capsule
+from tests.hostile_support import Entry, capsule, with_signature
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -61,28 +64,36 @@ def test_publish_refuses_before_uploading_and_the_registry_refuses_the_bytes(
         assert vm_hwm(hostile_registry.proc.pid) < MAX_RSS, "the registry's decoding did not stay flat"
 
 
-def _large(tmp: Path, name: str, *tail: Entry) -> Path:
-    """An artifact large enough that publish verifies it while it uploads (stages.publish.OVERLAP_BYTES)."""
+def _large(tmp: Path, name: str, *tail: Entry, edit: Callable[[dict], bytes] | None = None) -> Path:
+    """An artifact large enough that publish judges its payload while it uploads (stages.publish.OVERLAP_BYTES);
+    ``edit``: signed, then its signature.json document changed."""
     from stages.publish import OVERLAP_BYTES
 
     blob = Entry("blob.bin", os.urandom(OVERLAP_BYTES + (2 << 20)))  # incompressible: the file is as large
-    return capsule(tmp / f"{name}-{VERSION}.capsule", name, VERSION, [MAIN, blob, *tail])
+    out = tmp / f"{name}-{VERSION}.capsule"
+    if edit is not None:
+        return with_signature(out, name, VERSION, [MAIN, blob, *tail], keys.generate_key(), edit)
+    return capsule(out, name, VERSION, [MAIN, blob, *tail])
 
 
+@pytest.mark.parametrize("case", ["dotdot-last", "tampered-signature"])
 def test_a_large_hostile_artifact_is_refused_before_its_last_byte_and_never_stored(
-        tmp_path: Path, hostile_registry: Registry) -> None:
-    # the bad entry comes last: the verdict arrives while most of the file is already on its way
-    art = _large(tmp_path, "h-large-dotdot", Entry("../../escape.txt", b"owned\n"))
+        case: str, tmp_path: Path, hostile_registry: Registry) -> None:
+    name = f"h-large-{case}"
+    if case == "dotdot-last":  # found by the stream, while most of the file is already on its way
+        art = _large(tmp_path, name, Entry("../../escape.txt", b"owned\n"))
+    else:  # found in the small members, before anything is sent
+        art = _large(tmp_path, name, edit=_tampered)
     expected = run_ato(["verify", str(art)])[0]
-    assert_refused(expected, "E208", "verify of the large dotdot artifact")
+    assert_refused(expected, "E208", f"verify of {name}")
     before = snapshot(hostile_registry.data_dir)
     res, _rss = run_ato(["publish", "--artifact", str(art), "--registry", hostile_registry.url],
                         env={"ATO_TOKEN": TOKEN})
-    assert_refused(res, "E208", "publish of the large dotdot artifact")
+    assert_refused(res, "E208", f"publish of {name}")
     error_line = next(line for line in res.stderr.splitlines() if line.startswith("error["))
     assert error_line == next(line for line in expected.stderr.splitlines() if line.startswith("error["))
-    assert settle(hostile_registry.data_dir, before) == before  # the partial upload was dropped
-    r = httpx.get(f"{hostile_registry.url}/v1/capsules/by/local/h-large-dotdot", timeout=30)
+    assert settle(hostile_registry.data_dir, before) == before  # a partial upload was dropped
+    r = httpx.get(f"{hostile_registry.url}/v1/capsules/by/local/{name}", timeout=30)
     assert r.status_code == 404, r.text
 
 
