@@ -1,11 +1,12 @@
 """The payload stage: project files -> normalized tar -> content-defined chunks in one new pack.
 
-Cold: every file is opened and read once; the same bytes give its BLAKE3 (the inputs digest),
-its SHA-256 (the SBOM) and its part of the tar. The tar is never written out: it is cut into
-chunks by content as it streams, and a thread pool hashes each chunk, looks it up in the store
-and compresses the new ones (one deterministic zstd frame per chunk) while the main thread reads
-on. New frames go into one pack, in payload order; ``payload.tar.zst`` is the concatenation of
-the frames, so the artifact and the store hold the very same bytes and a chunk is compressed once.
+Cold: every file is opened and read once, straight into a segment buffer of the tar; the same
+bytes give its BLAKE3 (the inputs digest), its SHA-256 (the SBOM) and its part of the tar. The tar
+is never written out: each full segment is cut into chunks by content, the chunks are hashed and
+looked up in the store, and the new ones are compressed (one deterministic zstd frame per chunk)
+on zstd's own threads while this thread reads on. New frames go into one pack, in payload order;
+``payload.tar.zst`` is the concatenation of the frames, so the artifact and the store hold the
+very same bytes and a chunk is compressed once.
 
 Incremental (the previous build's record and the list of files doit found changed): only the
 changed files are read. The new tar is described as runs of bytes that are unchanged from the
@@ -29,7 +30,7 @@ import tarfile
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -185,9 +186,6 @@ class FrameSink:
         self.hasher = blake3.blake3()
         self.inserted = 0
         self.bytes_inserted = 0
-
-    def take(self, p: Prepared) -> None:
-        self.take_many([p])
 
     def take_many(self, prepared: list[Prepared]) -> None:
         new = []
@@ -383,9 +381,9 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
     """Read every file once and pack the payload; the new frames go into one new pack.
 
     Each file is opened once and read straight into a segment buffer of the tar (``segment`` bytes,
-    :class:`ChunkSink`): worker threads hash it and cut, hash and compress the segment's chunks
-    while this thread reads the next files. A file larger than a segment is streamed through
-    several and hashed here as it goes.
+    :class:`ChunkSink`) and hashed there; each full segment is cut, and its new chunks are compressed
+    on zstd's threads while this thread reads the next files. A file larger than a segment is
+    streamed through several, hashed as it goes.
     """
     workers = _workers()
     total = sum(e.size for e in entries if e.kind == "file")
@@ -437,7 +435,7 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
             hashed.append(entry)
             continue
         b3, sha = digests[i]
-        hashed.append(replace(entry, blake3=b3))
+        hashed.append(with_blake3(entry, b3))
         files.append(PackedFile(entry.relpath, sha))
     return PayloadResult(PayloadManifest(frames.refs), hashed, files, frames.hasher.hexdigest(), new_pack,
                          frames.inserted, frames.bytes_inserted, "cold", len(files))
