@@ -10,14 +10,16 @@
    ``payload.tar.zst`` and the ordered frames, each with its raw hash and the
    BLAKE3 of the exact frame bytes). Frames already in the local CAS are reused
    when they are byte-identical to the published ones; the others are fetched
-   in one streamed request per ≤4096 chunks (``POST /v1/chunks/fetch``), each
-   checked (frame BLAKE3, decodes to exactly its chunk) and staged into the CAS;
+   in one streamed request per ≤4096 chunks (``POST /v1/chunks/fetch``);
 4. splice: prefix + frames + suffix are written to a temp file beside the
-   target, hashed on the way; the size, SHA-256 and BLAKE3 must equal the
-   published ones, and the artifact then passes the format's one verifier
-   and the trust decision (:class:`stages.trust_port.TrustPort`) before the
-   staged chunks and the payload manifest go into the CAS and the file is
-   renamed into place. A failure leaves the store and the CAS as they were.
+   target in one pass that also hashes them (SHA-256, BLAKE3) and runs the
+   format's verifier on them as they pass (:func:`stages.capsule.verify_stream`:
+   each frame must be the published one, decode to its chunk, and every payload
+   entry be safe; a refusal stops the download). The size, SHA-256 and BLAKE3
+   must equal the published ones, and the verdict then goes to the trust
+   decision (:class:`stages.trust_port.TrustPort`) before the file is indexed as
+   a pack and renamed into place (one fsync of the file, one of its directory).
+   A failure leaves the store and the CAS as they were.
 
 Before step 3 the skeleton alone is judged (:func:`stages.capsule.verify_skeleton`):
 its framing, every small member, the signature, the manifest digests, the
@@ -241,10 +243,10 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
             transfer: Transfer, reporter: Progress = SILENT) -> tuple[str, int]:
     """prefix + frames + suffix → ``out``; local frames are used when byte-identical to the published ones.
 
-    Every frame, reused or downloaded, must hash to the published frame digest. The bytes also pass
-    through ``check`` (the format's verifier on the stream: the whole BLAKE3, every frame decoded to
-    its chunk, every payload entry judged) on the writer thread, so the scan overlaps the download and
-    a refusal stops it. Returns the file's SHA-256 and size; the caller compares them and ``check``'s
+    Every frame, reused or downloaded, must be the published frame: a reused one is hashed here, every
+    one is checked by ``check`` (the format's verifier on the stream, built with the skeleton's frames:
+    the whole BLAKE3, each frame's digest, each frame decoded to its chunk, every payload entry judged),
+    fed on the writer thread, so the scan overlaps the download and a refusal stops it. Returns the file's SHA-256 and size; the caller compares them and ``check``'s
     verdict with the published digests before anything is stored.
     """
     prefix, suffix, frames = skel.prefix, skel.suffix, skel.frames
@@ -322,11 +324,11 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
                             transfer.chunks_reused += 1
                             transfer.bytes_reused += len(data)
                     elif stream is not None:
+                        # its digest is checked by ``check``'s scan, before the frame is decoded (verify_stream's
+                        # frames): a frame that is not the published one stops the download there
                         data = stream.take(f.frame_size)
                         transfer.chunks_downloaded += 1
                         transfer.bytes_downloaded += len(data)
-                        if len(data) != f.frame_size or blake3.blake3(data).hexdigest() != f.frame_blake3:
-                            raise integrity(f"chunk blake3:{h} from the registry is not the published frame")
                         if counts[h] > 1:
                             kept[h] = data
                     else:
@@ -609,7 +611,7 @@ def _fetch(client: RegistryPort, dist: dict[str, Any], cas: CasStore, target: Pa
             skel = _skeleton(client.skeleton(dist["skeleton_url"]), expect) if dist.get("skeleton_url") else None
             if skel is not None:
                 # trust from the small members, then one pass: frames checked, written, hashed and scanned
-                check = verify_stream(_precheck(skel, expect, slug, version, trust, scoped), tmp)
+                check = verify_stream(_precheck(skel, expect, slug, version, trust, scoped), tmp, skel.frames)
                 sha, size = _splice(client, skel, cas, tmp, check, transfer, reporter)
                 transfer.artifact_bytes = size
                 verdict = check.finish()

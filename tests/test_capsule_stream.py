@@ -154,3 +154,33 @@ def test_the_manifest_is_parsed_once_and_no_reader_changes_it(good: Path, tmp_pa
     check(first.manifest, first.payload_manifest)
     toml_bytes(first.manifest)
     assert canonical_json(first.manifest) == before
+
+
+def test_a_frame_other_than_the_published_one_stops_the_stream(good: Path, tmp_path: Path) -> None:
+    """With the skeleton's frames named, the first other frame is refused while it streams (E208,
+    reason frame_mismatch), before the rest arrives; the right frames give the file's own verdict."""
+    from tests.hostile_support import spliced_layout
+
+    layout = spliced_layout(good)
+    assert layout is not None
+    _manifest, pre, pay, _suf, frames = layout
+    prefix, size, suffix = _split(good)
+    skeleton = verify_skeleton(prefix, size, suffix)
+    data = good.read_bytes()
+    right = verify_stream(skeleton, tmp_path / "right.capsule", frames)
+    (tmp_path / "right.capsule").write_bytes(data)
+    right.update(data)
+    assert _outcome(right.finish()) == _outcome(verify(good))
+    bad = bytearray(data)
+    bad[pre + 40] ^= 0xFF  # inside the first frame
+    check = verify_stream(skeleton, tmp_path / "bad.capsule", frames)
+    with pytest.raises(AtoError) as refused:
+        for i in range(pre, len(bad), 4096):  # the prefix, then the payload a page at a time
+            check.update(bytes(bad[:pre]) if i == pre else b"")
+            check.update(bytes(bad[i:i + 4096]))
+            if i > pre + pay:
+                pytest.fail("the stream was not refused inside the payload")
+    assert refused.value.code == "E208" and refused.value.details.get("reason") == "frame_mismatch"
+    verdict = check.finish()
+    assert verdict.error is refused.value and not verdict.ok
+    check.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -162,24 +162,41 @@ def check_frame(frame: bytes, raw_hash: str, raw_size: int) -> bytes:
     return raw
 
 
-def iter_frames(window: BinaryIO, manifest: PayloadManifest,
-                hasher: blake3.blake3) -> Iterator[tuple[FrameRef, bytes, bytes]]:
+class FrameMismatch(ValueError):
+    """A payload frame that is not the frame the caller was told to expect (a registry's skeleton)."""
+
+
+def iter_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3,
+                expected: Sequence[FrameRef] | None = None) -> Iterator[tuple[FrameRef, bytes, bytes]]:
     """Yield ``(ref, frame, raw)`` for each chunk of the payload read from ``window``.
 
     Every frame's bytes also go into ``hasher``. Raises :class:`NotSpliceable` when the
-    frames do not match the chunks one to one.
+    frames do not match the chunks one to one; with ``expected``, :class:`FrameMismatch` for the
+    first frame that is not the expected one (checked before it is decoded).
     """
     for i, chunk in enumerate(manifest.chunks):
         try:
             frame = read_frame(window)
             if frame is None:
                 raise FrameError("payload ends before its last chunk")
-            hasher.update(frame)
+        except FrameError as exc:
+            if expected is not None:
+                raise FrameMismatch(f"payload frame {i} is not the published frame of chunk "
+                                    f"blake3:{chunk.raw_hash}: {exc}") from None
+            raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
+        digest = blake3.blake3(frame).hexdigest()
+        if expected is not None and (i >= len(expected) or expected[i].frame_blake3 != digest
+                                     or expected[i].frame_size != len(frame)):
+            raise FrameMismatch(f"payload frame {i} (chunk blake3:{chunk.raw_hash}) is not the published frame")
+        hasher.update(frame)
+        try:
             raw = check_frame(frame, chunk.raw_hash, chunk.raw_size)
         except FrameError as exc:
             raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
-        yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), blake3.blake3(frame).hexdigest()), frame, raw
+        yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), digest), frame, raw
     if window.read(1):
+        if expected is not None:
+            raise FrameMismatch("payload.tar.zst holds bytes after its last published frame")
         raise NotSpliceable("payload.tar.zst holds bytes after its last chunk's frame")
 
 
@@ -249,6 +266,8 @@ def refusal(exc: Exception) -> CapsuleError:
         return CapsuleError("digests", str(exc), code=code, reason=exc.reason, path=exc.name[:300])
     if isinstance(exc, TarFormatError):
         return CapsuleError("digests", f"payload.tar.zst is not a readable tar: {exc}", reason=UNREADABLE_TAR)
+    if isinstance(exc, FrameMismatch):
+        return CapsuleError("digests", str(exc), reason="frame_mismatch")
     return CapsuleError("digests", str(exc))
 
 
@@ -274,14 +293,15 @@ def _file_pieces(fh: BinaryIO, offset: int, size: int) -> Iterator[bytes]:
         yield data
 
 
-def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool) -> PayloadScan:
+def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool,
+          expected: Sequence[FrameRef] | None = None) -> PayloadScan:
     """The one scan: ``pieces`` are the payload member's bytes in order (any split)."""
     window = io.BufferedReader(ChunkStream(pieces), READ)
     hasher = blake3.blake3()
     refs: list[FrameRef] = []
     if spliced:
         def raws() -> Iterator[bytes]:
-            for ref, _frame, raw in iter_frames(window, manifest, hasher):
+            for ref, _frame, raw in iter_frames(window, manifest, hasher, expected):
                 refs.append(ref)
                 yield raw
         chunks = raws()
@@ -322,15 +342,19 @@ class PayloadScanner:
     ``finish()`` (after the last byte) returns the :class:`PayloadScan`, raises the refusal, or raises
     :class:`NotSpliceable` when the frames are not the chunks one to one (the caller then scans the
     complete file with :func:`scan_unspliced`). ``close()`` abandons a scan (always safe to call).
+    ``frames``: the frames the payload must consist of (a registry's skeleton names them); the first
+    that differs is refused (E208) before it is decoded, and frames that are not the chunks are then
+    a refusal, not a reason to scan again.
     """
 
-    def __init__(self, manifest: PayloadManifest, depth: int = 4) -> None:
+    def __init__(self, manifest: PayloadManifest, depth: int = 4, frames: Sequence[FrameRef] | None = None) -> None:
         self._q: queue.Queue[object] = queue.Queue(depth)
         self._stop = threading.Event()
         self._done = threading.Event()
         self._result: PayloadScan | None = None
         self._error: BaseException | None = None
         self._manifest = manifest
+        self._frames = frames
         self._finished = False
         self._thread = threading.Thread(target=self._run, name="payload-scan", daemon=True)
         self._thread.start()
@@ -346,10 +370,10 @@ class PayloadScanner:
 
     def _run(self) -> None:
         try:
-            self._result = _pass(self._pieces(), self._manifest, spliced=True)
+            self._result = _pass(self._pieces(), self._manifest, spliced=True, expected=self._frames)
         except _Abandoned:
             pass
-        except (UnsafeEntry, TarFormatError, PayloadCorrupt) as exc:
+        except (UnsafeEntry, TarFormatError, PayloadCorrupt, FrameMismatch) as exc:
             self._error = refusal(exc)
         except BaseException as exc:  # noqa: BLE001 - NotSpliceable, CapsuleError, or a bug: finish() raises it
             self._error = exc

@@ -27,7 +27,7 @@ Three entries, one set of checks:
 - :func:`verify` ``(path, limits)``: a file.
 - :func:`verify_skeleton` ``(prefix, payload_size, suffix, limits=...)``: everything but the payload,
   from the bytes around it (a registry's skeleton); ``complete`` is False.
-- :func:`verify_stream` ``(skeleton_verdict, path)``: the rest, on the artifact's bytes as they are
+- :func:`verify_stream` ``(skeleton_verdict, path, frames=None)``: the rest, on the artifact's bytes as they are
   written to ``path`` (a download, an upload): ``update(data)`` with every byte in order (prefix,
   payload, suffix) raises the refusal as soon as the scan finds it (a download stops there);
   ``finish()`` gives the complete :class:`Verdict` for exactly the bytes passed (their BLAKE3 and
@@ -45,6 +45,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from stages.capsule import distribution
 from stages.capsule.archive import FileSource
 from stages.capsule.errors import CapsuleError, too_large
 from stages.capsule.limits import Limits
-from stages.capsule.payload import NotSpliceable, PayloadScan, PayloadScanner, scan_unspliced
+from stages.capsule.payload import FrameRef, NotSpliceable, PayloadScan, PayloadScanner, scan_unspliced
 from stages.capsule.reader import Capsule, read_skeleton, read_source
 from stages.capsule.signature import SignatureInfo, check_signature
 
@@ -177,14 +178,15 @@ class _Bytes:
     """An artifact's bytes in order: their BLAKE3 and count, and the payload window fed to the one scanner.
     ``around``: the bytes before and after the payload they must equal (a skeleton's), if known."""
 
-    def __init__(self, capsule: Capsule, total: int, around: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(self, capsule: Capsule, total: int, around: tuple[bytes, bytes] | None = None,
+                 frames: Sequence[FrameRef] | None = None) -> None:
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if total > (8 << 20) else 1)
         self.size = 0
         self.total = total
         self.start = capsule.payload_offset
         self.end = self.start + capsule.payload_size
         self.around = around
-        self.scanner = PayloadScanner(capsule.payload_manifest)
+        self.scanner = PayloadScanner(capsule.payload_manifest, frames=frames)
 
     def update(self, data: bytes) -> None:
         lo, hi = self.size, self.size + len(data)
@@ -372,7 +374,7 @@ class ArtifactStream:
     ``finish``).
     """
 
-    def __init__(self, skeleton: Verdict, path: Path) -> None:
+    def __init__(self, skeleton: Verdict, path: Path, frames: Sequence[FrameRef] | None = None) -> None:
         if skeleton.skeleton is None or skeleton.capsule is None or skeleton.error is not None:
             raise ValueError("verify_stream needs the accepted verdict of verify_skeleton")
         prefix, _payload_size, suffix = skeleton.skeleton
@@ -381,7 +383,8 @@ class ArtifactStream:
         self.verdict = Verdict(self.path, checks=[c for c in skeleton.checks if c.status == "ok"],
                                capsule=replace(skeleton.capsule, path=self.path), signature=skeleton.signature,
                                digests=skeleton.digests, limits=skeleton.limits)
-        self._bytes = _Bytes(skeleton.capsule, skeleton.size or 0, (prefix, suffix))
+        self._bytes = _Bytes(skeleton.capsule, skeleton.size or 0, (prefix, suffix), frames)
+        self._frames = frames
         self._done = False
 
     def _fail(self, exc: CapsuleError) -> Verdict:
@@ -412,7 +415,10 @@ class ArtifactStream:
             scan = self._bytes.finish()
         except CapsuleError as exc:
             return self._fail(exc)
-        except NotSpliceable:
+        except NotSpliceable as exc:
+            if self._frames is not None:  # the frames were named: that they are not the chunks is the refusal
+                return self._fail(CapsuleError("digests", f"the published frames are not the payload's chunks: {exc}",
+                                               reason="frame_mismatch"))
             self._done = True
             whole = verify(self.path, v.limits)
             if whole.ok and whole.artifact_blake3 != label(self._bytes.hasher.hexdigest()):
@@ -436,11 +442,13 @@ class ArtifactStream:
             self._bytes.close()
 
 
-def verify_stream(skeleton: Verdict, path: Path) -> ArtifactStream:
+def verify_stream(skeleton: Verdict, path: Path, frames: Sequence[FrameRef] | None = None) -> ArtifactStream:
     """Verify an artifact while it is written to ``path``, from the accepted verdict of
     :func:`verify_skeleton` on its prefix and suffix: the payload scan runs on the bytes as they pass
-    (the same scan :func:`verify` runs on a file), so nothing is read back. See :class:`ArtifactStream`."""
-    return ArtifactStream(skeleton, path)
+    (the same scan :func:`verify` runs on a file), so nothing is read back. ``frames``: the frames the
+    payload must be (a registry's skeleton lists them); the first other frame is refused (E208) before it
+    is decoded. See :class:`ArtifactStream`."""
+    return ArtifactStream(skeleton, path, frames)
 
 
 def placed(verdict: Verdict, path: Path, started_ns: int) -> Verdict:
