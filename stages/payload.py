@@ -39,7 +39,7 @@ import blake3
 from cas.chunker import DEFAULT_PARAMS, chunk_spans
 from cas.frames import compress, compress_spans
 from cas.index import Location
-from cas.packs import PackWriter
+from cas.packs import FrameSpan, PackWriter
 from cas.payload_manifest import ChunkRef, PayloadManifest
 from cas.store import CasStore
 from cas.streams import ChunkStream
@@ -801,6 +801,24 @@ def payload_hash(store: CasStore, manifest: PayloadManifest, *, check_frames: bo
     return hasher.hexdigest()
 
 
+def _payload_runs(store: CasStore, manifest: PayloadManifest) -> Iterator[bytes | tuple[FrameSpan, list[Location]]]:
+    """payload.tar.zst in order: runs of frames that sit back to back in one pack (span, frames), and the
+    (decoded and checked) frames of chunks still in the one-file-per-chunk layout of earlier versions."""
+    hexes = [c.raw_hash for c in manifest.chunks]
+    found = store.packs.locate_many(hexes)
+    i = 0
+    while i < len(hexes):
+        if hexes[i] not in found:
+            yield store.frame(hexes[i], manifest.chunks[i].raw_size)
+            i += 1
+            continue
+        j = i
+        while j < len(hexes) and hexes[j] in found:
+            j += 1
+        yield from store.packs.spans(hexes[i:j], found)
+        i = j
+
+
 def iter_payload_views(store: CasStore, manifest: PayloadManifest, *,
                        check_frames: bool = True) -> Iterator[memoryview | bytes]:
     """The bytes of payload.tar.zst in order, as few large views of the packs as possible.
@@ -809,40 +827,15 @@ def iter_payload_views(store: CasStore, manifest: PayloadManifest, *,
     whole against a known BLAKE3); chunks still in the one-file-per-chunk layout of earlier
     versions are decoded and checked.
     """
-    hexes = [c.raw_hash for c in manifest.chunks]
-    found = store.packs.locate_many(hexes)
-    i = 0
-    while i < len(hexes):
-        if hexes[i] not in found:
-            yield store.frame(hexes[i], manifest.chunks[i].raw_size)
-            i += 1
-            continue
-        j = i
-        while j < len(hexes) and hexes[j] in found:
-            j += 1
-        for span, frames in store.packs.spans(hexes[i:j], found):
-            yield store.packs.checked_span(span, frames if check_frames else [])
-        i = j
+    for run in _payload_runs(store, manifest):
+        yield run if isinstance(run, bytes) else store.packs.checked_span(run[0], run[1] if check_frames else [])
 
 
 def iter_payload_pieces(store: CasStore, manifest: PayloadManifest) -> Iterator[bytes | FileRange]:
-    """The bytes of payload.tar.zst in order, unchecked, for the artifact writer: runs of frames that sit
-    back to back in a pack as :class:`FileRange` (copied file to file by the kernel), chunks still in the
-    one-file-per-chunk layout of earlier versions as their (decoded and checked) frames."""
-    hexes = [c.raw_hash for c in manifest.chunks]
-    found = store.packs.locate_many(hexes)
-    i = 0
-    while i < len(hexes):
-        if hexes[i] not in found:
-            yield store.frame(hexes[i], manifest.chunks[i].raw_size)
-            i += 1
-            continue
-        j = i
-        while j < len(hexes) and hexes[j] in found:
-            j += 1
-        for span, _frames in store.packs.spans(hexes[i:j], found):
-            yield FileRange(*store.packs.span_source(span))
-        i = j
+    """The bytes of payload.tar.zst in order, unchecked, for the artifact writer: runs of frames in a pack
+    as :class:`FileRange` (copied file to file by the kernel), other chunks as their frames."""
+    for run in _payload_runs(store, manifest):
+        yield run if isinstance(run, bytes) else FileRange(*store.packs.span_source(run[0]))
 
 
 # ---------------------------------------------------------------- a payload taken from the store
