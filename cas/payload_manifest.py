@@ -48,16 +48,22 @@ class PayloadManifest:
             "chunks": [{"raw_hash": label(c.raw_hash), "raw_size": c.raw_size} for c in self.chunks],
         }
 
+    def _plain(self, core: dict[str, Any], hints: bool) -> bool:
+        """Every integer in the document is a chunk size (at most max_size), their sum, a CDC parameter or
+        (``hints``) a compressed size: when all are below 2**53 the document is plain, and canonical_json
+        can skip the check that walks all of it (the bytes are the same)."""
+        limit = 2**53
+        params = core["cdc_params"].values()
+        return all(type(v) is str or (type(v) is int and -limit < v < limit) for v in params) \
+            and core["total_raw_size"] < limit and all(0 < c.raw_size <= self.params.max_size for c in self.chunks) \
+            and (not hints or all(c.zstd_size_hint is None or (type(c.zstd_size_hint) is int
+                                                              and 0 <= c.zstd_size_hint < limit) for c in self.chunks))
+
     @functools.cached_property
     def artifact_hash(self) -> str:
         """Hex identity of the payload (computed once: a manifest is not changed after construction)."""
         core = self._core()
-        # Every integer is a chunk size (at most max_size), their sum or a CDC parameter: when those are below
-        # 2**53 the document is plain and the check that walks all of it can be skipped (same bytes).
-        plain = all(-(2**53) < v < 2**53 for v in (*core["cdc_params"].values(), core["total_raw_size"])
-                    if type(v) is int) and all(c.raw_size <= self.params.max_size for c in self.chunks) \
-            and all(type(v) in (int, str) for v in core["cdc_params"].values())
-        return blake3.blake3(canonical_json(core, plain=plain)).hexdigest()
+        return blake3.blake3(canonical_json(core, plain=self._plain(core, False))).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         core = self._core()
@@ -72,7 +78,8 @@ class PayloadManifest:
 
     def to_bytes(self) -> bytes:
         """Canonical (JCS) bytes: what goes into the artifact and the CAS."""
-        return canonical_json(self.to_json())
+        doc = self.to_json()
+        return canonical_json(doc, plain=self._plain(doc, True))
 
     @classmethod
     def from_json(cls, doc: Any) -> PayloadManifest:

@@ -126,6 +126,9 @@ def _checker_class(memo: DigestMemo) -> type:
             if known is not None and current_state is not None and list(current_state[:4]) == known[0] \
                     and current_state[4] == known[1]:
                 return None  # used as saved: no stat needed (a later change shows in its stat next time)
+            if known is None and current_state is not None and current_state[:4] == memo.stats.get(dep):
+                return None  # not read, and as saved when walked: the saved state stands (a later change shows
+                # in its stat next time)
             try:
                 key = stat_key(os.stat(dep))  # after the step: the file may have changed since the walk
             except OSError:

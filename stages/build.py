@@ -346,8 +346,11 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
                 wanted = set(changed)
                 # A file is taken from the last build only if it still has the stat it was read with then
                 # (doit's database and this record could disagree after a crash between the two).
-                again = {e.relpath for e in plan.entries if e.kind == "file" and e.data is None
-                         and (e.stat_key is None or stats.get(e.relpath) != e.stat_key or str(e.abspath) in wanted)}
+                again = set()
+                for e in plan.entries:
+                    if e.kind == "file" and e.data is None and (e.stat_key is None or stats.get(e.relpath) != e.stat_key
+                                                                or e.abspath in wanted):
+                        again.add(e.relpath)
                 result = pack_incremental(plan.entries, store, plan.options.epoch, prev, again, plan.options.reporter)
             if result is None:
                 result = pack_cold(plan.entries, store, plan.options.epoch, plan.options.reporter)
@@ -363,7 +366,9 @@ def pack(plan: BuildPlan, changed: list[str]) -> dict[str, Any]:
     racy_after = (time.time() - RACY_SECONDS) * 1e9
     keys = [_stat_key(e, racy_after) if e.kind == "file" and e.data is None else None for e in result.entries]
     write_bytes_atomic(run_path(plan), encode_stats(result.entries, keys, run))
-    for e in result.entries:
+    # the digests of the files this step read, for doit's checker (a file it did not read keeps its saved state)
+    read = result.read_paths
+    for e in result.entries if read is None else [e for e in result.entries if e.relpath in read]:
         if e.kind == "file" and e.stat_key is not None and e.blake3:
             plan.read_digests[str(e.abspath)] = (list(e.stat_key), e.blake3)
     return {"artifact_hash": result.manifest.artifact_hash, "payload_blake3": result.payload_blake3,

@@ -85,6 +85,7 @@ class PayloadResult:
     bytes_inserted: int
     mode: str  # "cold" | "incremental" | "stored"
     files_read: int = 0
+    read_paths: set[str] | None = None  # the files read (incremental); None: every file was read
 
 
 # ---------------------------------------------------------------- the tar, entry by entry
@@ -734,6 +735,7 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
     contents: dict[str, bytes] = {}
     hashed: list[SourceEntry] = []
     files: list[PackedFile] = []
+    read_paths: set[str] = set()
     held = 0
     for e in entries:
         if e.kind != "file":
@@ -748,6 +750,7 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
         held += e.size
         if held > INCREMENTAL_MAX_BYTES:
             return None
+        read_paths.add(e.relpath)
         with reporter.task(f"Packing {e.relpath}", total=e.size) as task:
             b3, sha, data = read_file(e)
             task.advance(e.size)
@@ -789,7 +792,7 @@ def pack_incremental(entries: list[SourceEntry], store: CasStore, epoch: int, pr
     # consumer of the artifact decodes and checks every chunk). Nor does it hash payload.tar.zst here: the
     # artifact step hashes the frames once, as it copies them.
     return PayloadResult(manifest, hashed, files, None, new_pack, inserted, bytes_inserted, "incremental",
-                         len(contents))
+                         len(contents), read_paths)
 
 
 def payload_hash(store: CasStore, manifest: PayloadManifest, *, check_frames: bool = True) -> str:

@@ -138,3 +138,29 @@ def test_the_checker_takes_the_walks_stat_instead_of_a_stat_of_its_own(tmp_path:
     # the walk saw the change: the step runs for that file
     run_chain(chain(files, log), state, memo=DigestMemo(stats=walked_after))
     assert log[0] == ("read", ["f0.txt"])
+
+
+def test_a_file_the_step_did_not_read_keeps_its_state_and_a_later_change_still_shows(
+        tmp_path: Path, files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An incremental step reads only what changed; the others keep their saved state without a stat after
+    the step, and one changed after the walk is found changed by the next run's walk."""
+    monkeypatch.setattr(graph, "RACY_SECONDS", -3600)
+    state = tmp_path / "state"
+    log: list[Any] = []
+    run_chain(chain(files, log), state)
+    files[0].write_text("edited before the walk\n")
+    walked = {str(p): graph.stat_key(p.stat()) for p in files}
+    memo = DigestMemo(reported=True, stats=walked)
+
+    def read(changed: list[str]) -> dict[str, Any]:
+        for p in map(Path, changed):  # reads only the changed file, as an incremental payload step does
+            memo.record(str(p), walked[str(p)], graph.blake3_file(p))
+        files[1].write_text("edited while the step ran, not read by it\n")
+        return {"n": len(changed)}
+
+    reports = run_chain([Step("read", read, {"config": "c1"}, file_dep=[str(p) for p in files])], state, memo=memo)
+    assert reports[0].status == "ran"
+    log.clear()
+    walked_now = {str(p): graph.stat_key(p.stat()) for p in files}
+    run_chain(chain(files, log), state, memo=DigestMemo(stats=walked_now))
+    assert log[0] == ("read", ["f1.txt"])
