@@ -19,11 +19,13 @@ nested in one process.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import io
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +369,26 @@ def build_chain(plan: build_stage.BuildPlan) -> list[Step]:
              plan.artifact_config, after=["payload", "lock"], outputs_ok=lambda v: build_stage.artifact_ok(plan, v),
              targets=[str(plan.out_path)]),
     ]
+
+
+@contextlib.contextmanager
+def few_collections(gen0: int = 50_000) -> Iterator[None]:
+    """Keep Python's cyclic garbage collector mostly out of a build's way, and restore it after.
+
+    A build makes tens of thousands of short-lived objects (entries, stat keys, records' rows) and
+    next to no reference cycles; with the default threshold (700) the collector runs hundreds of times
+    per build, its full passes walking every object the imports made: a tenth of a rebuild's time.
+    The objects alive at the start are frozen (never walked again) and a collection waits for
+    ``gen0`` allocations.
+    """
+    old = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(gen0, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
 
 
 def run_build(plan: build_stage.BuildPlan, *, explain: bool = False) -> dict[str, Any]:

@@ -164,3 +164,12 @@ def test_a_file_the_step_did_not_read_keeps_its_state_and_a_later_change_still_s
     walked_now = {str(p): graph.stat_key(p.stat()) for p in files}
     run_chain(chain(files, log), state, memo=DigestMemo(stats=walked_now))
     assert log[0] == ("read", ["f1.txt"])
+
+
+def test_the_collector_is_restored_after_a_build() -> None:
+    import gc
+
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    with graph.few_collections(gen0=12_345):
+        assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before

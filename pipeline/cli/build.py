@@ -108,11 +108,11 @@ def build_cmd(directory: Path, out: Path | None, strict_v3: bool, force_large_pa
     strict = strict_v3 or strict_from_env()
     manifest = load_manifest(directory, strict=strict or None)  # a bad input fails before the build machinery loads
     from pipeline.cli.progress import reporter
-    from pipeline.graph import run_build
+    from pipeline.graph import few_collections, run_build
     from stages.build import BuildOptions, plan_build, source_date_epoch
     from stages.capsule.keys import load_signing_key
 
-    with reporter(json=json_mode()) as progress:
+    with reporter(json=json_mode()) as progress, few_collections():
         options = BuildOptions(out=out, strict_v3=strict,
                                force_large_payload=force_large_payload, epoch=source_date_epoch(),
                                signing_key=load_signing_key(key_file) if key_file else None, reporter=progress,
