@@ -265,7 +265,12 @@ class ChunkSink:
         return len(self.seg.buf) - self.fill
 
     def write(self, data: bytes | memoryview) -> None:
-        pos, n = 0, len(data)
+        n = len(data)
+        if n <= len(self.seg.buf) - self.fill:  # the common case: it fits
+            self.seg.buf[self.fill:self.fill + n] = data
+            self.fill += n
+            return
+        pos = 0
         while pos < n:
             if self.room == 0:
                 self._cut(final=False)
@@ -395,9 +400,11 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
         frames = FrameSink(writer)
         sink = ChunkSink(store, frames, pool, workers, segment)
         small = sink.small_file_limit()
+        pad = b""  # the padding of the last file, written with the next header (one call for both)
         try:
             for i, entry in enumerate(entries):
-                sink.write(header(entry, epoch))
+                sink.write(pad + header(entry, epoch) if pad else header(entry, epoch))
+                pad = b""
                 if entry.kind != "file":
                     continue
                 if entry.data is not None:
@@ -421,8 +428,8 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
                     if got != entry.size:
                         raise _changed_while_packing(entry)
                 task.advance(entry.size)
-                sink.write(ZEROS[:(-entry.size) % tar_header.BLOCK])
-            sink.write(TRAILER)
+                pad = ZEROS[:(-entry.size) % tar_header.BLOCK]
+            sink.write(pad + TRAILER)
             sink.close()
         except BaseException:
             sink.abandon()
