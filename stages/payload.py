@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 
@@ -97,7 +97,7 @@ def header(entry: SourceEntry, epoch: int) -> bytes:
     return tar_header.header(entry.relpath, size=entry.size, mode=entry.mode, mtime=epoch)
 
 
-def header_size(entry: SourceEntry) -> int:
+def header_size(entry: SourceEntry | RecordedEntry) -> int:
     """The size of :func:`header`'s output, without building it when it is one plain ustar block."""
     link = entry.link_target or ""
     if len(entry.relpath) <= 100 and entry.relpath.isascii() and len(link) <= 100 and link.isascii() \
@@ -452,6 +452,18 @@ def pack_cold(entries: list[SourceEntry], store: CasStore, epoch: int, reporter:
 # ---------------------------------------------------------------- incremental
 
 
+class RecordedEntry(NamedTuple):
+    """An entry as a build record keeps it: what the next build compares against. A tuple, not a
+    :class:`SourceEntry`: a rebuild decodes ten thousand of them."""
+
+    relpath: str
+    kind: str
+    mode: int
+    size: int
+    link_target: str | None
+    blake3: str | None
+
+
 @dataclass
 class Previous:
     """What the last build of this project left: its entries (with SHA-256s) and its payload manifest.
@@ -461,7 +473,7 @@ class Previous:
     exactly (another version, a truncated file) means a cold build.
     """
 
-    entries: list[SourceEntry]
+    entries: list[SourceEntry] | list[RecordedEntry]
     sha256: dict[str, str]
     manifest: PayloadManifest
     epoch: int
@@ -496,13 +508,14 @@ class Previous:
             links = iter(parts[2].decode("utf-8").split("\0"))
             if len(names) != count or len(data) - pos != count * _ROW.size:
                 return None
-            entries, sha = [], {}
-            add = entries.append
+            entries: list[RecordedEntry] = []
+            sha = {}
+            add, new = entries.append, tuple.__new__
             for rel, (symlink, mode, size, b3, digest) in zip(names, _ROW.iter_unpack(data[pos:]), strict=True):
                 if symlink:
-                    add(SourceEntry(rel, rel, "symlink", mode, 0, next(links)))
+                    add(new(RecordedEntry, (rel, "symlink", mode, 0, next(links), None)))
                 else:
-                    add(SourceEntry(rel, rel, "file", mode, size, None, b3.hex()))
+                    add(new(RecordedEntry, (rel, "file", mode, size, None, b3.hex())))
                     sha[rel] = digest.hex()
             manifest = store.get_manifest(meta["artifact_hash"])
             if store.missing_chunks(manifest):
@@ -528,7 +541,8 @@ def encode_stats(entries: list[SourceEntry], keys: list[list[int] | None], run: 
     return b"".join([STATS_MAGIC, _LEN.pack(len(meta)), meta, rows])
 
 
-def decode_stats(data: bytes, entries: list[SourceEntry]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+def decode_stats(data: bytes, entries: list[SourceEntry] | list[RecordedEntry]
+                 ) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """(run facts, stat by path) from :func:`encode_stats` for the record's ``entries``; empty when unusable."""
     try:
         if not data.startswith(STATS_MAGIC):
@@ -645,7 +659,7 @@ def _layout(entries: list[SourceEntry], contents: dict[str, bytes], prev: Previo
     A header is a function of the entry's fields (and the epoch, which is the same, or the build is
     cold): an entry whose fields are unchanged has the previous header, and none is rebuilt.
     """
-    old_at: dict[str, tuple[SourceEntry, int, int]] = {}
+    old_at: dict[str, tuple[SourceEntry | RecordedEntry, int, int]] = {}
     offset = 0
     for e in prev.entries:
         hsize = header_size(e)
