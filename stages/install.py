@@ -173,7 +173,7 @@ class _FrameStream:
 class _Worker(threading.Thread):
     """Runs queued calls in order on one thread (file writes, hashing: both release the GIL)."""
 
-    def __init__(self, depth: int = 64) -> None:
+    def __init__(self, depth: int = 8) -> None:  # jobs of up to WRITE_BATCH bytes: at most ~32 MB waiting
         super().__init__(daemon=True)
         self.q: queue.Queue[Callable[[], None] | None] = queue.Queue(depth)
         self.error: BaseException | None = None
