@@ -554,11 +554,12 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
     file_name = f"{slug}-{art.version}.capsule"
     transfer = {"mode": "chunks", "chunks_total": len(art.payload.chunks), "chunks_uploaded": 0,
                 "bytes_uploaded": 0, "bytes_total": art.size}
-    whole = False
+    whole = ahead = False
     if art.skeleton is not None:
         # which chunks the registry lacks, asked without opening a session: a whole upload needs none
         probe = client.negotiate({**negotiate_body(art, publisher, slug, allow_existing), "dry_run": True})
         whole = probe is None or (not probe.get("existing") and _mostly_missing(art, probe))
+        ahead = bool(probe and probe.get("skeleton_upload"))
         if not whole:
             art.settle()  # chunks go out only for an artifact already judged
     nego = None
@@ -569,16 +570,20 @@ def upload(client: RegistryPort, art: LocalArtifact, publisher: str, slug: str,
     if nego is None or nego.get("frame_conflicts"):
         transfer["mode"] = "full"
         check, close = art.judging() if art.skeleton is not None else (None, lambda: None)
+        head = (art.skeleton.skeleton[0], art.skeleton.skeleton[2]) \
+            if ahead and art.skeleton is not None and art.skeleton.skeleton is not None else None
+        body = art.size + (len(head[0]) + len(head[1]) if head else 0)
         try:
-            with reporter.task("Uploading", total=art.size) as task:
+            with reporter.task("Uploading", total=body) as task:
                 status, doc = client.upload_artifact(publisher, slug, art.version, art.path, file_name=file_name,
                                                      sha256=art.sha256, blake3_hex=art.blake3,
-                                                     allow_existing=allow_existing, sent=task.advance, check=check)
+                                                     allow_existing=allow_existing, sent=task.advance, check=check,
+                                                     skeleton=head)
         finally:
             close()
         art.settle()  # a registry that answered before the last piece: the file is judged now
         if not doc.get("already_existed"):
-            transfer["chunks_uploaded"], transfer["bytes_uploaded"] = transfer["chunks_total"], art.size
+            transfer["chunks_uploaded"], transfer["bytes_uploaded"] = transfer["chunks_total"], body
         return status, doc, transfer
     session = str(nego["session_id"])
     missing = {m.split(":", 1)[-1] for m in nego.get("missing_chunks") or []}
@@ -963,7 +968,7 @@ def _dry_run_without_artifact(req: PublishRequest, registry: str, connect: Regis
 def uploaded_line(transfer: dict[str, Any]) -> str:
     """What the upload sent, in words: the whole file, or which chunks of it."""
     if transfer["mode"] == "full":
-        return f"uploaded the whole artifact ({human_bytes(transfer['bytes_uploaded'])})"
+        return f"uploaded the whole artifact ({human_bytes(transfer['bytes_total'])})"
     return (f"uploaded {transfer['chunks_uploaded']} of {transfer['chunks_total']} chunks "
             f"({human_bytes(transfer['bytes_uploaded'])}; the registry had the rest)")
 

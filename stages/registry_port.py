@@ -61,7 +61,8 @@ class RegistryPort(Protocol):
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
                         sent: Callable[[int], None] | None = None,
-                        check: Callable[[bytes, bool], None] | None = None) -> tuple[int, dict[str, Any]]: ...
+                        check: Callable[[bytes, bool], None] | None = None,
+                        skeleton: tuple[bytes, bytes] | None = None) -> tuple[int, dict[str, Any]]: ...
 
     def publish_ci(self, *, token: str, repository: str, slug: str, version: str, file_name: str, path: Path,
                    sha256: str, blake3_hex: str) -> dict[str, Any]: ...

@@ -16,6 +16,7 @@ Failure mapping (what the CLI shows):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import ssl
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -218,14 +219,24 @@ class RegistryClient:
     def upload_artifact(self, publisher: str, slug: str, version: str, path: Path, *, file_name: str,
                         sha256: str, blake3_hex: str, allow_existing: bool,
                         sent: Callable[[int], None] | None = None,
-                        check: Callable[[bytes, bool], None] | None = None) -> tuple[int, dict[str, Any]]:
+                        check: Callable[[bytes, bool], None] | None = None,
+                        skeleton: tuple[bytes, bytes] | None = None) -> tuple[int, dict[str, Any]]:
         """``PUT`` the whole artifact; ``sent(n)`` is told each piece's size as it goes out.
 
         ``check(piece, last)`` sees each piece before it is sent (``last``: no piece follows). When it
         raises, the upload is abandoned (the connection closes with the body incomplete, which a
-        registry never stores) and the exception propagates."""
+        registry never stores) and the exception propagates. ``skeleton``: the artifact's (prefix,
+        suffix) go ahead of it (``x-ato-skeleton``), so that the registry judges the artifact as it
+        arrives (a registry says it can in its negotiate answer, ``skeleton_upload``)."""
         size = path.stat().st_size
         pieces = _file_pieces(path, check)
+        headers = {"content-type": "application/octet-stream", "content-length": str(size),
+                   "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex}
+        if skeleton is not None:
+            prefix, suffix = skeleton
+            pieces = itertools.chain([prefix + suffix], pieces)
+            headers.update({"content-length": str(size + len(prefix) + len(suffix)),
+                            "x-ato-skeleton": f"{len(prefix)},{len(suffix)}"})
         if sent is not None:
             pieces = _told(pieces, sent)
         params = {"file_name": file_name}
@@ -233,9 +244,7 @@ class RegistryClient:
             params["allow_existing"] = "true"
         resp = self.request(
             "PUT", f"/v1/local/capsules/{quote(publisher)}/{quote(slug)}/{quote(version)}", write=True,
-            params=params, content=pieces,
-            headers={"content-type": "application/octet-stream", "content-length": str(size),
-                     "x-ato-sha256": "sha256:" + sha256, "x-ato-blake3": "blake3:" + blake3_hex})
+            params=params, content=pieces, headers=headers)
         return resp.status_code, response_json(resp)
 
     def publish_ci(self, *, token: str, repository: str, slug: str, version: str, file_name: str, path: Path,

@@ -12,7 +12,7 @@ GET    /v1/capsules/by/{p}/{s}                            —     detail: releas
 GET    /v1/capsules/by/{p}/{s}/distributions?version=     —     ``{version, artifact_url, sha256, blake3, ...}``
 GET    /v1/capsules/by/{p}/{s}/download?version=          —     302 to the artifact URL
 GET    /v1/artifacts/{p}/{s}/{v}/{file}                   —     artifact bytes (HTTP ranges supported)
-PUT    /v1/local/capsules/{p}/{s}/{v}?file_name=&allow_existing=  W  whole-artifact upload (x-ato-sha256, x-ato-blake3)
+PUT    /v1/local/capsules/{p}/{s}/{v}?file_name=&allow_existing=  W  whole-artifact upload (x-ato-sha256, x-ato-blake3[, x-ato-skeleton])
 GET    /v1/local/capsules/by/{p}/{s}/runtime-config       —     per-target ``{port, env, permission_mode}``
 PUT    /v1/local/capsules/by/{p}/{s}/runtime-config       W     save it (normalised; returned)
 DELETE /v1/local/capsules/by/{p}/{s}?confirmed=true[&version=]  W  remove a release or the capsule
@@ -41,6 +41,18 @@ the way, and refused unless both digest headers match; a body shorter than its
 Content-Length is an ``incomplete_upload``. Everything is then checked and
 committed by :class:`pipeline.registry.storage.RegistryStore`.
 
+A whole-artifact ``PUT`` with ``x-ato-skeleton: <p>,<s>`` starts its body with the
+artifact's first ``p`` and last ``s`` bytes (the small members around
+``payload.tar.zst``, at most 64 MiB), then the artifact itself (Content-Length
+counts both). The small members are judged first and the artifact passes through
+the verifier's stream as it arrives, so its verdict is ready when its last byte is;
+the stream also checks that the bytes around the payload are the skeleton's. Only a
+complete, accepted verdict on exactly the bytes written is used (the commit's check
+takes it, re-hashing the file); anything else (a refused or lying skeleton, a
+refusal on the way) leaves the file to be judged whole once received, in the
+verifier's usual words. ``POST /v1/sync/negotiate`` answers ``skeleton_upload:
+true`` to say the route takes it.
+
 Start-up: a non-loopback ``--host`` without ``--auth-token`` is refused (E301,
 exit 1); a port in use or a host that is not this machine's is a one-line error
 with exit 3. The listening URL is printed on stdout (``--port 0`` picks a free
@@ -64,7 +76,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -95,7 +107,7 @@ from pipeline.registry.storage import (
     check_scope,
     check_version,
 )
-from stages.capsule import Limits
+from stages.capsule import ArtifactStream, Limits, placed, verify_skeleton, verify_stream
 from stages.capsule.keys import did_fingerprint, short_fingerprint
 from stages.capsule.payload import MAX_FRAME
 
@@ -107,6 +119,7 @@ MAX_UPLOAD_BYTES = 1 << 30
 MAX_JSON_BYTES = 64 << 20
 MAX_FETCH_CHUNKS = 8192
 WRITE_BUFFER = 4 << 20
+MAX_SKELETON = 64 << 20  # the bytes around an artifact's payload an upload may send ahead of it
 # The web page runs only its own script; README HTML (already sanitised) may show remote images and
 # keep Markdown's table alignment (a style attribute nh3 limits to text-align).
 UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; style-src-attr 'unsafe-inline'; "
@@ -181,19 +194,28 @@ def api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awa
 
 
 class _FileWriter:
-    """Blocking half of a streamed upload: write and hash (run in the thread pool)."""
+    """Blocking half of a streamed upload: write and hash (run in the thread pool), and pass the bytes
+    through the verifier's stream when there is one (a refusal only ends the stream: the file is then
+    judged whole after it is received, as any upload is)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, stream: ArtifactStream | None = None) -> None:
         self.fh = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.sha = hashlib.sha256()
         self.b3 = blake3.blake3()
         self.size = 0
+        self.stream = stream
 
     def write(self, data: bytes) -> None:
         self.fh.write(data)
         self.sha.update(data)
         self.b3.update(data)
         self.size += len(data)
+        if self.stream is not None:
+            try:
+                self.stream.update(data)
+            except AtoError:
+                self.stream.close()
+                self.stream = None
 
     def close(self, sync: bool) -> None:
         if sync:
@@ -202,19 +224,23 @@ class _FileWriter:
         self.fh.close()
 
 
-async def receive_to_file(request: Request, path: Path, limit: int) -> tuple[str, str, int]:
-    """Stream the request body into ``path``; returns (sha256 hex, blake3 hex, size)."""
-    declared = request.headers.get("content-length")
-    expected = int(declared) if declared and declared.isdigit() else None
+async def receive_to_file(request: Request, path: Path, limit: int, *, pieces: AsyncIterator[bytes] | None = None,
+                          expected: int | None = None, stream: ArtifactStream | None = None
+                          ) -> tuple[str, str, int, ArtifactStream | None]:
+    """Stream the request body (or ``pieces``, the rest of it, ``expected`` bytes) into ``path``;
+    returns (sha256 hex, blake3 hex, size, ``stream`` when it took every byte without a refusal)."""
+    if expected is None:
+        declared = request.headers.get("content-length")
+        expected = int(declared) if declared and declared.isdigit() else None
     if expected is not None and expected > limit:
         raise RegistryError(413, "payload_too_large", f"upload of {expected} bytes exceeds the {limit}-byte limit")
-    writer = await run_in_threadpool(_FileWriter, path)
+    writer = await run_in_threadpool(_FileWriter, path, stream)
     ok = False
     try:
         buf = bytearray()
         received = 0
         try:
-            async for piece in request.stream():
+            async for piece in (pieces if pieces is not None else request.stream()):
                 buf += piece
                 received += len(piece)
                 if received > limit:
@@ -233,8 +259,45 @@ async def receive_to_file(request: Request, path: Path, limit: int) -> tuple[str
     finally:
         await run_in_threadpool(writer.close, ok)
         if not ok:
+            if writer.stream is not None:
+                writer.stream.close()
             path.unlink(missing_ok=True)
-    return writer.sha.hexdigest(), writer.b3.hexdigest(), writer.size
+    return writer.sha.hexdigest(), writer.b3.hexdigest(), writer.size, writer.stream
+
+
+async def split_head(pieces: AsyncIterator[bytes], n: int) -> tuple[bytes, AsyncIterator[bytes]]:
+    """The first ``n`` bytes of ``pieces``, and an iterator over the rest."""
+    head = bytearray()
+    rest = b""
+    try:
+        while len(head) < n:
+            piece = await pieces.__anext__()
+            take = n - len(head)
+            head += piece[:take]
+            rest = piece[take:]
+    except StopAsyncIteration:
+        raise RegistryError(400, "incomplete_upload", "the upload ended inside its skeleton") from None
+    except ClientDisconnect:
+        raise RegistryError(400, "incomplete_upload", "the upload ended before its body was complete") from None
+
+    async def tail() -> AsyncIterator[bytes]:
+        if rest:
+            yield rest
+        async for piece in pieces:
+            yield piece
+    return bytes(head), tail()
+
+
+def skeleton_lengths(value: str, total: int) -> tuple[int, int]:
+    """``x-ato-skeleton: <prefix bytes>,<suffix bytes>`` (both within the body and MAX_SKELETON)."""
+    parts = value.split(",")
+    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 12 for p in parts):
+        raise RegistryError(400, "invalid_request", "x-ato-skeleton must be '<prefix bytes>,<suffix bytes>'")
+    a, b = int(parts[0]), int(parts[1])
+    if a + b > MAX_SKELETON or a + b > total:
+        raise RegistryError(400, "invalid_request", f"x-ato-skeleton names {a + b} bytes: at most {MAX_SKELETON}, "
+                                                    "and within the body")
+    return a, b
 
 
 def signature_fields(rel: Any) -> dict[str, Any]:
@@ -620,19 +683,55 @@ class RegistryApp:
         want_b3 = bare_hex(headers["x-ato-blake3"], "x-ato-blake3", "blake3")
         allow = _bool(request.query_params.get("allow_existing"), "allow_existing")
         tmp = self.store.new_temp(name=file_name)
+        stream: ArtifactStream | None = None
         try:
-            sha, b3, size = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES)
+            pieces, expected = None, None
+            if request.headers.get("x-ato-skeleton"):
+                pieces, expected, stream = await self._skeleton_ahead(request, tmp)
+            started_ns = time.time_ns()
+            sha, b3, size, stream = await receive_to_file(request, tmp, MAX_UPLOAD_BYTES, pieces=pieces,
+                                                          expected=expected, stream=stream)
             stop_point("registry.upload-received")  # crash tests: the uploaded artifact in a temp file
             if sha != want_sha:
                 raise RegistryError(422, "hash_mismatch", "sha256 mismatch")
             if b3 != want_b3:
                 raise RegistryError(422, "hash_mismatch", "blake3 mismatch")
+            if stream is not None:
+                verdict = await run_in_threadpool(stream.finish)
+                stream = None
+                if verdict.ok:  # judged while it arrived: the check below takes this verdict (re-hashed)
+                    await run_in_threadpool(placed, verdict, tmp, started_ns)
             upload = Upload(tmp, p, s, version, file_name, allow, sha, b3, size)
             status, doc = await run_in_threadpool(self.store.publish, upload)
         finally:
+            if stream is not None:
+                stream.close()
             tmp.unlink(missing_ok=True)
         doc["artifact_url"] = self.artifact_url(request, scoped, doc["version"], doc["file_name"])
         return json_response(doc, status)
+
+    async def _skeleton_ahead(self, request: Request, tmp: Path
+                              ) -> tuple[AsyncIterator[bytes], int, ArtifactStream | None]:
+        """An upload whose body starts with the artifact's prefix and suffix (the bytes around its payload,
+        ``x-ato-skeleton: <prefix>,<suffix>``), then the artifact: the small members are judged first
+        (:func:`verify_skeleton`) and the artifact's bytes pass through the verifier's stream as they
+        arrive. Returns the rest of the body, its length, and the stream (None when the skeleton is
+        refused: the artifact is then judged whole once received, in the verifier's usual words)."""
+        declared = request.headers.get("content-length") or ""
+        if not declared.isdigit():
+            raise RegistryError(411, "length_required", "an upload with x-ato-skeleton needs a content-length")
+        total = int(declared)
+        if total > MAX_UPLOAD_BYTES + MAX_SKELETON:
+            raise RegistryError(413, "payload_too_large", f"upload of {total} bytes exceeds the "
+                                                          f"{MAX_UPLOAD_BYTES}-byte limit")
+        a, b = skeleton_lengths(request.headers["x-ato-skeleton"], total)
+        head, rest = await split_head(request.stream(), a + b)
+        size = total - a - b
+        if size < a + b:
+            return rest, size, None  # not an artifact with that skeleton: the whole-file check says why
+        skeleton = await run_in_threadpool(lambda: verify_skeleton(head[:a], size - a - b, head[a:],
+                                                                   limits=self.store.limits))
+        return rest, size, verify_stream(skeleton, tmp) if skeleton.ok else None
 
     async def negotiate(self, request: Request) -> Response:
         self.require_write(request, any_user=True)

@@ -565,7 +565,7 @@ class RegistryStore:
         if missing and existing is None and not body.get("dry_run"):
             self._touch_session(session)  # from now on, what negotiate called known outlives this upload
         return {"session_id": session, "missing_chunks": missing, "frame_conflicts": conflicts,
-                "total_chunks": len(wanted), "existing": existing}
+                "total_chunks": len(wanted), "existing": existing, "skeleton_upload": True}
 
     def _touch_session(self, session: str, conn: Connection | None = None) -> None:
         """Open ``session`` (or keep it open another TTL)."""
