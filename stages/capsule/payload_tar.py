@@ -112,6 +112,7 @@ class TarReader:
         self.entries = 0
         self._left = 0  # data bytes of the current entry not yet consumed
         self._pad = 0
+        self._scratch: memoryview | None = None
 
     def _read(self, n: int) -> bytes:
         parts = []
@@ -125,8 +126,19 @@ class TarReader:
         return b"".join(parts)
 
     def _skip(self, n: int) -> None:
+        """Pass over ``n`` bytes (data nobody reads, padding) without keeping or joining them."""
+        readinto = getattr(self.stream, "readinto", None)
+        if readinto is None:
+            while n > 0:
+                n -= len(self._read(min(n, _COPY)))
+            return
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(_COPY))
         while n > 0:
-            n -= len(self._read(min(n, _COPY)))
+            got = readinto(self._scratch[:min(n, _COPY)])
+            if not got:
+                raise TarFormatError("the payload tar is truncated (it ends inside an entry)")
+            n -= got
 
     def data(self) -> Iterator[bytes]:
         """The current file entry's data, in pieces (call at most once per entry)."""
