@@ -438,7 +438,7 @@ def _hashes(path: Path, task: Task = SILENT_TASK, *, blake3_too: bool = True) ->
     import blake3
 
     sha = hashlib.sha256()
-    b3 = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    b3 = blake3.blake3()  # one thread: AUTO waits on the GIL around every update beside a busy thread
     size = 0
     with open(path, "rb") as fh:
         while data := fh.read(HASH_PIECE):
