@@ -212,6 +212,7 @@ class _Segment:
     frames: Future[list[memoryview]] | None = None
     files: list[tuple[int, int, int]] = field(default_factory=list)  # (entry index, offset, size) read into it
     digests: Future[list[tuple[int, str, str]]] | None = None  # their BLAKE3 and SHA-256, on a pool thread
+    written: Future[None] | None = None  # its frames hashed and packed, in order, on the pack thread
 
     def prepared(self) -> list[Prepared]:
         """The chunks in order (waits for the new frames)."""
@@ -240,15 +241,16 @@ class ChunkSink:
     Files are read straight into a segment buffer (not copied). A full segment is cut by content;
     its chunks are hashed and looked up in the store on this thread, and two jobs go to the pool:
     the digests of the files read into it (BLAKE3, SHA-256), and the compression of its new chunks
-    by zstd's own threads (:func:`compress_spans`, one call that waits without the GIL). So the
-    reading thread, the one that cannot be split, keeps only the reads, the cuts and the chunk
-    digests (on the bench tree 0.5 s of CPU, not 0.68 s with the file digests), and the rest runs
-    beside it: under load a process gets CPU per runnable thread, and its busiest thread is its
-    wall-clock time.
+    by zstd's own threads (:func:`compress_spans`, one call that waits without the GIL). A third
+    goes to the one pack thread, which takes the segments' frames in order (their digests, the
+    payload's BLAKE3, the pack write: ``FrameSink``). So the reading thread, the one that cannot
+    be split, keeps only the reads, the cuts and the chunk digests (on the bench tree 0.4 s of CPU,
+    from 0.68 s), and the rest runs beside it: under load a process gets CPU per runnable thread,
+    and its busiest thread sets its wall-clock time.
 
     Only the bytes after the last cut are carried into the next segment: FastCDC decides a cut
     from the bytes since the previous cut alone, so every cut but the last in a segment is final.
-    Frames are taken in order (``FrameSink``); a few segments are in flight, so memory stays bounded.
+    A few segments are in flight, so memory stays bounded.
     """
 
     FLUSH_AT = 4 << 20  # bytes per segment (more than the largest chunk, so every cut makes progress)
@@ -267,6 +269,7 @@ class ChunkSink:
         self.digests: dict[int, tuple[str, str]] = {}  # entry index -> (BLAKE3, SHA-256) of files read whole
         self.pending: deque[_Segment] = deque()
         self._free: list[bytearray] = []
+        self._packer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-pack")  # one: frames in order
         self.seg = _Segment(bytearray(segment))
         self.view = memoryview(self.seg.buf)
         self.fill = 0
@@ -350,6 +353,7 @@ class ChunkSink:
             seg.digests = self.pool.submit(_hash_files, seg.buf, seg.files)
         if seg.fresh:
             seg.frames = self.pool.submit(compress_spans, seg.buf, [spans[k] for k in seg.fresh], self.workers)
+        seg.written = self._packer.submit(self._pack, seg)
         self.pending.append(seg)
         end = spans[-1][0] + spans[-1][1] if spans else 0
         tail = self.fill - end
@@ -366,14 +370,19 @@ class ChunkSink:
             if seg.digests is not None:
                 for i, b3, sha in seg.digests.result():
                     self.digests[i] = (b3, sha)
-            self.frames.take_many(seg.prepared())
+            assert seg.written is not None
+            seg.written.result()
             self._free.append(seg.buf)
+
+    def _pack(self, seg: _Segment) -> None:
+        self.frames.take_many(seg.prepared())
 
     def close(self) -> None:
         self._cut(final=True)
+        self._packer.shutdown()
 
     def abandon(self) -> None:
-        futures = [f for seg in self.pending for f in (seg.frames, seg.digests) if f is not None]
+        futures = [f for seg in self.pending for f in (seg.written, seg.frames, seg.digests) if f is not None]
         for fut in futures:
             fut.cancel()
         for fut in futures:
@@ -382,6 +391,7 @@ class ChunkSink:
             except BaseException:  # noqa: BLE001 - cleaning up after the first error
                 pass
         self.pending.clear()
+        self._packer.shutdown()
 
 
 def _workers() -> int:
