@@ -180,3 +180,64 @@ def test_a_frame_longer_than_one_chunk_is_refused_while_it_is_read() -> None:
     with pytest.raises(fr.FrameError, match="longer than"):
         fr.read_frame(stream)
     assert stream.tell() < fr.MAX_FRAME + 20_000
+
+
+def _frames_of(parts: list[bytes]) -> tuple[list[bytes], object]:
+    from cas.payload_manifest import ChunkRef, PayloadManifest
+    return [compress(p) for p in parts], PayloadManifest([ChunkRef(blake3.blake3(p).hexdigest(), len(p)) for p in parts])
+
+
+def test_frames_are_decoded_in_batches_and_a_bad_one_is_named_after_the_good_ones_before_it() -> None:
+    """iter_frames decodes FRAME_BATCH frames per call; a frame in the middle of a batch that is not its
+    chunk is refused by its own index, after every good frame before it was yielded (the order a
+    frame-by-frame pass gives), and every raw chunk is the right one."""
+    parts = [os.urandom(3000) + bytes([i]) * 5000 for i in range(2 * fr.FRAME_BATCH + 7)]
+    frames, manifest = _frames_of(parts)
+    bad = fr.FRAME_BATCH + 5
+    frames[bad] = compress(parts[bad][:-1] + b"\x00")  # same size, other bytes: decodes, to the wrong chunk
+    seen: list[bytes] = []
+    with pytest.raises(fr.NotSpliceable, match=f"payload frame {bad} "):
+        for _ref, _frame, raw in fr.iter_frames(io.BytesIO(b"".join(frames)), manifest, blake3.blake3()):
+            seen.append(bytes(raw))
+    assert seen == parts[:bad]
+    frames[bad] = compress(parts[bad])
+    hasher = blake3.blake3()
+    out = [bytes(raw) for _r, _f, raw in fr.iter_frames(io.BytesIO(b"".join(frames)), manifest, hasher)]
+    assert out == parts and hasher.hexdigest() == blake3.blake3(b"".join(frames)).hexdigest()
+    frames[bad] = frames[bad][:-3] + b"\xff\xff\xff"  # a frame whose last block does not decode
+    with pytest.raises(fr.NotSpliceable, match=f"payload frame {bad} "):
+        list(fr.iter_frames(io.BytesIO(b"".join(frames)), manifest, blake3.blake3()))
+
+
+def test_a_refused_or_abandoned_scan_leaves_no_thread_behind() -> None:
+    """The scan's frame thread ends with the scan, whether it finished, was refused or was abandoned
+    while it waited for bytes (a long-lived registry must not collect threads)."""
+    import threading
+    import time
+
+    from stages.capsule.errors import CapsuleError
+
+    parts = [os.urandom(9000) for _ in range(2 * fr.FRAME_BATCH + 8)]
+    frames, manifest = _frames_of(parts)
+    data = b"".join(frames)
+    first = len(b"".join(frames[:fr.FRAME_BATCH + 3]))  # more than a batch: the walk sees the first chunk
+
+    def threads() -> int:
+        return sum(t.name in ("payload-scan", "payload-frames") for t in threading.enumerate())
+
+    walked = fr.PayloadScanner(manifest)  # the frames are the chunks; their bytes are not a tar
+    walked.feed(data[:first])  # refused while the frame thread still waits for the rest
+    assert walked._done.wait(30)
+    with pytest.raises(CapsuleError):
+        walked.finish()
+    abandoned = fr.PayloadScanner(manifest)
+    abandoned.feed(data[:len(data) // 2])
+    abandoned.close()
+    refused = fr.PayloadScanner(manifest, frames=[])
+    refused.feed(data)
+    with pytest.raises(CapsuleError, match="published frame"):
+        refused.finish()
+    deadline = time.monotonic() + 30
+    while threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threads() == 0

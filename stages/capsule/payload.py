@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import queue
+import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -133,8 +134,8 @@ def read_frame(fh: BinaryIO, limit: int = MAX_FRAME) -> bytes | None:
     return bytes(buf)
 
 
-def decode_frame(frame: bytes, expected_size: int) -> bytes:
-    """Decode one frame that must hold exactly ``expected_size`` bytes (at most one chunk)."""
+def _declared(frame: bytes, expected_size: int) -> None:
+    """The header of a frame that must hold exactly ``expected_size`` bytes (at most one chunk)."""
     try:
         params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
@@ -145,6 +146,11 @@ def decode_frame(frame: bytes, expected_size: int) -> bytes:
         raise FrameError(f"a chunk of {expected_size} bytes is over the {MAX_CHUNK}-byte chunk ceiling")
     if params.content_size != expected_size:
         raise FrameError(f"zstd frame holds {params.content_size} bytes, expected {expected_size}")
+
+
+def decode_frame(frame: bytes, expected_size: int) -> bytes:
+    """Decode one frame that must hold exactly ``expected_size`` bytes (at most one chunk)."""
+    _declared(frame, expected_size)
     try:
         raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=expected_size)
     except zstandard.ZstdError as exc:
@@ -152,6 +158,19 @@ def decode_frame(frame: bytes, expected_size: int) -> bytes:
     if len(raw) != expected_size:
         raise FrameError(f"zstd frame decodes to {len(raw)} bytes, expected {expected_size}")
     return raw
+
+
+def _decode_batch(decoder: zstandard.ZstdDecompressor, frames: list[bytes], sizes: list[int]) -> list[bytes] | None:
+    """The frames decoded in one call that releases the GIL once (None when one does not decode: the
+    caller then decodes them one by one to name it). Every frame's header was checked by
+    :func:`_declared`, so each output is bounded by the chunk size its manifest names."""
+    try:
+        out = decoder.multi_decompress_to_buffer(frames, decompressed_sizes=struct.pack(f"={len(sizes)}Q", *sizes),
+                                                 threads=1)
+    except zstandard.ZstdError:
+        return None
+    raws = [out[i] for i in range(len(out))]
+    return raws if len(raws) == len(frames) and all(len(r) == n for r, n in zip(raws, sizes, strict=True)) else None
 
 
 def check_frame(frame: bytes, raw_hash: str, raw_size: int) -> bytes:
@@ -166,34 +185,63 @@ class FrameMismatch(ValueError):
     """A payload frame that is not the frame the caller was told to expect (a registry's skeleton)."""
 
 
+FRAME_BATCH = 32  # frames decoded per call: the scan thread gives up the GIL once per batch, not per frame
+
+
 def iter_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3,
                 expected: Sequence[FrameRef] | None = None) -> Iterator[tuple[FrameRef, bytes, bytes]]:
     """Yield ``(ref, frame, raw)`` for each chunk of the payload read from ``window``.
 
     Every frame's bytes also go into ``hasher``. Raises :class:`NotSpliceable` when the
     frames do not match the chunks one to one; with ``expected``, :class:`FrameMismatch` for the
-    first frame that is not the expected one (checked before it is decoded).
+    first frame that is not the expected one (checked before it is decoded). Frames are read, checked
+    and decoded in batches of :data:`FRAME_BATCH`; a problem is raised after the good frames before it
+    are yielded, so the refusal is the one a frame-by-frame pass finds first.
     """
-    for i, chunk in enumerate(manifest.chunks):
-        try:
-            frame = read_frame(window)
-            if frame is None:
-                raise FrameError("payload ends before its last chunk")
-        except FrameError as exc:
-            if expected is not None:
-                raise FrameMismatch(f"payload frame {i} is not the published frame of chunk "
-                                    f"blake3:{chunk.raw_hash}: {exc}") from None
-            raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
-        digest = blake3.blake3(frame).hexdigest()
-        if expected is not None and (i >= len(expected) or expected[i].frame_blake3 != digest
-                                     or expected[i].frame_size != len(frame)):
-            raise FrameMismatch(f"payload frame {i} (chunk blake3:{chunk.raw_hash}) is not the published frame")
-        hasher.update(frame)
-        try:
-            raw = check_frame(frame, chunk.raw_hash, chunk.raw_size)
-        except FrameError as exc:
-            raise NotSpliceable(f"payload frame {i} is not chunk blake3:{chunk.raw_hash}: {exc}") from None
-        yield FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), digest), frame, raw
+    decoder = zstandard.ZstdDecompressor()
+    chunks = manifest.chunks
+    i = 0
+    while i < len(chunks):
+        batch: list[tuple[FrameRef, bytes]] = []
+        problem: Exception | None = None
+        for j in range(i, min(i + FRAME_BATCH, len(chunks))):
+            chunk = chunks[j]
+            try:
+                frame = read_frame(window)
+                if frame is None:
+                    raise FrameError("payload ends before its last chunk")
+            except FrameError as exc:
+                if expected is not None:
+                    problem = FrameMismatch(f"payload frame {j} is not the published frame of chunk "
+                                            f"blake3:{chunk.raw_hash}: {exc}")
+                else:
+                    problem = NotSpliceable(f"payload frame {j} is not chunk blake3:{chunk.raw_hash}: {exc}")
+                break
+            digest = blake3.blake3(frame).hexdigest()
+            if expected is not None and (j >= len(expected) or expected[j].frame_blake3 != digest
+                                         or expected[j].frame_size != len(frame)):
+                problem = FrameMismatch(f"payload frame {j} (chunk blake3:{chunk.raw_hash}) is not the published frame")
+                break
+            hasher.update(frame)
+            try:
+                _declared(frame, chunk.raw_size)
+            except FrameError as exc:
+                problem = NotSpliceable(f"payload frame {j} is not chunk blake3:{chunk.raw_hash}: {exc}")
+                break
+            batch.append((FrameRef(chunk.raw_hash, chunk.raw_size, len(frame), digest), frame))
+        raws = _decode_batch(decoder, [f for _r, f in batch], [r.raw_size for r, _f in batch]) if batch else []
+        for k, (ref, frame) in enumerate(batch):
+            try:
+                raw = raws[k] if raws is not None else decode_frame(frame, ref.raw_size)
+            except FrameError as exc:
+                raise NotSpliceable(f"payload frame {i + k} is not chunk blake3:{ref.raw_hash}: {exc}") from None
+            if blake3.blake3(raw).hexdigest() != ref.raw_hash:
+                raise NotSpliceable(f"payload frame {i + k} is not chunk blake3:{ref.raw_hash}: "
+                                    f"zstd frame does not decode to chunk blake3:{ref.raw_hash}")
+            yield ref, frame, raw
+        if problem is not None:
+            raise problem
+        i += len(batch)
     if window.read(1):
         if expected is not None:
             raise FrameMismatch("payload.tar.zst holds bytes after its last published frame")
@@ -293,24 +341,75 @@ def _file_pieces(fh: BinaryIO, offset: int, size: int) -> Iterator[bytes]:
         yield data
 
 
+class _Ahead:
+    """Runs an iterator on a thread of its own, at most ``depth`` items ahead of its consumer, which gets
+    the items, then the iterator's end or exception, in order. :meth:`stop` lets the thread end at its next
+    item (a thread waiting on its own source must be woken by that source)."""
+
+    def __init__(self, items: Iterator[object], depth: int = 4) -> None:
+        self._q: queue.Queue[tuple[bool, object]] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name="payload-frames", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: tuple[bool, object]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[object]) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((False, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, in order
+            self._put((False, exc))
+
+    def __iter__(self) -> Iterator[object]:
+        while True:
+            ok, item = self._q.get()
+            if ok:
+                yield item
+            elif item is None:
+                return
+            else:
+                raise item  # type: ignore[misc]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool,
           expected: Sequence[FrameRef] | None = None) -> PayloadScan:
-    """The one scan: ``pieces`` are the payload member's bytes in order (any split)."""
+    """The one scan: ``pieces`` are the payload member's bytes in order (any split). Spliced, the frames
+    are read, checked and decoded on a thread of their own (mostly C code that releases the GIL), ahead of
+    the tar walk (Python code) on this one, so the two overlap instead of taking turns."""
     window = io.BufferedReader(ChunkStream(pieces), READ)
     hasher = blake3.blake3()
     refs: list[FrameRef] = []
+    ahead: _Ahead | None = None
     if spliced:
         def raws() -> Iterator[bytes]:
             for ref, _frame, raw in iter_frames(window, manifest, hasher, expected):
                 refs.append(ref)
                 yield raw
-        chunks = raws()
+        ahead = _Ahead(raws())
+        chunks: Iterator[bytes] = iter(ahead)  # type: ignore[arg-type]
     else:
         chunks = iter_chunks(window, manifest, hasher)
-    sidecars: dict[str, bytes] = {}
-    entries = walk(chunks, sidecars=sidecars)
-    for _raw in chunks:  # the walk reads to the end of the stream; this only makes that explicit
-        pass
+    try:
+        sidecars: dict[str, bytes] = {}
+        entries = walk(chunks, sidecars=sidecars)
+        for _raw in chunks:  # the walk reads to the end of the stream; this only makes that explicit
+            pass
+    finally:
+        if ahead is not None:
+            ahead.stop()
     return PayloadScan(hasher.hexdigest(), tuple(refs) if spliced else None, entries, None, sidecars)
 
 
@@ -378,12 +477,17 @@ class PayloadScanner:
         except BaseException as exc:  # noqa: BLE001 - NotSpliceable, CapsuleError, or a bug: finish() raises it
             self._error = exc
         finally:
+            self._stop.set()  # the frame thread, if it still waits for bytes, ends at the next piece
             self._done.set()
             while True:  # wake a feeder blocked on a full queue; what it still feeds is dropped
                 try:
                     self._q.get_nowait()
                 except queue.Empty:
                     break
+            try:
+                self._q.put_nowait(_END)  # wake the frame thread if nothing more is fed
+            except queue.Full:
+                pass
 
     def _raise_refusal(self) -> None:
         if self._error is not None and not isinstance(self._error, NotSpliceable):
