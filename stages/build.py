@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -430,23 +431,35 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
     if record is None:
         raise AtoError(E_INTEGRITY, "the build's payload record cannot be read; build again",
                        hint="`ato build` re-runs the step that writes it")
-    manifest_doc = store.get_manifest(payload["artifact_hash"])
-    files = [PackedFile(e.relpath, record.sha256[e.relpath]) for e in record.entries if e.kind == "file"]
-    manifest = plan.manifest
-    dist = distribution.distribution_manifest(manifest.normalized(), manifest_doc,
-                                              source_schema_version=manifest.schema_version)
-    lock_bytes = _read_checked(lock_path(plan), lock["lock_digest"], "lock file")
-    # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
-    sbom = sbom_bytes(manifest.name, manifest.version, files, plan.options.epoch)
-    small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
-             "sbom.spdx.json": sbom, "payload.v3.manifest.json": manifest_doc.to_bytes()}
-    if plan.readme is not None:
-        small[plan.readme.name] = plan.readme.read_bytes()
-    payload_size = sum(c.zstd_size_hint or 0 for c in manifest_doc.chunks)
-    with store.shared():  # the packs read below stay where the index says while the artifact is written
+    # the manifest the payload step stored (this process made the record when it ran the step)
+    manifest_doc = record.manifest if record.manifest.artifact_hash == payload["artifact_hash"] \
+        else store.get_manifest(payload["artifact_hash"])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(store.shared())  # the packs read below stay where the index says until written
+        # payload.tar.zst's BLAKE3 (signature.json precedes it) is hashed on a thread while the small members
+        # are made here: both are needed before the first byte of the artifact
+        pieces = _payload_pieces(store, manifest_doc)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="ato-payload-hash"))
+        hashing = pool.submit(_pieces_blake3, pieces)
+        files = [PackedFile(e.relpath, record.sha256[e.relpath]) for e in record.entries if e.kind == "file"]
+        manifest = plan.manifest
+        dist = distribution.distribution_manifest(manifest.normalized(), manifest_doc,
+                                                  source_schema_version=manifest.schema_version)
+        lock_bytes = _read_checked(lock_path(plan), lock["lock_digest"], "lock file")
+        # Canonical (compact) JSON: deterministic, and json's C encoder, which pretty-printing would not use.
+        sbom = sbom_bytes(manifest.name, manifest.version, files, plan.options.epoch)
+        small = {"capsule.toml": distribution.toml_bytes(dist), "capsule.lock.json": lock_bytes,
+                 "sbom.spdx.json": sbom, "payload.v3.manifest.json": manifest_doc.to_bytes()}
+        if plan.readme is not None:
+            small[plan.readme.name] = plan.readme.read_bytes()
+        payload_size = sum(c.zstd_size_hint or 0 for c in manifest_doc.chunks)
         # no frame-by-frame check here: when the payload step hashed the frames, the bytes must hash to its
         # BLAKE3 as a whole
-        pieces, payload_blake3 = _payload_pieces(store, manifest_doc, payload.get("payload_blake3"))
+        payload_blake3 = hashing.result()
+        expected = payload.get("payload_blake3")
+        if expected is not None and payload_blake3 != expected:
+            raise AtoError(E_INTEGRITY, "cannot assemble the artifact: the stored payload is not the one built",
+                           hint="`ato cas verify` lists damaged chunks; build again")
         # Unsigned, or signed with --key; signed_at is the build epoch, so signing keeps the build reproducible.
         sig_doc = signature.signature_document(manifest_hash=dist["distribution"]["manifest_hash"],
                                                payload_hash=label(payload_blake3), members=small,
@@ -476,28 +489,26 @@ def assemble(plan: BuildPlan, payload: dict[str, Any], lock: dict[str, Any]) -> 
             "large": size > MAX_PAYLOAD_BYTES, "stat": [st.st_size, st.st_mtime_ns, st.st_ino]}
 
 
-def _payload_pieces(store: CasStore, manifest: PayloadManifest,
-                    expected: str | None) -> tuple[list[bytes | archive.FileRange], str]:
-    """payload.tar.zst as pieces for the writer, and its BLAKE3 (for signature.json, which precedes it).
-
-    The pieces are views of the packs (no copy); when the payload step hashed the frames (``expected``),
-    the artifact is refused unless these bytes are the same (a pack damaged or changed in between).
-    """
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    pieces: list[bytes | archive.FileRange] = []
+def _payload_pieces(store: CasStore, manifest: PayloadManifest) -> list[bytes | archive.FileRange]:
+    """payload.tar.zst as pieces for the writer: views of the packs (no copy), located on this thread."""
     try:
-        for piece in iter_payload_pieces(store, manifest):
-            hasher.update(piece.view if isinstance(piece, archive.FileRange) else piece)
-            pieces.append(piece)
+        return list(iter_payload_pieces(store, manifest))
     except ChunkError as exc:
         raise AtoError(E_INTEGRITY, f"cannot assemble the artifact: {exc}",
                        hint="`ato cas verify` lists damaged chunks; delete the build state dir and build again") \
             from None
-    digest = hasher.hexdigest()
-    if expected is not None and digest != expected:
-        raise AtoError(E_INTEGRITY, "cannot assemble the artifact: the stored payload is not the one built",
-                       hint="`ato cas verify` lists damaged chunks; build again")
-    return pieces, digest
+
+
+def _pieces_blake3(pieces: list[bytes | archive.FileRange]) -> str:
+    """BLAKE3 of payload.tar.zst from its pieces (for signature.json, which precedes it in the artifact).
+
+    When the payload step hashed the frames, the artifact is refused unless these bytes hash the same
+    (a pack damaged or changed in between).
+    """
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for piece in pieces:
+        hasher.update(piece.view if isinstance(piece, archive.FileRange) else piece)
+    return hasher.hexdigest()
 
 
 def artifact_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
