@@ -35,8 +35,9 @@ from cas.chunker import CdcParams
 from cas.payload_manifest import ChunkRef, PayloadManifest, PayloadManifestError
 
 SCHEMA_VERSION = 1
+DB_PAGE_SIZE = 1024  # bytes, for a new index: a one-file rebuild grows it by ~its rows, not by 4 KiB per row
 BUSY_TIMEOUT_S = 120.0  # a writer waits this long for another writer's transaction
-PAGE_CUT = 4  # a page ends after a chunk whose digest starts with a byte below this: ~1 in 64
+PAGE_CUT = 8  # a page ends after a chunk whose digest starts with a byte below this: ~1 in 32 (see DB_PAGE_SIZE)
 PAGE_MAX = 256  # entries, whatever the digests say
 _ENTRY = struct.Struct(">32sII")  # raw hash, raw size, zstd size hint (NO_HINT when unknown)
 NO_HINT = 0xFFFFFFFF
@@ -189,6 +190,9 @@ class PackIndex:
         if version > SCHEMA_VERSION:
             raise IndexUnreadable(f"{self.path} was written by a newer ato (index schema {version})")
         if version < SCHEMA_VERSION:
+            # Small pages for a new index (a no-op on one that has content): a build adds a few rows of a
+            # kilobyte or two (chunk-list pages, a payload row), which would each take whole 4 KiB pages.
+            conn.execute(f"PRAGMA page_size={DB_PAGE_SIZE}")
             conn.execute("PRAGMA journal_mode=WAL")
             with _write(conn):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
