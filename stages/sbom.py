@@ -29,10 +29,15 @@ def rfc3339(epoch: int) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _path(f: PackedFile) -> str:
+    return f.path
+
+
 def _file_rows(files: list[PackedFile]) -> Iterator[tuple[str, PackedFile]]:
     """Each file with its SPDX id, in path order (bytewise UTF-8)."""
     seen: dict[str, int] = {}
-    for f in sorted(files, key=lambda f: f.path.encode("utf-8")):
+    # code point order is UTF-8 byte order, without encoding each path
+    for f in sorted(files, key=_path):
         spdx = _spdx_id("SPDXRef-File", f.path)
         # Distinct paths can sanitize alike; a counter keeps SPDX ids unique.
         n = seen.get(spdx, 0)
@@ -66,10 +71,14 @@ def sbom_bytes(name: str, version: str, files: list[PackedFile], epoch: int) -> 
     if head.count(_FILES) != 1:  # the key appears once; a quote inside a value is always escaped
         raise ValueError("unexpected SBOM layout")
     rows = []
+    # one search over all paths and one over all digests (the common case: nothing to escape, all hex);
+    # only when one finds something is each checked on its own
+    escape = _ESCAPED.search("/".join(f.path for f in files)) is not None
+    if not _HEX.match("".join(f.sha256 for f in files)):
+        bad = next(f.sha256 for f in files if not _HEX.match(f.sha256))
+        raise ValueError(f"not a hex SHA-256: {bad!r}")
     for spdx, f in _file_rows(files):
-        path = f.path if not _ESCAPED.search(f.path) else json.dumps(f.path, ensure_ascii=False)[1:-1]
-        if not _HEX.match(f.sha256):
-            raise ValueError(f"not a hex SHA-256: {f.sha256!r}")
+        path = f.path if not escape or not _ESCAPED.search(f.path) else json.dumps(f.path, ensure_ascii=False)[1:-1]
         rows.append(f'{{"SPDXID":"{spdx}","checksums":[{{"algorithm":"SHA256","checksumValue":"{f.sha256}"}}],'
                     f'"fileName":"{path}"}}')
     return head.replace(_FILES, b'"files":[' + ",".join(rows).encode("utf-8") + b"]")
