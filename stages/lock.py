@@ -17,6 +17,7 @@ from stages.sources import SourceEntry
 LOCK_VERSION = "1"
 LANGUAGE_LOCKFILES = ("uv.lock", "package-lock.json", "deno.lock", "pnpm-lock.yaml", "yarn.lock", "bun.lock",
                       "Cargo.lock", "go.sum", "capsule.lock")
+_LOCKFILE_NAMES = frozenset(LANGUAGE_LOCKFILES)
 
 
 def entries_listing(entries: list[SourceEntry]) -> list[list[Any]]:
@@ -27,9 +28,9 @@ def entries_listing(entries: list[SourceEntry]) -> list[list[Any]]:
 
 def lock_inputs(entries: list[SourceEntry]) -> dict[str, Any]:
     """The lock's ``inputs``: how many entries, the digest of the source set, the language lockfiles in it."""
-    by_path = {e.relpath: e for e in entries}
-    lockfiles = {name: label(by_path[name].blake3 or "") for name in LANGUAGE_LOCKFILES
-                 if name in by_path and by_path[name].kind == "file"}
+    found = {e.relpath: e for e in entries if e.relpath in _LOCKFILE_NAMES}  # not a dict of all 10,000 paths
+    lockfiles = {name: label(found[name].blake3 or "") for name in LANGUAGE_LOCKFILES
+                 if name in found and found[name].kind == "file"}
     return {"files": len(entries), "source_set_digest": jcs_digest(entries_listing(entries), plain=True), "lockfiles": lockfiles}
 
 
