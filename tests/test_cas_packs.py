@@ -80,7 +80,7 @@ def test_manifests_round_trip_and_a_small_change_adds_one_or_two_pages(tmp_path:
     assert store.get_manifest(first.artifact_hash).to_bytes() == first.to_bytes()
     conn = store.packs.index._conn()
     pages_before = conn.execute("SELECT COUNT(*) FROM pages").fetchone()[0]
-    assert 20 <= pages_before <= 200  # pages of about 64 entries
+    assert 20 <= pages_before <= 200  # pages of about 32 entries
     edited = list(chunks)
     edited[1500] = ChunkRef(rng.randbytes(32).hex(), 1234, 99)
     second = PayloadManifest(edited)
@@ -90,6 +90,29 @@ def test_manifests_round_trip_and_a_small_change_adds_one_or_two_pages(tmp_path:
     store.remove_manifests([first.artifact_hash])
     assert store.get_manifest(second.artifact_hash).chunks == edited  # shared pages survive
     assert list(store.iter_manifest_hashes()) == [second.artifact_hash]
+
+
+def test_a_one_chunk_change_grows_a_new_index_by_a_few_kilobytes(tmp_path: Path) -> None:
+    """The bytes a one-file rebuild adds to the index: its new chunk-list pages and payload row, in 1 KiB
+    database pages (with 4 KiB pages each took a whole page plus overflow: 12 KiB for the bench tree)."""
+    store = CasStore(tmp_path)
+    rng = random.Random(7)
+    chunks = [ChunkRef(rng.randbytes(32).hex(), rng.randrange(1, 1 << 18), rng.randrange(1 << 18)) for _ in range(2400)]
+    store.put_manifest(PayloadManifest(chunks))
+    conn = store.packs.index._conn()
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 1024
+
+    def size() -> int:
+        return conn.execute("PRAGMA page_count").fetchone()[0] * 1024
+
+    grown = []
+    for i in (300, 1200, 2100):
+        before = size()
+        edited = list(chunks)
+        edited[i] = ChunkRef(rng.randbytes(32).hex(), 1234, 99)
+        store.put_manifest(PayloadManifest(edited))
+        grown.append(size() - before)
+    assert max(grown) <= 8 * 1024, grown
 
 
 def test_a_damaged_pack_is_found_by_the_frame_check_and_by_verify(tmp_path: Path) -> None:
