@@ -104,6 +104,9 @@ class BuildPlan:
     # Records this process encoded, by the BLAKE3 of their bytes: the artifact step, handed the digest of
     # the record the payload step just wrote, takes the record from here instead of decoding it again.
     records: dict[str, Previous] = field(default_factory=dict)
+    # Payload manifests this process read and found whole (every chunk indexed), by artifact hash: the
+    # up-to-date check reads the last build's, and the payload step then takes it from here.
+    whole_manifests: dict[str, PayloadManifest] = field(default_factory=dict)
 
     @property
     def store(self) -> CasStore:
@@ -319,7 +322,7 @@ def _stat_key(entry: SourceEntry, racy_after: float) -> list[int] | None:
 
 def _previous(plan: BuildPlan) -> tuple[Previous | None, dict[str, tuple[int, ...]]]:
     try:
-        prev = Previous.decode(record_path(plan).read_bytes(), plan.store)
+        prev = Previous.decode(record_path(plan).read_bytes(), plan.store, plan.whole_manifests)
     except OSError:
         return None, {}
     if prev is None:
@@ -391,8 +394,13 @@ def payload_ok(plan: BuildPlan, values: dict[str, Any]) -> bool:
     if not path.is_file() or blake3_file(path) != values.get("record_blake3"):
         return False
     store = plan.store
-    return store.has_manifest(values["artifact_hash"]) and not store.missing_chunks(
-        store.get_manifest(values["artifact_hash"]))
+    if not store.has_manifest(values["artifact_hash"]):
+        return False
+    manifest = store.get_manifest(values["artifact_hash"])
+    if store.missing_chunks(manifest):
+        return False
+    plan.whole_manifests[manifest.artifact_hash] = manifest
+    return True
 
 
 # ---------------------------------------------------------------- the lock step

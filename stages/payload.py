@@ -516,8 +516,9 @@ class Previous:
                          _LEN.pack(len(links)), links, rows])
 
     @classmethod
-    def decode(cls, data: bytes, store: CasStore) -> Previous | None:
-        """The record, when it decodes exactly and its payload is still fully in the store."""
+    def decode(cls, data: bytes, store: CasStore, whole: dict[str, PayloadManifest] | None = None) -> Previous | None:
+        """The record, when it decodes exactly and its payload is still fully in the store (``whole``: manifests
+        this process has just read and found whole, by artifact hash)."""
         try:
             if not data.startswith(RECORD_MAGIC):
                 return None
@@ -542,9 +543,11 @@ class Previous:
                 else:
                     add(new(RecordedEntry, (rel, "file", mode, size, None, b3.hex())))
                     sha[rel] = digest.hex()
-            manifest = store.get_manifest(meta["artifact_hash"])
-            if store.missing_chunks(manifest):
-                return None
+            manifest = (whole or {}).get(meta["artifact_hash"])
+            if manifest is None:
+                manifest = store.get_manifest(meta["artifact_hash"])
+                if store.missing_chunks(manifest):
+                    return None
             return cls(entries, sha, manifest, int(meta["epoch"]))
         except Exception:  # noqa: BLE001 - any problem with the record means a cold build
             return None
