@@ -25,7 +25,7 @@ import queue
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
 
 import blake3
@@ -210,10 +210,11 @@ def _raw_ok(i: int, ref: FrameRef, raw: bytes) -> None:
                             f"zstd frame does not decode to chunk blake3:{ref.raw_hash}")
 
 
-def _decoded_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3,
+def _decoded_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3 | None,
                     expected: Sequence[FrameRef] | None) -> Iterator[tuple[int, FrameRef, bytes, bytes]]:
     """:func:`iter_frames` without the last check: ``(i, ref, frame, raw)`` where ``raw`` is what the frame
-    decodes to, of the chunk's size, and not yet compared with its BLAKE3 (the caller must: :func:`_raw_ok`)."""
+    decodes to, of the chunk's size, and not yet compared with its BLAKE3 (the caller must: :func:`_raw_ok`).
+    ``hasher`` None: the caller hashes the payload's bytes itself."""
     decoder = zstandard.ZstdDecompressor()
     chunks = manifest.chunks
     i = 0
@@ -238,7 +239,8 @@ def _decoded_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.
                                          or expected[j].frame_size != len(frame)):
                 problem = FrameMismatch(f"payload frame {j} (chunk blake3:{chunk.raw_hash}) is not the published frame")
                 break
-            hasher.update(frame)
+            if hasher is not None:
+                hasher.update(frame)
             try:
                 _declared(frame, chunk.raw_size)
             except FrameError as exc:
@@ -398,10 +400,11 @@ class _Ahead:
 
 
 def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool,
-          expected: Sequence[FrameRef] | None = None) -> PayloadScan:
+          expected: Sequence[FrameRef] | None = None, hashed: bool = False) -> PayloadScan:
     """The one scan: ``pieces`` are the payload member's bytes in order (any split). Spliced, the frames
     are read, checked and decoded on a thread of their own (mostly C code that releases the GIL), ahead of
-    the tar walk (Python code) on this one, so the two overlap instead of taking turns."""
+    the tar walk (Python code) on this one, so the two overlap instead of taking turns. ``hashed``: the
+    caller hashes the pieces itself (the scan's ``payload_hash`` is then empty)."""
     window = io.BufferedReader(ChunkStream(pieces), READ)
     hasher = blake3.blake3()
     refs: list[FrameRef] = []
@@ -409,7 +412,7 @@ def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool,
     if spliced:
         # the frame thread decodes; this one checks each chunk's BLAKE3, then walks it: both sides hold
         # C work that runs while the other holds the GIL
-        ahead = _Ahead(_decoded_frames(window, manifest, hasher, expected))  # type: ignore[arg-type]
+        ahead = _Ahead(_decoded_frames(window, manifest, None if hashed else hasher, expected))  # type: ignore[arg-type]
 
         def raws() -> Iterator[bytes]:
             for i, ref, _frame, raw in ahead:  # type: ignore[misc]
@@ -427,7 +430,8 @@ def _pass(pieces: Iterator[bytes], manifest: PayloadManifest, spliced: bool,
     finally:
         if ahead is not None:
             ahead.stop()
-    return PayloadScan(hasher.hexdigest(), tuple(refs) if spliced else None, entries, None, sidecars)
+    return PayloadScan("" if hashed else hasher.hexdigest(), tuple(refs) if spliced else None, entries, None,
+                       sidecars)
 
 
 def scan_unspliced(fh: BinaryIO, offset: int, size: int, manifest: PayloadManifest, why: str) -> PayloadScan:
@@ -472,6 +476,7 @@ class PayloadScanner:
         self._manifest = manifest
         self._frames = frames
         self._finished = False
+        self._hasher = blake3.blake3()  # the payload's BLAKE3, on the feeding thread: a few big updates
         self._thread = threading.Thread(target=self._run, name="payload-scan", daemon=True)
         self._thread.start()
 
@@ -486,7 +491,8 @@ class PayloadScanner:
 
     def _run(self) -> None:
         try:
-            self._result = _pass(self._pieces(), self._manifest, spliced=True, expected=self._frames)
+            scan = _pass(self._pieces(), self._manifest, spliced=True, expected=self._frames, hashed=True)
+            self._result = replace(scan, payload_hash=self._hasher.hexdigest())
         except _Abandoned:
             pass
         except (UnsafeEntry, TarFormatError, PayloadCorrupt, FrameMismatch) as exc:
@@ -516,6 +522,7 @@ class PayloadScanner:
             self._raise_refusal()
             return  # not spliceable: finish() says so; the bytes are not needed
         if data:
+            self._hasher.update(data)
             self._q.put(data)
 
     def finish(self) -> PayloadScan:
