@@ -30,12 +30,9 @@ def _members(source: Path, data: bytes) -> tuple[list[archive.Member], list[arch
     return layout(ranges), layout(plain)
 
 
-@pytest.mark.parametrize("early_writeback", [False, True])
 @pytest.mark.parametrize("kernel", ["copy_file_range", "unsupported", "short copies"])
-def test_file_ranges_are_copied_to_the_same_bytes_and_digest(tmp_path: Path, kernel: str, early_writeback: bool,
+def test_file_ranges_are_copied_to_the_same_bytes_and_digest(tmp_path: Path, kernel: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    if early_writeback:  # every copied run starts a writeback thread while it is hashed
-        monkeypatch.setattr(archive, "EARLY_WRITEBACK", 1)
     data = random.Random(7).randbytes(3 << 20)
     source = tmp_path / "pack"
     source.write_bytes(data)
@@ -51,22 +48,3 @@ def test_file_ranges_are_copied_to_the_same_bytes_and_digest(tmp_path: Path, ker
     want = archive.write_capsule(tmp_path / "plain.capsule", plain, 0)
     assert (tmp_path / "ranged.capsule").read_bytes() == (tmp_path / "plain.capsule").read_bytes()
     assert got == want and got[0] == blake3.blake3((tmp_path / "plain.capsule").read_bytes()).hexdigest()
-
-
-def test_an_error_of_the_early_writeback_fails_the_write_and_leaves_no_file(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Linux reports a writeback error to one sync of a file only: the writer must raise the one its
-    early writeback saw, not trust the final fsync."""
-    data = random.Random(8).randbytes(1 << 20)
-    source = tmp_path / "pack"
-    source.write_bytes(data)
-    ranged, _plain = _members(source, data)
-    monkeypatch.setattr(archive, "EARLY_WRITEBACK", 1)
-
-    def failing(_fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(archive, "_datasync", failing)
-    with pytest.raises(OSError, match="Input/output error"):
-        archive.write_capsule(tmp_path / "out.capsule", ranged, 0, temp_dir=tmp_path / "tmp")
-    assert not (tmp_path / "out.capsule").exists()
-    assert list((tmp_path / "tmp").iterdir()) == []

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import tarfile
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,6 @@ MEMBER_ORDER = ("capsule.toml", "capsule.lock.json", "sbom.spdx.json", "signatur
 README_NAMES = ("README.md", "README.mdx", "README.txt", "README")
 RECORD = tarfile.RECORDSIZE
 BLOCK = tar_header.BLOCK
-EARLY_WRITEBACK = 8 << 20  # a copied run at least this long starts the artifact's writeback while it is hashed
-_datasync = getattr(os, "fdatasync", os.fsync)
 MAX_MEMBER = 16 << 20  # any member but the payload: a 200 MiB payload's chunk list is ~2 MB
 COPY = 1 << 20
 
@@ -228,8 +225,6 @@ class _HashingWriter:
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
         self.kernel_copy = hasattr(os, "copy_file_range")
-        self._writebacks: list[threading.Thread] = []
-        self._writeback_error: OSError | None = None
 
     def write(self, data: bytes | memoryview) -> None:
         self.fh.write(data)
@@ -238,56 +233,24 @@ class _HashingWriter:
 
     def copy(self, piece: FileRange) -> None:
         """Append ``piece``: copied file to file by the kernel where it can, else written from its view."""
+        self.hasher.update(piece.view)
         n = len(piece.view)
         self.fh.flush()  # what is buffered goes first: the copy appends at the file's own offset
-        done = self._kernel_copy(piece, n) if self.kernel_copy else 0
+        done = 0
+        if self.kernel_copy:
+            try:
+                while done < n:
+                    step = os.copy_file_range(piece.fd, self.fh.fileno(), n - done, piece.offset + done)
+                    if step <= 0:
+                        raise OSError(f"copy_file_range copied nothing at offset {piece.offset + done}")
+                    done += step
+            except OSError:
+                # not supported here (another filesystem, an old kernel): the rest is written from the view
+                # (a real I/O error shows again there); the file offset has moved by exactly ``done``
+                self.kernel_copy = False
         if done < n:
             self.fh.write(piece.view[done:])
-        if n >= EARLY_WRITEBACK and not any(t.is_alive() for t in self._writebacks):
-            self.fh.flush()
-            self._start_writeback()
-        self.hasher.update(piece.view)
         self.size += n
-
-    def _kernel_copy(self, piece: FileRange, n: int) -> int:
-        """Copy ``piece`` file to file; how many bytes were copied (fewer than ``n`` where the kernel cannot)."""
-        done = 0
-        try:
-            while done < n:
-                step = os.copy_file_range(piece.fd, self.fh.fileno(), n - done, piece.offset + done)
-                if step <= 0:
-                    raise OSError(f"copy_file_range copied nothing at offset {piece.offset + done}")
-                done += step
-        except OSError:
-            # not supported here (another filesystem, an old kernel): the rest is written from the view
-            # (a real I/O error shows again there); the file offset has moved by exactly ``done``
-            self.kernel_copy = False
-        return done
-
-    def _start_writeback(self) -> None:
-        """Write what the file holds so far to disk on a thread while this one hashes it, so the fsync
-        that makes the artifact durable finds little left to write (the disk works beside the CPU)."""
-        fd = self.fh.fileno()
-
-        def run() -> None:
-            try:
-                _datasync(fd)
-            except OSError as exc:  # raised by finish(): Linux reports a writeback error to one sync only
-                self._writeback_error = exc
-
-        thread = threading.Thread(target=run, name="ato-writeback", daemon=True)
-        self._writebacks.append(thread)
-        thread.start()
-
-    def join(self) -> None:
-        """Wait for the early writebacks (the file must stay open until they are done)."""
-        for thread in self._writebacks:
-            thread.join()
-
-    def finish(self) -> None:
-        """Raise the early writeback's error, if it had one."""
-        if self._writeback_error is not None:
-            raise self._writeback_error
 
 
 def capsule_size(sizes: Iterable[int]) -> int:
@@ -301,35 +264,27 @@ def write_capsule(out_path: Path, members: list[Member], epoch: int,
     """Write the outer tar atomically (its temp file in ``temp_dir``); returns (blake3 hex of the file, size)."""
     with atomic_writer(out_path, temp_dir=temp_dir) as fh:
         w = _HashingWriter(fh)
-        try:
-            _write_members(w, members, epoch)
-        finally:
-            w.join()
-        w.finish()
+        for m in members:
+            w.write(tar_header.header(m.name, size=m.size, mtime=epoch))
+            if m.data is not None:
+                w.write(m.data)
+            elif m.pieces is not None:
+                start = w.size
+                for piece in m.pieces:
+                    if isinstance(piece, FileRange):
+                        w.copy(piece)
+                    else:
+                        w.write(piece)
+                if w.size - start != m.size:
+                    raise _fail(f"{m.name} came out {w.size - start} bytes long, not {m.size}")
+            else:
+                with open(m.path, "rb") as src:  # type: ignore[arg-type]
+                    while chunk := src.read(COPY):
+                        w.write(chunk)
+            w.write(tar_header.padding(m.size))
+        w.write(b"\0" * (2 * BLOCK))
+        pad = (-w.size) % RECORD
+        if pad:
+            w.write(b"\0" * pad)
         stop_point("artifact.written")  # crash tests: the whole artifact in its temp file, not renamed
         return w.hasher.hexdigest(), w.size
-
-
-def _write_members(w: _HashingWriter, members: list[Member], epoch: int) -> None:
-    for m in members:
-        w.write(tar_header.header(m.name, size=m.size, mtime=epoch))
-        if m.data is not None:
-            w.write(m.data)
-        elif m.pieces is not None:
-            start = w.size
-            for piece in m.pieces:
-                if isinstance(piece, FileRange):
-                    w.copy(piece)
-                else:
-                    w.write(piece)
-            if w.size - start != m.size:
-                raise _fail(f"{m.name} came out {w.size - start} bytes long, not {m.size}")
-        else:
-            with open(m.path, "rb") as src:  # type: ignore[arg-type]
-                while chunk := src.read(COPY):
-                    w.write(chunk)
-        w.write(tar_header.padding(m.size))
-    w.write(b"\0" * (2 * BLOCK))
-    pad = (-w.size) % RECORD
-    if pad:
-        w.write(b"\0" * pad)
