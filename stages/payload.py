@@ -122,7 +122,7 @@ def read_file(entry: SourceEntry, sink: Callable[[bytes | memoryview], None] | N
             None if sink else entry.data
     b3, sha = blake3.blake3(), hashlib.sha256()
     kept: list[bytes] = []
-    with open(entry.abspath, "rb") as fh:
+    with open(_open_payload_file(entry), "rb") as fh:  # non-blocking: a FIFO swapped in is refused, not waited on
         remaining = entry.size
         while remaining > 0:
             piece = fh.read(min(remaining, WHOLE_FILE))

@@ -112,3 +112,37 @@ def test_a_one_byte_change_reads_one_file_and_stores_about_one_chunk(tmp_path: P
     assert inc is not None and inc.files_read == 1
     assert 1 <= inc.chunks_inserted <= 2, inc.chunks_inserted
     assert inc.bytes_inserted < 3 * 64 * 1024
+
+
+def test_a_changed_file_replaced_by_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """The incremental step reads the changed files itself: a FIFO put in one's place after the walk
+    must be refused as a changed file (E102), as the cold packer does, instead of waiting for a writer."""
+    import signal
+
+    from pipeline.errors import AtoError
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(5):
+        (root / f"f{i}.txt").write_bytes(bytes([65 + i]) * 3000)
+    store = CasStore(tmp_path / "store")
+    first = cold(root, tmp_path / "store")
+    store.put_manifest(first.manifest)
+    (root / "f2.txt").write_bytes(b"changed" * 500)
+    entries = collect(root, PackFilter(None, ()))
+    (root / "f2.txt").unlink()
+    os.mkfifo(root / "f2.txt")
+    prev = Previous(first.entries, {f.path: f.sha256 for f in first.files}, first.manifest, EPOCH)
+
+    def hung(*_a: object) -> None:
+        raise AssertionError("the incremental step waited for a writer on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(AtoError) as err:
+            pack_incremental(entries, store, EPOCH, prev, {"f2.txt"})
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert err.value.code == "E102" and "f2.txt" in str(err.value)
