@@ -42,12 +42,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,32 +310,35 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
             try:
                 put(prefix)
                 task.advance(len(prefix))
-                for f in frames:
-                    h = f.raw_hash
-                    fetched = transfer.chunks_downloaded
-                    if h in kept:
-                        data = kept[h]
-                    elif h in local:
-                        data = _local_frame(cas, f)
-                        if data is None:  # the local object is not the published frame: fetch just this one
-                            data = _fetch_one(client, f)
+                if stream is not None and len(fetch) == len(frames):
+                    _stream_through(stream, frames, put, task, transfer)
+                else:
+                    for f in frames:
+                        h = f.raw_hash
+                        fetched = transfer.chunks_downloaded
+                        if h in kept:
+                            data = kept[h]
+                        elif h in local:
+                            data = _local_frame(cas, f)
+                            if data is None:  # the local object is not the published frame: fetch just this one
+                                data = _fetch_one(client, f)
+                                transfer.chunks_downloaded += 1
+                                transfer.bytes_downloaded += len(data)
+                            else:
+                                transfer.chunks_reused += 1
+                                transfer.bytes_reused += len(data)
+                        elif stream is not None:
+                            # its digest is checked by ``check``'s scan, before the frame is decoded (verify_stream's
+                            # frames): a frame that is not the published one stops the download there
+                            data = stream.take(f.frame_size)
                             transfer.chunks_downloaded += 1
                             transfer.bytes_downloaded += len(data)
+                            if counts[h] > 1:
+                                kept[h] = data
                         else:
-                            transfer.chunks_reused += 1
-                            transfer.bytes_reused += len(data)
-                    elif stream is not None:
-                        # its digest is checked by ``check``'s scan, before the frame is decoded (verify_stream's
-                        # frames): a frame that is not the published one stops the download there
-                        data = stream.take(f.frame_size)
-                        transfer.chunks_downloaded += 1
-                        transfer.bytes_downloaded += len(data)
-                        if counts[h] > 1:
-                            kept[h] = data
-                    else:
-                        raise integrity(f"chunk blake3:{h} is neither local nor requested")
-                    put(data)
-                    task.advance(len(data), chunks=transfer.chunks_downloaded - fetched)
+                            raise integrity(f"chunk blake3:{h} is neither local nor requested")
+                        put(data)
+                        task.advance(len(data), chunks=transfer.chunks_downloaded - fetched)
                 put(suffix)
                 task.advance(len(suffix))
                 flush()
@@ -347,6 +351,31 @@ def _splice(client: RegistryPort, skel: _Skeleton, cas: CasStore, out: Path, che
     if stream is not None and not stream.exhausted():
         raise integrity("registry sent more chunk bytes than requested")
     return sha.hexdigest(), size
+
+
+def _stream_through(stream: _FrameStream, frames: Sequence[FrameRef], put: Callable[[bytes], None], task: Any,
+                    transfer: Transfer) -> None:
+    """Every frame is downloaded, each once, in order: the response is the payload's frames back to back,
+    so its pieces go on as they arrive instead of being cut into frames and joined again (``check``'s
+    scan reads each frame's extent and digest from the bytes themselves)."""
+    total = sum(f.frame_size for f in frames)
+    ends = itertools.accumulate(f.frame_size for f in frames)
+    end: int | None = next(ends, None)
+    got = 0
+    for piece in stream.pieces:
+        if got + len(piece) > total:
+            raise integrity("registry sent more chunk bytes than requested")
+        put(piece)
+        got += len(piece)
+        done = 0
+        while end is not None and end <= got:
+            done += 1
+            end = next(ends, None)
+        transfer.chunks_downloaded += done
+        transfer.bytes_downloaded += len(piece)
+        task.advance(len(piece), chunks=done)
+    if got != total:
+        raise integrity(f"registry chunk stream ended early ({got} of {total} bytes)")
 
 
 def _check_frames(verdict: Verdict, skel: _Skeleton | None) -> None:
