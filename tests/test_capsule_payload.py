@@ -210,7 +210,7 @@ def test_frames_are_decoded_in_batches_and_a_bad_one_is_named_after_the_good_one
 
 
 def test_a_refused_or_abandoned_scan_leaves_no_thread_behind() -> None:
-    """The scan's frame thread ends with the scan, whether it finished, was refused or was abandoned
+    """The scan's thread ends with the scan, whether it was refused by the walk, by a frame, or abandoned
     while it waited for bytes (a long-lived registry must not collect threads)."""
     import threading
     import time
@@ -223,10 +223,10 @@ def test_a_refused_or_abandoned_scan_leaves_no_thread_behind() -> None:
     first = len(b"".join(frames[:fr.FRAME_BATCH + 3]))  # more than a batch: the walk sees the first chunk
 
     def threads() -> int:
-        return sum(t.name in ("payload-scan", "payload-frames") for t in threading.enumerate())
+        return sum(t.name == "payload-scan" for t in threading.enumerate())
 
     walked = fr.PayloadScanner(manifest)  # the frames are the chunks; their bytes are not a tar
-    walked.feed(data[:first])  # refused while the frame thread still waits for the rest
+    walked.feed(data[:first])  # refused while the rest has not come
     assert walked._done.wait(30)
     with pytest.raises(CapsuleError):
         walked.finish()
