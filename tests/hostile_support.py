@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,3 +340,21 @@ def du(root: Path) -> int:
             if not os.path.islink(path):
                 total += os.lstat(path).st_size
     return total
+
+
+@contextmanager
+def never_blocks(what: str, seconds: int = 20) -> Iterator[None]:
+    """Fail the test (instead of hanging it) when the code inside waits, e.g. for a writer on a FIFO
+    planted where a regular file was. Main thread only: it uses SIGALRM."""
+    import signal
+
+    def hung(*_a: object) -> None:
+        raise AssertionError(f"{what} blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

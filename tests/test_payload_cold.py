@@ -25,6 +25,7 @@ from pipeline.errors import AtoError
 from stages.capsule import tar_header
 from stages.payload import iter_payload_views, pack_cold
 from stages.sources import PackFilter, SourceEntry, collect
+from tests.hostile_support import never_blocks
 
 EPOCH = 1_700_000_000
 
@@ -124,8 +125,6 @@ def test_a_pack_write_error_leaves_no_temp_pack(tmp_path: Path, monkeypatch: pyt
 
 
 def test_a_file_replaced_by_a_fifo_after_the_walk_is_refused_not_waited_on(tmp_path: Path) -> None:
-    import signal
-
     root = tmp_path / "tree"
     root.mkdir()
     (root / "a.txt").write_bytes(b"a" * 100)
@@ -133,15 +132,6 @@ def test_a_file_replaced_by_a_fifo_after_the_walk_is_refused_not_waited_on(tmp_p
     (root / "a.txt").unlink()
     os.mkfifo(root / "a.txt")
 
-    def hung(*_a: object) -> None:
-        raise AssertionError("the packer waited for a writer on a FIFO")
-
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    try:
-        with pytest.raises(AtoError) as err:
-            pack_cold(entries, CasStore(tmp_path / "cas"), EPOCH)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+    with never_blocks("the packer, on a FIFO"), pytest.raises(AtoError) as err:
+        pack_cold(entries, CasStore(tmp_path / "cas"), EPOCH)
     assert err.value.code == "E102" and "a.txt" in str(err.value)
