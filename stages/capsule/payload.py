@@ -198,23 +198,6 @@ def iter_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blak
     and decoded in batches of :data:`FRAME_BATCH`; a problem is raised after the good frames before it
     are yielded, so the refusal is the one a frame-by-frame pass finds first.
     """
-    for i, ref, frame, raw in _decoded_frames(window, manifest, hasher, expected):
-        _raw_ok(i, ref, raw)
-        yield ref, frame, raw
-
-
-def _raw_ok(i: int, ref: FrameRef, raw: bytes) -> None:
-    """Frame ``i`` decoded to ``raw``, which must be its chunk (size checked by the decoder)."""
-    if blake3.blake3(raw).hexdigest() != ref.raw_hash:
-        raise NotSpliceable(f"payload frame {i} is not chunk blake3:{ref.raw_hash}: "
-                            f"zstd frame does not decode to chunk blake3:{ref.raw_hash}")
-
-
-def _decoded_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.blake3 | None,
-                    expected: Sequence[FrameRef] | None) -> Iterator[tuple[int, FrameRef, bytes, bytes]]:
-    """:func:`iter_frames` without the last check: ``(i, ref, frame, raw)`` where ``raw`` is what the frame
-    decodes to, of the chunk's size, and not yet compared with its BLAKE3 (the caller must: :func:`_raw_ok`).
-    ``hasher`` None: the caller hashes the payload's bytes itself."""
     decoder = zstandard.ZstdDecompressor()
     chunks = manifest.chunks
     i = 0
@@ -253,7 +236,10 @@ def _decoded_frames(window: BinaryIO, manifest: PayloadManifest, hasher: blake3.
                 raw = raws[k] if raws is not None else decode_frame(frame, ref.raw_size)
             except FrameError as exc:
                 raise NotSpliceable(f"payload frame {i + k} is not chunk blake3:{ref.raw_hash}: {exc}") from None
-            yield i + k, ref, frame, raw
+            if blake3.blake3(raw).hexdigest() != ref.raw_hash:
+                raise NotSpliceable(f"payload frame {i + k} is not chunk blake3:{ref.raw_hash}: "
+                                    f"zstd frame does not decode to chunk blake3:{ref.raw_hash}")
+            yield ref, frame, raw
         if problem is not None:
             raise problem
         i += len(batch)
