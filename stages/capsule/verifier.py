@@ -424,7 +424,9 @@ class ArtifactStream:
             self._done = True
             whole = verify(self.path, v.limits)
             if whole.ok and whole.artifact_blake3 != label(self._bytes.hasher.hexdigest()):
-                return _Run(whole).fail(CapsuleError("archive", "the file changed while it was written"))
+                # a copy: ``whole`` is verify's remembered verdict on the file, which stays true of its bytes
+                return _Run(replace(whole, checks=list(whole.checks))).fail(
+                    CapsuleError("archive", "the file changed while it was written"))
             return whole
         self._done = True
         v.artifact_blake3, v.size = label(self._bytes.hasher.hexdigest()), self._bytes.size
