@@ -695,32 +695,23 @@ def _layout(entries: list[SourceEntry], contents: dict[str, bytes], prev: Previo
         offset += hsize + (e.size + (-e.size) % tar_header.BLOCK if e.kind == "file" else 0)
     old_trailer = offset
     layout = _Layout()
-    block = tar_header.BLOCK
     for e in entries:
-        found = old_at.get(e.relpath)
-        if found is not None:  # the common case, an entry as it was: one run for header, data and padding
-            old_e, old_off, hsize = found
-            if old_e.kind == e.kind and old_e.mode == e.mode and old_e.size == e.size \
-                    and old_e.link_target == e.link_target:
-                if e.kind != "file":
-                    layout.add(old=old_off, length=hsize)
-                    continue
-                if old_e.blake3 == e.blake3 and e.relpath not in contents:
-                    layout.add(old=old_off, length=hsize + e.size + (-e.size) % block)
-                    continue
-        old_e, old_off, hsize = found if found else (None, 0, 0)
+        old_e, old_off, hsize = old_at.get(e.relpath) or (None, 0, 0)
+        pad = (-e.size) % tar_header.BLOCK if e.kind == "file" else 0
+        same_data = old_e is not None and e.kind == "file" and old_e.kind == "file" and old_e.blake3 == e.blake3 \
+            and e.relpath not in contents
         if old_e is not None and (old_e.kind, old_e.mode, old_e.size, old_e.link_target) == \
                 (e.kind, e.mode, e.size, e.link_target):
+            if same_data or e.kind != "file":  # the common case, an entry as it was: one run for all of it
+                layout.add(old=old_off, length=hsize + (e.size + pad if same_data else 0))
+                continue
             layout.add(old=old_off, length=hsize)
         else:
             layout.add(data=header(e, epoch))
         if e.kind != "file":
             continue
-        pad = (-e.size) % tar_header.BLOCK
-        if old_e is not None and old_e.kind == "file" and old_e.blake3 == e.blake3 and e.relpath not in contents:
-            data_off = old_off + hsize
-            layout.add(old=data_off, length=e.size)
-            layout.add(old=data_off + e.size, length=pad)
+        if same_data:
+            layout.add(old=old_off + hsize, length=e.size + pad)
         else:
             layout.add(data=contents[e.relpath])
             layout.add(data=b"\0" * pad)
