@@ -189,7 +189,8 @@ class LocalArtifact:
         if verdict.artifact_blake3 != label(self.blake3) or verdict.size != self.size:
             raise AtoError(E_INTEGRITY, f"{self.path} changed while it was being published (it hashed to "
                                         f"{label(self.blake3)}, then verified as {verdict.artifact_blake3})")
-        assert verdict.scan is not None
+        if verdict.scan is None:
+            raise AtoError(E_INTEGRITY, f"{self.path}: the payload was not scanned")
         self.frames = list(verdict.scan.frames) if verdict.scan.frames is not None else None
         self.skeleton = None
 
