@@ -143,9 +143,13 @@ class PackWriter:
         known = self._by_hash.get(hex_digest)
         if known is not None:
             return known
-        entry = PackEntry(hex_digest, self.size, len(frame), raw_size, frame_hash or blake3.blake3(frame).digest())
         self._fh.write(frame)
-        self.size += len(frame)
+        return self._enter(hex_digest, len(frame), raw_size, frame_hash or blake3.blake3(frame).digest())
+
+    def _enter(self, hex_digest: str, length: int, raw_size: int, frame_hash: bytes) -> PackEntry:
+        """Record a frame of ``length`` bytes at the pack's current end."""
+        entry = PackEntry(hex_digest, self.size, length, raw_size, frame_hash)
+        self.size += length
         self.entries.append(entry)
         self._by_hash[hex_digest] = entry
         return entry
@@ -157,11 +161,7 @@ class PackWriter:
         for hex_digest, frame, raw_size, frame_hash in frames:
             if hex_digest in self._by_hash:
                 continue
-            entry = PackEntry(hex_digest, self.size, len(frame), raw_size, frame_hash)
-            self.size += len(frame)
-            self.entries.append(entry)
-            self._by_hash[hex_digest] = entry
-            added.append(entry)
+            added.append(self._enter(hex_digest, len(frame), raw_size, frame_hash))
             views.append(memoryview(frame))
         self._write_all(views)
         return added
